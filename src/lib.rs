@@ -1,0 +1,23 @@
+//! qcow-metal: the logic of a unikernel that owns a qcow2 disk.
+//!
+//! Everything here is `no_std` + `alloc` and is tested on the host. The bare-metal kernel
+//! (`kernel/`) binds it to virtio devices; the runner (`runner/`) uses it on host files.
+//!
+//! - [`block`]: the byte-addressed [`block::BlockDevice`] the engine sits on.
+//! - [`disk`]: the [`disk::VirtualDisk`] a client sees (qcow2 or raw) and its errors.
+//! - [`qcow2`]: the qcow2 engine.
+//! - [`metrics`]: counters, gauges, histograms and the Prometheus/OpenMetrics encoders.
+//! - [`http`]: the sans-I/O HTTP/1.1 responder that serves `/metrics`.
+//! - [`nbd`]: the sans-I/O NBD server.
+//! - [`config`]: the kernel command line, parsed into a typed configuration.
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
+
+extern crate alloc;
+
+pub mod block;
+pub mod config;
+pub mod disk;
+pub mod http;
+pub mod metrics;
+pub mod nbd;
+pub mod qcow2;
