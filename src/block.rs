@@ -431,10 +431,10 @@ impl BlockDevice for MemDisk {
     }
 }
 
-#[cfg(feature = "std")]
+#[cfg(any(test, feature = "std"))]
 pub use file::FileDisk;
 
-#[cfg(feature = "std")]
+#[cfg(any(test, feature = "std"))]
 mod file {
     use super::{BlockDevice, BlockError, check_range};
     use std::fs::{File, OpenOptions};
@@ -442,7 +442,7 @@ mod file {
     use std::os::unix::fs::FileExt;
     use std::path::Path;
 
-    /// A host file as a block device (the `std` feature). The file grows on write.
+    /// A host file as a block device (the `std` feature, and in tests). The file grows on write.
     #[derive(Debug)]
     pub struct FileDisk {
         file: File,
