@@ -21,6 +21,8 @@
 //! ```
 
 pub mod encode;
+pub mod families;
+pub mod instrument;
 pub mod primitives;
 pub mod registry;
 
@@ -29,6 +31,36 @@ pub use primitives::{Counter, FloatGauge, Gauge, Histogram, LATENCY_BUCKETS_SECO
 pub use registry::{
     Collector, Encoder, Family, InfoValue, Kind, LegacyCounter, Meta, Metric, Registry, Value,
 };
+
+pub use families::{
+    BlockDeviceMetrics, DiskMetrics, EngineSnapshot, GuestConfig, GuestMetrics, HttpMetrics,
+    HttpSnapshot, IoOp, NbdMetrics, NbdSnapshot, RequestMetrics, SystemMetrics, SystemSnapshot,
+};
+pub use instrument::{Instrumented, InstrumentedDevice};
+
+use alloc::vec::Vec;
+
+/// The guest's metrics, once the kernel has installed them.
+static GUEST: spin::Once<GuestMetrics> = spin::Once::new();
+
+/// Installs the guest's metrics (once; later calls keep the first and return it).
+pub fn install(metrics: GuestMetrics) -> &'static GuestMetrics {
+    GUEST.call_once(|| metrics)
+}
+
+/// The installed guest metrics, if any.
+pub fn installed() -> Option<&'static GuestMetrics> {
+    GUEST.get()
+}
+
+/// The `/metrics` body in `format` from the installed guest metrics; before installation,
+/// an empty exposition (`# EOF` alone in OpenMetrics).
+pub fn render(format: Format) -> Vec<u8> {
+    match installed() {
+        Some(m) => m.render(format),
+        None => Registry::new().render(format),
+    }
+}
 
 #[cfg(test)]
 mod tests;

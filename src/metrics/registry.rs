@@ -263,9 +263,10 @@ impl Metric for InfoValue {
     }
 }
 
-/// A counter exposed without `_total` (see [`Kind::LegacyCounter`]).
+/// A counter exposed without `_total` (see [`Kind::LegacyCounter`]). It wraps a shared
+/// [`Counter`], so the same count can appear under a current name and a legacy one.
 #[derive(Debug, Default)]
-pub struct LegacyCounter(pub Counter);
+pub struct LegacyCounter(pub Arc<Counter>);
 
 impl Metric for LegacyCounter {
     const KIND: Kind = Kind::LegacyCounter;

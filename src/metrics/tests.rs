@@ -3,6 +3,7 @@
 use super::*;
 use alloc::string::String;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 
 fn text(reg: &Registry, format: Format) -> String {
     String::from_utf8(reg.render(format)).unwrap()
@@ -143,4 +144,239 @@ fn help_escaping_per_format() {
     reg.register(f);
     assert!(text(&reg, Format::Text).starts_with("# HELP t_h a \\\\ b\\nc \"d\"\n"));
     assert!(text(&reg, Format::OpenMetrics).contains("# HELP t_h a \\\\ b\\nc \\\"d\\\"\n"));
+}
+
+/// A fake monotonic clock for tests: advances 1.5 µs per call.
+fn test_clock() -> u64 {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    static NOW: AtomicU64 = AtomicU64::new(0);
+    NOW.fetch_add(1_500, Ordering::Relaxed)
+}
+
+/// A guest registry with every family populated with non-trivial values.
+pub(crate) fn populated_guest(mirage: bool) -> GuestMetrics {
+    use crate::block::MemDisk;
+    use crate::disk::{RawDisk, VirtualDisk};
+    let m = GuestMetrics::new(&GuestConfig {
+        disk: "disk0",
+        device: "vda",
+        interface: "eth0",
+        version: "0.1.0",
+        mirage,
+        clock: test_clock,
+    });
+    let mut disk = Instrumented::new(
+        RawDisk::new(MemDisk::fixed(1 << 20)),
+        m.disk.clone(),
+        test_clock,
+    );
+    disk.write(0, &[1u8; 4096]).unwrap();
+    let mut buf = [0u8; 512];
+    disk.read(512, &mut buf).unwrap();
+    disk.read(1 << 20, &mut buf).unwrap_err();
+    disk.discard(0, 4096).unwrap();
+    disk.write_zeroes(8192, 4096, true).unwrap();
+    disk.flush().unwrap();
+    m.disk.set_up(true);
+    m.disk.update(&EngineSnapshot {
+        virtual_size: 1 << 30,
+        cluster_size: 65536,
+        data_bytes: 3 * 65536,
+        metadata_bytes: 4 * 65536,
+        image_extent: 7 * 65536,
+        free_clusters: 2,
+        clusters_allocated: 9,
+        clusters_freed: 2,
+        cow_bytes: 61440,
+        l2_cache_hits: 100,
+        l2_cache_misses: 3,
+        refcount_cache_hits: 50,
+        refcount_cache_misses: 1,
+        metadata_written_bytes: 196608,
+        reclaim: [131072, 131072, 65536, 65536, 65536, 65536],
+        reclaim_roots: 65536,
+    });
+    m.blockdev.submitted();
+    m.blockdev.record(IoOp::Read, 4096, 80_000, true);
+    m.blockdev.record(IoOp::Write, 65536, 2_000_000, true);
+    m.blockdev.record(IoOp::Flush, 0, 9_000_000, true);
+    m.blockdev.record(IoOp::Write, 512, 1_000, false);
+    m.nbd.update(&NbdSnapshot {
+        connections_active: 1,
+        connections_total: 3,
+        sessions_total: 2,
+        protocol_errors: 1,
+        requests: [10, 5, 1, 2, 1, 1, 4, 1],
+        errors: [0, 0, 1, 0, 0, 0, 0],
+        bytes: [40960, 20480, 4096, 4096],
+    });
+    let mut http = HttpSnapshot {
+        bad_requests: 1,
+        timeouts: 1,
+        bytes_received: 1000,
+        bytes_sent: 50000,
+        gzip_responses: 2,
+        ..HttpSnapshot::default()
+    };
+    assert!(http.set_code(200, 7));
+    assert!(http.set_code(404, 1));
+    assert!(!http.set_code(418, 1));
+    m.http.update(&http);
+    m.system.update(&SystemSnapshot {
+        uptime_seconds: 12.5,
+        heap_size: 64 << 20,
+        heap_used: 3 << 20,
+        rx_packets: 100,
+        tx_packets: 90,
+        rx_bytes: 10000,
+        tx_bytes: 90000,
+    });
+    // One render so the scrape-encode histogram has an observation.
+    let _ = m.render(Format::Text);
+    m
+}
+
+#[test]
+fn guest_registry_counts_requests_exactly() {
+    let m = populated_guest(false);
+    let r = &m.disk.requests;
+    assert_eq!(r.requests(IoOp::Read), 1);
+    assert_eq!(r.errors(IoOp::Read), 1);
+    assert_eq!(r.bytes(IoOp::Read), 512);
+    assert_eq!(r.requests(IoOp::Write), 1);
+    assert_eq!(r.bytes(IoOp::Write), 4096);
+    assert_eq!(r.requests(IoOp::Discard), 1);
+    assert_eq!(r.bytes(IoOp::WriteZeroes), 4096);
+    assert_eq!(r.requests(IoOp::Flush), 1);
+    // The fake clock advances 1.5 µs between the two reads of each request.
+    assert_eq!(r.latency(IoOp::Write).count(), 1);
+    assert_eq!(r.latency(IoOp::Write).sum_units(), 1_500);
+    assert_eq!(
+        r.latency(IoOp::Read).count(),
+        1,
+        "failed reads have no latency"
+    );
+    let b = &m.blockdev.requests;
+    assert_eq!(b.requests(IoOp::Write), 1);
+    assert_eq!(b.errors(IoOp::Write), 1);
+    assert_eq!(b.bytes(IoOp::Write), 65536);
+
+    let t = String::from_utf8(m.render(Format::Text)).unwrap();
+    for line in [
+        "qcow_metal_disk_requests_total{disk=\"disk0\",op=\"read\"} 1\n",
+        "qcow_metal_disk_errors_total{disk=\"disk0\",op=\"read\"} 1\n",
+        "qcow_metal_disk_bytes_total{disk=\"disk0\",op=\"write_zeroes\"} 4096\n",
+        "qcow_metal_disk_image_extent_bytes{disk=\"disk0\"} 458752\n",
+        "qcow_metal_disk_reclaim_bytes_total{disk=\"disk0\",stage=\"referenced\"} 65536\n",
+        "qcow_metal_disk_cache_misses_total{disk=\"disk0\",cache=\"refcount\"} 1\n",
+        "qcow_metal_disk_up{disk=\"disk0\"} 1\n",
+        "qcow_metal_blockdev_request_duration_seconds_bucket{device=\"vda\",op=\"flush\",le=\"0.01\"} 1\n",
+        "qcow_metal_blockdev_request_duration_seconds_bucket{device=\"vda\",op=\"flush\",le=\"0.005\"} 0\n",
+        "qcow_metal_blockdev_in_flight{device=\"vda\"} 1\n",
+        "qcow_metal_nbd_requests_total{export=\"disk0\",command=\"block_status\"} 4\n",
+        "qcow_metal_nbd_errors_total{export=\"disk0\",error=\"EINVAL\"} 1\n",
+        "qcow_metal_http_requests_total{code=\"200\"} 7\n",
+        "qcow_metal_http_requests_total{code=\"503\"} 0\n",
+        "qcow_metal_http_scrape_encode_seconds_count 1\n",
+        "qcow_metal_guest_uptime_seconds 12.5\n",
+        "qcow_metal_build_info{version=\"0.1.0\"} 1\n",
+        "qcow_metal_net_bytes_total{interface=\"eth0\",direction=\"out\"} 90000\n",
+    ] {
+        assert!(t.contains(line), "missing {line:?} in\n{t}");
+    }
+    assert!(!t.contains("Mirage_qcow"));
+    // Family names are unique.
+    let mut names = m.registry().names();
+    let n = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), n);
+}
+
+#[test]
+fn mirage_families_share_our_counts() {
+    let m = populated_guest(true);
+    let t = String::from_utf8(m.render(Format::Text)).unwrap();
+    for line in [
+        "# TYPE Mirage_qcow_reads counter\nMirage_qcow_reads{id=\"disk0\"} 512\n",
+        "Mirage_qcow_writes{id=\"disk0\"} 4096\n",
+        "Mirage_qcow_discards{id=\"disk0\"} 4096\n",
+        "Mirage_qcow_junk{id=\"disk0\"} 131072\n",
+        "Mirage_qcow_erased{id=\"disk0\"} 131072\n",
+        "Mirage_qcow_available{id=\"disk0\"} 65536\n",
+        "Mirage_qcow_roots{id=\"disk0\"} 65536\n",
+        "Mirage_qcow_copied{id=\"disk0\"} 65536\n",
+        "Mirage_qcow_flushed{id=\"disk0\"} 65536\n",
+        "Mirage_qcow_referenced{id=\"disk0\"} 65536\n",
+        "# TYPE Mirage_qcow_used gauge\nMirage_qcow_used{id=\"disk0\"} 196608\n",
+        "# TYPE Mirage_qcow_size gauge\nMirage_qcow_size{id=\"disk0\"} 458752\n",
+    ] {
+        assert!(t.contains(line), "missing {line:?}");
+    }
+    assert_eq!(t.matches("# TYPE Mirage_qcow_").count(), 12);
+    let om = String::from_utf8(m.render(Format::OpenMetrics)).unwrap();
+    assert!(om.contains("# TYPE Mirage_qcow_reads unknown\n"));
+    assert!(om.contains("Mirage_qcow_reads{id=\"disk0\"} 512\n"));
+    assert!(om.ends_with("# EOF\n"));
+}
+
+#[test]
+fn global_render_before_and_after_install() {
+    // Before installation (no other test installs) the exposition is empty.
+    if installed().is_none() {
+        assert_eq!(render(Format::OpenMetrics), b"# EOF\n");
+    }
+    let m = install(populated_guest(false));
+    assert!(core::ptr::eq(m, installed().unwrap()));
+    let text = render(Format::Text);
+    assert!(text.starts_with(b"# HELP qcow_metal_disk_requests_total "));
+    let mut out = Vec::new();
+    let ct = m.serve("application/openmetrics-text; version=1.0.0", &mut out);
+    assert_eq!(ct, CONTENT_TYPE_OPENMETRICS);
+    assert!(out.ends_with(b"# EOF\n"));
+}
+
+/// Runs `promtool check metrics` on `input`; returns (success, combined output).
+fn promtool_check(input: &[u8]) -> (bool, String) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "cannot run promtool ({e}): install Debian's `prometheus` package (apt-get install prometheus)"
+        ),
+    };
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn promtool_finds_nothing_in_the_default_output() {
+    let m = populated_guest(false);
+    let text = m.render(Format::Text);
+    let (ok, report) = promtool_check(&text);
+    assert!(ok && report.trim().is_empty(), "promtool says:\n{report}");
+}
+
+#[test]
+fn promtool_only_flags_the_mirage_counters() {
+    let m = populated_guest(true);
+    let (_, report) = promtool_check(&m.render(Format::Text));
+    let lines: Vec<&str> = report.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        assert!(
+            line.contains("Mirage_qcow_") && line.contains("_total"),
+            "unexpected promtool finding: {line}"
+        );
+    }
 }
