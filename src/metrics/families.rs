@@ -1094,3 +1094,21 @@ fn build_mirage(reg: &mut Registry, id: &str, disk: &DiskMetrics) {
         reg.register(f);
     }
 }
+
+impl From<&crate::http::HttpStatsSnapshot> for HttpSnapshot {
+    fn from(s: &crate::http::HttpStatsSnapshot) -> Self {
+        let mut out = HttpSnapshot {
+            bad_requests: s.bad_requests,
+            timeouts: s.timeouts,
+            bytes_received: s.bytes_received,
+            bytes_sent: s.bytes_sent,
+            gzip_responses: s.gzip_responses,
+            ..HttpSnapshot::default()
+        };
+        for (code, count) in s.by_code() {
+            // Every code the responder sends has a series (checked by a test).
+            out.set_code(code, count);
+        }
+        out
+    }
+}

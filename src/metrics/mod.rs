@@ -23,6 +23,7 @@
 pub mod encode;
 pub mod families;
 pub mod instrument;
+pub mod parse;
 pub mod primitives;
 pub mod registry;
 

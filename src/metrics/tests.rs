@@ -380,3 +380,17 @@ fn promtool_only_flags_the_mirage_counters() {
         );
     }
 }
+
+#[test]
+fn every_http_status_has_a_series() {
+    for status in crate::http::Status::ALL {
+        assert!(
+            families::HTTP_CODES.contains(&status.code()),
+            "HTTP status {} has no qcow_metal_http_requests_total series",
+            status.code()
+        );
+    }
+    let stats = crate::http::HttpStats::new();
+    let snap = HttpSnapshot::from(&stats.snapshot());
+    assert_eq!(snap, HttpSnapshot::default());
+}
