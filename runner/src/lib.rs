@@ -1,1 +1,31 @@
-//! TODO(skeleton)
+//! The host side of qcow-metal: build the guest kernel, prepare its disk, boot it under QEMU,
+//! talk to it over QMP, and the `image` tools on the qcow2 library.
+//!
+//! The `qcow-metal` command (`src/main.rs`) is a thin CLI over this library, and the
+//! end-to-end tests (`tests/`) boot guests with [`guest::Guest::builder`].
+//!
+//! - [`kernel`]: builds `kernel/` (release) into its own target directory.
+//! - [`disk`]: the default disk, qcow2 header probe, file sizing for the guest.
+//! - [`qemu`]: finding QEMU, accelerators, QEMU's command line.
+//! - [`guest`]: a running guest: console, ports, QMP, shutdown, kill on drop.
+//! - [`qmp`]: a small typed QMP client.
+//! - [`console`]: capture and tee of the serial console.
+//! - [`exit`]: the guest's exit statuses in words.
+//! - [`image`]: `image create|info|check|map`.
+//! - [`ports`], [`units`]: host ports and byte sizes.
+
+pub mod console;
+pub mod disk;
+pub mod error;
+pub mod exit;
+pub mod guest;
+pub mod image;
+pub mod kernel;
+pub mod ports;
+pub mod qemu;
+pub mod qmp;
+pub mod units;
+
+pub use error::{Error, Result};
+pub use exit::GuestOutcome;
+pub use guest::{Banner, Guest, GuestBuilder};

@@ -1,1 +1,368 @@
-fn main() {} // TODO(skeleton)
+//! `qcow-metal`: build the unikernel, boot it under QEMU on a qcow2 disk, and work on qcow2
+//! images. `cargo run` at the workspace root runs `qcow-metal run` with the defaults.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use qcow_metal_runner::disk::{self, GuestFormat};
+use qcow_metal_runner::image::{self, CreateOptions};
+use qcow_metal_runner::kernel::{self, BuildOutput};
+use qcow_metal_runner::qemu::{self, Accel, GUEST_METRICS_PORT, GUEST_NBD_PORT};
+use qcow_metal_runner::units::{format_size, parse_size};
+use qcow_metal_runner::{Error, Guest, GuestOutcome, ports};
+
+/// Boot the qcow-metal unikernel under QEMU, or work on qcow2 images.
+///
+/// Without a subcommand, `run` is assumed: build the kernel, create the default disk if
+/// needed, boot, print the URLs, and shut down cleanly on Ctrl-C.
+#[derive(Parser)]
+#[command(name = "qcow-metal", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot the guest (the default).
+    Run(RunArgs),
+    /// Create, inspect, check and map qcow2 images with the project's own engine.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// Disk image (qcow2, or raw with `--format raw`); created when missing
+    /// [default: target/qcow-metal/disk.qcow2]
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// Virtual size of a disk that is created
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Guest memory (MiB, or with a unit: 512M, 1G)
+    #[arg(long, value_name = "SIZE", default_value = "256", value_parser = parse_memory_mib)]
+    memory: u32,
+    /// Accelerator: auto tries KVM and falls back to TCG when KVM is missing or the guest
+    /// does not come up on it
+    #[arg(long, value_name = "auto|kvm|tcg", default_value = "auto")]
+    accel: Accel,
+    /// Host port (127.0.0.1) forwarded to the guest's Prometheus metrics (guest port 9090)
+    #[arg(long, value_name = "PORT", default_value_t = GUEST_METRICS_PORT)]
+    metrics_port: u16,
+    /// Host port (127.0.0.1) forwarded to the guest's NBD export (guest port 10809)
+    #[arg(long, value_name = "PORT", default_value_t = GUEST_NBD_PORT)]
+    nbd_port: u16,
+    /// Also write the serial console to this file [default: target/qcow-metal/serial.log]
+    #[arg(long, value_name = "PATH")]
+    serial_log: Option<PathBuf>,
+    /// Extra kernel arguments, e.g. "log=debug" (space-separated key=value)
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    append: Vec<String>,
+    /// Give the guest a read-only disk (and export it read-only)
+    #[arg(long)]
+    read_only: bool,
+    /// How the guest takes the disk: auto (qcow2 if it has the qcow2 magic), qcow2, raw
+    #[arg(long, value_name = "auto|qcow2|raw", default_value = "auto")]
+    format: GuestFormat,
+    /// Boot this kernel ELF instead of building kernel/
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Create an empty qcow2 image (version 3)
+    Create {
+        /// The new image file
+        path: PathBuf,
+        /// Virtual size
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        size: u64,
+        /// Cluster size, a power of two from 512 to 2M
+        #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size)]
+        cluster_size: u64,
+        /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64
+        #[arg(long, value_name = "BITS", default_value_t = 16)]
+        refcount_bits: u32,
+    },
+    /// Show an image's format, sizes and features
+    Info {
+        /// The image file
+        path: PathBuf,
+    },
+    /// Check an image for leaked clusters and corruptions, like `qemu-img check`
+    Check {
+        /// The image file
+        path: PathBuf,
+        /// Fix leaks and rebuild refcounts
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Show which guest ranges are data, zero or unallocated, and where their data is
+    Map {
+        /// The image file
+        path: PathBuf,
+    },
+}
+
+fn parse_memory_mib(text: &str) -> Result<u32, String> {
+    let bytes = if text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse::<u64>()
+            .map_err(|e| format!("`{text}`: {e}"))?
+            .saturating_mul(1 << 20)
+    } else {
+        parse_size(text)?
+    };
+    let mib = bytes >> 20;
+    if !(32..=1 << 20).contains(&mib) {
+        return Err(format!("`{text}`: guest memory must be from 32M to 1T"));
+    }
+    u32::try_from(mib).map_err(|_| format!("`{text}` is too large"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run(cli.run),
+        Some(Command::Run(args)) => run(args),
+        Some(Command::Image(cmd)) => image_command(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qcow-metal: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
+    match cmd {
+        ImageCommand::Create {
+            path,
+            size,
+            cluster_size,
+            refcount_bits,
+        } => {
+            let opts = CreateOptions {
+                size,
+                cluster_size,
+                refcount_bits,
+            };
+            image::create(&path, opts)?;
+            println!(
+                "created {}: qcow2, {} virtual, {} clusters, {}-bit refcounts",
+                path.display(),
+                format_size(size),
+                format_size(cluster_size),
+                refcount_bits
+            );
+        }
+        ImageCommand::Info { path } => print!("{}", image::info(&path)?),
+        ImageCommand::Check { path, repair } => print!("{}", image::check(&path, repair)?),
+        ImageCommand::Map { path } => print!("{}", image::map(&path)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(args: RunArgs) -> Result<ExitCode, Error> {
+    let root = kernel::workspace_root();
+    // Cheap checks first, so a missing QEMU or a busy port fails before a long build.
+    qemu::find_qemu()?;
+    ports::ensure_free(args.metrics_port, "--metrics-port")?;
+    ports::ensure_free(args.nbd_port, "--nbd-port")?;
+    let kernel = match &args.kernel {
+        Some(k) => k.clone(),
+        None => kernel::build_kernel(&root, BuildOutput::Show)?,
+    };
+    let disk_path = args
+        .disk
+        .clone()
+        .unwrap_or_else(|| disk::default_disk_path(&root));
+    if !disk_path.exists() {
+        eprintln!(
+            "qcow-metal: creating {} ({} virtual, qcow2)",
+            disk_path.display(),
+            format_size(args.size)
+        );
+    }
+    let serial_log = args
+        .serial_log
+        .clone()
+        .unwrap_or_else(|| root.join("target").join("qcow-metal").join("serial.log"));
+
+    let interrupts = Arc::new(AtomicUsize::new(0));
+    {
+        let interrupts = interrupts.clone();
+        ctrlc::set_handler(move || {
+            interrupts.fetch_add(1, Ordering::SeqCst);
+        })
+        .map_err(|e| Error::Usage(format!("cannot install the Ctrl-C handler: {e}")))?;
+    }
+
+    eprintln!(
+        "qcow-metal: booting {} on {} ({} MiB, accel {:?}); serial log {}",
+        kernel.display(),
+        disk_path.display(),
+        args.memory,
+        args.accel,
+        serial_log.display()
+    );
+    let mut builder = Guest::builder()
+        .kernel(&kernel)
+        .disk(&disk_path)
+        .size(args.size)
+        .memory_mib(args.memory)
+        .accel(args.accel)
+        .metrics_port(args.metrics_port)
+        .nbd_port(args.nbd_port)
+        .serial_log(&serial_log)
+        .format(args.format)
+        .read_only(args.read_only)
+        .echo(true)
+        .shutdown_timeout(Duration::from_secs(10));
+    for a in &args.append {
+        builder = builder.append(a.clone());
+    }
+    let mut guest = builder.start()?;
+
+    let stop = {
+        let interrupts = interrupts.clone();
+        move || interrupts.load(Ordering::SeqCst) > 0
+    };
+    match guest.wait_for_banner_or_stop(Duration::from_secs(600), stop) {
+        Ok(banner) => {
+            eprintln!(
+                "qcow-metal: the guest reached its main loop in {} ms of guest time \
+                 ({} ms wall time since QEMU started, accel {})",
+                banner.guest_ms,
+                banner.wall.as_millis(),
+                guest.accel().as_str()
+            );
+            eprintln!("qcow-metal: metrics: {}", guest.metrics_url());
+            eprintln!("qcow-metal: NBD:     {}", guest.nbd_url());
+            eprintln!("qcow-metal: press Ctrl-C to shut the guest down cleanly");
+        }
+        Err(Error::Timeout { .. }) if interrupts.load(Ordering::SeqCst) > 0 => {}
+        Err(e) => return Err(e),
+    }
+
+    let outcome = loop {
+        if let Some(outcome) = guest.try_outcome()? {
+            break outcome;
+        }
+        if interrupts.load(Ordering::SeqCst) > 0 {
+            eprintln!("\nqcow-metal: shutting the guest down (ACPI power button; up to 10 s)");
+            break guest.shutdown()?;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("qcow-metal: {outcome}");
+    Ok(exit_code(outcome))
+}
+
+/// 0 for a clean shutdown; QEMU's own status otherwise (1 when it was killed).
+fn exit_code(outcome: GuestOutcome) -> ExitCode {
+    match outcome {
+        GuestOutcome::Clean => ExitCode::SUCCESS,
+        other => ExitCode::from(
+            other
+                .qemu_code()
+                .and_then(|c| u8::try_from(c).ok())
+                .filter(|&c| c != 0)
+                .unwrap_or(1),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_is_the_default_and_options_parse() {
+        let cli = Cli::try_parse_from([
+            "qcow-metal",
+            "--size",
+            "2G",
+            "--memory",
+            "512M",
+            "--accel",
+            "tcg",
+            "--metrics-port",
+            "19090",
+            "--append",
+            "log=debug",
+            "--read-only",
+            "--format",
+            "raw",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.size, 2 << 30);
+        assert_eq!(cli.run.memory, 512);
+        assert_eq!(cli.run.accel, Accel::Tcg);
+        assert_eq!(cli.run.metrics_port, 19090);
+        assert_eq!(cli.run.nbd_port, GUEST_NBD_PORT);
+        assert_eq!(cli.run.append, vec!["log=debug".to_string()]);
+        assert!(cli.run.read_only);
+        assert_eq!(cli.run.format, GuestFormat::Raw);
+        assert!(Cli::try_parse_from(["qcow-metal", "--accel", "hvf"]).is_err());
+        assert!(Cli::try_parse_from(["qcow-metal", "--memory", "1"]).is_err());
+    }
+
+    #[test]
+    fn image_subcommands_parse() {
+        let cli = Cli::try_parse_from([
+            "qcow-metal",
+            "image",
+            "create",
+            "x.qcow2",
+            "--size",
+            "1G",
+            "--cluster-size",
+            "4K",
+            "--refcount-bits",
+            "64",
+        ])
+        .unwrap();
+        let Some(Command::Image(ImageCommand::Create {
+            size,
+            cluster_size,
+            refcount_bits,
+            ..
+        })) = cli.command
+        else {
+            panic!("not parsed as image create");
+        };
+        assert_eq!((size, cluster_size, refcount_bits), (1 << 30, 4096, 64));
+        let cli = Cli::try_parse_from(["qcow-metal", "image", "check", "x", "--repair"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Image(ImageCommand::Check { repair: true, .. }))
+        ));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code(GuestOutcome::Clean), ExitCode::SUCCESS);
+        assert_eq!(exit_code(GuestOutcome::BadConfig), ExitCode::from(35));
+        assert_eq!(exit_code(GuestOutcome::QemuQuit), ExitCode::from(1));
+        assert_eq!(exit_code(GuestOutcome::Signal(9)), ExitCode::from(1));
+    }
+}

@@ -1,0 +1,839 @@
+//! Booting a guest under QEMU and driving it from the host: the library behind the
+//! `qcow-metal` command and the end-to-end tests.
+//!
+//! ```no_run
+//! use qcow_metal_runner::guest::Guest;
+//! use std::time::Duration;
+//! let mut guest = Guest::builder().size(64 << 20).start()?;
+//! let banner = guest.wait_for_banner(Duration::from_secs(120))?;
+//! println!("up in {} ms; metrics on port {}", banner.guest_ms, guest.metrics_port());
+//! let status = guest.qmp()?.query_status()?;
+//! assert!(status.running);
+//! let outcome = guest.shutdown()?;
+//! assert!(outcome.is_clean());
+//! # Ok::<(), qcow_metal_runner::Error>(())
+//! ```
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::console::{Console, Echo, Wait};
+use crate::disk::{self, GuestFormat, PreparedDisk};
+use crate::error::{Error, Result};
+use crate::exit::GuestOutcome;
+use crate::kernel;
+use crate::ports;
+use crate::qemu::{self, Accel, AccelKind, QemuConfig};
+use crate::qmp::Qmp;
+
+/// How long an `auto` boot waits for the banner under KVM before falling back to TCG.
+pub const KVM_BANNER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for QEMU's QMP socket after starting it.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What QEMU prints when a bare-metal guest cannot run under a (nested, PVM) KVM.
+const KVM_FAILURE_SIGNS: [&str; 3] = ["KVM internal error", "emulation failure", "kvm run failed"];
+
+/// Environment variable: when set to 1, guests started by the library echo their serial
+/// console and QEMU's stderr to stderr (for debugging tests).
+pub const ECHO_ENV: &str = "QCOW_METAL_ECHO";
+
+/// The guest's "main loop reached" line: `qcow-metal <version> ready in <N> ms: <devices>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Banner {
+    /// The whole line.
+    pub line: String,
+    /// The guest's version.
+    pub version: String,
+    /// The guest's own measure of its boot, in milliseconds.
+    pub guest_ms: f64,
+    /// The devices it names.
+    pub devices: String,
+    /// Wall time from starting QEMU to the line's arrival.
+    pub wall: Duration,
+}
+
+/// Whether `line` is the guest's banner.
+pub fn is_banner(line: &str) -> bool {
+    line.starts_with("qcow-metal") && line.contains("ready in")
+}
+
+/// Splits a banner line into version, guest milliseconds and devices.
+pub fn parse_banner(line: &str) -> Option<(String, f64, String)> {
+    if !is_banner(line) {
+        return None;
+    }
+    let rest = line.strip_prefix("qcow-metal")?.trim_start();
+    let (version, rest) = rest.split_once(" ready in ")?;
+    let rest = rest.trim_start();
+    let (number, rest) = rest.split_once(char::is_whitespace)?;
+    let guest_ms: f64 = number.parse().ok()?;
+    let devices = rest
+        .trim_start()
+        .strip_prefix("ms")
+        .map(|r| r.trim_start_matches(':').trim())
+        .unwrap_or("")
+        .to_string();
+    Some((version.trim().to_string(), guest_ms, devices))
+}
+
+/// Options for starting a guest. Every option has a default suitable for tests: TCG, free
+/// host ports, a temporary 1 GiB qcow2 disk, 256 MiB of memory.
+#[derive(Debug, Clone)]
+pub struct GuestBuilder {
+    kernel: Option<PathBuf>,
+    disk: Option<PathBuf>,
+    size: u64,
+    cluster_size: u64,
+    refcount_bits: u32,
+    append: Vec<String>,
+    format: GuestFormat,
+    read_only: bool,
+    drive_format: String,
+    memory_mib: u32,
+    accel: Accel,
+    metrics_port: Option<u16>,
+    nbd_port: Option<u16>,
+    serial_log: Option<PathBuf>,
+    echo: bool,
+    shutdown_timeout: Duration,
+    extra_qemu_args: Vec<OsString>,
+}
+
+impl Default for GuestBuilder {
+    fn default() -> Self {
+        GuestBuilder {
+            kernel: None,
+            disk: None,
+            size: disk::DEFAULT_SIZE,
+            cluster_size: disk::DEFAULT_CLUSTER_SIZE,
+            refcount_bits: disk::DEFAULT_REFCOUNT_BITS,
+            append: Vec::new(),
+            format: GuestFormat::Auto,
+            read_only: false,
+            drive_format: "raw".into(),
+            memory_mib: 256,
+            accel: Accel::Tcg,
+            metrics_port: None,
+            nbd_port: None,
+            serial_log: None,
+            echo: std::env::var(ECHO_ENV).is_ok_and(|v| v == "1"),
+            shutdown_timeout: Duration::from_secs(30),
+            extra_qemu_args: Vec::new(),
+        }
+    }
+}
+
+impl GuestBuilder {
+    /// Boots this kernel ELF instead of the one built from the workspace.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// Uses this disk image (created as qcow2 of [`size`](Self::size) when missing) instead
+    /// of a temporary one.
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.disk = Some(path.into());
+        self
+    }
+
+    /// Virtual size of a disk the builder creates (default 1 GiB).
+    pub fn size(mut self, bytes: u64) -> Self {
+        self.size = bytes;
+        self
+    }
+
+    /// Cluster size and refcount width of a qcow2 disk the builder creates.
+    pub fn geometry(mut self, cluster_size: u64, refcount_bits: u32) -> Self {
+        self.cluster_size = cluster_size;
+        self.refcount_bits = refcount_bits;
+        self
+    }
+
+    /// Adds kernel arguments (space-separated `key=value`), after the runner's own.
+    pub fn append(mut self, args: impl Into<String>) -> Self {
+        let args = args.into();
+        if !args.trim().is_empty() {
+            self.append.push(args.trim().to_string());
+        }
+        self
+    }
+
+    /// Tells the guest how to take its disk (`format=` on the kernel command line).
+    pub fn format(mut self, format: GuestFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Gives the guest a read-only disk (QEMU `readonly=on` and the kernel's `ro=1`).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// QEMU's own format for the drive (default `raw`: the guest does qcow2). With `qcow2`,
+    /// QEMU's driver does the qcow2 work and the guest should be told `format(Raw)`.
+    pub fn qemu_drive_format(mut self, format: impl Into<String>) -> Self {
+        self.drive_format = format.into();
+        self
+    }
+
+    /// Guest memory in MiB (default 256).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// The accelerator (default TCG, which works on every machine).
+    pub fn accel(mut self, accel: Accel) -> Self {
+        self.accel = accel;
+        self
+    }
+
+    /// Forwards this host port to the guest's metrics port (default: a free port).
+    pub fn metrics_port(mut self, port: u16) -> Self {
+        self.metrics_port = Some(port);
+        self
+    }
+
+    /// Forwards this host port to the guest's NBD port (default: a free port).
+    pub fn nbd_port(mut self, port: u16) -> Self {
+        self.nbd_port = Some(port);
+        self
+    }
+
+    /// Also writes the serial console to this file.
+    pub fn serial_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.serial_log = Some(path.into());
+        self
+    }
+
+    /// Echoes the serial console to stdout and QEMU's stderr to stderr as they arrive.
+    pub fn echo(mut self, echo: bool) -> Self {
+        self.echo = echo;
+        self
+    }
+
+    /// How long [`Guest::shutdown`] waits for the guest to power off (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Appends raw arguments to QEMU's command line.
+    pub fn qemu_arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.extra_qemu_args.push(arg.into());
+        self
+    }
+
+    /// The kernel command line the guest gets.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        if self.format != GuestFormat::Auto {
+            parts.push(format!("format={}", self.format.as_str()));
+        }
+        if self.read_only {
+            parts.push("ro=1".into());
+        }
+        parts.extend(self.append.iter().cloned());
+        parts.join(" ")
+    }
+
+    /// Starts QEMU. Returns once QMP is connected (or QEMU has already stopped: a guest
+    /// that exits at once is a result, not an error). With [`Accel::Auto`] it also waits
+    /// for the banner under KVM, and falls back to TCG when KVM fails.
+    pub fn start(self) -> Result<Guest> {
+        let qemu = qemu::find_qemu()?;
+        let kernel = match &self.kernel {
+            Some(k) => k.clone(),
+            None => kernel::shared_kernel()?,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("qcow-metal-")
+            .tempdir()
+            .map_err(|e| Error::io("creating a temporary directory", e))?;
+        let disk = self.prepare_disk(dir.path())?;
+        for (port, flag) in [
+            (self.metrics_port, "--metrics-port"),
+            (self.nbd_port, "--nbd-port"),
+        ] {
+            if let Some(port) = port {
+                ports::ensure_free(port, flag)?;
+            }
+        }
+        let accel = match self.accel {
+            Accel::Tcg => AccelKind::Tcg,
+            Accel::Kvm => AccelKind::Kvm,
+            Accel::Auto if qemu::kvm_usable() => AccelKind::Kvm,
+            Accel::Auto => AccelKind::Tcg,
+        };
+        let mut guest = self.spawn_retrying_ports(&qemu, &kernel, &disk, &dir, accel)?;
+        if self.accel == Accel::Auto && accel == AccelKind::Kvm {
+            let came_up = guest.wait_for_kvm_boot();
+            if !came_up {
+                if self.echo {
+                    eprintln!("qcow-metal: the guest did not come up under KVM; retrying with TCG");
+                }
+                guest.kill();
+                drop(guest);
+                guest = self.spawn_retrying_ports(&qemu, &kernel, &disk, &dir, AccelKind::Tcg)?;
+            }
+        }
+        guest.dir = Some(dir);
+        Ok(guest)
+    }
+
+    fn prepare_disk(&self, dir: &Path) -> Result<PreparedDisk> {
+        let path = match &self.disk {
+            Some(p) => p.clone(),
+            None => dir.join(
+                if self.format == GuestFormat::Raw && self.drive_format == "raw" {
+                    "disk.raw"
+                } else {
+                    "disk.qcow2"
+                },
+            ),
+        };
+        if !path.exists() {
+            if self.format == GuestFormat::Raw && self.drive_format == "raw" {
+                let f = File::create(&path).map_err(|e| Error::Disk {
+                    path: path.clone(),
+                    action: "create",
+                    reason: e.to_string(),
+                })?;
+                f.set_len(self.size).map_err(|e| Error::Disk {
+                    path: path.clone(),
+                    action: "size",
+                    reason: e.to_string(),
+                })?;
+            } else {
+                disk::create_qcow2(&path, self.size, self.cluster_size, self.refcount_bits)?;
+            }
+        }
+        if self.drive_format == "raw" {
+            disk::prepare(&path, self.read_only)
+        } else {
+            // QEMU's own driver grows the file; only check that it opens.
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!self.read_only)
+                .open(&path)
+                .map_err(|e| Error::Disk {
+                    path: path.clone(),
+                    action: "open",
+                    reason: e.to_string(),
+                })?;
+            Ok(PreparedDisk {
+                file_len: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
+                path,
+                kind: disk::DiskKind::Raw,
+            })
+        }
+    }
+
+    /// Starts QEMU; when the host ports were picked here and QEMU cannot forward them (taken
+    /// in between by someone else), picks new ones, a few times.
+    fn spawn_retrying_ports(
+        &self,
+        qemu: &Path,
+        kernel: &Path,
+        disk: &PreparedDisk,
+        dir: &TempDir,
+        accel: AccelKind,
+    ) -> Result<Guest> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let metrics_port = match self.metrics_port {
+                Some(p) => p,
+                None => ports::pick_free()?,
+            };
+            let nbd_port = match self.nbd_port {
+                Some(p) => p,
+                None => loop {
+                    let p = ports::pick_free()?;
+                    if p != metrics_port {
+                        break p;
+                    }
+                },
+            };
+            let mut guest = self.spawn(
+                qemu,
+                kernel,
+                disk,
+                dir.path(),
+                accel,
+                metrics_port,
+                nbd_port,
+            )?;
+            if let Err(e) = guest.connect_qmp() {
+                if guest.try_outcome()?.is_none() {
+                    return Err(e);
+                }
+            } else {
+                return Ok(guest);
+            }
+            // QEMU stopped before QMP came up.
+            let outcome = guest.wait_exit(Duration::from_secs(30))?;
+            let stderr = guest.qemu_stderr();
+            let hostfwd = stderr.contains("host forwarding");
+            let auto_ports = self.metrics_port.is_none() || self.nbd_port.is_none();
+            if hostfwd && auto_ports && attempt < 4 {
+                continue;
+            }
+            if outcome == GuestOutcome::Other(1) {
+                if hostfwd {
+                    let (port, flag) = if self.metrics_port.is_some() {
+                        (metrics_port, "--metrics-port")
+                    } else {
+                        (nbd_port, "--nbd-port")
+                    };
+                    return Err(Error::PortInUse {
+                        port,
+                        flag,
+                        source: std::io::Error::other(stderr.trim().to_string()),
+                    });
+                }
+                return Err(Error::Qemu(format!(
+                    "QEMU failed to start:\n{}",
+                    stderr.trim()
+                )));
+            }
+            // The guest ran and exited before QMP connected: a result for the caller.
+            return Ok(guest);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        &self,
+        qemu: &Path,
+        kernel: &Path,
+        disk: &PreparedDisk,
+        dir: &Path,
+        accel: AccelKind,
+        metrics_port: u16,
+        nbd_port: u16,
+    ) -> Result<Guest> {
+        let qmp_socket = dir.join(format!("qmp-{}.sock", accel.as_str()));
+        let _ = std::fs::remove_file(&qmp_socket);
+        let config = QemuConfig {
+            kernel: kernel.to_path_buf(),
+            append: self.kernel_cmdline(),
+            memory_mib: self.memory_mib,
+            accel,
+            disk: disk.path.clone(),
+            drive_format: self.drive_format.clone(),
+            read_only: self.read_only,
+            metrics_port,
+            nbd_port,
+            qmp_socket: qmp_socket.clone(),
+            extra_args: self.extra_qemu_args.clone(),
+        };
+        let serial_file = match &self.serial_log {
+            Some(p) => {
+                if let Some(parent) = p.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+                }
+                Some(
+                    File::create(p)
+                        .map_err(|e| Error::io(format!("creating {}", p.display()), e))?,
+                )
+            }
+            None => None,
+        };
+        let mut cmd = Command::new(qemu);
+        cmd.args(config.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Its own process group: Ctrl-C in the terminal goes to the runner, which then
+        // powers the guest down cleanly, instead of killing QEMU mid-write.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::QemuMissing {
+                program: qemu.display().to_string(),
+            },
+            _ => Error::Qemu(format!("cannot start {}: {e}", qemu.display())),
+        })?;
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Qemu("QEMU's output pipes are missing".into()));
+        };
+        let echo = self.echo;
+        let console = Console::capture(
+            stdout,
+            if echo { Echo::Stdout } else { Echo::Off },
+            serial_file,
+        );
+        let stderr = Console::capture(stderr, if echo { Echo::Stderr } else { Echo::Off }, None);
+        Ok(Guest {
+            child,
+            dir: None,
+            disk: disk.clone(),
+            config,
+            console,
+            stderr,
+            qmp: None,
+            accel,
+            started,
+            outcome: None,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+/// A running (or finished) guest: one QEMU process. Dropping it kills QEMU.
+pub struct Guest {
+    child: Child,
+    /// Holds the QMP socket and the temporary disk; removed when the guest is dropped.
+    dir: Option<TempDir>,
+    disk: PreparedDisk,
+    config: QemuConfig,
+    console: Console,
+    stderr: Console,
+    qmp: Option<Qmp>,
+    accel: AccelKind,
+    started: Instant,
+    outcome: Option<GuestOutcome>,
+    shutdown_timeout: Duration,
+}
+
+impl Guest {
+    /// A builder with the test defaults.
+    pub fn builder() -> GuestBuilder {
+        GuestBuilder::default()
+    }
+
+    /// The host port forwarded to the guest's metrics port (9090).
+    pub fn metrics_port(&self) -> u16 {
+        self.config.metrics_port
+    }
+
+    /// The host port forwarded to the guest's NBD port (10809).
+    pub fn nbd_port(&self) -> u16 {
+        self.config.nbd_port
+    }
+
+    /// `http://127.0.0.1:<port>/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port())
+    }
+
+    /// `nbd://127.0.0.1:<port>/disk`.
+    pub fn nbd_url(&self) -> String {
+        format!("nbd://127.0.0.1:{}/disk", self.nbd_port())
+    }
+
+    /// The disk image file the guest runs on.
+    pub fn disk_path(&self) -> &Path {
+        &self.disk.path
+    }
+
+    /// The disk as prepared for the guest (kind, file length).
+    pub fn disk(&self) -> &PreparedDisk {
+        &self.disk
+    }
+
+    /// The accelerator QEMU runs with (after any `auto` fallback).
+    pub fn accel(&self) -> AccelKind {
+        self.accel
+    }
+
+    /// The kernel command line the guest got.
+    pub fn kernel_cmdline(&self) -> &str {
+        &self.config.append
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The serial console so far.
+    pub fn serial_log(&self) -> String {
+        self.console.text()
+    }
+
+    /// QEMU's stderr so far.
+    pub fn qemu_stderr(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// The last lines of the console and of QEMU's stderr, for error reports.
+    pub fn tail(&self) -> String {
+        let mut t = format!(
+            "--- serial console (last lines) ---\n{}",
+            self.console.tail(30)
+        );
+        let err = self.stderr.tail(10);
+        if !err.trim().is_empty() {
+            t.push_str("\n--- QEMU stderr ---\n");
+            t.push_str(&err);
+        }
+        t
+    }
+
+    /// Waits for a console line containing `pattern` and returns it.
+    pub fn wait_for_line(&mut self, pattern: &str, timeout: Duration) -> Result<String> {
+        self.wait_for(
+            |l| l.contains(pattern),
+            &format!("`{pattern}`"),
+            timeout,
+            || false,
+        )
+        .map(|(_, line)| line)
+    }
+
+    /// Waits for a console line satisfying `matches`; `what` describes it in errors, and
+    /// `stop` (checked every 100 ms) ends the wait early with a timeout error.
+    pub fn wait_for(
+        &mut self,
+        matches: impl FnMut(&str) -> bool,
+        what: &str,
+        timeout: Duration,
+        stop: impl FnMut() -> bool,
+    ) -> Result<(Instant, String)> {
+        match self.console.wait_for(matches, timeout, stop) {
+            Wait::Found(at, line) => Ok((at, line)),
+            Wait::Closed => {
+                let outcome = self.wait_exit(Duration::from_secs(30))?;
+                Err(Error::GuestExited {
+                    outcome,
+                    waiting_for: what.to_string(),
+                    tail: self.tail(),
+                })
+            }
+            Wait::TimedOut => Err(Error::Timeout {
+                waiting_for: what.to_string(),
+                tail: self.tail(),
+            }),
+        }
+    }
+
+    /// Waits for the banner and parses it.
+    pub fn wait_for_banner(&mut self, timeout: Duration) -> Result<Banner> {
+        self.wait_for_banner_or_stop(timeout, || false)
+    }
+
+    /// Like [`wait_for_banner`](Self::wait_for_banner), giving up early when `stop()`.
+    pub fn wait_for_banner_or_stop(
+        &mut self,
+        timeout: Duration,
+        stop: impl FnMut() -> bool,
+    ) -> Result<Banner> {
+        let (at, line) = self.wait_for(
+            is_banner,
+            "the guest's banner (`qcow-metal ... ready in`)",
+            timeout,
+            stop,
+        )?;
+        let (version, guest_ms, devices) = parse_banner(&line).ok_or_else(|| {
+            Error::Qemu(format!(
+                "the guest's banner has an unexpected shape: {line}"
+            ))
+        })?;
+        Ok(Banner {
+            line,
+            version,
+            guest_ms,
+            devices,
+            wall: at.saturating_duration_since(self.started),
+        })
+    }
+
+    /// The QMP session (connected when the guest started).
+    pub fn qmp(&mut self) -> Result<&mut Qmp> {
+        if self.qmp.is_none() {
+            self.connect_qmp()?;
+        }
+        self.qmp
+            .as_mut()
+            .ok_or_else(|| Error::Qmp("not connected".into()))
+    }
+
+    /// Whether QEMU has exited, and how (non-blocking).
+    pub fn try_outcome(&mut self) -> Result<Option<GuestOutcome>> {
+        if self.outcome.is_none()
+            && let Some(status) = self
+                .child
+                .try_wait()
+                .map_err(|e| Error::io("waiting for QEMU", e))?
+        {
+            self.outcome = Some(GuestOutcome::from_status(status));
+            self.drain_output();
+        }
+        Ok(self.outcome)
+    }
+
+    /// Waits up to `timeout` for QEMU to exit on its own and says how it ended.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<GuestOutcome> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(o) = self.try_outcome()? {
+                return Ok(o);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    waiting_for: "QEMU to exit".into(),
+                    tail: self.tail(),
+                });
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Shuts the guest down cleanly: QMP `system_powerdown` (the guest flushes and exits),
+    /// then, if it has not exited within the shutdown timeout, `quit`, then a kill.
+    /// Returns how it ended; [`GuestOutcome::is_clean`] tells whether the guest flushed.
+    pub fn shutdown(&mut self) -> Result<GuestOutcome> {
+        if let Some(o) = self.try_outcome()? {
+            return Ok(o);
+        }
+        let powerdown = self.qmp().and_then(|q| q.system_powerdown());
+        if powerdown.is_ok()
+            && let Ok(o) = self.wait_exit(self.shutdown_timeout)
+        {
+            return Ok(o);
+        }
+        if let Some(o) = self.try_outcome()? {
+            return Ok(o);
+        }
+        if let Some(q) = self.qmp.as_mut() {
+            // `quit` may not get a reply: QEMU can close the socket first.
+            let _ = q.quit();
+        }
+        if let Ok(o) = self.wait_exit(Duration::from_secs(5)) {
+            return Ok(o);
+        }
+        self.kill();
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// After QEMU exited: lets the capture threads read the last of its output.
+    fn drain_output(&self) {
+        for c in [&self.console, &self.stderr] {
+            c.wait_for(|_| false, Duration::from_secs(5), || false);
+        }
+    }
+
+    /// Kills QEMU at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if self.outcome.is_none() {
+            let _ = self.child.kill();
+            if let Ok(status) = self.child.wait() {
+                self.outcome = Some(GuestOutcome::from_status(status));
+            }
+        }
+    }
+
+    /// Connects QMP, waiting for QEMU to create the socket. Ok(()) with no session when
+    /// QEMU exits first.
+    fn connect_qmp(&mut self) -> Result<()> {
+        let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
+        loop {
+            if self.config.qmp_socket.exists() {
+                match Qmp::connect(&self.config.qmp_socket) {
+                    Ok(q) => {
+                        self.qmp = Some(q);
+                        return Ok(());
+                    }
+                    Err(e) if self.try_outcome()?.is_some() || Instant::now() >= deadline => {
+                        return Err(e);
+                    }
+                    Err(_) => {}
+                }
+            }
+            if let Some(outcome) = self.try_outcome()? {
+                return Err(Error::GuestExited {
+                    outcome,
+                    waiting_for: "QMP".into(),
+                    tail: self.tail(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    waiting_for: format!("QMP socket {}", self.config.qmp_socket.display()),
+                    tail: self.tail(),
+                });
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Under KVM (`auto`): whether the guest came up, or stopped with a result of its own.
+    /// False on KVM's failure signs (QEMU's "KVM internal error", a stopped VM) or no
+    /// banner in time.
+    fn wait_for_kvm_boot(&mut self) -> bool {
+        let stderr = self.stderr.clone();
+        let kvm_failed = move || {
+            let text = stderr.text();
+            KVM_FAILURE_SIGNS.iter().any(|s| text.contains(s))
+        };
+        let failed = kvm_failed.clone();
+        match self.console.wait_for(is_banner, KVM_BANNER_TIMEOUT, failed) {
+            Wait::Found(..) => !kvm_failed(),
+            Wait::Closed => {
+                // The guest exited under KVM. One of its own exit codes is a real result.
+                matches!(
+                    self.wait_exit(Duration::from_secs(30)),
+                    Ok(o) if o.guest_exit().is_some()
+                ) && !kvm_failed()
+            }
+            Wait::TimedOut => false,
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banners_parse() {
+        let (v, ms, dev) = parse_banner(
+            "qcow-metal 0.1.0 ready in 87 ms: virtio-blk 1 GiB, virtio-net 52:54:00:12:34:56",
+        )
+        .unwrap();
+        assert_eq!(v, "0.1.0");
+        assert_eq!(ms, 87.0);
+        assert_eq!(dev, "virtio-blk 1 GiB, virtio-net 52:54:00:12:34:56");
+        let (_, ms, dev) = parse_banner("qcow-metal 0.1.0 ready in 3.25 ms").unwrap();
+        assert_eq!(ms, 3.25);
+        assert_eq!(dev, "");
+        assert!(parse_banner("[ 0.1] qcow-metal ready in 3 ms").is_none());
+        assert!(parse_banner("qcow-metal 0.1.0 ready in soon ms").is_none());
+        assert!(parse_banner("qcow-metal 0.1.0 booting").is_none());
+    }
+
+    #[test]
+    fn kernel_cmdline_carries_format_read_only_and_extras() {
+        let b = Guest::builder();
+        assert_eq!(b.kernel_cmdline(), "");
+        let b = Guest::builder()
+            .format(GuestFormat::Raw)
+            .read_only(true)
+            .append(" log=debug ")
+            .append("");
+        assert_eq!(b.kernel_cmdline(), "format=raw ro=1 log=debug");
+    }
+}

@@ -1,0 +1,92 @@
+//! Boot end to end under TCG: the guest reaches its main loop and names its devices, QMP
+//! answers, bad kernel arguments and CPU faults are reported with their exit statuses, and
+//! a QMP power-down shuts the guest down cleanly.
+
+use qcow_metal_e2e::{GuestOutcome, boot, guest, require_tool, run_to_exit};
+
+#[test]
+fn guest_boots_to_its_main_loop_and_names_its_devices() {
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let (guest, banner) = boot(guest());
+    eprintln!(
+        "banner: {} (guest {} ms, wall {:?})",
+        banner.line, banner.guest_ms, banner.wall
+    );
+    assert_eq!(banner.version, env!("CARGO_PKG_VERSION"), "{}", banner.line);
+    assert!(banner.devices.contains("virtio-blk"), "{}", banner.line);
+    assert!(banner.devices.contains("virtio-net"), "{}", banner.line);
+    // PCI enumeration logs every device before the banner.
+    let log = guest.serial_log();
+    assert!(
+        log.contains("pci "),
+        "no PCI enumeration on the console:\n{log}"
+    );
+}
+
+#[test]
+fn qmp_answers_status_and_blockstats() {
+    let (mut guest, _) = boot(guest());
+    let qmp = guest.qmp().expect("QMP session");
+    let status = qmp.query_status().expect("query-status");
+    assert!(status.running, "{status:?}");
+    assert_eq!(status.status, "running");
+    let stats = qmp.query_blockstats().expect("query-blockstats");
+    assert!(
+        stats
+            .iter()
+            .any(|s| s.qdev.as_deref().is_some_and(|q| q.contains("vblk0"))
+                || s.device.as_deref() == Some("disk0")),
+        "the virtio-blk disk is not in query-blockstats: {stats:?}"
+    );
+    // The untyped interface answers too.
+    let version = qmp
+        .execute("query-version", serde_json::Value::Null)
+        .expect("query-version");
+    assert!(version["qemu"]["major"].as_u64().is_some(), "{version}");
+}
+
+#[test]
+fn bad_kernel_argument_is_reported_and_exits_35() {
+    let (guest, outcome) = run_to_exit(guest().append("metrics_port=abc"));
+    let log = guest.serial_log();
+    assert_eq!(outcome, GuestOutcome::BadConfig, "{outcome}\n{log}");
+    assert_eq!(outcome.qemu_code(), Some(35));
+    assert!(
+        log.contains("metrics_port") && log.contains("abc"),
+        "the console does not name the bad argument:\n{log}"
+    );
+    assert!(
+        !log.contains("ready in"),
+        "the guest must not reach its main loop:\n{log}"
+    );
+}
+
+#[test]
+fn guest_fault_is_reported_with_its_vector_and_exits_37() {
+    let (guest, outcome) = run_to_exit(guest().append("debug_fault=ud"));
+    let log = guest.serial_log();
+    assert_eq!(outcome, GuestOutcome::Fault, "{outcome}\n{log}");
+    assert_eq!(outcome.qemu_code(), Some(37));
+    let report = log
+        .lines()
+        .find(|l| l.contains("CPU exception"))
+        .unwrap_or_else(|| panic!("no exception report on the console:\n{log}"));
+    assert!(
+        report.contains("exception 6 "),
+        "vector 6 (#UD) not named: {report}"
+    );
+    assert!(report.contains("RIP"), "{report}");
+}
+
+#[test]
+fn qmp_powerdown_shuts_the_guest_down_cleanly() {
+    let (mut guest, _) = boot(guest());
+    let outcome = guest.shutdown().expect("shutdown");
+    assert_eq!(
+        outcome,
+        GuestOutcome::Clean,
+        "{outcome}\n{}",
+        guest.serial_log()
+    );
+    assert_eq!(outcome.qemu_code(), Some(33));
+}
