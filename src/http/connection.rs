@@ -6,6 +6,9 @@ use super::parse::{self, Method, Request, Route};
 use super::response::{self, Head, TEXT_HTML, TEXT_PLAIN};
 use super::{Config, HEAD_BUFFER_BYTES, Health, IndexPage, Site, Status, gzip};
 
+/// The head limit never goes below this, whatever the configuration says.
+const MIN_HEAD_BYTES: usize = 64;
+
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -37,6 +40,8 @@ pub struct Connection {
     input: heapless::Vec<u8, HEAD_BUFFER_BYTES>,
     /// How far `input` was searched for the end of the head.
     scanned: usize,
+    /// The request line in `input` is complete and passed the early checks.
+    line_checked: bool,
     /// Request-body bytes still to be skipped.
     body_left: u64,
     /// Response bytes; `output[sent..]` is still to be sent.
@@ -58,6 +63,7 @@ impl Connection {
             state: State::Open,
             input: heapless::Vec::new(),
             scanned: 0,
+            line_checked: false,
             body_left: 0,
             output: Vec::new(),
             sent: 0,
@@ -226,7 +232,9 @@ impl Connection {
     }
 
     fn head_limit(&self) -> usize {
-        self.config.max_head_bytes.min(HEAD_BUFFER_BYTES)
+        self.config
+            .max_head_bytes
+            .clamp(MIN_HEAD_BYTES, HEAD_BUFFER_BYTES)
     }
 
     fn drop_output(&mut self) {
@@ -242,6 +250,7 @@ impl Connection {
         let len = self.input.len() - n;
         self.input.truncate(len);
         self.scanned = 0;
+        self.line_checked = false;
     }
 
     /// Answers every complete request in the input buffer, in order, while output stays
@@ -268,7 +277,13 @@ impl Connection {
             let from = self.scanned.saturating_sub(2);
             let Some(end) = parse::find_head_end(&self.input, from) else {
                 self.scanned = self.input.len();
-                if let Err(status) = parse::check_partial(&self.input, &self.config) {
+                let early = if self.line_checked {
+                    Ok(())
+                } else {
+                    self.line_checked = self.input.contains(&b'\n');
+                    parse::check_partial(&self.input, &self.config)
+                };
+                if let Err(status) = early {
                     self.reject(status, site);
                 } else if self.input.len() >= self.head_limit() {
                     let status = if self.input.contains(&b'\n') {
@@ -294,8 +309,12 @@ impl Connection {
                         .min(usize::try_from(request.content_length).unwrap_or(usize::MAX));
                     self.discard_input(in_buffer);
                     self.body_left = request.content_length - in_buffer as u64;
-                    self.respond(&request, site);
-                    if !request.keep_alive {
+                    // A client that waits for `100 Continue` (never sent) may not send its
+                    // body after our final answer; then the framing is lost, so close.
+                    let keep_alive =
+                        request.keep_alive && !(request.expect_continue && self.body_left > 0);
+                    self.respond(&request, keep_alive, site);
+                    if !keep_alive {
                         self.state = State::Closing;
                     }
                 }
@@ -331,12 +350,13 @@ impl Connection {
         self.state = State::Closing;
         self.input.truncate(0);
         self.scanned = 0;
+        self.line_checked = false;
         self.body_left = 0;
     }
 
     /// Answers a well-formed request.
-    fn respond(&mut self, request: &Request, site: &mut impl Site) {
-        let close = !request.keep_alive;
+    fn respond(&mut self, request: &Request, keep_alive: bool, site: &mut impl Site) {
+        let close = !keep_alive;
         let mut body = Vec::new();
         let mut vary = None;
         let mut allow = false;

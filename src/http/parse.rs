@@ -40,6 +40,8 @@ pub(super) struct Request {
     pub accept: String,
     /// Body length announced by `Content-Length` (0 when absent).
     pub content_length: u64,
+    /// The client sent `Expect: 100-continue`.
+    pub expect_continue: bool,
 }
 
 /// `tchar` of RFC 9110 §5.6.2: the characters of methods and field names.
@@ -258,6 +260,7 @@ pub(super) fn parse_head(head: &[u8], config: &Config) -> Result<Request, Status
     let mut keep_alive_token = false;
     let mut accept = String::new();
     let mut accept_encoding = String::new();
+    let mut expect_continue = false;
     let mut count = 0usize;
     loop {
         let (line, next) = next_line(rest).ok_or(Status::BadRequest)?;
@@ -305,6 +308,8 @@ pub(super) fn parse_head(head: &[u8], config: &Config) -> Result<Request, Status
             join_value(&mut accept, value);
         } else if name.eq_ignore_ascii_case(b"accept-encoding") {
             join_value(&mut accept_encoding, value);
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
         }
     }
     if !rest.is_empty() {
@@ -341,6 +346,7 @@ pub(super) fn parse_head(head: &[u8], config: &Config) -> Result<Request, Status
         gzip: accepts_gzip(&accept_encoding),
         accept,
         content_length,
+        expect_continue,
     })
 }
 

@@ -521,6 +521,22 @@ fn body_is_skipped_across_receives() {
 }
 
 #[test]
+fn expect_continue_with_unsent_body_closes() {
+    let (conn, r, _) = one(
+        "POST /metrics HTTP/1.1\r\nHost: g\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+    );
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert!(conn.is_closed());
+    // With the body already there, the framing is known and the connection stays.
+    let (conn, r, _) = one(
+        "POST /metrics HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nhi",
+    );
+    assert_eq!((r.status, r.header("Connection")), (405, None));
+    assert!(!conn.wants_close());
+}
+
+#[test]
 fn end_of_stream() {
     let mut site = TestSite::new();
     let mut conn = Connection::new(Config::default(), 0);
