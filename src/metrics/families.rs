@@ -1112,3 +1112,33 @@ impl From<&crate::http::HttpStatsSnapshot> for HttpSnapshot {
         out
     }
 }
+
+impl From<&crate::nbd::NbdStats> for NbdSnapshot {
+    fn from(s: &crate::nbd::NbdStats) -> Self {
+        let mut out = NbdSnapshot {
+            connections_active: s.connections_active,
+            connections_total: s.connections_total,
+            sessions_total: s.sessions_total,
+            protocol_errors: s.protocol_errors,
+            bytes: [
+                s.bytes_read,
+                s.bytes_written,
+                s.bytes_trimmed,
+                s.bytes_zeroed,
+            ],
+            ..NbdSnapshot::default()
+        };
+        // Matched by name, so the two orders need not agree (a test checks every name).
+        for cmd in crate::nbd::Command::ALL {
+            if let Some(i) = NBD_COMMANDS.iter().position(|&n| n == cmd.name()) {
+                out.requests[i] = s.requests_of(cmd);
+            }
+        }
+        for e in crate::nbd::NbdError::ALL {
+            if let Some(i) = NBD_ERRORS.iter().position(|&n| n == e.name()) {
+                out.errors[i] = s.errors_of(e);
+            }
+        }
+        out
+    }
+}

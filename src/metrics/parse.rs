@@ -394,12 +394,12 @@ impl HistogramCheck {
             let inf = self
                 .inf
                 .ok_or_else(|| format!("histogram `{family}` has no +Inf bucket"))?;
-            if let Some(count) = self.count {
-                if count != inf {
-                    return Err(format!(
-                        "`{family}_count` {count} differs from the +Inf bucket {inf}"
-                    ));
-                }
+            if let Some(count) = self.count
+                && count != inf
+            {
+                return Err(format!(
+                    "`{family}_count` {count} differs from the +Inf bucket {inf}"
+                ));
             }
         }
         *self = HistogramCheck::default();
@@ -410,7 +410,7 @@ impl HistogramCheck {
 /// Parses `name{labels} value [timestamp]`.
 fn parse_sample(line: &str, om: bool) -> Result<Sample, String> {
     let name_end = line
-        .find(|c: char| c == '{' || c == ' ')
+        .find(['{', ' '])
         .ok_or_else(|| format!("no value on `{line}`"))?;
     let name = &line[..name_end];
     if !is_valid_metric_name(name) {

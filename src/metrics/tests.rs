@@ -394,3 +394,45 @@ fn every_http_status_has_a_series() {
     let snap = HttpSnapshot::from(&stats.snapshot());
     assert_eq!(snap, HttpSnapshot::default());
 }
+
+#[test]
+fn every_nbd_command_and_error_has_a_series() {
+    use crate::nbd::{Command, NbdError, NbdStats};
+    let mut stats = NbdStats::default();
+    for (i, cmd) in Command::ALL.into_iter().enumerate() {
+        assert!(
+            families::NBD_COMMANDS.contains(&cmd.name()),
+            "{}",
+            cmd.name()
+        );
+        stats.requests[cmd.index()] = 10 + i as u64;
+    }
+    for (i, e) in NbdError::ALL.into_iter().enumerate() {
+        assert!(families::NBD_ERRORS.contains(&e.name()), "{}", e.name());
+        stats.errors[e.index()] = 100 + i as u64;
+    }
+    stats.bytes_written = 4096;
+    let snap = NbdSnapshot::from(&stats);
+    let m = populated_guest(false);
+    m.nbd.update(&snap);
+    let text = String::from_utf8(m.render(Format::Text)).unwrap();
+    let exp = parse::parse(&text, Format::Text).unwrap();
+    for (i, cmd) in Command::ALL.into_iter().enumerate() {
+        let v = exp.value(
+            "qcow_metal_nbd_requests_total",
+            &[("export", "disk0"), ("command", cmd.name())],
+        );
+        assert_eq!(v, Some(10.0 + i as f64), "{}", cmd.name());
+    }
+    for (i, e) in NbdError::ALL.into_iter().enumerate() {
+        let v = exp.value(
+            "qcow_metal_nbd_errors_total",
+            &[("export", "disk0"), ("error", e.name())],
+        );
+        assert_eq!(v, Some(100.0 + i as f64), "{}", e.name());
+    }
+    assert_eq!(
+        exp.value("qcow_metal_nbd_bytes_total", &[("op", "write")]),
+        Some(4096.0)
+    );
+}
