@@ -53,6 +53,8 @@ pub struct Connection {
     request_started_ms: Option<u64>,
     /// The peer closed its sending side.
     peer_eof: bool,
+    /// The idle timeout ended (or is ending) the connection.
+    timed_out: bool,
 }
 
 impl Connection {
@@ -70,6 +72,7 @@ impl Connection {
             last_activity_ms: now_ms,
             request_started_ms: None,
             peer_eof: false,
+            timed_out: false,
         }
     }
 
@@ -149,20 +152,22 @@ impl Connection {
                 if self.has_pending_output() {
                     // Waiting for the client to read; only lack of progress counts.
                     if idle {
-                        site.http_stats().count_timeout();
+                        self.note_timeout(site);
                         self.drop_output();
                     }
                 } else if request_late || (idle && self.body_left > 0) {
-                    site.http_stats().count_timeout();
+                    self.note_timeout(site);
                     self.reject(Status::RequestTimeout, site);
+                    // The 408 gets a full timeout to be taken by the client.
+                    self.last_activity_ms = now_ms;
                 } else if idle {
-                    site.http_stats().count_timeout();
+                    self.note_timeout(site);
                     self.state = State::Closed;
                 }
             }
             State::Closing => {
                 if idle && self.has_pending_output() {
-                    site.http_stats().count_timeout();
+                    self.note_timeout(site);
                     self.drop_output();
                 }
             }
@@ -217,6 +222,28 @@ impl Connection {
         }
     }
 
+    /// No request is being received or answered: closing the connection now loses nothing.
+    /// A driver that runs out of listening sockets may close the connection that has been
+    /// idle longest (see [`Connection::last_activity_ms`]) to make room for a new client.
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Open
+            && self.input.is_empty()
+            && self.body_left == 0
+            && !self.has_pending_output()
+    }
+
+    /// The idle timeout ended the connection. If it is also [`Connection::is_closed`], the
+    /// client was not reading: a driver should abort (reset) the socket rather than wait to
+    /// send a FIN behind unsent data.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
+    /// When this connection last made progress (bytes taken or sent), or was accepted.
+    pub fn last_activity_ms(&self) -> u64 {
+        self.last_activity_ms
+    }
+
     /// No more requests will be answered: send what is pending, then close.
     pub fn wants_close(&self) -> bool {
         self.state != State::Open
@@ -228,6 +255,14 @@ impl Connection {
             State::Open => false,
             State::Closing => !self.has_pending_output(),
             State::Closed => true,
+        }
+    }
+
+    /// Records that the idle timeout hit this connection (counted once per connection).
+    fn note_timeout(&mut self, site: &mut impl Site) {
+        if !self.timed_out {
+            site.http_stats().count_timeout();
+            self.timed_out = true;
         }
     }
 

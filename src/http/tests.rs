@@ -414,6 +414,21 @@ fn output_backpressure_holds_requests_back() {
 }
 
 #[test]
+fn idleness_is_visible_to_the_driver() {
+    let mut site = TestSite::new();
+    let mut conn = Connection::new(Config::default(), 7);
+    assert!(conn.is_idle());
+    assert_eq!(conn.last_activity_ms(), 7);
+    conn.receive(b"GET /healthz HTTP/1.1\r\n", 9, &mut site);
+    assert!(!conn.is_idle());
+    conn.receive(b"Host: g\r\n\r\n", 10, &mut site);
+    assert!(!conn.is_idle(), "a response is pending");
+    drain(&mut conn, 12);
+    assert!(conn.is_idle());
+    assert_eq!(conn.last_activity_ms(), 12);
+}
+
+#[test]
 fn idle_connection_times_out_silently() {
     let mut site = TestSite::new();
     let mut conn = Connection::new(Config::default(), 1000);
@@ -459,6 +474,8 @@ fn incomplete_request_gets_408_even_when_trickled() {
         conn.receive(b"a", now, &mut site);
         conn.poll(now, &mut site);
     }
+    conn.poll(now, &mut site);
+    conn.poll(now + 1000, &mut site);
     let resps = split_responses(&drain(&mut conn, now), &[]);
     assert_eq!(resps[0].status, 408);
     assert!(conn.is_closed());
@@ -474,8 +491,10 @@ fn unread_output_times_out() {
     conn.consume_output(10, 5_000);
     conn.poll(34_999, &mut site);
     assert!(conn.has_pending_output() && !conn.wants_close());
+    assert!(!conn.timed_out());
     conn.poll(35_000, &mut site);
     assert!(conn.is_closed() && !conn.has_pending_output());
+    assert!(conn.timed_out());
 }
 
 #[test]
