@@ -347,7 +347,10 @@ boot_pdpt:
     .skip 4096
 boot_pd:
     .skip 4096 * {gib}
-    .balign 16
+    .balign 4096
+    .global boot_stack_guard
+boot_stack_guard:                       /* unmapped by paging::unmap_page at boot */
+    .skip 4096
     .global boot_stack_bottom
 boot_stack_bottom:
     .skip {stack}
@@ -361,6 +364,7 @@ boot_stack_top:
 );
 
 unsafe extern "C" {
+    static boot_stack_guard: u8;
     static boot_stack_bottom: u8;
     static boot_stack_top: u8;
     static __kernel_start: u8;
@@ -374,6 +378,11 @@ pub fn kernel_image() -> (u64, u64) {
         &raw const __kernel_start as u64,
         &raw const __kernel_end as u64,
     )
+}
+
+/// The 4 KiB guard page just below the boot stack.
+pub fn stack_guard() -> u64 {
+    &raw const boot_stack_guard as u64
 }
 
 /// The boot stack `[bottom, top)`.

@@ -193,6 +193,14 @@ fn report(frame: &Frame) {
         cpu::read_cr2(),
     );
     if frame.vector == 14 {
+        let guard = crate::boot::stack_guard();
+        if (guard..guard + 4096).contains(&cpu::read_cr2()) {
+            let _ = writeln!(
+                out,
+                "  kernel stack overflow: the {} KiB boot stack is exhausted",
+                crate::boot::BOOT_STACK_SIZE >> 10
+            );
+        }
         let e = frame.error_code;
         let _ = writeln!(
             out,

@@ -21,6 +21,7 @@ pub mod heap;
 pub mod interrupts;
 pub mod logger;
 pub mod mem_builtins;
+pub mod paging;
 pub mod panic;
 pub mod pci;
 pub mod power;
@@ -85,6 +86,7 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
         panic!("unusable PVH start info at {start_info:#x}: {e:?}");
     }
     let heap_bytes = heap::init(&info);
+    let guard = paging::unmap_page(boot::stack_guard());
 
     let Some(cmdline) = info.cmdline() else {
         println!("qcow-metal: the kernel command line is not UTF-8");
@@ -137,6 +139,10 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
             "2 MiB"
         }
     );
+
+    if let Err(e) = guard {
+        log::warn!("no guard page below the boot stack: {e:?}");
+    }
 
     let pci_devices = pci::enumerate();
     for device in &pci_devices {
