@@ -1,0 +1,255 @@
+//! NBD throughput benchmark: `cargo bench -p qcow-metal-e2e --bench nbd`.
+//!
+//! Boots three guests under the same accelerator, one after the other, and runs the same
+//! workload against each guest's NBD export:
+//!
+//! - (a) `engine`: our qcow2 engine in the guest, on a qcow2 image given to QEMU as raw bytes;
+//! - (b) `qemu-qcow2`: the guest in raw mode, QEMU's own qcow2 driver under it
+//!   (`-drive format=qcow2`);
+//! - (c) `raw-file`: the guest in raw mode on a raw file.
+//!
+//! Workload (in this order, same offsets everywhere): 1 MiB sequential writes over the test
+//! region (allocating it), 1 MiB sequential reads, 4 KiB random reads and 4 KiB random writes
+//! inside it, each with `DEPTH` requests in flight through this crate's NBD client. It prints
+//! MiB/s and IOPS per row and the ratios a/b and a/c (target: at least 0.9).
+//!
+//! Environment: `NBD_BENCH_MIB` (test region, default 32), `NBD_BENCH_OPS` (4 KiB requests
+//! per random row, default 2000), `NBD_BENCH_DEPTH` (default 8), `NBD_BENCH_ACCEL`
+//! (`tcg`, `kvm` or `auto`; default `tcg`).
+
+use qcow_metal::nbd::client::Client;
+use qcow_metal::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
+use qcow_metal_e2e::{Accel, boot, guest, require_tool};
+use qcow_metal_runner::disk::{GuestFormat, create_qcow2};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v}: expected a number")),
+        Err(_) => default,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Params {
+    region: u64,
+    ops: u64,
+    depth: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Row {
+    SeqWrite1M,
+    SeqRead1M,
+    RandRead4K,
+    RandWrite4K,
+}
+
+const ROWS: [Row; 4] = [
+    Row::SeqWrite1M,
+    Row::SeqRead1M,
+    Row::RandRead4K,
+    Row::RandWrite4K,
+];
+
+impl Row {
+    fn name(self) -> &'static str {
+        match self {
+            Row::SeqWrite1M => "1 MiB sequential write",
+            Row::SeqRead1M => "1 MiB sequential read",
+            Row::RandRead4K => "4 KiB random read",
+            Row::RandWrite4K => "4 KiB random write",
+        }
+    }
+
+    /// (offset, length, is_write) of every request.
+    fn requests(self, p: Params) -> Vec<(u64, u32, bool)> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rand = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let blocks = p.region / 4096;
+        match self {
+            Row::SeqWrite1M => (0..p.region / MIB)
+                .map(|i| (i * MIB, MIB as u32, true))
+                .collect(),
+            Row::SeqRead1M => (0..p.region / MIB)
+                .map(|i| (i * MIB, MIB as u32, false))
+                .collect(),
+            Row::RandRead4K => (0..p.ops)
+                .map(|_| (rand() % blocks * 4096, 4096, false))
+                .collect(),
+            Row::RandWrite4K => (0..p.ops)
+                .map(|_| (rand() % blocks * 4096, 4096, true))
+                .collect(),
+        }
+    }
+}
+
+/// Runs one row with `depth` requests in flight; returns the elapsed time (a final flush of
+/// the writes included).
+fn run_row(c: &mut Client, row: Row, p: Params) -> Duration {
+    let reqs = row.requests(p);
+    let payload: Vec<u8> = (0..MIB as usize).map(|i| (i % 253) as u8 + 1).collect();
+    let mut scratch = Vec::new();
+    let started = Instant::now();
+    let mut next = 0;
+    let mut done = 0;
+    while done < reqs.len() {
+        while next < reqs.len() && c.in_flight() < p.depth {
+            let (off, len, write) = reqs[next];
+            let r = if write {
+                c.send(CMD_WRITE, 0, off, len, &payload[..len as usize])
+            } else {
+                c.send(CMD_READ, 0, off, len, &[])
+            };
+            r.expect("sending a request");
+            next += 1;
+        }
+        let reply = c.recv(&mut scratch).expect("receiving a reply");
+        assert_eq!(reply.error, 0, "{} failed", row.name());
+        done += 1;
+    }
+    if reqs.iter().any(|r| r.2) {
+        c.send(CMD_FLUSH, 0, 0, 0, &[]).expect("flush");
+        assert_eq!(c.recv(&mut scratch).expect("flush reply").error, 0);
+    }
+    started.elapsed()
+}
+
+struct Setup {
+    label: &'static str,
+    what: &'static str,
+}
+
+const SETUPS: [Setup; 3] = [
+    Setup {
+        label: "a",
+        what: "engine: qcow2 in the guest, drive format=raw",
+    },
+    Setup {
+        label: "b",
+        what: "raw guest over QEMU's qcow2 driver (drive format=qcow2)",
+    },
+    Setup {
+        label: "c",
+        what: "raw guest on a raw file",
+    },
+];
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is understood.
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    require_tool("qemu-img", "qemu-utils");
+    let p = Params {
+        region: env_u64("NBD_BENCH_MIB", 32) * MIB,
+        ops: env_u64("NBD_BENCH_OPS", 2000),
+        depth: env_u64("NBD_BENCH_DEPTH", 8).max(1) as usize,
+    };
+    let accel: Accel = match std::env::var("NBD_BENCH_ACCEL") {
+        Ok(v) => v.parse().unwrap_or_else(|e| panic!("NBD_BENCH_ACCEL: {e}")),
+        Err(_) => Accel::Tcg,
+    };
+    let size = p.region * 2;
+    let dir = std::env::temp_dir().join(format!("qcow-metal-bench-nbd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+
+    let mut results: Vec<Vec<Duration>> = Vec::new();
+    for (i, setup) in SETUPS.iter().enumerate() {
+        let builder = guest().accel(accel).size(size).memory_mib(512);
+        let builder = match i {
+            0 => builder,
+            1 => {
+                let path: PathBuf = dir.join("qemu-qcow2.qcow2");
+                create_qcow2(&path, size, 64 << 10, 16).expect("qemu-img create");
+                builder
+                    .disk(path)
+                    .qemu_drive_format("qcow2")
+                    .format(GuestFormat::Raw)
+            }
+            _ => {
+                let path: PathBuf = dir.join("raw-file.raw");
+                std::fs::File::create(&path)
+                    .and_then(|f| f.set_len(size))
+                    .expect("raw file");
+                builder.disk(path).format(GuestFormat::Raw)
+            }
+        };
+        eprintln!("({}) booting: {}", setup.label, setup.what);
+        let (mut g, _) = boot(builder);
+        let mut c = Client::connect(("127.0.0.1", g.nbd_port()), "disk").expect("NBD connect");
+        let times: Vec<Duration> = ROWS
+            .iter()
+            .map(|row| {
+                let t = run_row(&mut c, *row, p);
+                eprintln!(
+                    "({}) {:<24} {:>8.3} s",
+                    setup.label,
+                    row.name(),
+                    t.as_secs_f64()
+                );
+                t
+            })
+            .collect();
+        c.disconnect().expect("NBD disconnect");
+        let outcome = g.shutdown().expect("shutdown");
+        assert!(
+            outcome.is_clean(),
+            "({}) unclean shutdown: {outcome}",
+            setup.label
+        );
+        results.push(times);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!();
+    println!(
+        "NBD throughput ({accel:?}, region {} MiB, {} random ops, depth {})",
+        p.region / MIB,
+        p.ops,
+        p.depth
+    );
+    for s in &SETUPS {
+        println!("  ({}) {}", s.label, s.what);
+    }
+    println!(
+        "{:<24} {:>16} {:>16} {:>16} {:>7} {:>7}",
+        "workload", "(a) engine", "(b) qemu-qcow2", "(c) raw-file", "a/b", "a/c"
+    );
+    let mut worst = f64::INFINITY;
+    for (r, row) in ROWS.iter().enumerate() {
+        let reqs = row.requests(p);
+        let bytes: u64 = reqs.iter().map(|q| u64::from(q.1)).sum();
+        let rate = |t: Duration| match row {
+            Row::SeqWrite1M | Row::SeqRead1M => {
+                format!("{:.1} MiB/s", bytes as f64 / MIB as f64 / t.as_secs_f64())
+            }
+            _ => format!("{:.0} IOPS", reqs.len() as f64 / t.as_secs_f64()),
+        };
+        // Throughput ratio = inverse time ratio (same work in each setup).
+        let ab = results[1][r].as_secs_f64() / results[0][r].as_secs_f64();
+        let ac = results[2][r].as_secs_f64() / results[0][r].as_secs_f64();
+        worst = worst.min(ab).min(ac);
+        println!(
+            "{:<24} {:>16} {:>16} {:>16} {:>7.2} {:>7.2}",
+            row.name(),
+            rate(results[0][r]),
+            rate(results[1][r]),
+            rate(results[2][r]),
+            ab,
+            ac
+        );
+    }
+    println!(
+        "lowest ratio {worst:.2} (target 0.90): {}",
+        if worst >= 0.9 { "met" } else { "NOT met" }
+    );
+}

@@ -1,0 +1,324 @@
+//! The NBD export end to end under TCG: real clients (qemu-io, qemu-img, nbdinfo, nbdcopy)
+//! against the guest's qcow2 engine; malformed clients get errors while others are served;
+//! after a clean shutdown the image checks clean and holds exactly what was written.
+
+use qcow_metal::nbd::client::{Client, greet, read_option_reply, send_option};
+use qcow_metal::nbd::proto::{OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN};
+use qcow_metal_e2e::{boot, guest, require_tool};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+/// Virtual size of the test disk: small, because TCG is slow.
+const SIZE: u64 = 24 * MIB;
+
+/// Guard against a hung tool (never a timed assert: it only stops a stuck test).
+const TOOL_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Runs a host program to completion; fails (naming the Debian package when it is missing)
+/// unless it succeeds. Returns its stdout.
+fn run(program: &str, package: &str, args: &[&str]) -> String {
+    let path = require_tool(program, package);
+    let mut child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): install {package}"));
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("waiting for a tool").is_some() {
+            break;
+        }
+        if started.elapsed() > TOOL_TIMEOUT {
+            let _ = child.kill();
+            panic!("`{program} {}` hung for {TOOL_TIMEOUT:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("tool output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "`{program} {}` failed ({}):\n{stdout}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// qemu-io on the export; every `read -P` verifies its pattern.
+fn qemu_io(uri: &str, cmds: &[String]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(uri);
+    let out = run("qemu-io", "qemu-utils", &args);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.contains("failed"), "{out}");
+    out
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i / 512) as u8).wrapping_mul(7) ^ seed ^ (i as u8))
+        .collect()
+}
+
+/// One row of `nbdinfo --map`: offset, length, state flags.
+fn map(uri: &str) -> Vec<(u64, u64, u32)> {
+    let out = run("nbdinfo", "libnbd-bin", &["--map", uri]);
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert!(f.len() >= 3, "unexpected nbdinfo --map line: {l}");
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The state flags `nbdinfo --map` reports for the byte at `offset`.
+fn state_at(rows: &[(u64, u64, u32)], offset: u64) -> u32 {
+    rows.iter()
+        .find(|(o, l, _)| *o <= offset && offset < o + l)
+        .map(|r| r.2)
+        .unwrap_or_else(|| panic!("offset {offset} not in the map {rows:?}"))
+}
+
+#[test]
+fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
+    for (p, pkg) in [
+        ("qemu-io", "qemu-utils"),
+        ("qemu-img", "qemu-utils"),
+        ("nbdinfo", "libnbd-bin"),
+        ("nbdcopy", "libnbd-bin"),
+    ] {
+        require_tool(p, pkg);
+    }
+    let (mut g, _) = boot(guest().size(SIZE));
+    let uri = g.nbd_url();
+    let dir = ScratchDir::new("nbd-e2e");
+    // What the virtual disk must hold, kept in step with every write below.
+    let mut expected = vec![0u8; SIZE as usize];
+
+    // nbdcopy in: 6 MiB of data at the start of a sparse source, zeros after it.
+    let src = dir.path().join("in.raw");
+    let data = pattern(6 * MIB as usize, 0x3c);
+    {
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(SIZE).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&data, 0).unwrap();
+    }
+    expected[..data.len()].copy_from_slice(&data);
+    run("nbdcopy", "libnbd-bin", &[src.to_str().unwrap(), &uri]);
+
+    // qemu-io writes patterns (aligned, unaligned, zeroes, asynchronous) and reads them back.
+    let writes = [
+        ("write -P 0xab 8M 1M", 8 * MIB, MIB, 0xab),
+        ("write -P 0x11 12345 4567", 12345, 4567, 0x11),
+        ("write -P 0xcd 9437184 65536", 9 * MIB, 65536, 0xcd),
+        ("aio_write -P 0x22 10M 256k", 10 * MIB, 256 << 10, 0x22),
+        ("aio_write -P 0x23 11M 64k", 11 * MIB, 64 << 10, 0x23),
+        ("write -z 5M 512k", 5 * MIB, 512 << 10, 0),
+    ];
+    let mut cmds: Vec<String> = writes.iter().map(|w| w.0.to_string()).collect();
+    cmds.push("aio_flush".into());
+    cmds.push("flush".into());
+    qemu_io(&uri, &cmds);
+    for (_, off, len, byte) in writes {
+        expected[off as usize..(off + len) as usize].fill(byte);
+    }
+    let reads: Vec<String> = writes
+        .iter()
+        .map(|(_, off, len, byte)| format!("read -P {byte:#x} {off} {len}"))
+        .chain([format!("read -P 0 {} {}", 16 * MIB, 8 * MIB)])
+        .collect();
+    let out = qemu_io(&uri, &reads);
+    assert_eq!(out.matches("read ").count(), reads.len(), "{out}");
+
+    // qemu-img convert from the export gives the expected bytes.
+    let converted = dir.path().join("convert.raw");
+    run(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            converted.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&converted).unwrap() == expected,
+        "qemu-img convert"
+    );
+
+    // nbdcopy out gives them too.
+    let copied = dir.path().join("out.raw");
+    run("nbdcopy", "libnbd-bin", &[&uri, copied.to_str().unwrap()]);
+    assert!(std::fs::read(&copied).unwrap() == expected, "nbdcopy out");
+
+    // nbdinfo --map: written data is allocated data, the untouched tail reads as zeros and
+    // is a hole; no extent claims zeros where there is data.
+    let rows = map(&uri);
+    assert_eq!(rows.iter().map(|r| r.1).sum::<u64>(), SIZE, "{rows:?}");
+    for off in [0, 3 * MIB, 8 * MIB, 9 * MIB, 10 * MIB, 11 * MIB] {
+        assert_eq!(state_at(&rows, off), 0, "data at {off}: {rows:?}");
+    }
+    assert_eq!(
+        state_at(&rows, 20 * MIB) & 2,
+        2,
+        "zeros at 20 MiB: {rows:?}"
+    );
+    assert_eq!(state_at(&rows, SIZE - 1), 3, "hole at the end: {rows:?}");
+    for (off, len, state) in &rows {
+        if state & 2 != 0 {
+            let r = *off as usize..(off + len) as usize;
+            assert!(
+                expected[r].iter().all(|b| *b == 0),
+                "zero extent {off}+{len} has data"
+            );
+        }
+    }
+
+    // Malformed clients get errors or are closed, and a good client keeps being served.
+    let mut good = Client::connect(("127.0.0.1", g.nbd_port()), "disk").unwrap();
+    malformed_clients(g.nbd_port());
+    let mut buf = vec![0u8; 4567];
+    assert_eq!(good.read(12345, &mut buf).unwrap(), 0);
+    assert!(buf.iter().all(|b| *b == 0x11));
+    let mut big = [0u8; 16];
+    assert_eq!(
+        good.read(SIZE - 8, &mut big).unwrap(),
+        22,
+        "EINVAL past the end"
+    );
+    assert_eq!(
+        good.write(SIZE - 8, &big, false).unwrap(),
+        28,
+        "ENOSPC past the end"
+    );
+    assert_eq!(good.write(13 * MIB, b"after errors", true).unwrap(), 0);
+    expected[13 * MIB as usize..][..12].copy_from_slice(b"after errors");
+    good.disconnect().unwrap();
+
+    // A clean shutdown; then the image checks clean and equals what was written.
+    let outcome = g.shutdown().expect("shutdown");
+    assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+    let image = g.disk_path().to_str().unwrap().to_string();
+    let check = run("qemu-img", "qemu-utils", &["check", "-f", "qcow2", &image]);
+    assert!(check.contains("No errors were found"), "{check}");
+    assert!(!check.contains("leaked"), "{check}");
+    let want = dir.path().join("expected.raw");
+    std::fs::write(&want, &expected).unwrap();
+    let cmp = run(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            &image,
+            want.to_str().unwrap(),
+        ],
+    );
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+}
+
+/// Garbage handshakes and requests: each gets an error or a closed connection.
+fn malformed_clients(port: u16) {
+    let addr = ("127.0.0.1", port);
+    // HTTP instead of NBD: the server closes after the bad client flags.
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert_closed(&mut s);
+
+    // Unknown options and exports are refused and the handshake goes on; a request with a
+    // bad magic then closes the connection.
+    let mut s = TcpStream::connect(addr).unwrap();
+    greet(&mut s).unwrap();
+    send_option(&mut s, 0x7777, b"junk").unwrap();
+    assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNSUP);
+    send_option(&mut s, OPT_GO, &go("nope")).unwrap();
+    assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNKNOWN);
+    send_option(&mut s, OPT_GO, &go("disk")).unwrap();
+    while read_option_reply(&mut s).unwrap().1 != REP_ACK {}
+    s.write_all(&[0x42; REQUEST_LEN]).unwrap();
+    assert_closed(&mut s);
+
+    // A client that connects and says nothing stays open and harms nobody.
+    std::mem::forget(TcpStream::connect(addr).unwrap());
+}
+
+fn go(name: &str) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    d
+}
+
+fn assert_closed(s: &mut TcpStream) {
+    s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty(), "data after a protocol error: {rest:?}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
+
+#[test]
+fn read_only_guest_refuses_writes() {
+    let (mut g, _) = boot(guest().size(8 * MIB).read_only(true));
+    let mut c = Client::connect(("127.0.0.1", g.nbd_port()), "disk").unwrap();
+    assert_ne!(c.flags() & qcow_metal::nbd::proto::TFLAG_READ_ONLY, 0);
+    assert_eq!(c.write(0, b"nope", false).unwrap(), 1, "EPERM");
+    assert_eq!(c.trim(0, 4096).unwrap(), 1, "EPERM");
+    let mut buf = [0xffu8; 4096];
+    assert_eq!(c.read(0, &mut buf).unwrap(), 0);
+    assert_eq!(buf, [0u8; 4096]);
+    c.disconnect().unwrap();
+    let outcome = g.shutdown().expect("shutdown");
+    assert!(outcome.is_clean(), "{outcome}");
+    let image = g.disk_path().to_str().unwrap().to_string();
+    let check = run("qemu-img", "qemu-utils", &["check", "-f", "qcow2", &image]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
+
+/// A directory under the system's temporary directory, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("qcow-metal-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        ScratchDir(p)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
