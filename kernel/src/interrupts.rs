@@ -1,9 +1,10 @@
 //! The IDT: every one of the 256 vectors has a handler on an IST stack.
 //!
-//! The guest runs with interrupts masked (it polls), so in practice only CPU exceptions arrive.
-//! An exception is fatal: the handler prints the vector, its name, RIP, the error code, CR2 and
-//! the registers on the console, and powers off with [`GuestExit::Fault`] (QEMU exit status 37).
-//! Any other vector (a stray interrupt) is printed the same way.
+//! The guest runs with interrupts masked (it polls); only while the main loop idles
+//! (`apic::idle_until`) can the local APIC timer and armed devices interrupt, and their
+//! handlers just acknowledge. Any other vector is fatal: the handler prints the vector, its
+//! name, RIP, the error code, CR2 and the registers on the console, and powers off with
+//! [`GuestExit::Fault`] (QEMU exit status 37).
 //!
 //! The stubs are 16 bytes apart from `isr_stubs`: each pushes a dummy error code when the CPU
 //! does not push one, then the vector number, and jumps to `isr_common`, which saves the
@@ -174,9 +175,13 @@ pub fn vector_name(vector: u64) -> &'static str {
     }
 }
 
-/// Called by `isr_common` with the saved state. Every vector is fatal for now.
+/// Called by `isr_common` with the saved state. The idle-loop interrupts (see `apic.rs`)
+/// return; everything else is fatal.
 #[unsafe(no_mangle)]
 extern "C" fn interrupt_dispatch(frame: &Frame) {
+    if crate::apic::handle_interrupt(frame.vector) {
+        return;
+    }
     report(frame);
     power::shutdown(GuestExit::Fault);
 }

@@ -13,6 +13,7 @@
 
 extern crate alloc;
 
+pub mod apic;
 pub mod app;
 pub mod boot;
 pub mod cpu;
@@ -149,6 +150,10 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
         log::info!("pci {device}");
     }
     let acpi = power::init(&pci_devices);
+    match apic::init() {
+        Some(per_ms) => log::debug!("local APIC timer: {per_ms} ticks/ms"),
+        None => log::warn!("no local APIC: idling busy-waits"),
+    }
     match acpi {
         Some((chipset, base)) => {
             log::debug!("ACPI power button armed ({chipset:?}, PM base {base:#x})")

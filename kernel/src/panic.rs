@@ -79,3 +79,10 @@ fn panic(info: &PanicInfo<'_>) -> ! {
 /// Referenced by the precompiled `core`; never called with `panic = "abort"`.
 #[unsafe(no_mangle)]
 extern "C" fn rust_eh_personality() {}
+
+/// Referenced by the precompiled `alloc` (built with unwinding) on cleanup paths that
+/// `panic = "abort"` never takes; linking needs the symbol.
+#[unsafe(no_mangle)]
+extern "C" fn _Unwind_Resume() -> ! {
+    crate::cpu::halt_forever()
+}
