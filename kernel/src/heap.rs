@@ -84,6 +84,34 @@ pub fn ram_bytes() -> u64 {
     RAM_BYTES.load(Ordering::Relaxed)
 }
 
+/// A snapshot of the allocator's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeapStats {
+    /// Bytes handed to the allocator.
+    pub claimed_bytes: u64,
+    /// Bytes in live allocations (as requested).
+    pub allocated_bytes: u64,
+    /// Bytes still available for allocation.
+    pub available_bytes: u64,
+    /// Live allocations.
+    pub allocations: u64,
+    /// Allocations since boot.
+    pub total_allocations: u64,
+}
+
+/// The allocator's current figures (takes the allocator lock briefly; not for the panic path).
+pub fn stats() -> HeapStats {
+    let talc = ALLOCATOR.lock();
+    let c = talc.counters();
+    HeapStats {
+        claimed_bytes: c.claimed_bytes as u64,
+        allocated_bytes: c.allocated_bytes as u64,
+        available_bytes: c.available_bytes as u64,
+        allocations: c.allocation_count as u64,
+        total_allocations: c.total_allocation_count,
+    }
+}
+
 /// Prints the heap size (used on the out-of-memory path; takes no lock).
 pub fn report() {
     crate::println!(
