@@ -1,1 +1,201 @@
-//! TODO(skeleton): filled in by its owner.
+//! The qcow2 engine: a `no_std` + `alloc` implementation of QEMU's qcow2 format over any
+//! [`BlockDevice`], serving it as a [`VirtualDisk`](crate::disk::VirtualDisk).
+//!
+//! Modules, one job each:
+//! - [`header`]: header (v2/v3) parse and serialise, extensions, feature names and bits.
+//! - [`layout`]: geometry arithmetic and [`max_image_len`].
+//! - [`entry`]: L1/L2 entry bits and the [`Mapping`] of a guest cluster.
+//! - [`cache`]: bounded write-back caches of metadata tables.
+//! - `tables`: L1/L2 access through the cache, metadata write-back in crash-safe order.
+//! - `refcount`: refcounts of any width; refcount blocks and table grown on demand.
+//! - `allocator`: first-free cluster allocation with a cursor; deferred frees.
+//! - `io`: read, write, discard, write-zeroes, block status.
+//! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
+//! - `check`: consistency check and repair, as `qemu-img check` reports them.
+//! - `info`: statistics, space accounting, image information and the cluster map.
+//!
+//! Crash safety: guest data goes straight to the device; metadata changes collect in the
+//! caches and reach the disk at [`Qcow2::flush_metadata`] (or on eviction) in this order:
+//! refcount blocks, barrier, refcount-table pages, barrier, L2 tables, barrier, L1 pages,
+//! header, barrier; only then are freed clusters' refcounts decremented. So a reference never
+//! reaches the disk before the data and refcount it relies on, and a refcount never drops
+//! before the reference is gone: a crash leaves at worst leaked clusters.
+
+pub mod cache;
+pub mod entry;
+pub mod error;
+pub mod header;
+pub mod layout;
+
+mod allocator;
+mod check;
+mod create;
+mod info;
+mod io;
+mod open;
+mod refcount;
+mod resize;
+mod tables;
+
+#[cfg(test)]
+mod tests;
+
+pub use check::CheckReport;
+pub use entry::{ClusterKind, Mapping};
+pub use error::Qcow2Error;
+pub use info::{ImageInfo, MapEntry, SpaceInfo, Stats};
+pub use layout::max_image_len;
+
+use crate::block::BlockDevice;
+use alloc::vec::Vec;
+use cache::TableCache;
+use header::Header;
+use layout::Geometry;
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Budget of the L2-table cache (L1 pages share it), in bytes.
+    pub l2_cache_bytes: u64,
+    /// Budget of the refcount-block cache (refcount-table pages share it), in bytes.
+    pub refcount_cache_bytes: u64,
+    /// Use lazy refcounts when the image allows them (compatible bit 0): the image is marked
+    /// dirty while open, refcount updates skip the ordering barrier, and the next open after
+    /// a crash rebuilds the refcounts.
+    pub lazy_refcounts: bool,
+    /// Most memory a consistency check (or refcount rebuild) may use for its tables.
+    pub check_memory_limit: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            l2_cache_bytes: 1024 * 1024,
+            refcount_cache_bytes: 256 * 1024,
+            lazy_refcounts: true,
+            check_memory_limit: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// How to create an image (always version 3).
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Cluster size in bytes: a power of two from 512 B to 2 MiB.
+    pub cluster_size: u64,
+    /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64.
+    pub refcount_bits: u32,
+    /// Set the lazy-refcounts compatible bit.
+    pub lazy_refcounts: bool,
+    /// Options for the engine the created image is opened with.
+    pub open: OpenOptions,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            virtual_size: 0,
+            cluster_size: 65536,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            open: OpenOptions::default(),
+        }
+    }
+}
+
+/// Which metadata cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// L1 pages and L2 tables.
+    L2,
+    /// Refcount-table pages and refcount blocks.
+    Rc,
+}
+
+/// A qcow2 image on a block device.
+pub struct Qcow2<D: BlockDevice> {
+    dev: D,
+    hdr: Header,
+    geo: Geometry,
+    opts: OpenOptions,
+    read_only: bool,
+    /// L1 pages and L2 tables.
+    l2c: TableCache,
+    /// Refcount-table pages and refcount blocks.
+    rcc: TableCache,
+    /// Entries in the refcount table.
+    rt_entries: u64,
+    /// Lowest host cluster that may be free.
+    cursor: u64,
+    /// One past the highest host cluster known to be in use.
+    end: u64,
+    /// Host clusters the device can hold.
+    dev_clusters: u64,
+    /// Host cluster ranges (first, count) whose references are gone from the cache but whose
+    /// refcounts are decremented only after the next metadata write-back.
+    pending: Vec<(u64, u64)>,
+    pending_count: u64,
+    /// One cluster of scratch space (copy-on-write, table copies).
+    scratch: Vec<u8>,
+    /// Reused list of dirty slots during write-back.
+    dirty_list: Vec<(u64, usize)>,
+    header_dirty: bool,
+    /// Autoclear bits cleared / dirty bit set for this session.
+    write_started: bool,
+    /// Lazy refcounts in use (the dirty bit is set while writing).
+    lazy: bool,
+    /// Decrementing deferred frees: evicted refcount blocks are written directly.
+    in_free_phase: bool,
+    /// During repair: clusters (by index) that are referenced and must not be allocated.
+    guard: Option<Vec<u16>>,
+    stats: Stats,
+}
+
+impl<D: BlockDevice> Qcow2<D> {
+    /// The device under the image.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.hdr
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// Counters of the engine's work since open.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Writes all metadata back and clears the dirty bit, then returns the device.
+    pub fn close(mut self) -> Result<D, Qcow2Error> {
+        if !self.read_only {
+            self.flush_all()?;
+            if self.hdr.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+                self.hdr.incompatible_features &= !header::INCOMPAT_DIRTY;
+                self.write_header()?;
+                self.barrier()?;
+            }
+        }
+        Ok(self.dev)
+    }
+
+    /// Writes every dirty table (refcounts too, in lazy mode) and flushes the device.
+    pub(crate) fn flush_all(&mut self) -> Result<(), Qcow2Error> {
+        self.flush_metadata()?;
+        if self.lazy {
+            self.write_refcounts()?;
+        }
+        self.barrier()
+    }
+}

@@ -1,0 +1,188 @@
+//! Cluster allocation: first-free search from a cursor, contiguous runs for multi-cluster
+//! writes, bounded by the device's capacity; and deferred frees, whose refcounts drop only
+//! after the references to them are gone from the disk.
+
+use super::cache::{TableKind, get_refcount};
+use super::error::{Qcow2Error, Result};
+use super::{Pool, Qcow2};
+use crate::block::BlockDevice;
+
+/// Most clusters waiting for their refcount decrement before a metadata write-back is
+/// forced (bounds memory and the space [`super::max_image_len`] must allow for).
+pub const PENDING_FREE_LIMIT: u64 = 4096;
+
+impl<D: BlockDevice> Qcow2<D> {
+    /// Whether free cluster `c` must still not be handed out. A metadata structure with
+    /// refcount 0 is corruption: allocating over it would destroy it.
+    fn reserved(&self, c: u64) -> Result<bool> {
+        if let Some(g) = &self.guard
+            && g.get(c as usize).is_some_and(|&x| x != 0)
+        {
+            return Ok(true);
+        }
+        let cs = self.geo.cluster_size();
+        let key = c * cs;
+        if self.overlaps_fixed(key, cs) || self.l2c.contains(key) || self.rcc.contains(key) {
+            if self.guard.is_some() {
+                return Ok(true);
+            }
+            return Err(Qcow2Error::Corrupt(
+                "a metadata cluster has refcount 0 (refusing to allocate over it)",
+            ));
+        }
+        Ok(false)
+    }
+
+    /// During repair, records a new allocation so the refcount pass keeps it.
+    pub(crate) fn note_alloc(&mut self, c: u64) {
+        if let Some(g) = &mut self.guard {
+            let i = c as usize;
+            if i >= g.len() {
+                g.resize(i + 1, 0);
+            }
+            g[i] = g[i].saturating_add(1);
+        }
+    }
+
+    /// The first free cluster at or after `from`.
+    pub(crate) fn find_free(&mut self, from: u64) -> Result<u64> {
+        let rb_bits = self.geo.rb_bits;
+        let mask = self.geo.rb_entries() - 1;
+        let order = self.geo.refcount_order;
+        let mut c = from.max(1);
+        loop {
+            if c >= self.dev_clusters {
+                return Err(Qcow2Error::NoSpace);
+            }
+            let ti = c >> rb_bits;
+            match self.rt_entry(ti)? {
+                None => {
+                    if !self.reserved(c)? {
+                        return Ok(c);
+                    }
+                    c += 1;
+                }
+                Some(block) => {
+                    let s = self.load(Pool::Rc, block, TableKind::RefBlock, true)?;
+                    let data = self.rcc.data(s);
+                    let base = ti << rb_bits;
+                    let mut i = c & mask;
+                    let mut found = None;
+                    while i <= mask {
+                        if get_refcount(data, i as usize, order) == 0 {
+                            found = Some(base + i);
+                            break;
+                        }
+                        i += 1;
+                    }
+                    match found {
+                        Some(f) => {
+                            if !self.reserved(f)? {
+                                return Ok(f);
+                            }
+                            c = f + 1;
+                        }
+                        None => c = base + mask + 1,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Allocates up to `want` contiguous clusters (at least one) with refcount 1; returns the
+    /// first cluster index and the count.
+    pub(crate) fn alloc_run(&mut self, want: u64) -> Result<(u64, u64)> {
+        loop {
+            let start = self.find_free(self.cursor)?;
+            let mut n = 1;
+            while n < want {
+                let c = start + n;
+                if c >= self.dev_clusters || self.refcount(c)? != 0 || self.reserved(c)? {
+                    break;
+                }
+                n += 1;
+            }
+            if self.ensure_blocks(start, n)? {
+                continue; // a new refcount block may have taken part of the run
+            }
+            for i in 0..n {
+                self.set_refcount(start + i, 1)?;
+                self.note_alloc(start + i);
+            }
+            self.cursor = start + n;
+            self.end = self.end.max(start + n);
+            self.stats.clusters_allocated += n;
+            return Ok((start, n));
+        }
+    }
+
+    /// Drops one reference to clusters `[first, first+n)` once the change that removed the
+    /// reference is on disk.
+    pub(crate) fn queue_free(&mut self, first: u64, n: u64) -> Result<()> {
+        if let Some(last) = self.pending.last_mut()
+            && last.0 + last.1 == first
+        {
+            last.1 += n;
+            self.pending_count += n;
+            return self.maybe_flush_pending();
+        }
+        self.pending.push((first, n));
+        self.pending_count += n;
+        self.maybe_flush_pending()
+    }
+
+    fn maybe_flush_pending(&mut self) -> Result<()> {
+        if self.pending_count >= PENDING_FREE_LIMIT || self.pending.len() >= 1024 {
+            self.flush_metadata()?;
+        }
+        Ok(())
+    }
+
+    /// Decrements the refcounts of the deferred frees (their references are on disk now).
+    pub(crate) fn apply_frees(&mut self) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let pending = core::mem::take(&mut self.pending);
+        self.pending_count = 0;
+        let mut result = Ok(());
+        'outer: for &(first, n) in pending.iter() {
+            let mut discard_start = None;
+            for c in first..first + n {
+                let r = match self.refcount(c) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'outer;
+                    }
+                };
+                if r == 0 {
+                    result = Err(Qcow2Error::Corrupt(
+                        "freeing a cluster whose refcount is already 0",
+                    ));
+                    break 'outer;
+                }
+                if let Err(e) = self.set_refcount(c, r - 1) {
+                    result = Err(e);
+                    break 'outer;
+                }
+                if r == 1 {
+                    self.stats.clusters_freed += 1;
+                    self.cursor = self.cursor.min(c);
+                    self.l2c.forget(c * cs);
+                    discard_start.get_or_insert(c);
+                } else if let Some(d) = discard_start.take() {
+                    let _ = self.dev.discard(d * cs, (c - d) * cs);
+                }
+            }
+            if let Some(d) = discard_start {
+                // A hint to the device; failures do not matter.
+                let _ = self.dev.discard(d * cs, (first + n - d) * cs);
+            }
+        }
+        let mut pending = pending;
+        pending.clear();
+        if self.pending.is_empty() {
+            self.pending = pending;
+        }
+        result
+    }
+}

@@ -1,0 +1,120 @@
+//! Creating a fresh version 3 image.
+
+use super::cache::{set_refcount, set_u64};
+use super::error::{Qcow2Error, Result};
+use super::header::{COMPAT_LAZY_REFCOUNTS, Header};
+use super::layout::{Geometry, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, max_image_len};
+use super::{CreateOptions, Qcow2};
+use crate::block::BlockDevice;
+use alloc::vec;
+
+/// Largest refcount table written at creation (it grows later if needed).
+const MAX_INITIAL_RT_BYTES: u64 = 1024 * 1024;
+
+impl<D: BlockDevice> Qcow2<D> {
+    /// Writes a new empty version 3 image to `dev` and opens it.
+    ///
+    /// Layout: header cluster, refcount table (sized for [`max_image_len`] up to 1 MiB),
+    /// refcount blocks counting the initial clusters, the zeroed L1 table.
+    pub fn create(mut dev: D, opts: &CreateOptions) -> Result<Self> {
+        let cs = opts.cluster_size;
+        if !cs.is_power_of_two()
+            || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cs.trailing_zeros())
+        {
+            return Err(Qcow2Error::Invalid(
+                "cluster size must be a power of two from 512 B to 2 MiB",
+            ));
+        }
+        let rb = opts.refcount_bits;
+        if !rb.is_power_of_two() || rb > 64 {
+            return Err(Qcow2Error::Invalid(
+                "refcount bits must be 1, 2, 4, 8, 16, 32 or 64",
+            ));
+        }
+        if dev.is_read_only() {
+            return Err(Qcow2Error::ReadOnly);
+        }
+        let geo = Geometry::new(cs.trailing_zeros(), rb.trailing_zeros());
+        let l1_entries = geo.l1_entries_for(opts.virtual_size);
+        if l1_entries * 8 > MAX_L1_BYTES || opts.virtual_size > i64::MAX as u64 {
+            return Err(Qcow2Error::Invalid(
+                "virtual size too large for this cluster size (L1 table over 32 MiB); use a bigger cluster size",
+            ));
+        }
+        let l1_clusters = geo.clusters_for(l1_entries * 8);
+        let epc = cs / 8;
+        // Refcount table covering the image's maximum size, within a budget.
+        let max_clusters = max_image_len(opts.virtual_size, cs, rb) / cs;
+        let want_rt = geo.clusters_for(max_clusters.div_ceil(geo.rb_entries()) * 8);
+        let mut rt_clusters = want_rt.clamp(1, (MAX_INITIAL_RT_BYTES / cs).max(1));
+        // Refcount blocks for the initial clusters (header, table, blocks, L1).
+        let mut nb = 1u64;
+        loop {
+            let total = 1 + rt_clusters + nb + l1_clusters;
+            let need = total.div_ceil(geo.rb_entries());
+            let need_rt = geo.clusters_for(need * 8).max(rt_clusters);
+            if need == nb && need_rt == rt_clusters {
+                break;
+            }
+            nb = need;
+            rt_clusters = need_rt;
+        }
+        let total = 1 + rt_clusters + nb + l1_clusters;
+        if total.checked_mul(cs).is_none_or(|b| b > dev.capacity()) {
+            return Err(Qcow2Error::NoSpace);
+        }
+        let rt_off = cs;
+        let blocks_off = rt_off + rt_clusters * cs;
+        let l1_off = blocks_off + nb * cs;
+
+        let mut hdr = Header::new_v3(geo.cluster_bits, geo.refcount_order, opts.virtual_size);
+        hdr.l1_size = l1_entries as u32;
+        hdr.l1_table_offset = l1_off;
+        hdr.refcount_table_offset = rt_off;
+        hdr.refcount_table_clusters = rt_clusters as u32;
+        if opts.lazy_refcounts {
+            hdr.compatible_features |= COMPAT_LAZY_REFCOUNTS;
+        }
+        hdr.add_feature_table();
+
+        let mut buf = vec![0u8; cs as usize];
+        // Refcount table.
+        for k in 0..rt_clusters {
+            buf.fill(0);
+            for b in 0..nb {
+                if b / epc == k {
+                    set_u64(&mut buf, (b % epc) as usize, blocks_off + b * cs);
+                }
+            }
+            dev.write_at(rt_off + k * cs, &buf)?;
+        }
+        // Refcount blocks: every initial cluster has refcount 1.
+        for b in 0..nb {
+            buf.fill(0);
+            let first = b * geo.rb_entries();
+            for c in first..total.min(first + geo.rb_entries()) {
+                set_refcount(&mut buf, (c - first) as usize, geo.refcount_order, 1);
+            }
+            dev.write_at(blocks_off + b * cs, &buf)?;
+        }
+        // Empty L1 table.
+        if l1_clusters > 0 {
+            dev.write_zeroes(l1_off, l1_clusters * cs)?;
+        }
+        // Barrier: the tables are durable before the header that makes them an image.
+        dev.flush()?;
+        buf.fill(0);
+        let fixed = hdr.encode_fixed();
+        let ext = hdr.encode_extensions();
+        if fixed.len() + ext.len() > buf.len() {
+            return Err(Qcow2Error::Invalid(
+                "header extensions do not fit in one cluster",
+            ));
+        }
+        buf[..fixed.len()].copy_from_slice(&fixed);
+        buf[fixed.len()..fixed.len() + ext.len()].copy_from_slice(&ext);
+        dev.write_at(0, &buf)?;
+        dev.flush()?;
+        Qcow2::open(dev, opts.open.clone())
+    }
+}

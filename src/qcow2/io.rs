@@ -1,0 +1,583 @@
+//! Guest I/O: read and write at any byte offset and length, discard, write-zeroes and block
+//! status, and the [`VirtualDisk`] implementation that serves them.
+//!
+//! Reads and writes go straight between the caller's buffer and the device, one device call
+//! per run of guest clusters that are contiguous on the host. Partially written new clusters
+//! are completed in the scratch cluster (copy-on-write of the untouched part).
+
+use super::cache::{get_u64, set_u64};
+use super::entry::{COPIED, Mapping, ZERO};
+use super::error::{Qcow2Error, Result};
+use super::{ClusterKind, Qcow2};
+use crate::block::BlockDevice;
+use crate::disk::{Allocation, DiskError, Extent, VirtualDisk, check_request};
+
+/// Zeros to write from (write-zeroes of partial clusters).
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// How a write treats one guest cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Allocated with refcount 1: overwrite in place.
+    InPlace(u64),
+    /// A preallocated zero cluster with refcount 1: reuse its host cluster.
+    Reuse(u64),
+    /// Needs a new cluster (unallocated, zero, shared or compressed).
+    Fresh,
+}
+
+impl<D: BlockDevice> Qcow2<D> {
+    fn decode(&self, entry: u64) -> Result<Mapping> {
+        Mapping::decode(entry, &self.geo, self.hdr.version)
+    }
+
+    /// Checks a data cluster run on the host: on the device, not over fixed metadata.
+    fn check_data_host(&self, host: u64, len: u64) -> Result<()> {
+        match host.checked_add(len) {
+            Some(end) if end <= self.dev.capacity() => {}
+            _ => {
+                return Err(Qcow2Error::Corrupt(
+                    "a data cluster lies past the device end",
+                ));
+            }
+        }
+        if self.overlaps_fixed(host, len) {
+            return Err(Qcow2Error::Corrupt(
+                "a data cluster overlaps the header, the L1 table or the refcount table",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The mapping of guest cluster `vc`.
+    pub fn mapping(&mut self, vc: u64) -> Result<Mapping> {
+        match self.l2_for_read(vc)? {
+            None => Ok(Mapping::Unallocated),
+            Some((s, _)) => {
+                let i = (vc & (self.geo.l2_entries() - 1)) as usize;
+                self.decode(get_u64(self.l2c.data(s), i))
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at guest offset `offset`.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_request(offset, buf.len() as u64, self.hdr.size)
+            .map_err(|_| Qcow2Error::Invalid("read past the end of the virtual disk"))?;
+        let cs = self.geo.cluster_size();
+        let l2e = self.geo.l2_entries();
+        let len = buf.len() as u64;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let vc = pos >> self.geo.cluster_bits;
+            let inoff = pos & (cs - 1);
+            let want = len - done;
+            let l2i = vc & (l2e - 1);
+            let Some((s, _)) = self.l2_for_read(vc)? else {
+                let n = want.min((l2e - l2i) * cs - inoff);
+                buf[done as usize..(done + n) as usize].fill(0);
+                done += n;
+                continue;
+            };
+            let data = self.l2c.data(s);
+            let first = Mapping::decode(get_u64(data, l2i as usize), &self.geo, self.hdr.version)?;
+            let mut run = (cs - inoff).min(want);
+            let mut i = l2i + 1;
+            while run < want && i < l2e {
+                let m = Mapping::decode(get_u64(data, i as usize), &self.geo, self.hdr.version)?;
+                let same = match (first, m) {
+                    (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => {
+                        b == a + (i - l2i) * cs
+                    }
+                    (
+                        Mapping::Zero { .. } | Mapping::Unallocated,
+                        Mapping::Zero { .. } | Mapping::Unallocated,
+                    ) => true,
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+                run += cs.min(want - run);
+                i += 1;
+            }
+            let dst = &mut buf[done as usize..(done + run) as usize];
+            match first {
+                Mapping::Data { host, .. } => {
+                    self.check_data_host(host, inoff + run)?;
+                    self.dev.read_at(host + inoff, dst)?;
+                    self.stats.data_bytes_read += run;
+                }
+                Mapping::Compressed { .. } => {
+                    return Err(Qcow2Error::Unsupported("compressed clusters"));
+                }
+                _ => dst.fill(0),
+            }
+            done += run;
+        }
+        Ok(())
+    }
+
+    /// How a write treats a cluster with mapping `m` (may set a missing COPIED flag).
+    fn plan(&mut self, m: Mapping, vc: u64) -> Result<Plan> {
+        let cs = self.geo.cluster_size();
+        Ok(match m {
+            Mapping::Data { host, copied: true } => Plan::InPlace(host),
+            Mapping::Data {
+                host,
+                copied: false,
+            } => match self.refcount(host / cs)? {
+                0 => return Err(Qcow2Error::Corrupt("a data cluster in use has refcount 0")),
+                1 => {
+                    self.set_l2_entry(vc, host | COPIED)?;
+                    Plan::InPlace(host)
+                }
+                _ => Plan::Fresh,
+            },
+            Mapping::Zero {
+                host: Some(host),
+                copied,
+            } => {
+                if copied || self.refcount(host / cs)? == 1 {
+                    Plan::Reuse(host)
+                } else {
+                    Plan::Fresh
+                }
+            }
+            _ => Plan::Fresh,
+        })
+    }
+
+    /// Sets the L2 entry of guest cluster `vc` (its table must be writable).
+    fn set_l2_entry(&mut self, vc: u64, v: u64) -> Result<()> {
+        let s = self.l2_for_write(vc)?;
+        let i = (vc & (self.geo.l2_entries() - 1)) as usize;
+        set_u64(self.l2c.data_mut(s), i, v);
+        Ok(())
+    }
+
+    /// Drops the reference a mapping holds (deferred until its replacement is on disk).
+    fn release(&mut self, m: Mapping) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        match m {
+            Mapping::Data { host, .. }
+            | Mapping::Zero {
+                host: Some(host), ..
+            } => self.queue_free(host / cs, 1),
+            Mapping::Compressed { host, len } => {
+                let first = host / cs;
+                let last = (host + len - 1) / cs;
+                self.queue_free(first, last - first + 1)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Fills the scratch cluster with what guest cluster mapping `m` reads as.
+    fn fill_scratch_from(&mut self, m: Mapping) -> Result<()> {
+        match m {
+            Mapping::Data { host, .. } => {
+                let cs = self.geo.cluster_size();
+                self.check_data_host(host, cs)?;
+                self.dev.read_at(host, &mut self.scratch)?;
+                Ok(())
+            }
+            Mapping::Compressed { .. } => Err(Qcow2Error::Unsupported("compressed clusters")),
+            _ => {
+                self.scratch.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `buf` at guest offset `offset`.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        check_request(offset, buf.len() as u64, self.hdr.size)
+            .map_err(|_| Qcow2Error::Invalid("write past the end of the virtual disk"))?;
+        self.begin_write()?;
+        let cs = self.geo.cluster_size();
+        let l2e = self.geo.l2_entries();
+        let len = buf.len() as u64;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let vc = pos >> self.geo.cluster_bits;
+            let inoff = pos & (cs - 1);
+            let want = len - done;
+            let l2i = vc & (l2e - 1);
+            let s = self.l2_for_write(vc)?;
+            let m0 = self.decode(get_u64(self.l2c.data(s), l2i as usize))?;
+            match self.plan(m0, vc)? {
+                Plan::InPlace(host) => {
+                    let s = self.l2_for_write(vc)?;
+                    let data = self.l2c.data(s);
+                    let mut run = (cs - inoff).min(want);
+                    let mut i = l2i + 1;
+                    while run < want && i < l2e {
+                        let e = get_u64(data, i as usize);
+                        let m = Mapping::decode(e, &self.geo, self.hdr.version)?;
+                        match m {
+                            Mapping::Data {
+                                host: h,
+                                copied: true,
+                            } if h == host + (i - l2i) * cs => {}
+                            _ => break,
+                        }
+                        run += cs.min(want - run);
+                        i += 1;
+                    }
+                    self.check_data_host(host, inoff + run)?;
+                    self.dev
+                        .write_at(host + inoff, &buf[done as usize..(done + run) as usize])?;
+                    self.stats.data_bytes_written += run;
+                    done += run;
+                }
+                Plan::Reuse(host) => {
+                    let n = (cs - inoff).min(want);
+                    self.check_data_host(host, cs)?;
+                    let src = &buf[done as usize..(done + n) as usize];
+                    if n == cs {
+                        self.dev.write_at(host, src)?;
+                    } else {
+                        self.scratch.fill(0);
+                        self.scratch[inoff as usize..(inoff + n) as usize].copy_from_slice(src);
+                        self.dev.write_at(host, &self.scratch)?;
+                        self.stats.cow_bytes += cs - n;
+                    }
+                    self.stats.data_bytes_written += n;
+                    self.set_l2_entry(vc, host | COPIED)?;
+                    done += n;
+                }
+                Plan::Fresh => {
+                    // How many following clusters also need a new cluster (and read as zeros).
+                    let s = self.l2_for_write(vc)?;
+                    let data = self.l2c.data(s);
+                    let mut k = 1u64;
+                    let mut span = cs - inoff;
+                    let mut i = l2i + 1;
+                    while span < want && i < l2e {
+                        let m = Mapping::decode(
+                            get_u64(data, i as usize),
+                            &self.geo,
+                            self.hdr.version,
+                        )?;
+                        if !matches!(m, Mapping::Unallocated | Mapping::Zero { host: None, .. }) {
+                            break;
+                        }
+                        span += cs;
+                        k += 1;
+                        i += 1;
+                    }
+                    let (hc, got) = self.alloc_run(k)?;
+                    let host = hc * cs;
+                    let n = (got * cs - inoff).min(want);
+                    self.check_data_host(host, got * cs)?;
+                    self.write_new_clusters(
+                        host,
+                        inoff,
+                        &buf[done as usize..(done + n) as usize],
+                        m0,
+                    )?;
+                    // Data is on its way; now point the L2 entries at it.
+                    let s = self.l2_for_write(vc)?;
+                    for j in 0..got {
+                        let idx = (l2i + j) as usize;
+                        let old = self.decode(get_u64(self.l2c.data(s), idx))?;
+                        set_u64(self.l2c.data_mut(s), idx, (host + j * cs) | COPIED);
+                        if j == 0 {
+                            self.release(old)?;
+                        }
+                    }
+                    self.stats.data_bytes_written += n;
+                    done += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `src` at `inoff` into newly allocated clusters starting at `host`, completing
+    /// partial first and last clusters (first from `first_old`, the rest read as zeros).
+    fn write_new_clusters(
+        &mut self,
+        host: u64,
+        inoff: u64,
+        src: &[u8],
+        first_old: Mapping,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let n = src.len() as u64;
+        let end = inoff + n; // relative to host
+        let clusters = end.div_ceil(cs);
+        let head_partial = inoff != 0 || end < cs;
+        let tail_partial = clusters > 1 && !end.is_multiple_of(cs);
+        let mut pos = 0u64; // bytes of src consumed
+        if head_partial {
+            self.fill_scratch_from(first_old)?;
+            let take = (cs - inoff).min(n);
+            self.scratch[inoff as usize..(inoff + take) as usize]
+                .copy_from_slice(&src[..take as usize]);
+            self.dev.write_at(host, &self.scratch)?;
+            self.stats.cow_bytes += cs - take;
+            pos = take;
+        }
+        let full_start = if head_partial { 1 } else { 0 };
+        let full_end = if tail_partial { clusters - 1 } else { clusters };
+        if full_end > full_start {
+            let bytes = (full_end - full_start) * cs;
+            self.dev.write_at(
+                host + full_start * cs,
+                &src[pos as usize..(pos + bytes) as usize],
+            )?;
+            pos += bytes;
+        }
+        if tail_partial && clusters > full_start.max(1) {
+            let take = n - pos;
+            self.scratch.fill(0);
+            self.scratch[..take as usize].copy_from_slice(&src[pos as usize..]);
+            self.dev
+                .write_at(host + (clusters - 1) * cs, &self.scratch)?;
+            self.stats.cow_bytes += cs - take;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters inside the range: they become unallocated (read as zeros)
+    /// and their host clusters are freed. Partial clusters at the edges are left alone.
+    pub fn discard_range(&mut self, offset: u64, len: u64) -> Result<()> {
+        check_request(offset, len, self.hdr.size)
+            .map_err(|_| Qcow2Error::Invalid("discard past the end of the virtual disk"))?;
+        self.begin_write()?;
+        self.unmap_clusters(offset, len, UnmapTo::Unallocated)
+    }
+
+    /// Rewrites the L2 entries of the whole clusters inside the range.
+    fn unmap_clusters(&mut self, offset: u64, len: u64, to: UnmapTo) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let first = offset.div_ceil(cs);
+        let end = if offset + len == self.hdr.size {
+            (offset + len).div_ceil(cs)
+        } else {
+            (offset + len) / cs
+        };
+        let l2e = self.geo.l2_entries();
+        let mut vc = first;
+        while vc < end {
+            let l1i = vc >> self.geo.l2_bits;
+            let table_end = ((l1i + 1) << self.geo.l2_bits).min(end);
+            if self.l2_for_read(vc)?.is_none() && to == UnmapTo::Unallocated {
+                vc = table_end;
+                continue;
+            }
+            let s = self.l2_for_write(vc)?;
+            for c in vc..table_end {
+                let i = (c & (l2e - 1)) as usize;
+                let old = self.decode(get_u64(self.l2c.data(s), i))?;
+                let new = match (to, old) {
+                    (UnmapTo::Unallocated, _) => 0,
+                    (UnmapTo::Zero, _) => ZERO,
+                    (UnmapTo::ZeroKeep, Mapping::Data { host, copied: true }) => {
+                        host | ZERO | COPIED
+                    }
+                    (
+                        UnmapTo::ZeroKeep,
+                        Mapping::Zero {
+                            host: Some(h),
+                            copied: true,
+                        },
+                    ) => h | ZERO | COPIED,
+                    (UnmapTo::ZeroKeep, _) => ZERO,
+                };
+                set_u64(self.l2c.data_mut(s), i, new);
+                if new & !(ZERO) == 0 {
+                    self.release(old)?;
+                }
+            }
+            vc = table_end;
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros.
+    pub fn zero_range(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        check_request(offset, len, self.hdr.size)
+            .map_err(|_| Qcow2Error::Invalid("write-zeroes past the end of the virtual disk"))?;
+        self.begin_write()?;
+        let cs = self.geo.cluster_size();
+        let end = offset + len;
+        let first_full = offset.div_ceil(cs) * cs;
+        let last_full = if end == self.hdr.size {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
+        if first_full >= last_full {
+            return self.zero_partial(offset, len);
+        }
+        self.zero_partial(offset, first_full - offset)?;
+        if last_full < end {
+            self.zero_partial(last_full, end - last_full)?;
+        }
+        let whole_end = last_full.min(self.hdr.size);
+        if self.hdr.version >= 3 {
+            let to = if may_unmap {
+                UnmapTo::Zero
+            } else {
+                UnmapTo::ZeroKeep
+            };
+            self.unmap_clusters(first_full, whole_end - first_full, to)
+        } else if may_unmap {
+            self.unmap_clusters(first_full, whole_end - first_full, UnmapTo::Unallocated)
+        } else {
+            self.zero_partial(first_full, whole_end - first_full)
+        }
+    }
+
+    /// Zeroes a range by writing zeros, skipping clusters that already read as zeros.
+    fn zero_partial(&mut self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done;
+            let n = (cs - (pos & (cs - 1))).min(len - done);
+            let m = self.mapping(pos / cs)?;
+            match m {
+                Mapping::Unallocated | Mapping::Zero { .. } => {}
+                Mapping::Data { host, copied: true } if n == cs => {
+                    self.check_data_host(host, cs)?;
+                    self.dev.write_zeroes(host, cs)?;
+                }
+                _ => {
+                    let mut z = 0;
+                    while z < n {
+                        let k = (n - z).min(ZEROS.len() as u64);
+                        self.write_at(pos + z, &ZEROS[..k as usize])?;
+                        z += k;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The allocation of the run starting at `offset`, at most `len` bytes long.
+    pub fn status(&mut self, offset: u64, len: u64) -> Result<(ClusterKind, u64)> {
+        check_request(offset, len, self.hdr.size)
+            .map_err(|_| Qcow2Error::Invalid("block status past the end of the virtual disk"))?;
+        let cs = self.geo.cluster_size();
+        let l2e = self.geo.l2_entries();
+        let mut kind = None;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let vc = pos / cs;
+            let inoff = pos & (cs - 1);
+            let l2i = vc & (l2e - 1);
+            let (k, n) = match self.l2_for_read(vc)? {
+                None => (ClusterKind::Unallocated, (l2e - l2i) * cs - inoff),
+                Some((s, _)) => {
+                    let data = self.l2c.data(s);
+                    let k0 =
+                        Mapping::decode(get_u64(data, l2i as usize), &self.geo, self.hdr.version)?
+                            .kind();
+                    let mut n = cs - inoff;
+                    let mut i = l2i + 1;
+                    while i < l2e && done + n < len {
+                        let k = Mapping::decode(
+                            get_u64(data, i as usize),
+                            &self.geo,
+                            self.hdr.version,
+                        )?
+                        .kind();
+                        if k != k0 {
+                            break;
+                        }
+                        n += cs;
+                        i += 1;
+                    }
+                    (k0, n)
+                }
+            };
+            match kind {
+                None => kind = Some(k),
+                Some(k0) if k0 != k => break,
+                _ => {}
+            }
+            done += n;
+        }
+        Ok((kind.unwrap_or(ClusterKind::Unallocated), done.min(len)))
+    }
+}
+
+/// What [`Qcow2::unmap_clusters`] turns whole clusters into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UnmapTo {
+    /// Unallocated (reads as zeros without a backing file).
+    Unallocated,
+    /// Zero flag, host cluster freed.
+    Zero,
+    /// Zero flag, host cluster kept where it is ours alone.
+    ZeroKeep,
+}
+
+impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
+    fn size(&self) -> u64 {
+        self.hdr.size
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> core::result::Result<(), DiskError> {
+        check_request(offset, buf.len() as u64, self.hdr.size)?;
+        Ok(self.read_at(offset, buf)?)
+    }
+
+    fn write(&mut self, offset: u64, buf: &[u8]) -> core::result::Result<(), DiskError> {
+        check_request(offset, buf.len() as u64, self.hdr.size)?;
+        Ok(self.write_at(offset, buf)?)
+    }
+
+    fn flush(&mut self) -> core::result::Result<(), DiskError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.flush_metadata()?;
+        Ok(self.barrier()?)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> core::result::Result<(), DiskError> {
+        check_request(offset, len, self.hdr.size)?;
+        Ok(self.discard_range(offset, len)?)
+    }
+
+    fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    ) -> core::result::Result<(), DiskError> {
+        check_request(offset, len, self.hdr.size)?;
+        Ok(self.zero_range(offset, len, may_unmap)?)
+    }
+
+    fn block_status(&mut self, offset: u64, len: u64) -> core::result::Result<Extent, DiskError> {
+        check_request(offset, len, self.hdr.size)?;
+        if len == 0 {
+            return Ok(Extent {
+                len: 0,
+                kind: Allocation::Hole,
+            });
+        }
+        let (k, n) = self.status(offset, len)?;
+        let kind = match k {
+            ClusterKind::Data | ClusterKind::Compressed => Allocation::Data,
+            ClusterKind::Zero => Allocation::Zero,
+            _ => Allocation::Hole,
+        };
+        Ok(Extent { len: n, kind })
+    }
+}

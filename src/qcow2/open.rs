@@ -1,0 +1,160 @@
+//! Opening an image: header validation against the device, cache setup, dirty-image
+//! recovery.
+
+use super::cache::{TableCache, TableKind, get_refcount};
+use super::error::{Qcow2Error, Result};
+use super::header::{Header, INCOMPAT_DIRTY, V3_HEADER_LEN};
+use super::info::Stats;
+use super::layout::{
+    Geometry, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_REFCOUNT_TABLE_BYTES, MIN_CLUSTER_BITS,
+};
+use super::{OpenOptions, Pool, Qcow2};
+use crate::block::BlockDevice;
+use alloc::vec;
+use alloc::vec::Vec;
+
+impl<D: BlockDevice> Qcow2<D> {
+    /// Opens the image on `dev`. An image left dirty by lazy refcounts gets its refcounts
+    /// rebuilt (when writable). Memory use is the configured caches plus one cluster.
+    pub fn open(mut dev: D, opts: OpenOptions) -> Result<Self> {
+        let cap = dev.capacity();
+        if cap < V3_HEADER_LEN as u64 {
+            return Err(Qcow2Error::NotQcow2);
+        }
+        let mut head = [0u8; V3_HEADER_LEN];
+        dev.read_at(0, &mut head)?;
+        if head[..4] != [0x51, 0x46, 0x49, 0xfb] {
+            return Err(Qcow2Error::NotQcow2);
+        }
+        let cluster_bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(Qcow2Error::BadHeader(
+                "cluster_bits outside 9..=21 (cluster size 512 B to 2 MiB)",
+            ));
+        }
+        let cs = 1u64 << cluster_bits;
+        let mut first = vec![0u8; cs.min(cap) as usize];
+        dev.read_at(0, &mut first)?;
+        let hdr = Header::parse(&first)?;
+        drop(first);
+        let read_only = opts.read_only || dev.is_read_only();
+        hdr.check_features(!read_only)?;
+        let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order);
+
+        // The L1 table: big enough for the virtual size, within limits, on the device.
+        let l1_bytes = hdr.l1_size as u64 * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(Qcow2Error::BadHeader("the L1 table is larger than 32 MiB"));
+        }
+        if (hdr.l1_size as u64) < geo.l1_entries_for(hdr.size) {
+            return Err(Qcow2Error::Corrupt(
+                "the L1 table is too small for the virtual size",
+            ));
+        }
+        if hdr.l1_size > 0 {
+            if hdr.l1_table_offset == 0 {
+                return Err(Qcow2Error::Corrupt("the L1 table points into the header"));
+            }
+            if hdr
+                .l1_table_offset
+                .checked_add(l1_bytes.div_ceil(cs) * cs)
+                .is_none_or(|e| e > cap)
+            {
+                return Err(Qcow2Error::Corrupt("the L1 table lies past the device end"));
+            }
+        }
+        // The refcount table likewise.
+        let rt_bytes = hdr.refcount_table_clusters as u64 * cs;
+        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(Qcow2Error::BadHeader(
+                "the refcount table is larger than 64 MiB",
+            ));
+        }
+        if hdr
+            .refcount_table_offset
+            .checked_add(rt_bytes)
+            .is_none_or(|e| e > cap)
+        {
+            return Err(Qcow2Error::Corrupt(
+                "the refcount table lies past the device end",
+            ));
+        }
+        let l1s = hdr.l1_table_offset;
+        let l1e = l1s + l1_bytes.div_ceil(cs) * cs;
+        let rts = hdr.refcount_table_offset;
+        let rte = rts + rt_bytes;
+        if hdr.l1_size > 0 && l1s < rte && rts < l1e {
+            return Err(Qcow2Error::Corrupt(
+                "overlapping metadata: the L1 table and the refcount table share clusters",
+            ));
+        }
+        if hdr.nb_snapshots > 0 && (hdr.snapshots_offset == 0 || hdr.snapshots_offset >= cap) {
+            return Err(Qcow2Error::Corrupt(
+                "the snapshot table lies in the header or past the device end",
+            ));
+        }
+        if hdr.size > i64::MAX as u64 {
+            return Err(Qcow2Error::BadHeader("the virtual size exceeds 2^63 bytes"));
+        }
+
+        let mut q = Qcow2 {
+            dev,
+            rt_entries: rt_bytes / 8,
+            geo,
+            read_only,
+            l2c: TableCache::new(cs as usize, opts.l2_cache_bytes),
+            rcc: TableCache::new(cs as usize, opts.refcount_cache_bytes),
+            cursor: 1,
+            end: 1,
+            dev_clusters: cap / cs,
+            pending: Vec::new(),
+            pending_count: 0,
+            scratch: vec![0u8; cs as usize],
+            dirty_list: Vec::new(),
+            header_dirty: false,
+            write_started: false,
+            lazy: false,
+            in_free_phase: false,
+            guard: None,
+            stats: Stats::default(),
+            opts,
+            hdr,
+        };
+        q.lazy = !read_only && q.lazy_allowed();
+        q.end = q.compute_end()?;
+        if !read_only && q.hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
+            // Refcounts may be stale (a crash with lazy refcounts): rebuild them first.
+            q.rebuild_refcounts()?;
+            if !q.lazy {
+                q.hdr.incompatible_features &= !INCOMPAT_DIRTY;
+                q.write_header()?;
+                q.barrier()?;
+            }
+        }
+        Ok(q)
+    }
+
+    /// One past the last cluster with a nonzero refcount (at least past the fixed metadata).
+    pub(crate) fn compute_end(&mut self) -> Result<u64> {
+        let fixed = self.fixed_end();
+        let order = self.geo.refcount_order;
+        let mut ti = self.rt_entries;
+        while ti > 0 {
+            ti -= 1;
+            let Some(block) = self.rt_entry(ti)? else {
+                continue;
+            };
+            let s = self.load(Pool::Rc, block, TableKind::RefBlock, true)?;
+            let data = self.rcc.data(s);
+            let mut i = self.geo.rb_entries();
+            while i > 0 {
+                i -= 1;
+                if get_refcount(data, i as usize, order) != 0 {
+                    let end = (ti << self.geo.rb_bits) + i + 1;
+                    return Ok(end.max(fixed));
+                }
+            }
+        }
+        Ok(fixed)
+    }
+}

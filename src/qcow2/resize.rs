@@ -1,0 +1,97 @@
+//! Growing the virtual size: the L1 table moves to a bigger place when it must grow.
+
+use super::Qcow2;
+use super::error::{Qcow2Error, Result};
+use super::layout::MAX_L1_BYTES;
+use crate::block::BlockDevice;
+
+impl<D: BlockDevice> Qcow2<D> {
+    /// Grows the virtual disk to `new_size` bytes (shrinking is refused). If the L1 table is
+    /// too small, a bigger one is written to newly allocated clusters, the header is switched
+    /// to it, and the old one is freed.
+    pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        if new_size < self.hdr.size {
+            return Err(Qcow2Error::Invalid("shrinking an image is not supported"));
+        }
+        if new_size > i64::MAX as u64 {
+            return Err(Qcow2Error::Invalid("virtual size above 2^63 bytes"));
+        }
+        self.begin_write()?;
+        let cs = self.geo.cluster_size();
+        let need = self.geo.l1_entries_for(new_size);
+        if need * 8 > MAX_L1_BYTES {
+            return Err(Qcow2Error::Invalid(
+                "virtual size too large for this cluster size (L1 table over 32 MiB)",
+            ));
+        }
+        let old_entries = self.hdr.l1_size as u64;
+        if need > old_entries {
+            let old_clusters = (old_entries * 8).div_ceil(cs);
+            let new_clusters = (need * 8).div_ceil(cs);
+            if new_clusters > old_clusters {
+                // Everything the old table says is on disk first; the copy reads it there.
+                self.flush_metadata()?;
+                let (first, got) = self.alloc_contiguous(new_clusters)?;
+                debug_assert_eq!(got, new_clusters);
+                let new_off = first * cs;
+                let old_off = self.hdr.l1_table_offset;
+                let mut scratch = core::mem::take(&mut self.scratch);
+                let r = (|| -> Result<()> {
+                    for k in 0..new_clusters {
+                        if k < old_clusters {
+                            self.dev.read_at(old_off + k * cs, &mut scratch)?;
+                        } else {
+                            scratch.fill(0);
+                        }
+                        self.dev.write_at(new_off + k * cs, &scratch)?;
+                        self.stats.metadata_bytes_written += cs;
+                    }
+                    Ok(())
+                })();
+                self.scratch = scratch;
+                r?;
+                self.flush_metadata()?;
+                self.barrier()?;
+                for k in 0..old_clusters {
+                    self.l2c.forget(old_off + k * cs);
+                }
+                self.hdr.l1_table_offset = new_off;
+                self.hdr.l1_size = need as u32;
+                self.hdr.size = new_size;
+                self.write_header()?;
+                self.barrier()?;
+                if old_clusters > 0 {
+                    self.queue_free(old_off / cs, old_clusters)?;
+                }
+                return self.flush_metadata();
+            }
+            // The L1 grows inside its last cluster: make sure the new entries are zero.
+            for l1i in old_entries..need {
+                self.set_l1_entry(l1i, 0)?;
+            }
+            self.flush_metadata()?;
+            self.hdr.l1_size = need as u32;
+        }
+        self.hdr.size = new_size;
+        self.write_header()?;
+        self.barrier()
+    }
+
+    /// Allocates exactly `n` contiguous clusters.
+    fn alloc_contiguous(&mut self, n: u64) -> Result<(u64, u64)> {
+        let saved = self.cursor;
+        loop {
+            let (first, got) = self.alloc_run(n)?;
+            if got == n {
+                self.cursor = saved.min(self.cursor);
+                return Ok((first, got));
+            }
+            // Too short: give the run back right away (nothing references it) and move on.
+            for c in first..first + got {
+                self.set_refcount(c, 0)?;
+            }
+            self.stats.clusters_allocated -= got;
+            self.cursor = first + got + 1;
+        }
+    }
+}

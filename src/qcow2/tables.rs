@@ -1,0 +1,364 @@
+//! Metadata tables through the caches: loading (with eviction), the active L1 table, L2
+//! tables for reading and for writing (allocated or copied on demand), and the write-back of
+//! dirty metadata in crash-safe order.
+
+use super::cache::{TableKind, get_u64, set_u64};
+use super::entry::{COPIED, decode_l1};
+use super::error::{Qcow2Error, Result};
+use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+use super::{Pool, Qcow2};
+use crate::block::BlockDevice;
+
+impl<D: BlockDevice> Qcow2<D> {
+    /// Write barrier: everything written so far is durable before anything written next.
+    pub(crate) fn barrier(&mut self) -> Result<()> {
+        self.stats.device_flushes += 1;
+        Ok(self.dev.flush()?)
+    }
+
+    /// Checks that a metadata cluster at `off` lies on the device and not in the header.
+    pub(crate) fn check_meta_offset(&self, off: u64, what: &'static str) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        if off < cs {
+            return Err(Qcow2Error::Corrupt(what));
+        }
+        match off.checked_add(cs) {
+            Some(end) if end <= self.dev.capacity() => Ok(()),
+            _ => Err(Qcow2Error::Corrupt(what)),
+        }
+    }
+
+    /// The cache slot holding the cluster at `key`, reading it from the device (or zeroing
+    /// it when `read` is false: a newly allocated table). A dirty table evicted to make room
+    /// is written back with all the metadata it depends on.
+    pub(crate) fn load(
+        &mut self,
+        pool: Pool,
+        key: u64,
+        kind: TableKind,
+        read: bool,
+    ) -> Result<usize> {
+        let cache = match pool {
+            Pool::L2 => &mut self.l2c,
+            Pool::Rc => &mut self.rcc,
+        };
+        if let Some(s) = cache.get(key) {
+            match pool {
+                Pool::L2 => self.stats.l2_cache_hits += 1,
+                Pool::Rc => self.stats.refcount_cache_hits += 1,
+            }
+            if !read {
+                self.cache_mut(pool).data_mut(s).fill(0);
+            }
+            return Ok(s);
+        }
+        if read {
+            match pool {
+                Pool::L2 => self.stats.l2_cache_misses += 1,
+                Pool::Rc => self.stats.refcount_cache_misses += 1,
+            }
+        }
+        let victim = loop {
+            let cache = self.cache_mut(pool);
+            match cache.victim() {
+                Some(v) if cache.slot(v).dirty => self.write_back_victim(pool, v)?,
+                other => break other,
+            }
+        };
+        let s = self.cache_mut(pool).install(key, kind, victim);
+        if read {
+            let cache = match pool {
+                Pool::L2 => &mut self.l2c,
+                Pool::Rc => &mut self.rcc,
+            };
+            if let Err(e) = self.dev.read_at(key, cache.fill(s)) {
+                cache.forget(key);
+                return Err(e.into());
+            }
+        } else {
+            self.cache_mut(pool).data_mut(s).fill(0);
+        }
+        Ok(s)
+    }
+
+    pub(crate) fn cache_mut(&mut self, pool: Pool) -> &mut super::cache::TableCache {
+        match pool {
+            Pool::L2 => &mut self.l2c,
+            Pool::Rc => &mut self.rcc,
+        }
+    }
+
+    /// Makes the dirty slot `v` clean so it can be evicted.
+    fn write_back_victim(&mut self, pool: Pool, v: usize) -> Result<()> {
+        // While decrementing deferred frees, or with lazy refcounts, a refcount block may go
+        // to disk on its own: nothing references what it frees, and lazy refcounts are
+        // rebuilt after a crash anyway.
+        if pool == Pool::Rc && (self.in_free_phase || self.lazy) {
+            return self.write_slot(pool, v);
+        }
+        self.flush_metadata()?;
+        // In lazy mode the flush leaves refcounts dirty; write this one directly.
+        if self.cache_mut(pool).slot(v).dirty {
+            self.write_slot(pool, v)?;
+        }
+        Ok(())
+    }
+
+    fn write_slot(&mut self, pool: Pool, s: usize) -> Result<()> {
+        let cache = match pool {
+            Pool::L2 => &mut self.l2c,
+            Pool::Rc => &mut self.rcc,
+        };
+        let slot = cache.slot(s);
+        let key = slot.key;
+        self.dev.write_at(key, &slot.data)?;
+        self.stats.metadata_bytes_written += slot.data.len() as u64;
+        cache.mark_clean(s);
+        Ok(())
+    }
+
+    /// Writes every dirty table of `kind`; returns how many.
+    fn write_dirty(&mut self, pool: Pool, kind: TableKind) -> Result<usize> {
+        let mut list = core::mem::take(&mut self.dirty_list);
+        self.cache_mut(pool).dirty_slots(kind, &mut list);
+        let n = list.len();
+        let mut result = Ok(());
+        for &(_, s) in list.iter() {
+            result = self.write_slot(pool, s);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.dirty_list = list;
+        result.map(|_| n)
+    }
+
+    fn has_dirty(&mut self, pool: Pool, kind: TableKind) -> bool {
+        let mut list = core::mem::take(&mut self.dirty_list);
+        self.cache_mut(pool).dirty_slots(kind, &mut list);
+        let any = !list.is_empty();
+        self.dirty_list = list;
+        any
+    }
+
+    /// Writes dirty refcount blocks, then (after a barrier) dirty refcount-table pages.
+    pub(crate) fn write_refcounts(&mut self) -> Result<()> {
+        self.write_dirty(Pool::Rc, TableKind::RefBlock)?;
+        if self.has_dirty(Pool::Rc, TableKind::RefTable) {
+            // Barrier: a new refcount block is on disk before the table entry pointing at it.
+            self.barrier()?;
+            self.write_dirty(Pool::Rc, TableKind::RefTable)?;
+        }
+        Ok(())
+    }
+
+    /// Writes all dirty metadata in crash-safe order and applies deferred frees. Guest data
+    /// is already on the device (written before the L2 entries were changed).
+    pub fn flush_metadata(&mut self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let l2_dirty = self.l2c.any_dirty();
+        let rc_dirty = self.rcc.any_dirty();
+        if !l2_dirty && !rc_dirty && !self.header_dirty && self.pending.is_empty() {
+            return Ok(());
+        }
+        self.stats.metadata_flushes += 1;
+        // 1. Refcount increments (unless lazy: then they may go later, the dirty bit covers it).
+        if !self.lazy {
+            self.write_refcounts()?;
+        }
+        if l2_dirty {
+            // 2. Barrier: guest data and refcounts before the references to them.
+            self.barrier()?;
+            // 3. L2 tables.
+            self.write_dirty(Pool::L2, TableKind::L2)?;
+            // 4. Barrier: new L2 tables before the L1 entries pointing at them.
+            if self.has_dirty(Pool::L2, TableKind::L1) {
+                self.barrier()?;
+                self.write_dirty(Pool::L2, TableKind::L1)?;
+            }
+        }
+        if self.header_dirty {
+            self.barrier()?;
+            self.write_header()?;
+        }
+        // 5. Barrier: references are durable (so removed references are gone on disk).
+        self.barrier()?;
+        // 6. Only now drop the refcounts of clusters whose references were removed.
+        if !self.pending.is_empty() {
+            self.in_free_phase = true;
+            let r = self.apply_frees();
+            self.in_free_phase = false;
+            r?;
+            if !self.lazy {
+                self.write_refcounts()?;
+                self.barrier()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the fixed header (extensions stay as they are on disk).
+    pub(crate) fn write_header(&mut self) -> Result<()> {
+        let bytes = self.hdr.encode_fixed();
+        self.dev.write_at(0, &bytes)?;
+        self.stats.metadata_bytes_written += bytes.len() as u64;
+        self.header_dirty = false;
+        Ok(())
+    }
+
+    /// Called before the first change of a session: clears autoclear bits (we do not keep
+    /// bitmaps or raw external data consistent) and, with lazy refcounts, sets the dirty bit.
+    pub(crate) fn begin_write(&mut self) -> Result<()> {
+        if self.read_only {
+            return Err(Qcow2Error::ReadOnly);
+        }
+        if self.write_started {
+            return Ok(());
+        }
+        let mut change = false;
+        if self.hdr.version >= 3 && self.hdr.autoclear_features != 0 {
+            self.hdr.autoclear_features = 0;
+            change = true;
+        }
+        if self.lazy && self.hdr.incompatible_features & INCOMPAT_DIRTY == 0 {
+            self.hdr.incompatible_features |= INCOMPAT_DIRTY;
+            change = true;
+        }
+        if change {
+            self.write_header()?;
+            // Barrier: the dirty bit is on disk before any lazily counted change.
+            self.barrier()?;
+        }
+        self.write_started = true;
+        Ok(())
+    }
+
+    /// Whether lazy refcounts can be used with this header and these options.
+    pub(crate) fn lazy_allowed(&self) -> bool {
+        self.opts.lazy_refcounts
+            && self.hdr.version >= 3
+            && self.hdr.compatible_features & COMPAT_LAZY_REFCOUNTS != 0
+    }
+
+    /// Host offset of the L1 page holding entry `l1i`, and the entry's index in it.
+    fn l1_page(&self, l1i: u64) -> (u64, usize) {
+        let cs = self.geo.cluster_size();
+        let byte = l1i * 8;
+        (
+            self.hdr.l1_table_offset + (byte & !(cs - 1)),
+            ((byte & (cs - 1)) / 8) as usize,
+        )
+    }
+
+    /// Active L1 entry `l1i` (raw).
+    pub(crate) fn l1_entry(&mut self, l1i: u64) -> Result<u64> {
+        let (page, i) = self.l1_page(l1i);
+        let s = self.load(Pool::L2, page, TableKind::L1, true)?;
+        Ok(get_u64(self.l2c.data(s), i))
+    }
+
+    /// Sets active L1 entry `l1i`.
+    pub(crate) fn set_l1_entry(&mut self, l1i: u64, v: u64) -> Result<()> {
+        let (page, i) = self.l1_page(l1i);
+        let s = self.load(Pool::L2, page, TableKind::L1, true)?;
+        set_u64(self.l2c.data_mut(s), i, v);
+        Ok(())
+    }
+
+    /// Checks an L2 table offset from an L1 entry.
+    fn check_l2_offset(&self, off: u64) -> Result<()> {
+        self.check_meta_offset(
+            off,
+            "an L1 entry points past the device end or into the header",
+        )?;
+        if self.overlaps_fixed(off, self.geo.cluster_size()) {
+            return Err(Qcow2Error::Corrupt(
+                "an L2 table overlaps the L1 table or the refcount table",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `[off, off+len)` overlaps the header cluster, the L1 table or the refcount table.
+    pub(crate) fn overlaps_fixed(&self, off: u64, len: u64) -> bool {
+        let cs = self.geo.cluster_size();
+        let end = off.saturating_add(len);
+        let l1s = self.hdr.l1_table_offset;
+        let l1e = l1s + (self.hdr.l1_size as u64 * 8).div_ceil(cs) * cs;
+        let rts = self.hdr.refcount_table_offset;
+        let rte = rts + self.hdr.refcount_table_clusters as u64 * cs;
+        off < cs || (off < l1e && end > l1s) || (off < rte && end > rts)
+    }
+
+    /// The L2 table for guest cluster `vc`, if allocated (slot and host offset).
+    pub(crate) fn l2_for_read(&mut self, vc: u64) -> Result<Option<(usize, u64)>> {
+        let l1i = vc >> self.geo.l2_bits;
+        if l1i >= self.hdr.l1_size as u64 {
+            return Ok(None);
+        }
+        let e = self.l1_entry(l1i)?;
+        match decode_l1(e, &self.geo)? {
+            None => Ok(None),
+            Some((off, _)) => {
+                self.check_l2_offset(off)?;
+                Ok(Some((self.load(Pool::L2, off, TableKind::L2, true)?, off)))
+            }
+        }
+    }
+
+    /// The L2 table for guest cluster `vc`, ready to be changed: allocated if missing,
+    /// copied if shared (refcount above one).
+    pub(crate) fn l2_for_write(&mut self, vc: u64) -> Result<usize> {
+        let l1i = vc >> self.geo.l2_bits;
+        if l1i >= self.hdr.l1_size as u64 {
+            return Err(Qcow2Error::Corrupt(
+                "the L1 table is too small for the virtual size",
+            ));
+        }
+        let e = self.l1_entry(l1i)?;
+        let cs = self.geo.cluster_size();
+        match decode_l1(e, &self.geo)? {
+            Some((off, true)) => {
+                self.check_l2_offset(off)?;
+                self.load(Pool::L2, off, TableKind::L2, true)
+            }
+            Some((off, false)) => {
+                self.check_l2_offset(off)?;
+                let rc = self.refcount(off / cs)?;
+                if rc == 0 {
+                    return Err(Qcow2Error::Corrupt("an L2 table in use has refcount 0"));
+                }
+                if rc == 1 {
+                    self.set_l1_entry(l1i, off | COPIED)?;
+                    return self.load(Pool::L2, off, TableKind::L2, true);
+                }
+                // Shared with a snapshot: copy it.
+                let (nc, _) = self.alloc_run(1)?;
+                let noff = nc * cs;
+                let s = self.load(Pool::L2, off, TableKind::L2, true)?;
+                let mut scratch = core::mem::take(&mut self.scratch);
+                scratch.copy_from_slice(self.l2c.data(s));
+                let ns = self.load(Pool::L2, noff, TableKind::L2, false)?;
+                self.l2c.data_mut(ns).copy_from_slice(&scratch);
+                self.scratch = scratch;
+                self.set_l1_entry(l1i, noff | COPIED)?;
+                self.queue_free(off / cs, 1)?;
+                self.l2c
+                    .get(noff)
+                    .map_or_else(|| self.load(Pool::L2, noff, TableKind::L2, true), Ok)
+            }
+            None => {
+                let (nc, _) = self.alloc_run(1)?;
+                let noff = nc * cs;
+                self.load(Pool::L2, noff, TableKind::L2, false)?;
+                self.stats.l2_tables_allocated += 1;
+                self.set_l1_entry(l1i, noff | COPIED)?;
+                self.l2c
+                    .get(noff)
+                    .map_or_else(|| self.load(Pool::L2, noff, TableKind::L2, true), Ok)
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Tests of the qcow2 engine: unit behaviour, model-based random tests, interoperability
+//! with QEMU's tools, and hostile images.
+
+mod basic;
+mod hostile;
+mod interop;
+mod model;
+pub(crate) mod util;

@@ -1,0 +1,112 @@
+//! Helpers shared by the engine tests: QEMU tool runners and small image builders.
+
+use crate::block::{FileDisk, MemDisk};
+use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+use std::path::Path;
+use std::process::Command;
+
+/// Runs a QEMU tool, failing the test with the Debian package name if it is missing.
+pub fn qemu(tool: &str, args: &[&str]) -> std::process::Output {
+    match Command::new(tool).args(args).output() {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "cannot run `{tool}` ({e}): install the Debian package `qemu-utils` (it provides qemu-img and qemu-io)"
+        ),
+    }
+}
+
+/// Runs a QEMU tool and asserts it succeeded; returns stdout.
+pub fn qemu_ok(tool: &str, args: &[&str]) -> String {
+    let o = qemu(tool, args);
+    assert!(
+        o.status.success(),
+        "{tool} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Reads an integer field from `qemu-img check --output=json` (absent: 0).
+pub fn json_u64(json: &str, key: &str) -> u64 {
+    let pat = format!("\"{key}\":");
+    let Some(at) = json.find(&pat) else {
+        return 0;
+    };
+    json[at + pat.len()..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// `qemu-img check` of a file: asserts no corruptions, leaks or check errors.
+pub fn assert_qemu_clean(path: &Path) {
+    let o = qemu(
+        "qemu-img",
+        &[
+            "check",
+            "--output=json",
+            "-f",
+            "qcow2",
+            path.to_str().unwrap(),
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(
+        json_u64(&out, "corruptions"),
+        0,
+        "qemu-img check corruptions: {out}{err}"
+    );
+    assert_eq!(
+        json_u64(&out, "leaks"),
+        0,
+        "qemu-img check leaks: {out}{err}"
+    );
+    assert_eq!(
+        json_u64(&out, "check-errors"),
+        0,
+        "qemu-img check errors: {out}{err}"
+    );
+    assert!(o.status.success(), "qemu-img check failed: {out}{err}");
+}
+
+/// Creates an image in memory.
+pub fn mem_image(size: u64, cluster: u64, refcount_bits: u32) -> Qcow2<MemDisk> {
+    Qcow2::create(
+        MemDisk::growable(),
+        &CreateOptions {
+            virtual_size: size,
+            cluster_size: cluster,
+            refcount_bits,
+            ..CreateOptions::default()
+        },
+    )
+    .expect("create")
+}
+
+/// Small caches, to exercise eviction.
+pub fn small_cache() -> OpenOptions {
+    OpenOptions {
+        l2_cache_bytes: 0,
+        refcount_cache_bytes: 0,
+        ..OpenOptions::default()
+    }
+}
+
+/// Writes a memory disk's bytes to a file.
+pub fn save(disk: &MemDisk, path: &Path) {
+    std::fs::write(path, disk.bytes()).expect("write image file");
+}
+
+/// Opens a file image.
+pub fn open_file(path: &Path, opts: OpenOptions) -> Qcow2<FileDisk> {
+    Qcow2::open(
+        FileDisk::open(path, opts.read_only).expect("open file"),
+        opts,
+    )
+    .expect("open image")
+}
