@@ -1,18 +1,449 @@
-//! The guest's main loop. Placeholder until the network and disk services land: it waits for
-//! the ACPI power button and powers off cleanly.
+//! The guest's main loop: devices, disk, network, services.
+//!
+//! [`run`] brings up, in order: the metrics registry; the virtio devices found on the PCI
+//! bus ([`crate::virtio::pci::probe`]); the disk on virtio-blk ([`open_disk`]: qcow2 when
+//! the device starts with the qcow2 magic or the command line says so, raw otherwise); the
+//! network ([`crate::net::Network`]: DHCP or a static address, a pool of listening sockets).
+//! Then it loops forever, single-threaded and polled:
+//!
+//! 1. read the clock;
+//! 2. poll the interface: frames in and out of virtio-net, TCP timers, DHCP;
+//! 3. for every socket of the pool, advance its session: a new connection gets a fresh
+//!    HTTP or NBD state machine, bytes move between the socket and the state machine, NBD
+//!    requests run on the disk (synchronously: the virtio-blk driver polls its queue), and
+//!    a session whose connection ended is dropped and its socket listens again;
+//! 4. if anything moved, go round again at once (replies wait in socket buffers until the
+//!    interface is polled);
+//! 5. otherwise do the periodic work: engine background work, and the power button, which
+//!    flushes the disk and powers off cleanly;
+//! 6. idle: the next deadline is the earliest of smoltcp's `poll_delay` and the HTTP idle
+//!    timeouts. Without interrupts the loop spins (checking the receive ring) until then;
+//!    [`idle_until`] is the one place that would halt the CPU once interrupts are wired.
+//!
+//! Metrics: the block-device counters are updated by the virtio-blk driver itself, the
+//! request counters of the virtual disk by the `Instrumented` wrapper, and everything else
+//! (engine, NBD, HTTP, network, heap) is copied into the registry when a scrape asks.
 
-use qcow_metal::config::GuestExit;
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+use log::{error, info, warn};
+use qcow_metal::block::{BlockDevice, Sectored};
+use qcow_metal::config::{Config, DiskFormat, GuestExit};
+use qcow_metal::disk::{RawDisk, VirtualDisk};
+use qcow_metal::http::{Health, HttpStats};
+use qcow_metal::metrics::families::{
+    EngineSnapshot, GuestConfig, GuestMetrics, HttpSnapshot, NBD_COMMANDS, NBD_ERRORS, NbdSnapshot,
+    SystemSnapshot,
+};
+use qcow_metal::metrics::{Format, Instrumented};
+use qcow_metal::nbd::{Command, NbdError, NbdStats, ServerConfig};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
 
-use crate::Platform;
+use crate::net::{Network, Service};
+use crate::services::Session;
+use crate::services::http::{GuestSite, HttpSession};
+use crate::services::nbd::NbdSession;
+use crate::virtio::blk::VirtioBlk;
+use crate::virtio::net::{NetStats, VirtioNet};
+use crate::{Platform, VERSION, power, time};
 
-/// Runs the guest's services forever (or until power-off).
-pub fn run(platform: Platform) -> ! {
-    log::debug!("main loop: {} PCI functions", platform.pci_devices.len());
-    loop {
-        if crate::power::power_button_pressed() {
-            log::info!("power button pressed: shutting down");
-            crate::power::shutdown(GuestExit::Clean);
+/// The block device the disk sits on: virtio-blk, byte-addressed.
+pub type Device = Sectored<VirtioBlk>;
+
+/// The first bytes of every qcow2 image.
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// How often the engine's background work runs while the guest is otherwise idle.
+const BACKGROUND_INTERVAL_MS: u64 = 1000;
+
+/// The disk the NBD export serves, or why there is none.
+pub enum Disk {
+    /// The device's bytes served as they are.
+    Raw(Box<Instrumented<RawDisk<Device>>>),
+    /// No usable disk: the reason is logged, shown on `/`, `/healthz` and in the metrics.
+    Unavailable(String),
+}
+
+impl Disk {
+    /// The disk to serve, if there is one.
+    pub fn virtual_disk(&mut self) -> Option<&mut dyn VirtualDisk> {
+        match self {
+            Disk::Raw(d) => Some(&mut **d),
+            Disk::Unavailable(_) => None,
         }
-        crate::time::delay_us(1000);
     }
+
+    /// `"qcow2"`, `"raw"` or `"none"`.
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Disk::Raw(_) => "raw",
+            Disk::Unavailable(_) => "none",
+        }
+    }
+
+    /// What the engine reports, for the metrics.
+    fn snapshot(&self) -> EngineSnapshot {
+        match self {
+            Disk::Raw(d) => {
+                let size = d.inner().size();
+                EngineSnapshot {
+                    virtual_size: size,
+                    data_bytes: size,
+                    image_extent: size,
+                    ..EngineSnapshot::default()
+                }
+            }
+            Disk::Unavailable(_) => EngineSnapshot::default(),
+        }
+    }
+
+    /// Periodic engine work (metadata write-back timer, reclaim steps).
+    fn background(&mut self, _now_ms: u64) {}
+
+    /// Makes everything written durable: engine metadata, then the device's cache.
+    fn flush(&mut self) -> Result<(), String> {
+        match self.virtual_disk() {
+            Some(d) => d.flush().map_err(|e| format!("{e}")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Brings up the disk on the virtio-blk device, following `config.format`.
+pub fn open_disk(dev: Option<Device>, config: &Config, metrics: &GuestMetrics) -> Disk {
+    let Some(mut dev) = dev else {
+        return Disk::Unavailable(String::from("no virtio-blk device"));
+    };
+    let mut magic = [0u8; 4];
+    let is_qcow2 =
+        dev.capacity() >= 4 && dev.read_at(0, &mut magic).is_ok() && magic == QCOW2_MAGIC;
+    let want_qcow2 = match config.format {
+        DiskFormat::Auto => is_qcow2,
+        DiskFormat::Qcow2 => true,
+        DiskFormat::Raw => false,
+    };
+    if want_qcow2 {
+        if !is_qcow2 {
+            return Disk::Unavailable(String::from(
+                "format=qcow2, but the device does not start with the qcow2 magic",
+            ));
+        }
+        return Disk::Unavailable(String::from("the qcow2 engine is not available yet"));
+    }
+    let raw = RawDisk::new(dev);
+    Disk::Raw(Box::new(Instrumented::new(
+        raw,
+        metrics.disk.clone(),
+        time::now_ns,
+    )))
+}
+
+/// Everything the loop owns.
+struct Guest {
+    config: Config,
+    metrics: GuestMetrics,
+    disk: Disk,
+    dev: VirtioNet,
+    net: Network,
+    net_stats: Arc<NetStats>,
+    sessions: Vec<Option<Session>>,
+    nbd_config: ServerConfig,
+    nbd_stats: NbdStats,
+    http_stats: HttpStats,
+    facts: Vec<(&'static str, String)>,
+    heap_bytes: u64,
+}
+
+/// Runs the guest's services forever (or until the power button powers it off).
+pub fn run(platform: Platform) -> ! {
+    let config = platform.config.clone();
+    let metrics = GuestMetrics::new(&GuestConfig {
+        disk: &config.export,
+        device: "vda",
+        interface: "eth0",
+        version: VERSION,
+        mirage: config.mirage_metrics,
+        clock: time::now_ns,
+    });
+
+    let found = crate::virtio::pci::probe(&platform.pci_devices);
+    let blk = found.blk.and_then(|(df, transport)| {
+        match VirtioBlk::new(transport, metrics.blockdev.clone(), time::now_ns) {
+            Ok(blk) => Some(Sectored::new(blk)),
+            Err(e) => {
+                error!("virtio-blk at {df}: {e:?}");
+                None
+            }
+        }
+    });
+    let disk = open_disk(blk, &config, &metrics);
+    match &disk {
+        Disk::Unavailable(why) => {
+            error!("disk: unavailable: {why}; serving metrics only");
+            metrics.disk.set_up(false);
+        }
+        d => {
+            info!("disk: {} export {:?}", d.format_name(), config.export);
+            metrics.disk.set_up(true);
+        }
+    }
+
+    let net_stats = Arc::new(NetStats::default());
+    let Some((df, transport)) = found.net else {
+        error!("no virtio-net device: nothing to serve");
+        park(disk);
+    };
+    let mut dev = match VirtioNet::new(transport, net_stats.clone()) {
+        Ok(dev) => dev,
+        Err(e) => {
+            error!("virtio-net at {df}: {e}");
+            park(disk);
+        }
+    };
+    let seed = crate::cpu::rdtsc();
+    let net = Network::new(&mut dev, &config, now(), seed);
+
+    let size = match &disk {
+        Disk::Raw(d) => d.inner().size(),
+        Disk::Unavailable(_) => 0,
+    };
+    let mut facts = vec![
+        ("version", String::from(VERSION)),
+        ("export", config.export.clone()),
+        ("format", String::from(disk.format_name())),
+        ("virtual size", format!("{size} bytes")),
+        ("NBD port", format!("{}", config.nbd_port)),
+        ("metrics port", format!("{}", config.metrics_port)),
+        ("read-only", format!("{}", config.read_only)),
+    ];
+    if let Disk::Unavailable(why) = &disk {
+        facts.push(("disk error", why.clone()));
+    }
+    let nbd_config = ServerConfig {
+        export_name: config.export.clone(),
+        description: format!("qcow-metal {} disk", disk.format_name()),
+        read_only: config.read_only,
+        ..ServerConfig::default()
+    };
+    let sessions = (0..net.listeners.len()).map(|_| None).collect();
+    let mut guest = Guest {
+        config,
+        metrics,
+        disk,
+        dev,
+        net,
+        net_stats,
+        sessions,
+        nbd_config,
+        nbd_stats: NbdStats::default(),
+        http_stats: HttpStats::new(),
+        facts,
+        heap_bytes: platform.heap_bytes,
+    };
+    info!(
+        "main loop: serving metrics on :{} and NBD on :{}",
+        guest.config.metrics_port, guest.config.nbd_port
+    );
+    guest.main_loop()
+}
+
+/// smoltcp's clock: the kernel's monotonic clock.
+fn now() -> Instant {
+    Instant::from_micros(time::now_us() as i64)
+}
+
+/// Without a network there is nothing to serve: wait for the power button.
+fn park(mut disk: Disk) -> ! {
+    loop {
+        if power::power_button_pressed() {
+            shut_down(&mut disk);
+        }
+        time::delay_us(1000);
+    }
+}
+
+/// Flushes the disk and powers off.
+fn shut_down(disk: &mut Disk) -> ! {
+    info!("power button pressed: flushing the disk");
+    match disk.flush() {
+        Ok(()) => info!("disk flushed; powering off"),
+        Err(e) => error!("disk flush failed: {e}; powering off anyway"),
+    }
+    power::shutdown(GuestExit::Clean)
+}
+
+impl Guest {
+    fn main_loop(&mut self) -> ! {
+        let mut next_background = time::now_ms() + BACKGROUND_INTERVAL_MS;
+        loop {
+            let now = now();
+            let mut busy = self.net.poll(&mut self.dev, now);
+            busy |= self.drive_sessions(now);
+            self.net.relisten();
+            if busy {
+                // Replies wait in the socket buffers: poll the interface again at once.
+                continue;
+            }
+            let now_ms = time::now_ms();
+            if now_ms >= next_background {
+                self.disk.background(now_ms);
+                next_background = now_ms + BACKGROUND_INTERVAL_MS;
+            }
+            if power::power_button_pressed() {
+                shut_down(&mut self.disk);
+            }
+            let deadline = self.next_deadline_ms(now).min(next_background);
+            self.idle_until(deadline);
+        }
+    }
+
+    /// Advances every session; returns whether anything moved.
+    fn drive_sessions(&mut self, now: Instant) -> bool {
+        let now_ms = now.total_millis() as u64;
+        let mut busy = false;
+        for (i, listener) in self.net.listeners.iter().enumerate() {
+            let socket = self.net.sockets.get_mut::<tcp::Socket>(listener.handle);
+            let slot = &mut self.sessions[i];
+            // A socket that left its connection loses its session.
+            let connected = matches!(
+                socket.state(),
+                tcp::State::Established
+                    | tcp::State::FinWait1
+                    | tcp::State::FinWait2
+                    | tcp::State::CloseWait
+                    | tcp::State::Closing
+                    | tcp::State::LastAck
+            );
+            if !connected {
+                if let Some(Session::Nbd(mut s)) = slot.take() {
+                    s.end(&mut self.nbd_stats);
+                }
+                continue;
+            }
+            if slot.is_none() {
+                *slot = Some(match listener.service {
+                    Service::Http => Session::Http(Box::new(HttpSession::new(now_ms))),
+                    Service::Nbd => Session::Nbd(Box::new(NbdSession::new(&self.nbd_config))),
+                });
+                busy = true;
+            }
+            match slot {
+                Some(Session::Http(s)) => {
+                    let mut render = |format: Format, out: &mut Vec<u8>| {
+                        update_metrics(
+                            &self.metrics,
+                            &self.disk,
+                            &self.nbd_stats,
+                            &self.http_stats,
+                            &self.net_stats,
+                            self.heap_bytes,
+                        );
+                        self.metrics.render_into(format, out);
+                    };
+                    let mut site = GuestSite {
+                        render: &mut render,
+                        facts: &self.facts,
+                        health: match &self.disk {
+                            Disk::Unavailable(why) => Health::Unavailable(why.clone()),
+                            _ => Health::Ok,
+                        },
+                        stats: &self.http_stats,
+                    };
+                    busy |= s.drive(socket, now_ms, &mut site);
+                }
+                Some(Session::Nbd(s)) => match self.disk.virtual_disk() {
+                    Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats),
+                    None => {
+                        // No disk to export: refuse the client.
+                        warn!("NBD: refusing a client: the disk is unavailable");
+                        socket.abort();
+                        s.end(&mut self.nbd_stats);
+                        *slot = None;
+                    }
+                },
+                None => {}
+            }
+        }
+        busy
+    }
+
+    /// The earliest time (ms) something must happen: a TCP timer, DHCP, an HTTP timeout.
+    fn next_deadline_ms(&mut self, now: Instant) -> u64 {
+        let now_ms = now.total_millis() as u64;
+        let mut deadline = u64::MAX;
+        if let Some(delay) = self.net.poll_delay(now) {
+            deadline = now_ms + delay.total_millis();
+        }
+        for s in self.sessions.iter().flatten() {
+            if let Session::Http(h) = s
+                && let Some(d) = h.next_deadline_ms()
+            {
+                deadline = deadline.min(d);
+            }
+        }
+        deadline
+    }
+
+    /// Waits until `deadline_ms` or until a frame arrives, whichever comes first. Without
+    /// interrupts this spins on the receive ring; with them it would `hlt`.
+    fn idle_until(&mut self, deadline_ms: u64) {
+        while time::now_ms() < deadline_ms {
+            if self.dev.has_rx() || power::power_button_pressed() {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Copies the figures kept outside the registry into it, just before a scrape renders it.
+fn update_metrics(
+    metrics: &GuestMetrics,
+    disk: &Disk,
+    nbd: &NbdStats,
+    http: &HttpStats,
+    net: &NetStats,
+    heap_bytes: u64,
+) {
+    use core::sync::atomic::Ordering::Relaxed;
+    metrics.disk.update(&disk.snapshot());
+    let mut n = NbdSnapshot {
+        connections_active: nbd.connections_active,
+        connections_total: nbd.connections_total,
+        sessions_total: nbd.sessions_total,
+        protocol_errors: nbd.protocol_errors,
+        bytes: [
+            nbd.bytes_read,
+            nbd.bytes_written,
+            nbd.bytes_trimmed,
+            nbd.bytes_zeroed,
+        ],
+        ..NbdSnapshot::default()
+    };
+    for cmd in Command::ALL {
+        if let Some(i) = NBD_COMMANDS.iter().position(|&c| c == cmd.name()) {
+            n.requests[i] = nbd.requests_of(cmd);
+        }
+    }
+    for err in NbdError::ALL {
+        if let Some(i) = NBD_ERRORS.iter().position(|&e| e == err.name()) {
+            n.errors[i] = nbd.errors_of(err);
+        }
+    }
+    metrics.nbd.update(&n);
+    metrics.http.update(&HttpSnapshot::from(&http.snapshot()));
+    metrics.system.update(&SystemSnapshot {
+        uptime_seconds: time::now_ns() as f64 / 1e9,
+        heap_size: heap_bytes,
+        heap_used: 0,
+        rx_packets: net.rx_packets.load(Relaxed),
+        tx_packets: net.tx_packets.load(Relaxed),
+        rx_bytes: net.rx_bytes.load(Relaxed),
+        tx_bytes: net.tx_bytes.load(Relaxed),
+    });
 }

@@ -22,12 +22,15 @@ pub mod heap;
 pub mod interrupts;
 pub mod logger;
 pub mod mem_builtins;
+pub mod net;
 pub mod paging;
 pub mod panic;
 pub mod pci;
 pub mod power;
 pub mod serial;
+pub mod services;
 pub mod time;
+pub mod virtio;
 
 use alloc::string::String;
 use alloc::vec::Vec;

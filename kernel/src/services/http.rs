@@ -1,0 +1,130 @@
+//! The metrics port: drives `qcow_metal::http::Connection` over a smoltcp TCP socket, and
+//! [`GuestSite`], the [`Site`] that answers with the guest's metrics registry.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use qcow_metal::http::{Config, Connection, Health, HttpStats, IndexPage, Site};
+use qcow_metal::metrics::{Format, negotiate};
+use smoltcp::socket::tcp;
+
+/// What the HTTP responder serves: the metrics exposition, the facts of `/`, the health.
+pub struct GuestSite<'a> {
+    /// Writes the exposition in a format into a buffer.
+    pub render: &'a mut dyn FnMut(Format, &mut Vec<u8>),
+    /// Facts shown on `/` (label, value).
+    pub facts: &'a [(&'static str, String)],
+    /// The answer of `/healthz`.
+    pub health: Health,
+    /// Where the responder counts what it does.
+    pub stats: &'a HttpStats,
+}
+
+impl Site for GuestSite<'_> {
+    fn metrics(&mut self, accept: &str, out: &mut Vec<u8>) -> &'static str {
+        let format = negotiate(accept);
+        (self.render)(format, out);
+        format.content_type()
+    }
+
+    fn index(&mut self, page: &mut IndexPage) {
+        page.title("qcow-metal guest");
+        for (label, value) in self.facts {
+            page.fact(label, value);
+        }
+    }
+
+    fn healthz(&mut self) -> Health {
+        self.health.clone()
+    }
+
+    fn http_stats(&self) -> &HttpStats {
+        self.stats
+    }
+}
+
+/// One metrics client.
+pub struct HttpSession {
+    conn: Connection,
+    /// The socket was asked to close (FIN sent or being sent).
+    closing: bool,
+}
+
+impl HttpSession {
+    /// A session for a connection accepted at `now_ms`.
+    pub fn new(now_ms: u64) -> Self {
+        HttpSession {
+            conn: Connection::new(Config::default(), now_ms),
+            closing: false,
+        }
+    }
+
+    /// Moves bytes between the socket and the responder, answers complete requests, applies
+    /// the idle timeout, and closes the socket when the responder is done. Returns whether
+    /// anything moved.
+    pub fn drive(
+        &mut self,
+        socket: &mut tcp::Socket<'_>,
+        now_ms: u64,
+        site: &mut impl Site,
+    ) -> bool {
+        if self.closing {
+            return false;
+        }
+        let mut progress = false;
+        loop {
+            let mut moved = false;
+            // Received bytes, as far as the responder takes them.
+            if socket.can_recv() {
+                let taken = socket
+                    .recv(|buf| {
+                        let n = self.conn.receive(buf, now_ms, site);
+                        (n, n)
+                    })
+                    .unwrap_or(0);
+                moved |= taken > 0;
+            }
+            self.conn.poll(now_ms, site);
+            // Response bytes, as far as the socket takes them.
+            while self.conn.has_pending_output() && socket.can_send() {
+                let n = socket.send_slice(self.conn.pending_output()).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                self.conn.consume_output(n, now_ms);
+                self.conn.poll(now_ms, site);
+                moved = true;
+            }
+            progress |= moved;
+            if !moved {
+                break;
+            }
+        }
+        // The peer finished sending and everything it sent was taken.
+        if !socket.may_recv() && socket.recv_queue() == 0 && !self.conn.wants_close() {
+            self.conn.receive_eof(now_ms, site);
+            progress = true;
+            while self.conn.has_pending_output() && socket.can_send() {
+                let n = socket.send_slice(self.conn.pending_output()).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                self.conn.consume_output(n, now_ms);
+            }
+        }
+        if self.conn.is_closed() {
+            socket.close();
+            self.closing = true;
+            progress = true;
+        }
+        progress
+    }
+
+    /// When [`HttpSession::drive`] must run again at the latest (the idle timeout).
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        if self.closing {
+            None
+        } else {
+            self.conn.next_deadline()
+        }
+    }
+}

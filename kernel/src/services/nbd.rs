@@ -1,0 +1,88 @@
+//! The NBD port: drives `qcow_metal::nbd::Connection` over a smoltcp TCP socket.
+//!
+//! Bytes flow without intermediate buffers in the kernel: the socket's receive buffer is
+//! offered to the connection in place (it copies what it takes into its input queue), and
+//! the connection's output is copied straight into the socket's transmit buffer. Disk I/O
+//! happens inside [`qcow_metal::nbd::Connection::process`], which stops producing replies
+//! once its output high-water mark is reached, so one client cannot starve the others.
+
+use qcow_metal::disk::VirtualDisk;
+use qcow_metal::nbd::{Connection, NbdStats, ServerConfig};
+use smoltcp::socket::tcp;
+
+/// Turns of receive/process/send per call, so that one busy client yields to the others and
+/// to the network stack (which must run to free transmit space and take in more data).
+const TURNS_PER_DRIVE: usize = 8;
+
+/// One NBD client.
+pub struct NbdSession {
+    conn: Connection,
+    /// The socket was asked to close.
+    closing: bool,
+}
+
+impl NbdSession {
+    /// A session for a freshly accepted connection: the greeting is ready to be sent.
+    pub fn new(config: &ServerConfig) -> Self {
+        NbdSession {
+            conn: Connection::new(config),
+            closing: false,
+        }
+    }
+
+    /// Moves bytes between the socket and the NBD state machine and serves requests on
+    /// `disk`. Returns whether anything moved.
+    pub fn drive<D: VirtualDisk + ?Sized>(
+        &mut self,
+        socket: &mut tcp::Socket<'_>,
+        disk: &mut D,
+        stats: &mut NbdStats,
+    ) -> bool {
+        if self.closing {
+            return false;
+        }
+        let mut progress = false;
+        for _ in 0..TURNS_PER_DRIVE {
+            let mut moved = false;
+            if socket.can_recv() && self.conn.input_space() > 0 {
+                let taken = socket
+                    .recv(|buf| {
+                        let n = self.conn.receive(buf);
+                        (n, n)
+                    })
+                    .unwrap_or(0);
+                moved |= taken > 0;
+            }
+            moved |= self.conn.process(disk, stats);
+            while !self.conn.output().is_empty() && socket.can_send() {
+                let n = socket.send_slice(self.conn.output()).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                self.conn.consume_output(n);
+                moved = true;
+            }
+            progress |= moved;
+            if !moved {
+                break;
+            }
+        }
+        // The client went away (FIN or reset) and nothing it sent is left to serve.
+        let peer_gone = !socket.may_recv() && socket.recv_queue() == 0;
+        if peer_gone && !self.conn.is_closing() {
+            self.conn.close(stats);
+            progress = true;
+        }
+        if self.conn.is_closed() || (self.conn.is_closing() && !socket.may_send()) {
+            socket.close();
+            self.closing = true;
+            progress = true;
+        }
+        progress
+    }
+
+    /// The connection is being dropped (socket reset or recycled): updates the counts.
+    pub fn end(&mut self, stats: &mut NbdStats) {
+        self.conn.close(stats);
+    }
+}
