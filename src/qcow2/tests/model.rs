@@ -1,1 +1,314 @@
+//! Model-based random tests: random writes, reads, flushes, discards, write-zeroes and
+//! reopens at random offsets and lengths, compared byte for byte with an in-memory model;
+//! afterwards the image must pass our check and `qemu-img check`, and `qemu-img compare`
+//! must find it equal to the model. Plus crash tests: the device stops taking writes at a
+//! random point, and the image left behind must have no corruption (leaks are allowed).
 
+use super::util::*;
+use crate::block::{BlockDevice, BlockError, MemDisk};
+use crate::disk::VirtualDisk;
+use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { off: u64, len: u64, seed: u8 },
+    Read { off: u64, len: u64 },
+    Flush,
+    Discard { off: u64, len: u64 },
+    Zero { off: u64, len: u64, unmap: bool },
+    Reopen,
+}
+
+/// Offsets and lengths scaled to the disk: mostly small, sometimes spanning clusters.
+fn op(size: u64, cs: u64) -> impl Strategy<Value = Op> {
+    let span = (cs * 3 + cs / 2).min(size);
+    let range = move || {
+        (0..size, 1..=span).prop_map(move |(off, len)| {
+            let len = len.min(size - off).max(1);
+            (off.min(size - 1), len)
+        })
+    };
+    let aligned = move || {
+        (0..size / cs, 1..=4u64).prop_map(move |(c, n)| {
+            let off = c * cs;
+            (off, (n * cs).min(size - off))
+        })
+    };
+    prop_oneof![
+        4 => (range(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        2 => (aligned(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        3 => range().prop_map(|(off, len)| Op::Read { off, len }),
+        1 => Just(Op::Flush),
+        1 => range().prop_map(|(off, len)| Op::Discard { off, len }),
+        1 => aligned().prop_map(|(off, len)| Op::Discard { off, len }),
+        1 => (range(), any::<bool>()).prop_map(|((off, len), unmap)| Op::Zero { off, len, unmap }),
+        1 => (aligned(), any::<bool>()).prop_map(|((off, len), unmap)| Op::Zero { off, len, unmap }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn pattern(len: u64, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+        .collect()
+}
+
+/// The bytes a discard zeroes: whole clusters inside the range (the last partial cluster of
+/// the disk counts as whole).
+fn discarded(off: u64, len: u64, cs: u64, size: u64) -> (u64, u64) {
+    let first = off.div_ceil(cs) * cs;
+    let end = if off + len == size {
+        size
+    } else {
+        (off + len) / cs * cs
+    };
+    (first.min(size), end.max(first.min(size)))
+}
+
+fn open_opts(small: bool) -> OpenOptions {
+    if small {
+        small_cache()
+    } else {
+        OpenOptions::default()
+    }
+}
+
+fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
+    let size = (cs * 24).max(1 << 20) + 1536;
+    let mut q = Qcow2::create(
+        MemDisk::growable(),
+        &CreateOptions {
+            virtual_size: size,
+            cluster_size: cs,
+            refcount_bits: rb,
+            lazy_refcounts: lazy,
+            open: open_opts(small),
+        },
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    for o in ops {
+        match *o {
+            Op::Write { off, len, seed } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                let data = pattern(len, seed);
+                q.write(off, &data).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            Op::Read { off, len } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                let mut buf = vec![0xEEu8; len as usize];
+                q.read(off, &mut buf).unwrap();
+                assert!(
+                    buf == model[off as usize..(off + len) as usize],
+                    "read mismatch at {off}+{len}"
+                );
+            }
+            Op::Flush => q.flush().unwrap(),
+            Op::Discard { off, len } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                q.discard(off, len).unwrap();
+                let (a, b) = discarded(off, len, cs, size);
+                model[a as usize..b as usize].fill(0);
+            }
+            Op::Zero { off, len, unmap } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                q.write_zeroes(off, len, unmap).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            Op::Reopen => {
+                let dev = q.close().unwrap();
+                q = Qcow2::open(dev, open_opts(small)).unwrap();
+            }
+        }
+    }
+    let mut all = vec![0u8; size as usize];
+    q.read(0, &mut all).unwrap();
+    assert!(all == model, "whole-disk read differs from the model");
+    let report = q.check().unwrap();
+    assert!(report.is_clean(), "our check: {report}");
+    let dev = q.close().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    let raw = dir.path().join("model.raw");
+    save(&dev, &img);
+    std::fs::write(&raw, &model).unwrap();
+    assert_qemu_clean(&img);
+    let o = qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+macro_rules! model_test {
+    ($name:ident, $cs:expr, $rb:expr, $cases:expr, $n:expr) => {
+        proptest! {
+            #![proptest_config(config($cases))]
+            #[test]
+            fn $name(
+                ops in proptest::collection::vec(op(($cs * 24u64).max(1 << 20) + 1536, $cs), 1..$n),
+                lazy in any::<bool>(),
+                small in any::<bool>(),
+            ) {
+                run($cs, $rb, lazy, small, &ops);
+            }
+        }
+    };
+}
+
+model_test!(model_512_rc1, 512, 1, 12, 60);
+model_test!(model_512_rc64, 512, 64, 12, 60);
+model_test!(model_4k_rc16, 4096, 16, 12, 60);
+model_test!(model_4k_rc1, 4096, 1, 8, 60);
+model_test!(model_64k_rc64, 65536, 64, 8, 40);
+model_test!(model_64k_rc16, 65536, 16, 8, 40);
+model_test!(model_2m_rc16, 2 << 20, 16, 4, 25);
+model_test!(model_2m_rc1, 2 << 20, 1, 3, 20);
+
+/// A device that stops taking writes after a budget (a power cut at a random point).
+struct CrashDisk {
+    inner: MemDisk,
+    writes_left: u64,
+}
+
+impl BlockDevice for CrashDisk {
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        if self.writes_left == 0 {
+            return Err(BlockError::Io);
+        }
+        self.writes_left -= 1;
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        if self.writes_left == 0 {
+            return Err(BlockError::Io);
+        }
+        self.inner.flush()
+    }
+    fn discard(&mut self, _offset: u64, _len: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+fn crash_run(cs: u64, rb: u32, budget: u64, small: bool, ops: &[Op]) -> u64 {
+    let size = (cs * 24).max(1 << 20) + 1536;
+    let base = Qcow2::create(
+        MemDisk::growable(),
+        &CreateOptions {
+            virtual_size: size,
+            cluster_size: cs,
+            refcount_bits: rb,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let dev = CrashDisk {
+        inner: base,
+        writes_left: budget,
+    };
+    let mut q = Qcow2::open(dev, open_opts(small)).unwrap();
+    for o in ops {
+        let r = match *o {
+            Op::Write { off, len, seed } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                q.write(off, &pattern(len, seed))
+            }
+            Op::Flush | Op::Reopen => q.flush(),
+            Op::Discard { off, len } => {
+                let off = off.min(size - 1);
+                q.discard(off, len.min(size - off))
+            }
+            Op::Zero { off, len, unmap } => {
+                let off = off.min(size - 1);
+                q.write_zeroes(off, len.min(size - off), unmap)
+            }
+            Op::Read { .. } => Ok(()),
+        };
+        if r.is_err() {
+            break;
+        }
+    }
+    // Power cut: whatever reached the device is the image.
+    let used = budget - q.device().writes_left;
+    let disk = q.device().inner.clone();
+    let mut q = Qcow2::open(
+        disk,
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let report = q.check().unwrap();
+    assert_eq!(report.corruptions, 0, "corruption after a crash: {report}");
+    assert_eq!(report.check_errors, 0, "{report}");
+    used
+}
+
+/// Runs the ops once to count the device writes, then cuts the power after many different
+/// numbers of writes (every write when there are few).
+fn crash_sweep(cs: u64, rb: u32, small: bool, ops: &[Op]) {
+    let total = crash_run(cs, rb, u64::MAX / 2, small, ops);
+    let step = (total / 40).max(1);
+    let mut k = 0;
+    while k <= total {
+        crash_run(cs, rb, k, small, ops);
+        k += step;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(6))]
+    #[test]
+    fn crash_leaves_no_corruption(
+        ops in proptest::collection::vec(op((512u64 * 24).max(1 << 20) + 1536, 512), 1..50),
+        rb in prop_oneof![Just(1u32), Just(16), Just(64)],
+        small in any::<bool>(),
+    ) {
+        crash_sweep(512, rb, small, &ops);
+    }
+
+    #[test]
+    fn crash_leaves_no_corruption_4k(
+        ops in proptest::collection::vec(op((4096u64 * 24).max(1 << 20) + 1536, 4096), 1..50),
+        small in any::<bool>(),
+    ) {
+        crash_sweep(4096, 16, small, &ops);
+    }
+}
