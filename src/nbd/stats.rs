@@ -157,8 +157,8 @@ impl From<DiskError> for NbdError {
 }
 
 /// Counters of one NBD export, summed over its connections. Counts are exact: a request is
-/// counted once when it is answered; failed requests are also counted in `errors`, and bytes
-/// only for requests that succeeded.
+/// counted once, when its header has been received; failed requests are also counted in
+/// `errors`, and bytes only for requests that succeeded.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NbdStats {
     /// Connections open now (handshake or transmission).
