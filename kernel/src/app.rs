@@ -41,6 +41,7 @@ use qcow_metal::metrics::families::{
 };
 use qcow_metal::metrics::{Format, Instrumented};
 use qcow_metal::nbd::{Command, NbdError, NbdStats, ServerConfig};
+use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 
@@ -50,7 +51,7 @@ use crate::services::http::{GuestSite, HttpSession};
 use crate::services::nbd::NbdSession;
 use crate::virtio::blk::VirtioBlk;
 use crate::virtio::net::{NetStats, VirtioNet};
-use crate::{Platform, VERSION, power, time};
+use crate::{Platform, VERSION, apic, power, time};
 
 /// The block device the disk sits on: virtio-blk, byte-addressed.
 pub type Device = Sectored<VirtioBlk>;
@@ -59,10 +60,18 @@ pub type Device = Sectored<VirtioBlk>;
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// How often the engine's background work runs while the guest is otherwise idle.
-const BACKGROUND_INTERVAL_MS: u64 = 1000;
+const BACKGROUND_INTERVAL_MS: u64 = 5000;
+
+/// Longest halt of an idle guest (the power button is polled in between).
+const MAX_IDLE_MS: u64 = 100;
+
+/// How long the space figures of a scrape may be reused (computing them walks the tables).
+const SPACE_REFRESH_MS: u64 = 5000;
 
 /// The disk the NBD export serves, or why there is none.
 pub enum Disk {
+    /// The qcow2 engine on the device.
+    Qcow2(Box<Instrumented<Qcow2<Device>>>),
     /// The device's bytes served as they are.
     Raw(Box<Instrumented<RawDisk<Device>>>),
     /// No usable disk: the reason is logged, shown on `/`, `/healthz` and in the metrics.
@@ -73,6 +82,7 @@ impl Disk {
     /// The disk to serve, if there is one.
     pub fn virtual_disk(&mut self) -> Option<&mut dyn VirtualDisk> {
         match self {
+            Disk::Qcow2(d) => Some(&mut **d),
             Disk::Raw(d) => Some(&mut **d),
             Disk::Unavailable(_) => None,
         }
@@ -81,16 +91,65 @@ impl Disk {
     /// `"qcow2"`, `"raw"` or `"none"`.
     pub fn format_name(&self) -> &'static str {
         match self {
+            Disk::Qcow2(_) => "qcow2",
             Disk::Raw(_) => "raw",
             Disk::Unavailable(_) => "none",
         }
     }
 
-    /// What the engine reports, for the metrics.
-    fn snapshot(&self) -> EngineSnapshot {
+    /// Size of the virtual disk in bytes (0 without a disk).
+    pub fn size(&self) -> u64 {
         match self {
+            Disk::Qcow2(d) => d.size(),
+            Disk::Raw(d) => d.size(),
+            Disk::Unavailable(_) => 0,
+        }
+    }
+
+    /// What the engine reports, for the metrics. The space figures walk the tables, so they
+    /// are refreshed at most every [`SPACE_REFRESH_MS`] (`cache` keeps the last ones).
+    fn snapshot(&mut self, cache: &mut Option<(u64, SpaceInfo)>) -> EngineSnapshot {
+        match self {
+            Disk::Qcow2(d) => {
+                let engine = d.inner_mut();
+                let now_ms = time::now_ms();
+                let fresh = cache.is_some_and(|(at, _)| now_ms < at + SPACE_REFRESH_MS);
+                if !fresh {
+                    match engine.space() {
+                        Ok(space) => *cache = Some((now_ms, space)),
+                        Err(e) => warn!("qcow2: space accounting failed: {e}"),
+                    }
+                }
+                let space = cache.map(|(_, s)| s).unwrap_or_default();
+                let st = engine.stats();
+                EngineSnapshot {
+                    virtual_size: space.virtual_size,
+                    cluster_size: space.cluster_size,
+                    data_bytes: space.data_bytes,
+                    metadata_bytes: space.metadata_bytes,
+                    image_extent: space.image_extent,
+                    free_clusters: space.free_clusters,
+                    clusters_allocated: st.clusters_allocated,
+                    clusters_freed: st.clusters_freed,
+                    cow_bytes: st.cow_bytes,
+                    l2_cache_hits: st.l2_cache_hits,
+                    l2_cache_misses: st.l2_cache_misses,
+                    refcount_cache_hits: st.refcount_cache_hits,
+                    refcount_cache_misses: st.refcount_cache_misses,
+                    metadata_written_bytes: st.metadata_bytes_written,
+                    reclaim: [
+                        st.reclaim_junk,
+                        st.reclaim_erased,
+                        st.reclaim_available,
+                        st.reclaim_copied,
+                        st.reclaim_flushed,
+                        st.reclaim_referenced,
+                    ],
+                    reclaim_roots: 0,
+                }
+            }
             Disk::Raw(d) => {
-                let size = d.inner().size();
+                let size = d.size();
                 EngineSnapshot {
                     virtual_size: size,
                     data_bytes: size,
@@ -102,14 +161,29 @@ impl Disk {
         }
     }
 
-    /// Periodic engine work (metadata write-back timer, reclaim steps).
-    fn background(&mut self, _now_ms: u64) {}
+    /// Periodic engine work while the guest is idle: dirty metadata is written back (in
+    /// crash-safe order), so a crash loses little.
+    fn background(&mut self) {
+        if let Disk::Qcow2(d) = self
+            && let Err(e) = d.inner_mut().flush_metadata()
+        {
+            warn!("qcow2: metadata write-back failed: {e}");
+        }
+    }
 
-    /// Makes everything written durable: engine metadata, then the device's cache.
-    fn flush(&mut self) -> Result<(), String> {
-        match self.virtual_disk() {
-            Some(d) => d.flush().map_err(|e| format!("{e}")),
-            None => Ok(()),
+    /// Makes everything durable and leaves the image clean (qcow2: metadata and refcounts
+    /// written, dirty bit cleared; then the device's cache flushed).
+    fn close(self) -> Result<(), String> {
+        match self {
+            Disk::Qcow2(d) => {
+                let mut dev = d.into_inner().close().map_err(|e| format!("{e}"))?;
+                dev.flush().map_err(|e| format!("{e}"))
+            }
+            Disk::Raw(d) => {
+                let mut dev = d.into_inner().into_inner();
+                dev.flush().map_err(|e| format!("{e}"))
+            }
+            Disk::Unavailable(_) => Ok(()),
         }
     }
 }
@@ -127,20 +201,32 @@ pub fn open_disk(dev: Option<Device>, config: &Config, metrics: &GuestMetrics) -
         DiskFormat::Qcow2 => true,
         DiskFormat::Raw => false,
     };
-    if want_qcow2 {
-        if !is_qcow2 {
-            return Disk::Unavailable(String::from(
-                "format=qcow2, but the device does not start with the qcow2 magic",
-            ));
-        }
-        return Disk::Unavailable(String::from("the qcow2 engine is not available yet"));
+    if !want_qcow2 {
+        return Disk::Raw(Box::new(Instrumented::new(
+            RawDisk::new(dev),
+            metrics.disk.clone(),
+            time::now_ns,
+        )));
     }
-    let raw = RawDisk::new(dev);
-    Disk::Raw(Box::new(Instrumented::new(
-        raw,
-        metrics.disk.clone(),
-        time::now_ns,
-    )))
+    if !is_qcow2 {
+        return Disk::Unavailable(String::from(
+            "format=qcow2, but the device does not start with the qcow2 magic",
+        ));
+    }
+    let options = OpenOptions {
+        read_only: config.read_only,
+        l2_cache_bytes: config.l2_cache,
+        refcount_cache_bytes: config.refcount_cache,
+        ..OpenOptions::default()
+    };
+    match Qcow2::open(dev, options) {
+        Ok(engine) => Disk::Qcow2(Box::new(Instrumented::new(
+            engine,
+            metrics.disk.clone(),
+            time::now_ns,
+        ))),
+        Err(e) => Disk::Unavailable(format!("the qcow2 image cannot be opened: {e}")),
+    }
 }
 
 /// Everything the loop owns.
@@ -156,7 +242,10 @@ struct Guest {
     nbd_stats: NbdStats,
     http_stats: HttpStats,
     facts: Vec<(&'static str, String)>,
-    heap_bytes: u64,
+    /// virtio-net's interrupt wakes the CPU from [`apic::idle_until`].
+    net_wakes: bool,
+    /// Last space figures of the engine, and when they were computed.
+    space_cache: Option<(u64, SpaceInfo)>,
 }
 
 /// Runs the guest's services forever (or until the power button powers it off).
@@ -205,13 +294,25 @@ pub fn run(platform: Platform) -> ! {
             park(disk);
         }
     };
+    let net_device = platform
+        .pci_devices
+        .iter()
+        .find(|d| d.virtio_kind() == Some(crate::pci::VirtioKind::Net));
+    let net_wakes = match net_device.and_then(apic::enable_wake) {
+        Some(pin) => {
+            dev.enable_interrupts();
+            info!("virtio-net wakes the idle CPU (I/O APIC pin {pin})");
+            true
+        }
+        None => {
+            warn!("virtio-net cannot wake the CPU: idling polls every millisecond");
+            false
+        }
+    };
     let seed = crate::cpu::rdtsc();
     let net = Network::new(&mut dev, &config, now(), seed);
 
-    let size = match &disk {
-        Disk::Raw(d) => d.inner().size(),
-        Disk::Unavailable(_) => 0,
-    };
+    let size = disk.size();
     let mut facts = vec![
         ("version", String::from(VERSION)),
         ("export", config.export.clone()),
@@ -243,7 +344,8 @@ pub fn run(platform: Platform) -> ! {
         nbd_stats: NbdStats::default(),
         http_stats: HttpStats::new(),
         facts,
-        heap_bytes: platform.heap_bytes,
+        net_wakes,
+        space_cache: None,
     };
     info!(
         "main loop: serving metrics on :{} and NBD on :{}",
@@ -258,21 +360,21 @@ fn now() -> Instant {
 }
 
 /// Without a network there is nothing to serve: wait for the power button.
-fn park(mut disk: Disk) -> ! {
+fn park(disk: Disk) -> ! {
     loop {
         if power::power_button_pressed() {
-            shut_down(&mut disk);
+            shut_down(disk);
         }
-        time::delay_us(1000);
+        apic::idle_until(time::now_ns() + 100_000_000);
     }
 }
 
-/// Flushes the disk and powers off.
-fn shut_down(disk: &mut Disk) -> ! {
-    info!("power button pressed: flushing the disk");
-    match disk.flush() {
-        Ok(()) => info!("disk flushed; powering off"),
-        Err(e) => error!("disk flush failed: {e}; powering off anyway"),
+/// Closes the disk (everything durable, image clean) and powers off.
+fn shut_down(disk: Disk) -> ! {
+    info!("power button pressed: closing the disk");
+    match disk.close() {
+        Ok(()) => info!("disk closed and flushed; powering off"),
+        Err(e) => error!("closing the disk failed: {e}; powering off anyway"),
     }
     power::shutdown(GuestExit::Clean)
 }
@@ -291,11 +393,12 @@ impl Guest {
             }
             let now_ms = time::now_ms();
             if now_ms >= next_background {
-                self.disk.background(now_ms);
+                self.disk.background();
                 next_background = now_ms + BACKGROUND_INTERVAL_MS;
             }
             if power::power_button_pressed() {
-                shut_down(&mut self.disk);
+                let disk = core::mem::replace(&mut self.disk, Disk::Unavailable(String::new()));
+                shut_down(disk);
             }
             let deadline = self.next_deadline_ms(now).min(next_background);
             self.idle_until(deadline);
@@ -334,24 +437,25 @@ impl Guest {
             }
             match slot {
                 Some(Session::Http(s)) => {
+                    let health = match &self.disk {
+                        Disk::Unavailable(why) => Health::Unavailable(why.clone()),
+                        _ => Health::Ok,
+                    };
                     let mut render = |format: Format, out: &mut Vec<u8>| {
+                        let engine = self.disk.snapshot(&mut self.space_cache);
                         update_metrics(
                             &self.metrics,
-                            &self.disk,
+                            &engine,
                             &self.nbd_stats,
                             &self.http_stats,
                             &self.net_stats,
-                            self.heap_bytes,
                         );
                         self.metrics.render_into(format, out);
                     };
                     let mut site = GuestSite {
                         render: &mut render,
                         facts: &self.facts,
-                        health: match &self.disk {
-                            Disk::Unavailable(why) => Health::Unavailable(why.clone()),
-                            _ => Health::Ok,
-                        },
+                        health,
                         stats: &self.http_stats,
                     };
                     busy |= s.drive(socket, now_ms, &mut site);
@@ -389,14 +493,21 @@ impl Guest {
         deadline
     }
 
-    /// Waits until `deadline_ms` or until a frame arrives, whichever comes first. Without
-    /// interrupts this spins on the receive ring; with them it would `hlt`.
+    /// Waits until `deadline_ms` or until a frame arrives, whichever comes first, with the
+    /// CPU halted ([`apic::idle_until`]): virtio-net's interrupt ends the wait early when it
+    /// is wired ([`apic::enable_wake`]); otherwise the wait is cut into short slices that
+    /// look at the receive ring. The power button is polled, so a wait is never longer than
+    /// [`MAX_IDLE_MS`].
     fn idle_until(&mut self, deadline_ms: u64) {
-        while time::now_ms() < deadline_ms {
-            if self.dev.has_rx() || power::power_button_pressed() {
-                return;
-            }
-            core::hint::spin_loop();
+        if self.dev.has_rx() {
+            return;
+        }
+        let slice_ms = if self.net_wakes { MAX_IDLE_MS } else { 1 };
+        let now_ms = time::now_ms();
+        let until_ms = deadline_ms.min(now_ms + slice_ms);
+        apic::idle_until(until_ms.saturating_mul(1_000_000));
+        if apic::take_device_wake() {
+            self.dev.ack_interrupt();
         }
     }
 }
@@ -404,14 +515,14 @@ impl Guest {
 /// Copies the figures kept outside the registry into it, just before a scrape renders it.
 fn update_metrics(
     metrics: &GuestMetrics,
-    disk: &Disk,
+    engine: &EngineSnapshot,
     nbd: &NbdStats,
     http: &HttpStats,
     net: &NetStats,
-    heap_bytes: u64,
 ) {
+    let heap = crate::heap::stats();
     use core::sync::atomic::Ordering::Relaxed;
-    metrics.disk.update(&disk.snapshot());
+    metrics.disk.update(engine);
     let mut n = NbdSnapshot {
         connections_active: nbd.connections_active,
         connections_total: nbd.connections_total,
@@ -439,8 +550,8 @@ fn update_metrics(
     metrics.http.update(&HttpSnapshot::from(&http.snapshot()));
     metrics.system.update(&SystemSnapshot {
         uptime_seconds: time::now_ns() as f64 / 1e9,
-        heap_size: heap_bytes,
-        heap_used: 0,
+        heap_size: heap.claimed_bytes,
+        heap_used: heap.allocated_bytes,
         rx_packets: net.rx_packets.load(Relaxed),
         tx_packets: net.tx_packets.load(Relaxed),
         rx_bytes: net.rx_bytes.load(Relaxed),

@@ -131,6 +131,16 @@ impl VirtioNet {
         self.mac
     }
 
+    /// Lets the device interrupt (INTx) when it uses a buffer, to wake an idle CPU.
+    pub fn enable_interrupts(&mut self) {
+        self.inner.get_mut().raw.enable_interrupts();
+    }
+
+    /// Acknowledges a pending interrupt (reading the ISR deasserts the INTx line).
+    pub fn ack_interrupt(&mut self) {
+        let _ = self.inner.get_mut().raw.ack_interrupt();
+    }
+
     /// Whether a received frame is waiting (cheap: one look at the used ring).
     pub fn has_rx(&self) -> bool {
         self.inner.borrow().raw.poll_receive().is_some()
