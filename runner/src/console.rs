@@ -10,9 +10,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// Where a captured stream is echoed live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Echo {
     /// Not echoed.
+    #[default]
     Off,
     /// Echoed to this process's stdout.
     Stdout,
@@ -30,6 +31,22 @@ struct State {
     text: String,
     /// The stream reached its end (QEMU exited or closed it).
     closed: bool,
+    /// Where new output is echoed.
+    echo: Echo,
+}
+
+fn echo_to(echo: Echo, bytes: &[u8]) {
+    // Echo failures (a closed terminal) must not stop the capture the waiters depend on.
+    match echo {
+        Echo::Off => {}
+        Echo::Stdout => {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(bytes).and_then(|()| out.flush());
+        }
+        Echo::Stderr => {
+            let _ = io::stderr().lock().write_all(bytes);
+        }
+    }
 }
 
 /// The result of waiting for a line.
@@ -57,7 +74,13 @@ impl Console {
         mut log: Option<File>,
     ) -> Console {
         let console = Console {
-            shared: Arc::new((Mutex::new(State::default()), Condvar::new())),
+            shared: Arc::new((
+                Mutex::new(State {
+                    echo,
+                    ..State::default()
+                }),
+                Condvar::new(),
+            )),
         };
         let shared = console.clone();
         thread::spawn(move || {
@@ -70,18 +93,7 @@ impl Console {
                     Err(_) => break,
                 };
                 let chunk = &buf[..n];
-                // Echo and log failures (a closed terminal, a full disk) must not stop the
-                // capture the waiters depend on.
-                match echo {
-                    Echo::Off => {}
-                    Echo::Stdout => {
-                        let mut out = io::stdout().lock();
-                        let _ = out.write_all(chunk).and_then(|()| out.flush());
-                    }
-                    Echo::Stderr => {
-                        let _ = io::stderr().lock().write_all(chunk);
-                    }
-                }
+                // A log failure (a full disk) must not stop the capture either.
                 if let Some(f) = log.as_mut() {
                     let _ = f.write_all(chunk);
                 }
@@ -110,6 +122,8 @@ impl Console {
         let now = Instant::now();
         let text = String::from_utf8_lossy(chunk);
         let mut st = self.lock();
+        // Echoed under the lock, so that `set_echo`'s replay and live output keep order.
+        echo_to(st.echo, chunk);
         st.text.push_str(&text);
         for c in text.chars() {
             match c {
@@ -122,6 +136,15 @@ impl Console {
             }
         }
         self.shared.1.notify_all();
+    }
+
+    /// Starts (or stops) echoing; when `replay`, first echoes what was received so far.
+    pub fn set_echo(&self, echo: Echo, replay: bool) {
+        let mut st = self.lock();
+        if replay {
+            echo_to(echo, st.text.as_bytes());
+        }
+        st.echo = echo;
     }
 
     /// Everything received so far.

@@ -272,19 +272,46 @@ impl GuestBuilder {
         let accel = match self.accel {
             Accel::Tcg => AccelKind::Tcg,
             Accel::Kvm => AccelKind::Kvm,
-            Accel::Auto if qemu::kvm_usable() => AccelKind::Kvm,
-            Accel::Auto => AccelKind::Tcg,
-        };
-        let mut guest = self.spawn_retrying_ports(&qemu, &kernel, &disk, &dir, accel)?;
-        if self.accel == Accel::Auto && accel == AccelKind::Kvm {
-            let came_up = guest.wait_for_kvm_boot();
-            if !came_up {
-                if self.echo {
-                    eprintln!("qcow-metal: the guest did not come up under KVM; retrying with TCG");
+            Accel::Auto => match qemu::kvm_unusable_reason() {
+                None => AccelKind::Kvm,
+                Some(why) => {
+                    if self.echo {
+                        eprintln!("qcow-metal: accel auto: using TCG ({why})");
+                    }
+                    AccelKind::Tcg
                 }
-                guest.kill();
-                drop(guest);
-                guest = self.spawn_retrying_ports(&qemu, &kernel, &disk, &dir, AccelKind::Tcg)?;
+            },
+        };
+        let trial = self.accel == Accel::Auto && accel == AccelKind::Kvm;
+        // A KVM trial runs silently; its output is replayed when it is kept.
+        let echo = self.echo && !trial;
+        let mut guest = self.spawn_retrying_ports(&qemu, &kernel, &disk, &dir, accel, echo)?;
+        if trial {
+            match guest.wait_for_kvm_boot() {
+                None => {
+                    if self.echo {
+                        guest.console.set_echo(Echo::Stdout, true);
+                        guest.stderr.set_echo(Echo::Stderr, true);
+                    }
+                }
+                Some(why) => {
+                    if self.echo {
+                        eprintln!(
+                            "qcow-metal: the guest does not run under KVM here ({why}); \
+                             retrying with TCG (--accel tcg skips the attempt)"
+                        );
+                    }
+                    guest.kill();
+                    drop(guest);
+                    guest = self.spawn_retrying_ports(
+                        &qemu,
+                        &kernel,
+                        &disk,
+                        &dir,
+                        AccelKind::Tcg,
+                        self.echo,
+                    )?;
+                }
             }
         }
         guest.dir = Some(dir);
@@ -348,6 +375,7 @@ impl GuestBuilder {
         disk: &PreparedDisk,
         dir: &TempDir,
         accel: AccelKind,
+        echo: bool,
     ) -> Result<Guest> {
         let mut attempt = 0;
         loop {
@@ -365,15 +393,8 @@ impl GuestBuilder {
                     }
                 },
             };
-            let mut guest = self.spawn(
-                qemu,
-                kernel,
-                disk,
-                dir.path(),
-                accel,
-                metrics_port,
-                nbd_port,
-            )?;
+            let ports = (metrics_port, nbd_port);
+            let mut guest = self.spawn(qemu, kernel, disk, dir.path(), accel, ports, echo)?;
             if let Err(e) = guest.connect_qmp() {
                 if guest.try_outcome()?.is_none() {
                     return Err(e);
@@ -420,8 +441,8 @@ impl GuestBuilder {
         disk: &PreparedDisk,
         dir: &Path,
         accel: AccelKind,
-        metrics_port: u16,
-        nbd_port: u16,
+        (metrics_port, nbd_port): (u16, u16),
+        echo: bool,
     ) -> Result<Guest> {
         let qmp_socket = dir.join(format!("qmp-{}.sock", accel.as_str()));
         let _ = std::fs::remove_file(&qmp_socket);
@@ -473,7 +494,6 @@ impl GuestBuilder {
             let _ = child.wait();
             return Err(Error::Qemu("QEMU's output pipes are missing".into()));
         };
-        let echo = self.echo;
         let console = Console::capture(
             stdout,
             if echo { Echo::Stdout } else { Echo::Off },
@@ -696,18 +716,25 @@ impl Guest {
         }
     }
 
-    /// Shuts the guest down cleanly: QMP `system_powerdown` (the guest flushes and exits),
-    /// then, if it has not exited within the shutdown timeout, `quit`, then a kill.
+    /// Shuts the guest down cleanly: QMP `system_powerdown` (the ACPI power button: the
+    /// guest flushes and exits), repeated every second; if the guest has not exited within
+    /// the shutdown timeout, QMP `quit`, then a kill.
     /// Returns how it ended; [`GuestOutcome::is_clean`] tells whether the guest flushed.
     pub fn shutdown(&mut self) -> Result<GuestOutcome> {
         if let Some(o) = self.try_outcome()? {
             return Ok(o);
         }
-        let powerdown = self.qmp().and_then(|q| q.system_powerdown());
-        if powerdown.is_ok()
-            && let Ok(o) = self.wait_exit(self.shutdown_timeout)
-        {
-            return Ok(o);
+        // The button is pressed again every second: a guest still booting has not armed
+        // its ACPI power button yet and would miss a single press.
+        let deadline = Instant::now() + self.shutdown_timeout;
+        while Instant::now() < deadline {
+            if self.qmp().and_then(|q| q.system_powerdown()).is_err() {
+                break;
+            }
+            let slice = Duration::from_secs(1).min(deadline - Instant::now());
+            if let Ok(o) = self.wait_exit(slice) {
+                return Ok(o);
+            }
         }
         if let Some(o) = self.try_outcome()? {
             return Ok(o);
@@ -774,26 +801,36 @@ impl Guest {
         }
     }
 
-    /// Under KVM (`auto`): whether the guest came up, or stopped with a result of its own.
-    /// False on KVM's failure signs (QEMU's "KVM internal error", a stopped VM) or no
-    /// banner in time.
-    fn wait_for_kvm_boot(&mut self) -> bool {
+    /// Under KVM (`auto`): `None` when the guest came up (or stopped with a result of its
+    /// own), else why KVM is unusable: QEMU's "KVM internal error", or no banner in time.
+    fn wait_for_kvm_boot(&mut self) -> Option<String> {
         let stderr = self.stderr.clone();
-        let kvm_failed = move || {
+        let kvm_failure = move || {
             let text = stderr.text();
-            KVM_FAILURE_SIGNS.iter().any(|s| text.contains(s))
+            KVM_FAILURE_SIGNS
+                .iter()
+                .find(|s| text.contains(*s))
+                .map(|s| s.to_string())
         };
-        let failed = kvm_failed.clone();
-        match self.console.wait_for(is_banner, KVM_BANNER_TIMEOUT, failed) {
-            Wait::Found(..) => !kvm_failed(),
-            Wait::Closed => {
-                // The guest exited under KVM. One of its own exit codes is a real result.
-                matches!(
-                    self.wait_exit(Duration::from_secs(30)),
-                    Ok(o) if o.guest_exit().is_some()
-                ) && !kvm_failed()
-            }
-            Wait::TimedOut => false,
+        let failure = kvm_failure.clone();
+        let waited = self
+            .console
+            .wait_for(is_banner, KVM_BANNER_TIMEOUT, move || failure().is_some());
+        if let Some(why) = kvm_failure() {
+            return Some(why);
+        }
+        match waited {
+            Wait::Found(..) => None,
+            Wait::Closed => match self.wait_exit(Duration::from_secs(30)) {
+                // One of the guest's own exits is a real result, not a KVM problem.
+                Ok(o) if o.guest_exit().is_some() => None,
+                Ok(o) => Some(o.to_string()),
+                Err(e) => Some(e.to_string()),
+            },
+            Wait::TimedOut => Some(format!(
+                "no banner within {} s",
+                KVM_BANNER_TIMEOUT.as_secs()
+            )),
         }
     }
 }

@@ -210,11 +210,11 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
     }
 
     eprintln!(
-        "qcow-metal: booting {} on {} ({} MiB, accel {:?}); serial log {}",
+        "qcow-metal: booting {} on {} ({} MiB, accel {}); serial log {}",
         kernel.display(),
         disk_path.display(),
         args.memory,
-        args.accel,
+        args.accel.as_str(),
         serial_log.display()
     );
     let mut builder = Guest::builder()

@@ -67,6 +67,17 @@ impl std::str::FromStr for Accel {
     }
 }
 
+impl Accel {
+    /// The option's spelling: `auto`, `kvm` or `tcg`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
 /// An accelerator QEMU is actually started with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccelKind {
@@ -86,13 +97,17 @@ impl AccelKind {
     }
 }
 
-/// Whether `/dev/kvm` can be opened for reading and writing.
-pub fn kvm_usable() -> bool {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+/// Why KVM cannot run this guest, or `None` when it is worth a try: `/dev/kvm` must open
+/// for reading and writing, and must not be PVM (`kvm_pvm`, a KVM for paravirtualized Linux
+/// guests only, on which a bare-metal guest dies with "emulation failure").
+pub fn kvm_unusable_reason() -> Option<String> {
+    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        return Some(format!("/dev/kvm: {e}"));
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Some("this host's KVM is PVM, which runs only paravirtualized Linux guests".into());
+    }
+    None
 }
 
 /// Everything that goes into one QEMU command line.
