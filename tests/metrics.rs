@@ -731,6 +731,7 @@ fn guest_blockdev_counters_equal_qmp_blockstats() {
         .collect();
     assert_eq!(entries.len(), 1, "one virtio-blk device expected: {qmp:?}");
     let q = entries[0].stats;
+    eprintln!("guest block device: {counts:?}\nQEMU query-blockstats: {q:?}");
     assert_eq!(counts.errors, 0, "{counts:?}");
     assert!(counts.writes > 0 && counts.reads > 0, "{counts:?}");
     // QEMU's virtio-blk counts write-zeroes requests among writes.
@@ -891,7 +892,8 @@ fn metrics_keep_answering_while_clients_misbehave() {
     assert!(code("400") >= 2.0, "400s not counted");
     assert!(code("431") >= 2.0, "431s not counted");
     assert!(code("405") >= 1.0 && code("404") >= 1.0);
-    assert!(code("200") >= 4.0);
+    // The first scrape and the two keep-alive ones (this one is counted once it is sent).
+    assert!(code("200") >= 3.0, "200s not counted");
     drop(idle);
     drop(stalled);
     let status = guest
