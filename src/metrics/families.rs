@@ -1142,3 +1142,36 @@ impl From<&crate::nbd::NbdStats> for NbdSnapshot {
         out
     }
 }
+
+impl EngineSnapshot {
+    /// The snapshot of a qcow2 engine from its space accounting and statistics. The
+    /// engine counts reclaim stages in clusters; the metrics count them in bytes.
+    pub fn from_qcow2(space: &crate::qcow2::SpaceInfo, stats: &crate::qcow2::Stats) -> Self {
+        let bytes = |clusters: u64| clusters.saturating_mul(space.cluster_size);
+        EngineSnapshot {
+            virtual_size: space.virtual_size,
+            cluster_size: space.cluster_size,
+            data_bytes: space.data_bytes,
+            metadata_bytes: space.metadata_bytes,
+            image_extent: space.image_extent,
+            free_clusters: space.free_clusters,
+            clusters_allocated: stats.clusters_allocated,
+            clusters_freed: stats.clusters_freed,
+            cow_bytes: stats.cow_bytes,
+            l2_cache_hits: stats.l2_cache_hits,
+            l2_cache_misses: stats.l2_cache_misses,
+            refcount_cache_hits: stats.refcount_cache_hits,
+            refcount_cache_misses: stats.refcount_cache_misses,
+            metadata_written_bytes: stats.metadata_bytes_written,
+            reclaim: [
+                bytes(stats.reclaim_junk),
+                bytes(stats.reclaim_erased),
+                bytes(stats.reclaim_available),
+                bytes(stats.reclaim_copied),
+                bytes(stats.reclaim_flushed),
+                bytes(stats.reclaim_referenced),
+            ],
+            reclaim_roots: 0,
+        }
+    }
+}

@@ -436,3 +436,30 @@ fn every_nbd_command_and_error_has_a_series() {
         Some(4096.0)
     );
 }
+
+#[test]
+fn engine_snapshot_from_qcow2_counts_reclaim_in_bytes() {
+    let space = crate::qcow2::SpaceInfo {
+        virtual_size: 1 << 30,
+        cluster_size: 65536,
+        data_bytes: 2 * 65536,
+        metadata_bytes: 4 * 65536,
+        image_extent: 7 * 65536,
+        free_clusters: 1,
+    };
+    let stats = crate::qcow2::Stats {
+        clusters_allocated: 6,
+        cow_bytes: 512,
+        l2_cache_misses: 2,
+        metadata_bytes_written: 8192,
+        reclaim_junk: 3,
+        reclaim_referenced: 1,
+        ..crate::qcow2::Stats::default()
+    };
+    let s = EngineSnapshot::from_qcow2(&space, &stats);
+    assert_eq!(s.image_extent, 7 * 65536);
+    assert_eq!(s.free_clusters, 1);
+    assert_eq!(s.clusters_allocated, 6);
+    assert_eq!(s.metadata_written_bytes, 8192);
+    assert_eq!(s.reclaim, [3 * 65536, 0, 0, 0, 0, 65536]);
+}
