@@ -938,3 +938,40 @@ fn concurrent_keep_alive_clients_and_bad_ones() {
     assert_eq!(snap.timeouts, 1);
     assert_eq!(snap.bad_requests, 2);
 }
+
+#[test]
+fn pipelined_burst_over_tcp_with_a_late_reader() {
+    const REQUESTS: usize = 200;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(HttpStats::new());
+    let server = spawn_server(listener, Config::default(), stats.clone(), 1);
+    let stream = TcpStream::connect(addr).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // All requests at once, before reading anything: about 2.5 MB of answers must wait in
+    // the server (partial writes, held-back requests) until the client reads.
+    let mut burst = Vec::new();
+    for i in 0..REQUESTS {
+        let path = if i % 10 == 9 { "/healthz" } else { "/metrics" };
+        burst.extend_from_slice(format!("GET {path} HTTP/1.1\r\nHost: g\r\n\r\n").as_bytes());
+    }
+    burst.extend_from_slice(b"GET /nope HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n");
+    writer.write_all(&burst).unwrap();
+    let mut reader = BufReader::new(stream);
+    let want = TestSite::new().metrics;
+    for i in 0..REQUESTS {
+        let (status, body) = read_response(&mut reader);
+        assert_eq!(status, 200);
+        if i % 10 == 9 {
+            assert_eq!(body, b"ok\n");
+        } else {
+            assert_eq!(body, want);
+        }
+    }
+    assert_eq!(read_response(&mut reader).0, 404);
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    server.join().unwrap();
+    assert_eq!(stats.snapshot().requests_total(), REQUESTS as u64 + 1);
+}
