@@ -246,6 +246,54 @@ trait Engine: Sized {
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), String>;
     /// Makes everything written durable: cached metadata written out, then fdatasync.
     fn flush(&mut self) -> Result<(), String>;
+    /// Closes the image (after `flush`, so nothing is left to write).
+    fn close(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+mod ours {
+    use super::Engine;
+    use qcow_metal::block::FileDisk;
+    use qcow_metal::disk::VirtualDisk;
+    use qcow_metal::qcow2::{OpenOptions, Qcow2};
+    use std::path::Path;
+
+    /// Our engine over a host file, with its default options (1 MiB L2 cache, 256 KiB refcount
+    /// cache: QEMU's defaults too).
+    pub struct Ours(Qcow2<FileDisk>);
+
+    impl Engine for Ours {
+        fn open(path: &Path, write: bool) -> Result<Self, String> {
+            let dev = FileDisk::open(path, !write).map_err(|e| format!("open {path:?}: {e}"))?;
+            let opts = OpenOptions {
+                read_only: !write,
+                ..OpenOptions::default()
+            };
+            Qcow2::open(dev, opts)
+                .map(Ours)
+                .map_err(|e| format!("qcow-metal open: {e}"))
+        }
+        fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+            self.0
+                .read(offset, buf)
+                .map_err(|e| format!("qcow-metal read: {e}"))
+        }
+        fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), String> {
+            self.0
+                .write(offset, buf)
+                .map_err(|e| format!("qcow-metal write: {e}"))
+        }
+        fn flush(&mut self) -> Result<(), String> {
+            self.0.flush().map_err(|e| format!("qcow-metal flush: {e}"))
+        }
+        fn close(self) -> Result<(), String> {
+            self.0
+                .close()
+                .map(drop)
+                .map_err(|e| format!("qcow-metal close: {e}"))
+        }
+    }
 }
 
 mod peers {
@@ -415,6 +463,7 @@ fn warm(path: &Path) -> Result<(), String> {
 fn run_engine<E: Engine>(name: &'static str, path: &Path, w: &Workload) -> Result<Outcome, String> {
     let mut buf = vec![FILL; w.request as usize];
     let mut engine = E::open(path, w.write)?;
+    let mut note = String::new();
     let time = if w.write {
         let start = Instant::now();
         for &off in &w.offsets {
@@ -423,7 +472,8 @@ fn run_engine<E: Engine>(name: &'static str, path: &Path, w: &Workload) -> Resul
         }
         engine.flush()?;
         let time = start.elapsed();
-        drop(engine);
+        engine.close()?;
+        note = space_note(path)?;
         verify_written::<E>(path, w)?;
         check_image(path)?;
         time
@@ -435,6 +485,7 @@ fn run_engine<E: Engine>(name: &'static str, path: &Path, w: &Workload) -> Resul
             fold_stamps(&mut acc, &buf);
         }
         let time = start.elapsed();
+        engine.close()?;
         if acc != expected_fold(w) {
             return Err(format!("{name}: read data does not match the image"));
         }
@@ -443,8 +494,19 @@ fn run_engine<E: Engine>(name: &'static str, path: &Path, w: &Workload) -> Resul
     Ok(Outcome {
         contender: name,
         time,
-        note: String::new(),
+        note,
     })
+}
+
+/// How big a written image file is and how much of it is allocated on the host filesystem.
+fn space_note(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).map_err(|e| format!("stat {path:?}: {e}"))?;
+    Ok(format!(
+        "file {} MiB, {} MiB allocated",
+        m.len() / MIB,
+        m.blocks() * 512 / MIB
+    ))
 }
 
 /// Reopens a written image with the same engine and reads back a sample of the requests (whole,
@@ -515,11 +577,30 @@ fn qemu_bench_once(path: &Path, w: &Workload, count: u64) -> Result<(Duration, D
     Ok((wall, Duration::from_secs_f64(own)))
 }
 
+/// `qemu-img bench`'s fixed cost for a write row: the wall time of the same command with one
+/// request on a fresh image (process start-up, open, one write, close), best of three.
+fn qemu_fixed_cost(dir: &Path, w: &Workload, size: u64) -> Result<Duration, String> {
+    let img = dir.join("qemu-fixed.qcow2");
+    let mut base = Duration::MAX;
+    for _ in 0..3 {
+        create_image(&img, size)?;
+        base = base.min(qemu_bench_once(&img, w, 1)?.0);
+    }
+    let _ = fs::remove_file(&img);
+    Ok(base)
+}
+
 /// `qemu-img bench` on the row. It times its own request loop, but stops the clock before the
 /// flush it does when closing the image; so for writes its time is the process's wall time less
-/// that of the same command with one request (start-up, open, close), which puts the final
-/// flush inside the time, as for the in-process contenders. For reads its own time is used.
-fn run_qemu(dir: &Path, read_image: &Path, w: &Workload, size: u64) -> Result<Outcome, String> {
+/// its fixed cost ([`qemu_fixed_cost`]), which puts the final flush inside the time, as for the
+/// in-process contenders. For reads its own time is used.
+fn run_qemu(
+    dir: &Path,
+    read_image: &Path,
+    w: &Workload,
+    size: u64,
+    base: Duration,
+) -> Result<Outcome, String> {
     let count = w.offsets.len() as u64;
     if !w.write {
         let (_, own) = qemu_bench_once(read_image, w, count)?;
@@ -530,12 +611,6 @@ fn run_qemu(dir: &Path, read_image: &Path, w: &Workload, size: u64) -> Result<Ou
         });
     }
     let img = dir.join("qemu.qcow2");
-    // Fixed cost: the same command with one request, best of three.
-    let mut base = Duration::MAX;
-    for _ in 0..3 {
-        create_image(&img, size)?;
-        base = base.min(qemu_bench_once(&img, w, 1)?.0);
-    }
     create_image(&img, size)?;
     let (wall, own) = qemu_bench_once(&img, w, count)?;
     // Check what it wrote: pattern bytes at the first and last request, zeros next to a
@@ -555,6 +630,7 @@ fn run_qemu(dir: &Path, read_image: &Path, w: &Workload, size: u64) -> Result<Ou
     if out.contains("Pattern verification failed") {
         return Err(format!("qemu-img bench wrote unexpected data: {out}"));
     }
+    let space = space_note(&img)?;
     check_image(&img)?;
     let _ = fs::remove_file(&img);
     let time = wall.saturating_sub(base).max(own);
@@ -562,7 +638,7 @@ fn run_qemu(dir: &Path, read_image: &Path, w: &Workload, size: u64) -> Result<Ou
         contender: "qemu-img bench",
         time,
         note: format!(
-            "wall {:.3}s - fixed {:.3}s; self-timed {:.3}s",
+            "{space}; wall {:.3}s - fixed {:.3}s; self-timed {:.3}s",
             wall.as_secs_f64(),
             base.as_secs_f64(),
             own.as_secs_f64()
@@ -596,18 +672,100 @@ fn iops(n: u64, t: Duration) -> f64 {
     n as f64 / t.as_secs_f64()
 }
 
+/// Command-line options (after `--` on the `cargo bench` line).
+struct Options {
+    /// Smaller sizes (`--quick` or `QCOW_METAL_BENCH_QUICK=1`).
+    quick: bool,
+    /// Only these contenders (`--only qcow-metal,imago`); all when empty.
+    only: Vec<String>,
+    /// Only these rows, 1-based (`--rows 1,3`); all when empty.
+    rows: Vec<usize>,
+    /// Runs per contender and row, the fastest counts (`--repeat N`; 3, or 1 when quick).
+    repeat: u32,
+}
+
+impl Options {
+    fn parse() -> Result<Self, String> {
+        let mut o = Options {
+            quick: std::env::var("QCOW_METAL_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0"),
+            only: Vec::new(),
+            rows: Vec::new(),
+            repeat: 0,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => o.quick = true,
+                "--only" => {
+                    let v = args.next().ok_or("--only needs a list of contenders")?;
+                    o.only.extend(v.split(',').map(str::to_owned));
+                }
+                "--rows" => {
+                    let v = args.next().ok_or("--rows needs a list of row numbers")?;
+                    for r in v.split(',') {
+                        o.rows
+                            .push(r.parse().map_err(|_| format!("bad row number {r:?}"))?);
+                    }
+                }
+                "--repeat" => {
+                    let v = args.next().ok_or("--repeat needs a count")?;
+                    o.repeat = v.parse().map_err(|_| format!("bad repeat count {v:?}"))?;
+                }
+                // `cargo bench` passes `--bench`; libtest-style filters are not used.
+                "--bench" => {}
+                "--help" | "-h" => {
+                    return Err("usage: engine [--quick] [--repeat N] [--only qcow-metal,imago,qcow2-rs,qemu-img] [--rows 1,2,3,4]".into());
+                }
+                other => return Err(format!("unknown argument {other:?} (try --help)")),
+            }
+        }
+        if o.repeat == 0 {
+            o.repeat = if o.quick { 1 } else { 3 };
+        }
+        Ok(o)
+    }
+
+    fn wants(&self, contender: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|c| contender.starts_with(c.as_str()))
+    }
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick")
-        || std::env::var("QCOW_METAL_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    let sizes = if quick { Sizes::quick() } else { Sizes::full() };
-    if let Err(e) = run(sizes, quick) {
+    let result = Options::parse().and_then(|o| run(&o));
+    if let Err(e) = result {
         eprintln!("engine bench failed: {e}");
         std::process::exit(1);
     }
 }
 
-fn run(sizes: Sizes, quick: bool) -> Result<(), String> {
+/// Runs `f` `n` times (at least once) and keeps the fastest outcome.
+fn best_of(n: u32, mut f: impl FnMut() -> Result<Outcome, String>) -> Result<Outcome, String> {
+    let mut best = f()?;
+    for _ in 1..n {
+        let o = f()?;
+        if o.time < best.time {
+            best = o;
+        }
+    }
+    Ok(best)
+}
+
+/// A contender run in-process on one row.
+type Runner = fn(&'static str, &Path, &Path, &Workload, u64) -> Result<Outcome, String>;
+
+/// The in-process contenders, ours first.
+const IN_PROCESS: [(&str, Runner); 3] = [
+    ("qcow-metal", run_in_process::<ours::Ours>),
+    ("imago", run_in_process::<peers::Imago>),
+    ("qcow2-rs", run_in_process::<peers::Qcow2Rs>),
+];
+
+fn run(opts: &Options) -> Result<(), String> {
+    let sizes = if opts.quick {
+        Sizes::quick()
+    } else {
+        Sizes::full()
+    };
     let base = std::env::var_os("QCOW_METAL_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
@@ -615,39 +773,54 @@ fn run(sizes: Sizes, quick: bool) -> Result<(), String> {
     fs::create_dir_all(&scratch.0).map_err(|e| format!("create {:?}: {e}", scratch.0))?;
     let dir = scratch.0.as_path();
     let version = run_cmd(Command::new("qemu-img").arg("--version"))?;
+    let started = Instant::now();
 
+    let rows = workloads(sizes);
+    let selected: Vec<usize> = (0..rows.len())
+        .filter(|i| opts.rows.is_empty() || opts.rows.contains(&(i + 1)))
+        .collect();
     eprintln!(
         "engine bench{}: virtual size {} MiB, 64 KiB clusters, queue depth 1, buffered I/O, in {}",
-        if quick { " (quick)" } else { "" },
+        if opts.quick { " (quick)" } else { "" },
         sizes.virtual_size / MIB,
         dir.display()
     );
-    eprintln!("preparing the read image (stamped, fully allocated)...");
-    let read_image = make_read_image(dir, sizes.virtual_size)?;
+    let read_image = if selected.iter().any(|&i| !rows[i].write) {
+        eprintln!("preparing the read image (stamped, fully allocated)...");
+        make_read_image(dir, sizes.virtual_size)?
+    } else {
+        dir.join("no-read-image")
+    };
 
-    let rows = workloads(sizes);
     let mut results: Vec<(usize, Vec<Outcome>)> = Vec::new();
-    for (ri, w) in rows.iter().enumerate() {
-        eprintln!("[{}/{}] {}", ri + 1, rows.len(), w.name);
+    for &ri in &selected {
+        let w = &rows[ri];
+        eprintln!("[row {}] {}", ri + 1, w.name);
         let mut outs = Vec::new();
-        type Runner = fn(&'static str, &Path, &Path, &Workload, u64) -> Result<Outcome, String>;
-        let contenders: [(&'static str, Runner); 2] = [
-            ("imago", run_in_process::<peers::Imago>),
-            ("qcow2-rs", run_in_process::<peers::Qcow2Rs>),
-        ];
-        for (name, f) in contenders {
-            let o = f(name, dir, &read_image, w, sizes.virtual_size)?;
-            progress(&o, w);
+        for (name, f) in IN_PROCESS {
+            if opts.wants(name) {
+                let o = best_of(opts.repeat, || {
+                    f(name, dir, &read_image, w, sizes.virtual_size)
+                })?;
+                progress(&o, w, started);
+                outs.push(o);
+            }
+        }
+        if opts.wants("qemu-img") {
+            let base = if w.write {
+                qemu_fixed_cost(dir, w, sizes.virtual_size)?
+            } else {
+                Duration::ZERO
+            };
+            let o = best_of(opts.repeat, || {
+                run_qemu(dir, &read_image, w, sizes.virtual_size, base)
+            })?;
+            progress(&o, w, started);
             outs.push(o);
         }
-        if !w.write {
-            warm(&read_image)?;
-        }
-        let o = run_qemu(dir, &read_image, w, sizes.virtual_size)?;
-        progress(&o, w);
-        outs.push(o);
         results.push((ri, outs));
     }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
 
     println!();
     println!(
@@ -658,9 +831,14 @@ fn run(sizes: Sizes, quick: bool) -> Result<(), String> {
         "images: qemu-img create -f qcow2 -o cluster_size=65536, {} MiB virtual; queue depth 1; buffered (writeback); writes include the final flush",
         sizes.virtual_size / MIB
     );
+    println!(
+        "best of {} run(s) each; speed ours/peer = peer's time / our time: above 1.00x ours is faster",
+        opts.repeat
+    );
     print!("{}", table(&rows, &results));
     println!();
-    for w in &rows {
+    for &ri in &selected {
+        let w = &rows[ri];
         println!("{}:", w.name);
         println!("  in-process: {}", w.pattern);
         println!("  qemu-img:   {}", w.qemu_pattern);
@@ -668,9 +846,10 @@ fn run(sizes: Sizes, quick: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn progress(o: &Outcome, w: &Workload) {
+fn progress(o: &Outcome, w: &Workload, started: Instant) {
     eprintln!(
-        "    {:<15} {:>8.3} s {:>9.1} MiB/s {:>9.0} IOPS  {}",
+        "  {:>6.1}s  {:<15} {:>8.3} s {:>9.1} MiB/s {:>9.0} IOPS  {}",
+        started.elapsed().as_secs_f64(),
         o.contender,
         o.time.as_secs_f64(),
         mib_s(w.bytes(), o.time),
