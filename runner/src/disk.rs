@@ -6,9 +6,12 @@
 //! so before boot the file is extended (sparsely) to the largest length the image can reach.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use qcow_metal::block::FileDisk;
+use qcow_metal::qcow2::header::Header;
+use qcow_metal::qcow2::{CreateOptions, Qcow2};
 
 use crate::error::{Error, Result};
 
@@ -92,92 +95,47 @@ pub struct PreparedDisk {
     pub file_len: u64,
 }
 
-/// The largest file an image of this geometry can grow to, with all of its metadata.
-///
-/// Data clusters plus, per cluster, an L2 entry (8 bytes) and a refcount entry (at most 8
-/// bytes), plus room for the header, the L1 table and refcount-table growth.
-pub fn max_image_len(virtual_size: u64, cluster_size: u64, refcount_bits: u32) -> u64 {
-    let _ = refcount_bits;
-    let cluster_size = cluster_size.max(512);
-    let clusters = virtual_size.div_ceil(cluster_size);
-    let metadata = clusters.saturating_mul(16);
-    let len = virtual_size
-        .saturating_add(metadata)
-        .saturating_add(32 << 20);
-    len.div_ceil(cluster_size).saturating_mul(cluster_size)
-}
+pub use qcow_metal::qcow2::max_image_len;
 
-/// Creates a qcow2 image of `size` virtual bytes at `path` (parent directories included).
+/// Creates (or overwrites) a qcow2 image of `size` virtual bytes at `path` with the
+/// project's own engine, creating parent directories.
 pub fn create_qcow2(path: &Path, size: u64, cluster_size: u64, refcount_bits: u32) -> Result<()> {
     let disk_err = |reason: String| Error::Disk {
         path: path.to_path_buf(),
         action: "create",
         reason,
     };
-    if let Some(parent) = path.parent() {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| disk_err(e.to_string()))?;
     }
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o"])
-        .arg(format!(
-            "cluster_size={cluster_size},refcount_bits={refcount_bits}"
-        ))
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::QemuMissing {
-                program: "qemu-img".into(),
-            },
-            _ => disk_err(format!("cannot run qemu-img: {e}")),
-        })?;
-    if !out.status.success() {
-        return Err(disk_err(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
+    let dev = FileDisk::create(path).map_err(|e| disk_err(e.to_string()))?;
+    let opts = CreateOptions {
+        virtual_size: size,
+        cluster_size,
+        refcount_bits,
+        ..CreateOptions::default()
+    };
+    let image = Qcow2::create(dev, &opts).map_err(|e| disk_err(e.to_string()))?;
+    image.close().map_err(|e| disk_err(e.to_string()))?;
     Ok(())
 }
 
-/// Reads the qcow2 header of `file`, if it has one.
+/// Reads what `file` holds: a qcow2 header (parsed by the engine) or anything else (raw).
+/// A file with the qcow2 magic but a header the engine rejects is an error.
 pub fn probe(file: &mut File) -> std::io::Result<DiskKind> {
-    let mut header = [0u8; 104];
-    let mut filled = 0;
-    while filled < header.len() {
-        match file.read(&mut header[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    let be32 = |o: usize| u32::from_be_bytes(header[o..o + 4].try_into().unwrap_or([0; 4]));
-    let be64 = |o: usize| u64::from_be_bytes(header[o..o + 8].try_into().unwrap_or([0; 8]));
-    if filled < 72 || &header[..4] != b"QFI\xfb" {
+    // The first cluster holds the header and its extensions; 2 MiB is the largest cluster.
+    let mut first = Vec::with_capacity(64 << 10);
+    file.by_ref().take(2 << 20).read_to_end(&mut first)?;
+    if first.len() < 4 || &first[..4] != b"QFI\xfb" {
         return Ok(DiskKind::Raw);
     }
-    let version = be32(4);
-    let cluster_bits = be32(20);
-    if !(9..=21).contains(&cluster_bits) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("qcow2 header: cluster_bits {cluster_bits} out of range (9..=21)"),
-        ));
-    }
-    let refcount_order = if version >= 3 && filled >= 100 {
-        be32(96)
-    } else {
-        4
-    };
-    if refcount_order > 6 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("qcow2 header: refcount_order {refcount_order} out of range (0..=6)"),
-        ));
-    }
+    let header = Header::parse(&first)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
     Ok(DiskKind::Qcow2(Qcow2Geometry {
-        version,
-        virtual_size: be64(24),
-        cluster_size: 1 << cluster_bits,
-        refcount_bits: 1 << refcount_order,
+        version: header.version,
+        virtual_size: header.size,
+        cluster_size: 1 << header.cluster_bits,
+        refcount_bits: 1 << header.refcount_order,
     }))
 }
 
@@ -194,7 +152,9 @@ pub fn prepare(path: &Path, read_only: bool) -> Result<PreparedDisk> {
         .write(!read_only)
         .open(path)
         .map_err(|e| disk_err("open", e.to_string()))?;
-    let kind = probe(&mut file).map_err(|e| disk_err("read", e.to_string()))?;
+    let kind = probe(&mut file)
+        .and_then(|kind| file.rewind().map(|()| kind))
+        .map_err(|e| disk_err("read", e.to_string()))?;
     let mut file_len = file
         .metadata()
         .map_err(|e| disk_err("read", e.to_string()))?
@@ -219,12 +179,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn max_len_covers_data_and_metadata() {
-        let len = max_image_len(1 << 30, 64 << 10, 16);
-        assert!(len >= (1 << 30) + (1 << 30) / (64 << 10) * 16);
-        assert_eq!(len % (64 << 10), 0);
-        assert!(max_image_len(1 << 50, 512, 64) > 1 << 50);
-        assert!(max_image_len(u64::MAX, 512, 64) >= u64::MAX / 2);
+    fn created_images_are_probed_and_extended_for_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("d.qcow2");
+        create_qcow2(&path, 8 << 20, 4096, 64).unwrap();
+        let d = prepare(&path, false).unwrap();
+        let DiskKind::Qcow2(g) = d.kind else {
+            panic!("not probed as qcow2: {:?}", d.kind)
+        };
+        assert_eq!(
+            g,
+            Qcow2Geometry {
+                version: 3,
+                virtual_size: 8 << 20,
+                cluster_size: 4096,
+                refcount_bits: 64
+            }
+        );
+        assert_eq!(d.file_len, max_image_len(8 << 20, 4096, 64));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), d.file_len);
+        // QEMU agrees the image (extended file included) is sound.
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(&path)
+            .output()
+            .expect("qemu-img is missing: install the Debian package qemu-utils");
+        assert!(
+            out.status.success(),
+            "qemu-img check: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
@@ -244,31 +229,20 @@ mod tests {
     }
 
     #[test]
-    fn qcow2_header_is_probed_and_the_file_extended() {
+    fn read_only_images_are_left_alone_and_bad_headers_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hand.qcow2");
-        let mut h = vec![0u8; 512];
-        h[..4].copy_from_slice(b"QFI\xfb");
-        h[4..8].copy_from_slice(&3u32.to_be_bytes());
-        h[20..24].copy_from_slice(&16u32.to_be_bytes());
-        h[24..32].copy_from_slice(&(8u64 << 20).to_be_bytes());
-        h[96..100].copy_from_slice(&4u32.to_be_bytes());
-        std::fs::write(&path, &h).unwrap();
-        let d = prepare(&path, false).unwrap();
-        let DiskKind::Qcow2(g) = d.kind else {
-            panic!("not probed as qcow2: {:?}", d.kind)
-        };
-        assert_eq!(g.cluster_size, 65536);
-        assert_eq!(g.virtual_size, 8 << 20);
-        assert_eq!(g.refcount_bits, 16);
-        assert_eq!(d.file_len, max_image_len(8 << 20, 65536, 16));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), d.file_len);
-        // Read-only: left alone.
-        std::fs::write(&path, &h).unwrap();
-        assert_eq!(prepare(&path, true).unwrap().file_len, 512);
+        let path = dir.path().join("ro.qcow2");
+        create_qcow2(&path, 8 << 20, 65536, 16).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        let d = prepare(&path, true).unwrap();
+        assert!(matches!(d.kind, DiskKind::Qcow2(_)), "{:?}", d.kind);
+        assert_eq!(d.file_len, len);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
         // Absurd cluster bits: an error, not a panic.
-        h[20..24].copy_from_slice(&40u32.to_be_bytes());
-        std::fs::write(&path, &h).unwrap();
-        assert!(prepare(&path, false).is_err());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20..24].copy_from_slice(&40u32.to_be_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = prepare(&path, false).unwrap_err().to_string();
+        assert!(err.contains("cluster"), "{err}");
     }
 }

@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use crate::disk::{self, DiskKind};
+use qcow_metal::block::FileDisk;
+use qcow_metal::qcow2::{CheckReport, ClusterKind, OpenOptions, Qcow2, Qcow2Error};
+
+use crate::disk;
 use crate::error::{Error, Result};
 use crate::units::format_size;
 
@@ -63,57 +66,166 @@ pub fn create(path: &Path, opts: CreateOptions) -> Result<()> {
     disk::create_qcow2(path, opts.size, opts.cluster_size, opts.refcount_bits)
 }
 
-/// `image info`: a human-readable summary of the image's header.
+/// Opens `path` with the engine (read-only unless `writable`).
+fn open(path: &Path, writable: bool) -> Result<Qcow2<FileDisk>> {
+    let err = |action: &'static str, reason: String| Error::Disk {
+        path: path.to_path_buf(),
+        action,
+        reason,
+    };
+    let dev = FileDisk::open(path, !writable).map_err(|e| err("open", e.to_string()))?;
+    let opts = OpenOptions {
+        read_only: !writable,
+        ..OpenOptions::default()
+    };
+    Qcow2::open(dev, opts).map_err(|e| err("open", e.to_string()))
+}
+
+fn engine_err<'a>(path: &'a Path, action: &'static str) -> impl Fn(Qcow2Error) -> Error + 'a {
+    move |e| Error::Disk {
+        path: path.to_path_buf(),
+        action,
+        reason: e.to_string(),
+    }
+}
+
+/// `image info`: a human-readable summary of the image (header, features, space).
 pub fn info(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::Disk {
-        path: path.to_path_buf(),
-        action: "open",
-        reason: e.to_string(),
-    })?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let kind = disk::probe(&mut file).map_err(|e| Error::Disk {
-        path: path.to_path_buf(),
-        action: "read",
-        reason: e.to_string(),
-    })?;
-    Ok(match kind {
-        DiskKind::Qcow2(g) => format!(
-            "image: {}\nformat: qcow2 (version {})\nvirtual size: {} ({} bytes)\n\
-             cluster size: {}\nrefcount bits: {}\nfile length: {}\n",
-            path.display(),
-            g.version,
-            format_size(g.virtual_size),
-            g.virtual_size,
-            format_size(g.cluster_size),
-            g.refcount_bits,
-            format_size(len)
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| Error::Disk {
+            path: path.to_path_buf(),
+            action: "open",
+            reason: e.to_string(),
+        })?
+        .len();
+    let mut image = open(path, false)?;
+    let i = image.info();
+    let space = image.space().map_err(engine_err(path, "read"))?;
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<24}{v}\n"));
+    line("image:", path.display().to_string());
+    line("file format:", "qcow2".into());
+    line(
+        "virtual size:",
+        format!("{} ({} bytes)", format_size(i.virtual_size), i.virtual_size),
+    );
+    line(
+        "file length:",
+        format!("{} ({file_len} bytes)", format_size(file_len)),
+    );
+    line(
+        "image extent:",
+        format!(
+            "{} ({} bytes)",
+            format_size(space.image_extent),
+            space.image_extent
         ),
-        DiskKind::Raw => format!(
-            "image: {}\nformat: raw\nvirtual size: {} ({len} bytes)\n",
-            path.display(),
-            format_size(len)
+    );
+    line("cluster size:", format_size(i.cluster_size));
+    line(
+        "compat:",
+        if i.version >= 3 {
+            "1.1 (version 3)"
+        } else {
+            "0.10 (version 2)"
+        }
+        .into(),
+    );
+    line("refcount bits:", i.refcount_bits.to_string());
+    line("lazy refcounts:", i.lazy_refcounts.to_string());
+    line("dirty:", i.dirty.to_string());
+    line("corrupt:", i.corrupt.to_string());
+    line("snapshots:", i.snapshots.to_string());
+    if let Some(backing) = &i.backing_file {
+        line("backing file:", backing.clone());
+    }
+    line("data:", format_size(space.data_bytes));
+    line("metadata:", format_size(space.metadata_bytes));
+    line("free clusters:", space.free_clusters.to_string());
+    line(
+        "L1 table:",
+        format!("{} entries at {:#x}", i.l1_size, i.l1_table_offset),
+    );
+    line(
+        "refcount table:",
+        format!(
+            "{} clusters at {:#x}",
+            i.refcount_table_clusters, i.refcount_table_offset
         ),
-    })
+    );
+    line(
+        "features:",
+        format!(
+            "incompatible {:#x}, compatible {:#x}, autoclear {:#x}",
+            i.incompatible_features, i.compatible_features, i.autoclear_features
+        ),
+    );
+    for f in &i.feature_names {
+        line("", format!("{:?} bit {}: {}", f.kind, f.bit, f.name));
+    }
+    if !i.extensions.is_empty() {
+        line("header extensions:", i.extensions.len().to_string());
+    }
+    Ok(out)
 }
 
 /// `image check [--repair]`: leaks and corruptions, as `qemu-img check` reports them.
-pub fn check(path: &Path, repair: bool) -> Result<String> {
-    let _ = repair;
-    Err(engine_missing(path, "check"))
+/// Without `repair` the image is opened read-only.
+pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    let mut image = open(path, repair)?;
+    if repair {
+        let report = image.repair().map_err(engine_err(path, "repair"))?;
+        image.close().map_err(engine_err(path, "write"))?;
+        Ok(report)
+    } else {
+        image.check().map_err(engine_err(path, "check"))
+    }
 }
 
-/// `image map`: which guest ranges are data, zero or unallocated, and where they live.
+/// The exit status `qemu-img check` would give: 0 clean, 1 check errors, 2 corruptions,
+/// 3 leaks only.
+pub fn check_exit_code(report: &CheckReport) -> u8 {
+    if report.check_errors > 0 {
+        1
+    } else if report.corruptions > 0 {
+        2
+    } else if report.leaks > 0 {
+        3
+    } else {
+        0
+    }
+}
+
+/// `image map`: the guest disk as runs of data, zeros, unallocated and compressed clusters,
+/// with the host offset of each data run.
 pub fn map(path: &Path) -> Result<String> {
-    Err(engine_missing(path, "map"))
-}
-
-fn engine_missing(path: &Path, what: &str) -> Error {
-    Error::Usage(format!(
-        "`image {what}` on {} needs the qcow2 engine's check/map, which this build does not \
-         have yet; meanwhile use `qemu-img {what} {}`",
-        path.display(),
-        path.display()
-    ))
+    let mut image = open(path, false)?;
+    let runs = image.map().map_err(engine_err(path, "map"))?;
+    let mut out = format!(
+        "{:<20}{:<20}{:<14}{}\n",
+        "Offset", "Length", "Kind", "Host offset"
+    );
+    for r in runs {
+        let kind = match r.kind {
+            ClusterKind::Data => "data",
+            ClusterKind::Zero => "zero",
+            ClusterKind::Unallocated => "unallocated",
+            ClusterKind::Compressed => "compressed",
+            _ => "other",
+        };
+        let host = r
+            .host
+            .map(|h| format!("{h:#x}"))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<20}{:<20}{:<14}{}\n",
+            format!("{:#x}", r.offset),
+            format!("{:#x}", r.len),
+            kind,
+            host
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -141,13 +253,48 @@ mod tests {
     }
 
     #[test]
-    fn info_of_a_raw_file_and_a_missing_one() {
+    fn create_info_check_map_on_our_own_image() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("r.img");
-        std::fs::write(&p, vec![1u8; 2048]).unwrap();
+        let p = dir.path().join("t.qcow2");
+        let opts = CreateOptions {
+            size: 4 << 20,
+            cluster_size: 4096,
+            refcount_bits: 16,
+        };
+        create(&p, opts).unwrap();
+        assert!(create(&p, opts).is_err(), "must not overwrite");
+        // Write some data with the engine, as the guest would.
+        {
+            let mut img = open(&p, true).unwrap();
+            img.write_at(8192, &[7u8; 5000]).unwrap();
+            img.close().unwrap();
+        }
         let text = info(&p).unwrap();
-        assert!(text.contains("format: raw"), "{text}");
-        assert!(text.contains("2048 bytes"), "{text}");
+        assert!(text.contains("virtual size:           4 MiB"), "{text}");
+        assert!(text.contains("cluster size:           4 KiB"), "{text}");
+        assert!(text.contains("refcount bits:          16"), "{text}");
+        let report = check(&p, false).unwrap();
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(check_exit_code(&report), 0);
+        let m = map(&p).unwrap();
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("0x2000") && l.contains("data")),
+            "{m}"
+        );
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with("0x0 ") && l.contains("unallocated")),
+            "{m}"
+        );
+        // Raw files and missing files are errors that name the file.
+        let raw = dir.path().join("r.img");
+        std::fs::write(&raw, vec![1u8; 2048]).unwrap();
+        let err = info(&raw).unwrap_err().to_string();
+        assert!(
+            err.contains("r.img") && err.contains("not a qcow2"),
+            "{err}"
+        );
         assert!(info(&dir.path().join("missing")).is_err());
     }
 }

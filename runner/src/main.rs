@@ -99,7 +99,8 @@ enum ImageCommand {
         /// The image file
         path: PathBuf,
     },
-    /// Check an image for leaked clusters and corruptions, like `qemu-img check`
+    /// Check an image for leaked clusters and corruptions, like `qemu-img check` (exit
+    /// status 0 clean, 1 check errors, 2 corruptions, 3 leaks)
     Check {
         /// The image file
         path: PathBuf,
@@ -168,7 +169,11 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
             );
         }
         ImageCommand::Info { path } => print!("{}", image::info(&path)?),
-        ImageCommand::Check { path, repair } => print!("{}", image::check(&path, repair)?),
+        ImageCommand::Check { path, repair } => {
+            let report = image::check(&path, repair)?;
+            println!("{report}");
+            return Ok(ExitCode::from(image::check_exit_code(&report)));
+        }
         ImageCommand::Map { path } => print!("{}", image::map(&path)?),
     }
     Ok(ExitCode::SUCCESS)
