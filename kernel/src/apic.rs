@@ -118,11 +118,16 @@ pub fn init() -> Option<u64> {
     lapic_write(REG_SPURIOUS, 0x100 | u32::from(SPURIOUS_VECTOR));
     lapic_write(REG_TIMER_DIVIDE, 0x3); // divide by 16
     lapic_write(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
+    // Count for about 1 ms, then read both clocks back to back: a pause of the virtual CPU in
+    // the middle lengthens both counts alike.
     lapic_write(REG_TIMER_INITIAL, u32::MAX);
+    let tsc_start = cpu::rdtsc();
     time::delay_us(1000);
-    let elapsed = u32::MAX - lapic_read(REG_TIMER_CURRENT);
+    let remaining = lapic_read(REG_TIMER_CURRENT);
+    let tsc_ticks = cpu::rdtsc().wrapping_sub(tsc_start).max(1);
     lapic_write(REG_TIMER_INITIAL, 0);
-    let per_ms = u64::from(elapsed).max(1);
+    let elapsed_ns = time::ticks_to_ns(tsc_ticks).max(1);
+    let per_ms = (u64::from(u32::MAX - remaining) * 1_000_000 / elapsed_ns).max(1);
     TIMER_PER_MS.store(per_ms, Ordering::Relaxed);
     Some(per_ms)
 }
