@@ -62,6 +62,46 @@ const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// How often the engine's background work runs while the guest is otherwise idle.
 const BACKGROUND_INTERVAL_MS: u64 = 5000;
 
+/// How often the busy loop looks at the power button and the engine's timer.
+const HOUSEKEEPING_MS: u64 = 10;
+
+/// Where the main loop spends its time, logged at `debug` level every
+/// [`LoopProfile::PERIOD_MS`] while the guest is doing something.
+#[derive(Default)]
+struct LoopProfile {
+    turns: u64,
+    poll_ns: u64,
+    serve_ns: u64,
+    idle_ns: u64,
+    since_ms: u64,
+}
+
+impl LoopProfile {
+    const PERIOD_MS: u64 = 10_000;
+
+    fn report(&mut self, now_ms: u64) {
+        if now_ms < self.since_ms + Self::PERIOD_MS {
+            return;
+        }
+        let busy_ns = self.poll_ns + self.serve_ns;
+        if busy_ns > 0 && log::log_enabled!(log::Level::Debug) {
+            let total = (now_ms - self.since_ms).max(1) * 1_000_000;
+            log::debug!(
+                "loop: {} turns in {} ms: network {}%, sessions and disk {}%, halted {}%",
+                self.turns,
+                now_ms - self.since_ms,
+                self.poll_ns * 100 / total,
+                self.serve_ns * 100 / total,
+                self.idle_ns * 100 / total,
+            );
+        }
+        *self = LoopProfile {
+            since_ms: now_ms,
+            ..LoopProfile::default()
+        };
+    }
+}
+
 /// Longest halt of an idle guest (the power button is polled in between).
 const MAX_IDLE_MS: u64 = 100;
 
@@ -382,26 +422,41 @@ fn shut_down(disk: Disk) -> ! {
 impl Guest {
     fn main_loop(&mut self) -> ! {
         let mut next_background = time::now_ms() + BACKGROUND_INTERVAL_MS;
+        let mut next_housekeeping = 0;
+        let mut profile = LoopProfile::default();
         loop {
-            let now = now();
+            let t0 = time::now_ns();
+            let now = Instant::from_micros((t0 / 1000) as i64);
             let mut busy = self.net.poll(&mut self.dev, now);
+            let t1 = time::now_ns();
             busy |= self.drive_sessions(now);
             self.net.relisten();
+            let t2 = time::now_ns();
+            profile.poll_ns += t1 - t0;
+            profile.serve_ns += t2 - t1;
+            profile.turns += 1;
+            let now_ms = t2 / 1_000_000;
+            // Every few milliseconds, even while busy: power button, engine work, profile.
+            if now_ms >= next_housekeeping || !busy {
+                next_housekeeping = now_ms + HOUSEKEEPING_MS;
+                if power::power_button_pressed() {
+                    let disk = core::mem::replace(&mut self.disk, Disk::Unavailable(String::new()));
+                    shut_down(disk);
+                }
+                if now_ms >= next_background && !busy {
+                    self.disk.background();
+                    next_background = now_ms + BACKGROUND_INTERVAL_MS;
+                }
+                profile.report(now_ms);
+            }
             if busy {
                 // Replies wait in the socket buffers: poll the interface again at once.
                 continue;
             }
-            let now_ms = time::now_ms();
-            if now_ms >= next_background {
-                self.disk.background();
-                next_background = now_ms + BACKGROUND_INTERVAL_MS;
-            }
-            if power::power_button_pressed() {
-                let disk = core::mem::replace(&mut self.disk, Disk::Unavailable(String::new()));
-                shut_down(disk);
-            }
             let deadline = self.next_deadline_ms(now).min(next_background);
+            let t3 = time::now_ns();
             self.idle_until(deadline);
+            profile.idle_ns += time::now_ns() - t3;
         }
     }
 
