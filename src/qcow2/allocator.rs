@@ -50,9 +50,21 @@ impl<D: BlockDevice> Qcow2<D> {
         let mask = self.geo.rb_entries() - 1;
         let order = self.geo.refcount_order;
         let mut c = from.max(1);
+        // Recently scanned full blocks: refcount-table entries that share a block (a loop
+        // in the table) would otherwise make the search go round forever.
+        let mut full = [u64::MAX; 8];
+        let mut nfull = 0usize;
         loop {
             if c >= self.dev_clusters {
                 return Err(Qcow2Error::NoSpace);
+            }
+            if c >= self.end {
+                // Nothing at or past the end is in use.
+                if !self.reserved(c)? {
+                    return Ok(c);
+                }
+                c += 1;
+                continue;
             }
             let ti = c >> rb_bits;
             match self.rt_entry(ti)? {
@@ -82,7 +94,16 @@ impl<D: BlockDevice> Qcow2<D> {
                             }
                             c = f + 1;
                         }
-                        None => c = base + mask + 1,
+                        None => {
+                            if full.contains(&block) {
+                                return Err(Qcow2Error::Corrupt(
+                                    "refcount table entries share a refcount block",
+                                ));
+                            }
+                            full[nfull % full.len()] = block;
+                            nfull += 1;
+                            c = base + mask + 1;
+                        }
                     }
                 }
             }

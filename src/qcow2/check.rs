@@ -6,11 +6,12 @@
 //! active state and of snapshots, L2 tables, data and compressed clusters, the refcount
 //! table and blocks, the snapshot table) and compares the counts with the stored refcounts.
 
-use super::cache::{TableKind, get_u64, set_u64};
+use super::cache::{TableKind, get_refcount, get_u64, set_u64};
 use super::entry::{COPIED, Mapping, OFFSET_MASK, decode_l1};
 use super::error::{Qcow2Error, Result};
 use super::{Pool, Qcow2};
 use crate::block::BlockDevice;
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -125,41 +126,84 @@ fn pct(a: u64, b: u64) -> f64 {
     }
 }
 
-/// Expected references per host cluster.
+/// Expected references per host cluster: dense up to a little past the refcounted end of
+/// the image, sparse (bounded) beyond it, where only corrupt references can point.
 struct Refs {
     counts: Vec<u16>,
     flags: Vec<u8>,
+    sparse: BTreeMap<u64, (u16, u8)>,
+    /// Clusters tracked densely.
+    dense_cap: u64,
+    /// Most sparse entries.
+    sparse_max: usize,
     /// Clusters on the device.
     dev_clusters: u64,
-    /// Clusters the memory limit allows tracking.
-    limit: u64,
-    /// References beyond `limit` (but on the device).
+    /// References that could not be tracked within the memory limit.
     beyond_limit: u64,
 }
 
+/// The cluster's refcount block has been compared (duplicate table entries are skipped).
+const F_SCANNED: u8 = 8;
+/// The L2 table has been walked from the active L1 table.
+const F_ACTIVE: u8 = 16;
+
 impl Refs {
-    /// Counts a reference to cluster `c`. `Ok(false)`: past the device end.
+    /// Counts a reference to cluster `c`; false when `c` lies past the device end.
     fn add(&mut self, c: u64, flag: u8) -> bool {
         if c >= self.dev_clusters {
             return false;
         }
-        if c >= self.limit {
+        if c < self.dense_cap {
+            let i = c as usize;
+            if i >= self.counts.len() {
+                let n = (i + 1)
+                    .max(self.counts.len() * 2)
+                    .min(self.dense_cap as usize);
+                self.counts.resize(n, 0);
+                self.flags.resize(n, 0);
+            }
+            self.counts[i] = self.counts[i].saturating_add(1);
+            self.flags[i] |= flag;
+        } else if self.sparse.len() < self.sparse_max || self.sparse.contains_key(&c) {
+            let e = self.sparse.entry(c).or_insert((0, 0));
+            e.0 = e.0.saturating_add(1);
+            e.1 |= flag;
+        } else {
             self.beyond_limit += 1;
-            return true;
         }
-        let i = c as usize;
-        if i >= self.counts.len() {
-            let n = (i + 1).max(self.counts.len() * 2).min(self.limit as usize);
-            self.counts.resize(n, 0);
-            self.flags.resize(n, 0);
-        }
-        self.counts[i] = self.counts[i].saturating_add(1);
-        self.flags[i] |= flag;
         true
     }
 
     fn get(&self, c: u64) -> u64 {
-        self.counts.get(c as usize).copied().unwrap_or(0) as u64
+        match self.counts.get(c as usize) {
+            Some(&n) => n as u64,
+            None => self.sparse.get(&c).map_or(0, |e| e.0 as u64),
+        }
+    }
+
+    fn flags(&self, c: u64) -> u8 {
+        match self.flags.get(c as usize) {
+            Some(&f) => f,
+            None => self.sparse.get(&c).map_or(0, |e| e.1),
+        }
+    }
+
+    fn set_flag(&mut self, c: u64, f: u8) {
+        if let Some(x) = self.flags.get_mut(c as usize) {
+            *x |= f;
+        } else if let Some(e) = self.sparse.get_mut(&c) {
+            e.1 |= f;
+        }
+    }
+
+    /// Every referenced cluster, in order.
+    fn referenced(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(c, &n)| (c as u64, n as u64))
+            .chain(self.sparse.iter().map(|(&c, e)| (c, e.0 as u64)))
     }
 }
 
@@ -169,8 +213,8 @@ impl<D: BlockDevice> Qcow2<D> {
     pub fn check(&mut self) -> Result<CheckReport> {
         self.flush_metadata()?;
         let mut rep = CheckReport::default();
-        let refs = self.collect(false, &mut rep)?;
-        self.compare(&refs, false, &mut rep)?;
+        let mut refs = self.collect(false, &mut rep)?;
+        self.compare(&mut refs, &mut rep)?;
         self.check_copied(false, &mut rep)?;
         Ok(rep)
     }
@@ -216,57 +260,68 @@ impl<D: BlockDevice> Qcow2<D> {
         r.map(|_| ())
     }
 
-    /// Counts every reference. With `fix`, invalid or out-of-range entries are cleared.
+    /// Counts every reference. With `fix`, invalid, out-of-range and overlapping entries
+    /// are cleared.
     fn collect(&mut self, fix: bool, rep: &mut CheckReport) -> Result<Refs> {
         let cs = self.geo.cluster_size();
-        let limit = (self.opts.check_memory_limit / 3).min(self.dev_clusters);
+        let limit = self.opts.check_memory_limit / 3;
+        let end = self.compute_end().unwrap_or(self.end).max(self.end);
         let mut refs = Refs {
             counts: Vec::new(),
             flags: Vec::new(),
+            sparse: BTreeMap::new(),
+            dense_cap: (end + 1024).min(limit).min(self.dev_clusters),
+            sparse_max: (self.opts.check_memory_limit / 64) as usize,
             dev_clusters: self.dev_clusters,
-            limit,
             beyond_limit: 0,
         };
         rep.total_clusters = self.hdr.size.div_ceil(cs);
-        // Header.
+        // Fixed metadata: header, active L1 table, refcount table.
         refs.add(0, F_META);
-        // Active L1 table and everything under it.
         let l1_clusters = (self.hdr.l1_size as u64 * 8).div_ceil(cs);
         for k in 0..l1_clusters {
             refs.add(self.hdr.l1_table_offset / cs + k, F_META);
         }
-        self.walk_active_l1(fix, &mut refs, rep)?;
-        // Refcount table and blocks.
         for k in 0..self.hdr.refcount_table_clusters as u64 {
             refs.add(self.hdr.refcount_table_offset / cs + k, F_META);
         }
+        // Refcount blocks.
         for ti in 0..self.rt_entries {
-            let (page, i) = {
-                let byte = ti * 8;
-                (
-                    self.hdr.refcount_table_offset + (byte & !(cs - 1)),
-                    ((byte & (cs - 1)) / 8) as usize,
-                )
-            };
+            let byte = ti * 8;
+            let page = self.hdr.refcount_table_offset + (byte & !(cs - 1));
+            let i = ((byte & (cs - 1)) / 8) as usize;
             let s = self.load(Pool::Rc, page, TableKind::RefTable, true)?;
             let e = get_u64(self.rcc.data(s), i);
             if e == 0 {
                 continue;
             }
-            let bad = e & (cs - 1) != 0 || e < cs;
-            if bad || !refs.add(e / cs, F_META) {
+            let bad = e & (cs - 1) != 0 || e < cs || e / cs >= self.dev_clusters;
+            let shared = !bad && refs.get(e / cs) > 0;
+            if bad || shared {
                 rep.corruptions += 1;
-                rep.note(format!(
-                    "ERROR refcount block {ti} at offset {e:#x} is invalid or past the end of the image"
-                ));
+                if shared {
+                    rep.note(format!(
+                        "ERROR overlapping metadata: refcount block {ti} at {e:#x} is used by another structure"
+                    ));
+                } else {
+                    rep.note(format!(
+                        "ERROR refcount block {ti} at offset {e:#x} is invalid or past the end of the image"
+                    ));
+                }
                 if fix {
                     let s = self.load(Pool::Rc, page, TableKind::RefTable, true)?;
                     set_u64(self.rcc.data_mut(s), i, 0);
                 }
+                if bad || fix {
+                    continue;
+                }
             }
+            refs.add(e / cs, F_META);
         }
-        // Snapshots.
+        // Snapshot table and snapshots (their L1/L2 tables and data).
         self.walk_snapshots(&mut refs, rep)?;
+        // The active L1 table and everything under it.
+        self.walk_active_l1(fix, &mut refs, rep)?;
         if refs.beyond_limit > 0 {
             rep.corruptions += refs.beyond_limit;
             rep.note(format!(
@@ -284,11 +339,24 @@ impl<D: BlockDevice> Qcow2<D> {
             let e = self.l1_entry(l1i)?;
             let off = match decode_l1(e, &self.geo) {
                 Ok(None) => continue,
-                Ok(Some((off, _))) if off >= cs && refs.add(off / cs, F_L2) => off,
+                Ok(Some((off, _)))
+                    if off >= cs
+                        && off / cs < self.dev_clusters
+                        && refs.flags(off / cs) & (F_META | F_DATA) == 0 =>
+                {
+                    let walked = refs.flags(off / cs) & F_ACTIVE != 0;
+                    refs.add(off / cs, F_L2 | F_ACTIVE);
+                    if walked {
+                        // Two active L1 entries share a table: counted (so the refcount
+                        // shows it), walked once.
+                        continue;
+                    }
+                    off
+                }
                 _ => {
                     rep.corruptions += 1;
                     rep.note(format!(
-                        "ERROR L1 entry {l1i} ({e:#x}) is invalid or points past the end of the image"
+                        "ERROR L1 entry {l1i} ({e:#x}) is invalid, points past the end of the image or into other metadata"
                     ));
                     if fix {
                         self.set_l1_entry(l1i, 0)?;
@@ -296,23 +364,22 @@ impl<D: BlockDevice> Qcow2<D> {
                     continue;
                 }
             };
-            let s = match self.load(Pool::L2, off, TableKind::L2, true) {
-                Ok(s) => s,
-                Err(_) => {
-                    rep.check_errors += 1;
-                    rep.note(format!("ERROR cannot read the L2 table at {off:#x}"));
-                    continue;
-                }
-            };
+            if self.load(Pool::L2, off, TableKind::L2, true).is_err() {
+                rep.check_errors += 1;
+                rep.note(format!("ERROR cannot read the L2 table at {off:#x}"));
+                continue;
+            }
             for i in 0..self.geo.l2_entries() as usize {
-                let s = self.l2c.get(off).map_or(s, |x| x);
+                let s = self.load(Pool::L2, off, TableKind::L2, true)?;
                 let e = get_u64(self.l2c.data(s), i);
+                let mut into_meta = false;
                 let ok = match Mapping::decode(e, &self.geo, self.hdr.version) {
                     Ok(Mapping::Data { host, .. })
                     | Ok(Mapping::Zero {
                         host: Some(host), ..
                     }) => {
-                        let ok = refs.add(host / cs, F_DATA);
+                        into_meta = refs.flags(host / cs) & (F_META | F_L2) != 0;
+                        let ok = !into_meta && refs.add(host / cs, F_DATA);
                         if ok {
                             rep.allocated_clusters += 1;
                             if last_host.is_some_and(|h| h + cs != host) {
@@ -327,16 +394,22 @@ impl<D: BlockDevice> Qcow2<D> {
                         rep.compressed_clusters += 1;
                         let first = host / cs;
                         let last = (host + len - 1) / cs;
-                        (first..=last).all(|c| refs.add(c, F_DATA))
+                        first >= 1 && (first..=last).all(|c| refs.add(c, F_DATA))
                     }
                     Ok(_) => true,
                     Err(_) => false,
                 };
                 if !ok {
                     rep.corruptions += 1;
-                    rep.note(format!(
-                        "ERROR L2 entry {i} of the table at {off:#x} ({e:#x}) is invalid or points past the end of the image"
-                    ));
+                    if into_meta {
+                        rep.note(format!(
+                            "ERROR overlapping metadata: L2 entry {i} of the table at {off:#x} ({e:#x}) points into metadata"
+                        ));
+                    } else {
+                        rep.note(format!(
+                            "ERROR L2 entry {i} of the table at {off:#x} ({e:#x}) is invalid or points past the end of the image"
+                        ));
+                    }
                     if fix {
                         let s = self.load(Pool::L2, off, TableKind::L2, true)?;
                         set_u64(self.l2c.data_mut(s), i, 0);
@@ -354,12 +427,16 @@ impl<D: BlockDevice> Qcow2<D> {
             return Ok(());
         }
         if n > MAX_SNAPSHOTS {
-            return Err(Qcow2Error::BadHeader("more than 65536 snapshots"));
+            rep.corruptions += 1;
+            rep.note(String::from("ERROR more than 65536 snapshots"));
+            return Ok(());
         }
         let cs = self.geo.cluster_size();
         let cap = self.dev.capacity();
         let mut pos = self.hdr.snapshots_offset;
         let mut buf = vec![0u8; cs as usize];
+        let mut l1_budget: u64 = 1 << 26;
+        let mut seen_l1 = Vec::new();
         for _ in 0..n {
             let mut fixed = [0u8; 40];
             if pos.checked_add(40).is_none_or(|e| e > cap) {
@@ -370,18 +447,25 @@ impl<D: BlockDevice> Qcow2<D> {
                 return Ok(());
             }
             self.dev.read_at(pos, &mut fixed)?;
-            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or([0; 8]));
-            let l1_size = u32::from_be_bytes(fixed[8..12].try_into().unwrap_or([0; 4])) as u64;
+            let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64;
+            let l1_off = (be32(&fixed[0..4]) << 32) | be32(&fixed[4..8]);
+            let l1_size = be32(&fixed[8..12]);
             let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as u64;
             let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
-            let extra = u32::from_be_bytes(fixed[36..40].try_into().unwrap_or([0; 4])) as u64;
+            let extra = be32(&fixed[36..40]);
             pos += (40 + extra + id_len + name_len).div_ceil(8) * 8;
             let l1_clusters = (l1_size * 8).div_ceil(cs);
-            if l1_off % cs != 0 || l1_size * 8 > super::layout::MAX_L1_BYTES {
+            if !l1_off.is_multiple_of(cs)
+                || l1_size * 8 > super::layout::MAX_L1_BYTES
+                || seen_l1.contains(&l1_off)
+                || l1_size > l1_budget
+            {
                 rep.corruptions += 1;
                 rep.note(format!("ERROR snapshot L1 table at {l1_off:#x} is invalid"));
                 continue;
             }
+            seen_l1.push(l1_off);
+            l1_budget -= l1_size;
             for k in 0..l1_clusters {
                 if !refs.add(l1_off / cs + k, F_META) {
                     rep.corruptions += 1;
@@ -429,32 +513,58 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
             }
         }
-        let table_end = pos;
         let first = self.hdr.snapshots_offset / cs;
-        for c in first..table_end.div_ceil(cs) {
+        for c in first..pos.div_ceil(cs) {
             refs.add(c, F_META);
         }
         Ok(())
     }
 
-    /// Compares stored refcounts with the counted references (check only).
-    fn compare(&mut self, refs: &Refs, _fix: bool, rep: &mut CheckReport) -> Result<()> {
-        let end = self.compute_end().unwrap_or(self.end);
-        let n = end.max(refs.counts.len() as u64).min(self.dev_clusters);
+    /// Compares stored refcounts with the counted references: block by block (each block
+    /// once), then references in ranges that have no block.
+    fn compare(&mut self, refs: &mut Refs, rep: &mut CheckReport) -> Result<()> {
+        let rb_bits = self.geo.rb_bits;
+        let order = self.geo.refcount_order;
+        let mut covered = vec![false; self.rt_entries as usize];
         let mut last_used = 0u64;
-        for c in 0..n {
-            let want = refs.get(c);
-            let have = match self.refcount(c) {
-                Ok(r) => r,
+        for ti in 0..self.rt_entries {
+            let Ok(Some(block)) = self.rt_entry(ti) else {
+                continue;
+            };
+            let bc = block / self.geo.cluster_size();
+            if refs.flags(bc) & F_SCANNED != 0 {
+                continue;
+            }
+            refs.set_flag(bc, F_SCANNED);
+            covered[ti as usize] = true;
+            let s = match self.load(Pool::Rc, block, TableKind::RefBlock, true) {
+                Ok(s) => s,
                 Err(_) => {
                     rep.check_errors += 1;
                     continue;
                 }
             };
-            if want > 0 || have > 0 {
-                last_used = c + 1;
+            let base = ti << rb_bits;
+            for i in 0..self.geo.rb_entries() {
+                let c = base + i;
+                if c >= self.dev_clusters {
+                    break;
+                }
+                let have = get_refcount(self.rcc.data(s), i as usize, order);
+                let want = refs.get(c);
+                if have > 0 || want > 0 {
+                    last_used = c + 1;
+                    self.judge(c, have, want, refs, rep);
+                }
             }
-            self.judge(c, have, want, refs, rep);
+        }
+        for (c, want) in refs.referenced() {
+            let ti = c >> rb_bits;
+            if covered.get(ti as usize).copied().unwrap_or(false) {
+                continue;
+            }
+            last_used = last_used.max(c + 1);
+            self.judge(c, 0, want, refs, rep);
         }
         rep.image_end_offset = last_used * self.geo.cluster_size();
         Ok(())
@@ -479,7 +589,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 ));
             }
         }
-        let flags = refs.flags.get(c as usize).copied().unwrap_or(0);
+        let flags = refs.flags(c) & (F_DATA | F_L2 | F_META);
         if flags.count_ones() > 1 || (flags == F_META && want > 1) {
             rep.corruptions += 1;
             rep.note(format!(
@@ -489,47 +599,64 @@ impl<D: BlockDevice> Qcow2<D> {
         }
     }
 
-    /// Sets every refcount to its reference count.
+    /// Sets every refcount to its reference count, allocating refcount blocks where a
+    /// referenced range has none (never over a referenced cluster).
     fn compare_and_fix(&mut self, refs: Refs, rep: &mut CheckReport) -> Result<()> {
-        let end = self.compute_end().unwrap_or(self.end);
-        let n = end.max(refs.counts.len() as u64).min(self.dev_clusters);
-        let flags = refs.flags.clone();
-        let refs_for_judge = Refs {
-            counts: Vec::new(),
-            flags,
-            dev_clusters: refs.dev_clusters,
-            limit: refs.limit,
-            beyond_limit: 0,
-        };
-        // Referenced clusters must not be handed out while refcount blocks are allocated.
-        self.guard = Some(refs.counts);
-        self.end = self.end.max(n);
-        self.cursor = 1;
+        let rb_bits = self.geo.rb_bits;
+        // Referenced clusters, densely (the guard the allocator respects).
+        let max = refs
+            .sparse
+            .keys()
+            .next_back()
+            .map_or(refs.counts.len() as u64, |&k| k + 1)
+            .max(refs.counts.len() as u64);
+        if max > self.opts.check_memory_limit / 3 {
+            return Err(Qcow2Error::TooLarge(
+                "repair would need more memory than the check memory limit",
+            ));
+        }
+        let mut guard = refs.counts;
+        guard.resize(max as usize, 0);
+        for (&c, e) in refs.sparse.iter() {
+            guard[c as usize] = e.0;
+        }
+        self.guard = Some(guard);
+        self.end = self.end.max(max);
         let r = (|| -> Result<()> {
-            let mut c = 0u64;
-            while c < n.max(self.guard.as_ref().map_or(0, |g| g.len() as u64)) {
-                let want = self
-                    .guard
-                    .as_ref()
-                    .and_then(|g| g.get(c as usize))
-                    .copied()
-                    .unwrap_or(0) as u64;
-                let have = match self.refcount(c) {
-                    Ok(r) => r,
-                    Err(_) => {
-                        rep.check_errors += 1;
-                        c += 1;
-                        continue;
-                    }
+            let mut covered = vec![false; self.rt_entries as usize];
+            let mut seen: BTreeMap<u64, ()> = BTreeMap::new();
+            for ti in 0..self.rt_entries {
+                let Ok(Some(block)) = self.rt_entry(ti) else {
+                    continue;
                 };
-                self.judge(c, have, want, &refs_for_judge, rep);
-                if have != want {
-                    if want > 0 && self.rt_entry(c >> self.geo.rb_bits)?.is_none() {
-                        self.ensure_blocks(c, 1)?;
+                if seen.insert(block, ()).is_some() {
+                    continue;
+                }
+                covered[ti as usize] = true;
+                let base = ti << rb_bits;
+                for i in 0..self.geo.rb_entries() {
+                    let c = base + i;
+                    if c >= self.dev_clusters {
+                        break;
                     }
-                    self.set_refcount(c, want)?;
-                    if want == 0 {
-                        self.cursor = self.cursor.min(c);
+                    let want = self.guarded(c);
+                    let have = self.refcount(c)?;
+                    if have != want {
+                        count_fix(rep, have, want);
+                        self.set_refcount(c, want)?;
+                    }
+                }
+            }
+            let mut c = 0u64;
+            while c < self.guard.as_ref().map_or(0, |g| g.len() as u64) {
+                let want = self.guarded(c);
+                let ti = c >> rb_bits;
+                if want > 0 && !covered.get(ti as usize).copied().unwrap_or(false) {
+                    let have = self.refcount(c)?;
+                    if have != want {
+                        count_fix(rep, have, want);
+                        self.ensure_blocks(c, 1)?;
+                        self.set_refcount(c, want)?;
                     }
                 }
                 c += 1;
@@ -539,6 +666,14 @@ impl<D: BlockDevice> Qcow2<D> {
         self.guard = None;
         self.cursor = 1;
         r
+    }
+
+    fn guarded(&self, c: u64) -> u64 {
+        self.guard
+            .as_ref()
+            .and_then(|g| g.get(c as usize))
+            .copied()
+            .unwrap_or(0) as u64
     }
 
     /// Checks (and with `fix`, corrects) the COPIED flags of the active tables.
@@ -594,5 +729,14 @@ impl<D: BlockDevice> Qcow2<D> {
             }
         }
         Ok(())
+    }
+}
+
+/// Counts one refcount fix as a leak or corruption fixed (by what it was).
+fn count_fix(rep: &mut CheckReport, have: u64, want: u64) {
+    if have > want {
+        rep.leaks += 1;
+    } else {
+        rep.corruptions += 1;
     }
 }

@@ -7,8 +7,8 @@ pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// Largest L1 table (bytes) accepted, as QEMU: bigger tables mean a bigger cluster size.
 pub const MAX_L1_BYTES: u64 = 32 * 1024 * 1024;
-/// Largest refcount table (bytes) accepted when opening an image.
-pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest refcount table (bytes) accepted, as QEMU.
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 * 1024 * 1024;
 /// Host offsets in tables have 56 bits (bits 9..=55).
 pub const MAX_HOST_OFFSET: u64 = 1 << 56;
 

@@ -67,7 +67,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let rt_bytes = hdr.refcount_table_clusters as u64 * cs;
         if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
             return Err(Qcow2Error::BadHeader(
-                "the refcount table is larger than 64 MiB",
+                "the refcount table is larger than 8 MiB",
             ));
         }
         if hdr
@@ -139,11 +139,19 @@ impl<D: BlockDevice> Qcow2<D> {
         let fixed = self.fixed_end();
         let order = self.geo.refcount_order;
         let mut ti = self.rt_entries;
+        // Empty blocks are rare; past a few, stop and assume everything below is in use
+        // (an over-estimate is safe: it only moves new metadata further out).
+        let mut empty_blocks = 0;
         while ti > 0 {
             ti -= 1;
-            let Some(block) = self.rt_entry(ti)? else {
+            // A bad entry is for check/repair to report; here it only ends nothing.
+            let Ok(Some(block)) = self.rt_entry(ti) else {
                 continue;
             };
+            if empty_blocks >= 64 {
+                return Ok(((ti + 1) << self.geo.rb_bits).max(fixed));
+            }
+            empty_blocks += 1;
             let s = self.load(Pool::Rc, block, TableKind::RefBlock, true)?;
             let data = self.rcc.data(s);
             let mut i = self.geo.rb_entries();

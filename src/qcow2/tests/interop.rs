@@ -1,1 +1,352 @@
+//! Interoperability with QEMU: images made by `qemu-img create` and filled by `qemu-io`
+//! read exactly as `qemu-img convert -O raw` gives them; after our writes `qemu-img check`
+//! is clean and `qemu-img compare` matches the same writes applied to the raw copy. Images
+//! we create are opened by QEMU's tools the other way round.
 
+use super::util::*;
+use crate::block::FileDisk;
+use crate::disk::VirtualDisk;
+use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+use std::path::Path;
+
+const SIZE: u64 = 16 << 20;
+
+struct Config {
+    cluster: u64,
+    refcount_bits: u32,
+    compat: &'static str,
+    lazy: bool,
+    prealloc: bool,
+    snapshot: bool,
+}
+
+fn qemu_image(dir: &Path, c: &Config) -> std::path::PathBuf {
+    let img = dir.join("q.qcow2");
+    let mut o = format!(
+        "cluster_size={},refcount_bits={},compat={}",
+        c.cluster, c.refcount_bits, c.compat
+    );
+    if c.lazy {
+        o.push_str(",lazy_refcounts=on");
+    }
+    if c.prealloc {
+        o.push_str(",preallocation=metadata");
+    }
+    let p = img.to_str().unwrap();
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            p,
+            &SIZE.to_string(),
+        ],
+    );
+    qemu_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xab 0 65536",
+            "-c",
+            "write -P 0x12 1000 3000",
+            "-c",
+            "write -P 0x34 5242880 1048577",
+            "-c",
+            "write -P 0x56 16773120 4096",
+            "-c",
+            "write -z 9437184 131072",
+            "-c",
+            "write -P 0x78 12582912 2097152",
+            "-c",
+            "discard 13631488 524288",
+            p,
+        ],
+    );
+    if c.snapshot {
+        qemu_ok("qemu-img", &["snapshot", "-c", "snap1", p]);
+        qemu_ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x9a 3000 70000", p],
+        );
+    }
+    img
+}
+
+fn raw_of(dir: &Path, img: &Path) -> Vec<u8> {
+    let raw = dir.join("conv.raw");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(&raw).unwrap()
+}
+
+/// Our writes, applied to the image and to the raw model alike.
+fn our_writes(q: &mut Qcow2<FileDisk>, model: &mut [u8], cs: u64) {
+    let writes: [(u64, u64, u8); 7] = [
+        (500, 70000, 0xc1),
+        (5242880 + 100, 10, 0xc2),
+        (9437184 + 4096, 8192, 0xc3),
+        (12582912 + 1048576, 1048576, 0xc4),
+        (16 * 1024 * 1024 - 700, 700, 0xc5),
+        (7 << 20, 2 * cs + 77, 0xc6),
+        (3 << 20, 1, 0xc7),
+    ];
+    for (off, len, v) in writes {
+        let data = vec![v; len as usize];
+        q.write(off, &data).unwrap();
+        model[off as usize..(off + len) as usize].fill(v);
+    }
+    // Whole-cluster discard and zeroes, partial zeroes.
+    let d = (4 << 20) / cs * cs;
+    q.write(d, &vec![0xd1; 3 * cs as usize]).unwrap();
+    q.discard(d, cs).unwrap();
+    model[d as usize..(d + cs) as usize].fill(0);
+    model[(d + cs) as usize..(d + 3 * cs) as usize].fill(0xd1);
+    q.write_zeroes(d + cs, cs, false).unwrap();
+    q.write_zeroes(d + 2 * cs + 1, 100, true).unwrap();
+    model[(d + cs) as usize..(d + 2 * cs) as usize].fill(0);
+    model[(d + 2 * cs + 1) as usize..(d + 2 * cs + 101) as usize].fill(0);
+    q.write_zeroes(0, 65536, true).unwrap();
+    model[..65536].fill(0);
+    q.flush().unwrap();
+}
+
+fn interop(c: Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_image(dir.path(), &c);
+    let mut model = raw_of(dir.path(), &img);
+    assert_eq!(model.len() as u64, SIZE);
+    // Read-only: every byte as QEMU sees it.
+    let mut q = open_file(
+        &img,
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    );
+    let mut ours = vec![0u8; SIZE as usize];
+    q.read(0, &mut ours).unwrap();
+    assert!(ours == model, "our read differs from qemu-img convert");
+    let rep = q.check().unwrap();
+    assert!(rep.is_clean(), "our check of a QEMU image: {rep}");
+    drop(q);
+    // Read-write with small caches (eviction) and our writes.
+    let mut q = open_file(&img, small_cache());
+    our_writes(&mut q, &mut model, c.cluster);
+    let rep = q.check().unwrap();
+    assert!(rep.is_clean(), "our check after our writes: {rep}");
+    q.close().unwrap();
+    assert_qemu_clean(&img);
+    let raw = dir.path().join("model.raw");
+    std::fs::write(&raw, &model).unwrap();
+    let o = qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "qemu-img compare after our writes: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // And our engine reads it back too.
+    let mut q = open_file(&img, OpenOptions::default());
+    q.read(0, &mut ours).unwrap();
+    assert!(ours == model, "re-read differs from the model");
+}
+
+fn cfg(cluster: u64, refcount_bits: u32, compat: &'static str) -> Config {
+    Config {
+        cluster,
+        refcount_bits,
+        compat,
+        lazy: false,
+        prealloc: false,
+        snapshot: false,
+    }
+}
+
+#[test]
+fn qemu_512_rc1() {
+    interop(cfg(512, 1, "1.1"));
+}
+
+#[test]
+fn qemu_512_rc16_v2() {
+    interop(cfg(512, 16, "0.10"));
+}
+
+#[test]
+fn qemu_512_rc64() {
+    interop(cfg(512, 64, "1.1"));
+}
+
+#[test]
+fn qemu_4k_rc16() {
+    interop(cfg(4096, 16, "1.1"));
+}
+
+#[test]
+fn qemu_4k_rc1_lazy() {
+    interop(Config {
+        lazy: true,
+        ..cfg(4096, 1, "1.1")
+    });
+}
+
+#[test]
+fn qemu_4k_v2_prealloc() {
+    interop(Config {
+        prealloc: true,
+        ..cfg(4096, 16, "0.10")
+    });
+}
+
+#[test]
+fn qemu_64k_rc16_v2() {
+    interop(cfg(65536, 16, "0.10"));
+}
+
+#[test]
+fn qemu_64k_rc64_prealloc() {
+    interop(Config {
+        prealloc: true,
+        ..cfg(65536, 64, "1.1")
+    });
+}
+
+#[test]
+fn qemu_64k_rc16_lazy_prealloc() {
+    interop(Config {
+        lazy: true,
+        prealloc: true,
+        ..cfg(65536, 16, "1.1")
+    });
+}
+
+#[test]
+fn qemu_64k_snapshot_cow() {
+    interop(Config {
+        snapshot: true,
+        ..cfg(65536, 16, "1.1")
+    });
+}
+
+#[test]
+fn qemu_512_snapshot_cow_v2() {
+    interop(Config {
+        snapshot: true,
+        ..cfg(512, 16, "0.10")
+    });
+}
+
+#[test]
+fn qemu_2m_rc16() {
+    interop(cfg(2 << 20, 16, "1.1"));
+}
+
+#[test]
+fn qemu_2m_rc1_prealloc() {
+    interop(Config {
+        prealloc: true,
+        ..cfg(2 << 20, 1, "1.1")
+    });
+}
+
+#[test]
+fn qemu_2m_rc64_v2_lazy_off() {
+    interop(cfg(2 << 20, 64, "1.1"));
+}
+
+/// Images we create are valid for QEMU: `qemu-img check`, `info` and `qemu-io` reads.
+#[test]
+fn our_images_open_in_qemu() {
+    for (cs, rb) in [(512u64, 1u32), (4096, 16), (65536, 64), (2 << 20, 8)] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("ours.qcow2");
+        let dev = FileDisk::create(&img).unwrap();
+        let mut q = Qcow2::create(
+            dev,
+            &CreateOptions {
+                virtual_size: SIZE,
+                cluster_size: cs,
+                refcount_bits: rb,
+                lazy_refcounts: true,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        q.write(12345, &vec![0x5a; 200000]).unwrap();
+        q.close().unwrap();
+        assert_qemu_clean(&img);
+        let info = qemu_ok(
+            "qemu-img",
+            &["info", "--output=json", img.to_str().unwrap()],
+        );
+        assert_eq!(json_u64(&info, "cluster-size"), cs, "{info}");
+        assert_eq!(json_u64(&info, "refcount-bits"), rb as u64, "{info}");
+        assert_eq!(json_u64(&info, "virtual-size"), SIZE, "{info}");
+        assert!(info.contains("\"lazy-refcounts\": true"), "{info}");
+        let out = qemu_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x5a 12345 200000",
+                "-c",
+                "read -P 0 0 12345",
+                img.to_str().unwrap(),
+            ],
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+}
+
+/// A 1 PiB image can be created (64 KiB clusters), written at its far end, and checked.
+#[test]
+fn one_pib_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let size = 1u64 << 50;
+    let mut q = Qcow2::create(
+        FileDisk::create(&img).unwrap(),
+        &CreateOptions {
+            virtual_size: size,
+            cluster_size: 2 << 20,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    q.write(size - 4096, &[7u8; 4096]).unwrap();
+    q.close().unwrap();
+    assert_qemu_clean(&img);
+    let info = qemu_ok(
+        "qemu-img",
+        &["info", "--output=json", img.to_str().unwrap()],
+    );
+    assert_eq!(json_u64(&info, "virtual-size"), size);
+}
