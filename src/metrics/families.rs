@@ -35,6 +35,7 @@ use super::primitives::{Counter, FloatGauge, Gauge, Histogram};
 use super::registry::{Family, InfoValue, LegacyCounter, Registry};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// A kind of I/O request, at the engine and at the block device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -172,7 +173,11 @@ impl RequestFamilies {
         let make = |f: &mut Family<Counter>| IoOp::ALL.map(|op| f.child(&[name, op.name()]));
         let requests = make(&mut self.requests);
         let errors = make(&mut self.errors);
-        let bytes = make(&mut self.bytes);
+        // A flush covers no bytes: its counter exists (always 0) but has no series.
+        let bytes = IoOp::ALL.map(|op| match op {
+            IoOp::Flush => Arc::new(Counter::new()),
+            _ => self.bytes.child(&[name, op.name()]),
+        });
         let latency = IoOp::ALL.map(|op| {
             self.latency
                 .histogram(&[name, op.name()], Histogram::latency)
@@ -571,6 +576,8 @@ pub struct GuestMetrics {
     /// Guest-wide metrics.
     pub system: Arc<SystemMetrics>,
     clock: fn() -> u64,
+    /// Length of the last exposition, to size the next buffer in one allocation.
+    last_len: AtomicUsize,
 }
 
 impl GuestMetrics {
@@ -593,6 +600,7 @@ impl GuestMetrics {
             http: Arc::new(http),
             system: Arc::new(system),
             clock: cfg.clock,
+            last_len: AtomicUsize::new(0),
         }
     }
 
@@ -605,14 +613,17 @@ impl GuestMetrics {
     /// `qcow_metal_http_scrape_encode_seconds` (seen by the next scrape).
     pub fn render_into(&self, format: Format, out: &mut Vec<u8>) {
         let start = (self.clock)();
+        let before = out.len();
+        out.reserve(self.last_len.load(Ordering::Relaxed) + 1024);
         self.registry.encode_to_vec(format, out);
         let took = (self.clock)().saturating_sub(start);
+        self.last_len.store(out.len() - before, Ordering::Relaxed);
         self.http.scrape_encode.observe(took);
     }
 
     /// The exposition in `format`.
     pub fn render(&self, format: Format) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 * 1024);
+        let mut out = Vec::new();
         self.render_into(format, &mut out);
         out
     }

@@ -463,3 +463,89 @@ fn engine_snapshot_from_qcow2_counts_reclaim_in_bytes() {
     assert_eq!(s.metadata_written_bytes, 8192);
     assert_eq!(s.reclaim, [3 * 65536, 0, 0, 0, 0, 65536]);
 }
+
+#[test]
+fn failed_requests_count_as_errors_only() {
+    use crate::block::{BlockDevice, MemDisk};
+    use crate::disk::{RawDisk, VirtualDisk};
+    let m = GuestMetrics::new(&GuestConfig {
+        disk: "d",
+        device: "vda",
+        interface: "eth0",
+        version: "0",
+        mirage: false,
+        clock: test_clock,
+    });
+    let mut ro = MemDisk::fixed(8192);
+    ro.set_read_only(true);
+    let mut disk = Instrumented::new(RawDisk::new(ro), m.disk.clone(), test_clock);
+    assert!(disk.write(0, &[1; 512]).is_err());
+    assert!(disk.discard(0, 512).is_err());
+    assert!(disk.write_zeroes(0, 512, true).is_err());
+    assert!(disk.read(8000, &mut [0; 512]).is_err());
+    disk.read(0, &mut [0; 512]).unwrap();
+    let r = &m.disk.requests;
+    for op in [IoOp::Write, IoOp::Discard, IoOp::WriteZeroes] {
+        assert_eq!(
+            (r.requests(op), r.errors(op), r.bytes(op)),
+            (0, 1, 0),
+            "{op:?}"
+        );
+        assert_eq!(r.latency(op).count(), 0);
+    }
+    assert_eq!((r.requests(IoOp::Read), r.errors(IoOp::Read)), (1, 1));
+    assert_eq!(r.bytes(IoOp::Read), 512);
+    // Block status is passed through, uncounted.
+    disk.block_status(0, 512).unwrap();
+    assert_eq!(r.requests(IoOp::Read), 1);
+
+    // The device wrapper counts one request per call.
+    let mut dev = InstrumentedDevice::new(MemDisk::fixed(4096), m.blockdev.clone(), test_clock);
+    dev.write_at(0, &[7; 1024]).unwrap();
+    dev.read_at(0, &mut [0; 100]).unwrap();
+    dev.flush().unwrap();
+    assert!(dev.read_at(4000, &mut [0; 100]).is_err());
+    let b = &m.blockdev.requests;
+    assert_eq!((b.requests(IoOp::Write), b.bytes(IoOp::Write)), (1, 1024));
+    assert_eq!((b.requests(IoOp::Read), b.errors(IoOp::Read)), (1, 1));
+    assert_eq!((b.requests(IoOp::Flush), b.bytes(IoOp::Flush)), (1, 0));
+    let text = String::from_utf8(m.render(Format::Text)).unwrap();
+    assert!(!text.contains("_bytes_total{disk=\"d\",op=\"flush\"}"));
+    assert!(!text.contains("_bytes_total{device=\"vda\",op=\"flush\"}"));
+    assert!(text.contains("qcow_metal_blockdev_requests_total{device=\"vda\",op=\"flush\"} 1\n"));
+}
+
+#[test]
+fn encodes_into_any_fmt_write_sink() {
+    /// A fixed buffer: the encoder needs nothing but `write_str`.
+    struct Fixed {
+        buf: [u8; 128 * 1024],
+        len: usize,
+    }
+    impl core::fmt::Write for Fixed {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            let end = self.len + s.len();
+            if end > self.buf.len() {
+                return Err(core::fmt::Error);
+            }
+            self.buf[self.len..end].copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let m = populated_guest(true);
+    for format in [Format::Text, Format::OpenMetrics] {
+        let mut sink = alloc::boxed::Box::new(Fixed {
+            buf: [0; 128 * 1024],
+            len: 0,
+        });
+        m.registry().encode(format, &mut *sink).unwrap();
+        assert_eq!(&sink.buf[..sink.len], &m.registry().render(format)[..]);
+        // A sink that fills up makes encoding fail instead of panicking.
+        let mut small = Fixed {
+            buf: [0; 128 * 1024],
+            len: 128 * 1024 - 100,
+        };
+        assert!(m.registry().encode(format, &mut small).is_err());
+    }
+}
