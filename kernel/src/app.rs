@@ -430,7 +430,10 @@ impl Guest {
             let mut busy = self.net.poll(&mut self.dev, now);
             let t1 = time::now_ns();
             busy |= self.drive_sessions(now);
-            self.net.relisten();
+            if self.net.relisten() {
+                self.sessions.resize_with(self.net.listeners.len(), || None);
+            }
+            self.make_room(t1 / 1_000_000);
             let t2 = time::now_ns();
             profile.poll_ns += t1 - t0;
             profile.serve_ns += t2 - t1;
@@ -460,6 +463,37 @@ impl Guest {
         }
     }
 
+    /// When every socket of a port is taken and its pool cannot grow, closes the session of
+    /// that port that has been idle longest (if any is idle), so that new clients are not
+    /// refused while silent ones hold the sockets.
+    fn make_room(&mut self, now_ms: u64) {
+        for service in [Service::Http, Service::Nbd] {
+            if self.net.listening(service) > 0 {
+                continue;
+            }
+            let victim = self
+                .net
+                .listeners
+                .iter()
+                .zip(&self.sessions)
+                .enumerate()
+                .filter(|(_, (l, _))| l.service == service)
+                .filter_map(|(i, (_, s))| Some((i, s.as_ref()?.idle_since_ms()?)))
+                .min_by_key(|&(_, since)| since);
+            if let Some((i, since)) = victim {
+                let handle = self.net.listeners[i].handle;
+                self.net.sockets.get_mut::<tcp::Socket>(handle).abort();
+                if let Some(Session::Nbd(mut s)) = self.sessions[i].take() {
+                    s.end(&mut self.nbd_stats);
+                }
+                info!(
+                    "{service:?}: every socket is taken; closed a connection idle for {} ms",
+                    now_ms.saturating_sub(since)
+                );
+            }
+        }
+    }
+
     /// Advances every session; returns whether anything moved.
     fn drive_sessions(&mut self, now: Instant) -> bool {
         let now_ms = now.total_millis() as u64;
@@ -486,7 +520,9 @@ impl Guest {
             if slot.is_none() {
                 *slot = Some(match listener.service {
                     Service::Http => Session::Http(Box::new(HttpSession::new(now_ms))),
-                    Service::Nbd => Session::Nbd(Box::new(NbdSession::new(&self.nbd_config))),
+                    Service::Nbd => {
+                        Session::Nbd(Box::new(NbdSession::new(&self.nbd_config, now_ms)))
+                    }
                 });
                 busy = true;
             }
@@ -516,7 +552,7 @@ impl Guest {
                     busy |= s.drive(socket, now_ms, &mut site);
                 }
                 Some(Session::Nbd(s)) => match self.disk.virtual_disk() {
-                    Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats),
+                    Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats, now_ms),
                     None => {
                         // No disk to export: refuse the client.
                         warn!("NBD: refusing a client: the disk is unavailable");

@@ -18,17 +18,20 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4C
 
 use crate::virtio::net::VirtioNet;
 
-/// Listening sockets on the metrics (HTTP) port.
-pub const HTTP_SOCKETS: usize = 8;
-/// Listening sockets on the NBD port.
-pub const NBD_SOCKETS: usize = 4;
+/// Sockets on the metrics (HTTP) port at boot, and at most.
+pub const HTTP_SOCKETS: (usize, usize) = (16, 64);
+/// Sockets on the NBD port at boot, and at most.
+pub const NBD_SOCKETS: (usize, usize) = (8, 16);
+/// Listening sockets kept free on each port (while below the maximum), so that a burst of
+/// connections finds listeners: smoltcp answers a SYN for which no socket listens with RST.
+const SPARE_LISTENERS: usize = 4;
 /// HTTP socket buffers: requests are small; a scrape answer is written in pieces.
 const HTTP_RX: usize = 8 << 10;
 const HTTP_TX: usize = 64 << 10;
 /// NBD socket buffers: large, so a 1 MiB read or write streams without stalls (the window
 /// is scaled past 64 KiB automatically).
-const NBD_RX: usize = 512 << 10;
-const NBD_TX: usize = 512 << 10;
+const NBD_RX: usize = 256 << 10;
+const NBD_TX: usize = 256 << 10;
 
 /// The service a listening socket belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,16 @@ pub struct Network {
     dhcp: Option<SocketHandle>,
     /// The address in use, once there is one.
     address: Option<Ipv4Cidr>,
+    /// The service ports.
+    ports: [(Service, u16); 2],
+}
+
+/// Sockets of a service at boot, and at most.
+fn limits(service: Service) -> (usize, usize) {
+    match service {
+        Service::Http => HTTP_SOCKETS,
+        Service::Nbd => NBD_SOCKETS,
+    }
 }
 
 impl Network {
@@ -98,44 +111,56 @@ impl Network {
         };
         info!("MAC {mac}");
 
-        let mut listeners = Vec::new();
-        let pools = [
-            (
-                Service::Http,
-                config.metrics_port,
-                HTTP_SOCKETS,
-                HTTP_RX,
-                HTTP_TX,
-            ),
-            (Service::Nbd, config.nbd_port, NBD_SOCKETS, NBD_RX, NBD_TX),
-        ];
-        for (service, port, count, rx, tx) in pools {
+        let mut network = Network {
+            iface,
+            sockets,
+            listeners: Vec::new(),
+            dhcp,
+            address,
+            ports: [
+                (Service::Http, config.metrics_port),
+                (Service::Nbd, config.nbd_port),
+            ],
+        };
+        for (service, port) in network.ports {
+            let count = limits(service).0;
             for _ in 0..count {
-                let mut socket = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0u8; rx]),
-                    tcp::SocketBuffer::new(vec![0u8; tx]),
-                );
-                tune(&mut socket);
-                if let Err(e) = socket.listen(port) {
-                    warn!("cannot listen on port {port}: {e:?}");
-                }
-                let handle = sockets.add(socket);
-                listeners.push(Listener {
-                    handle,
-                    service,
-                    port,
-                });
+                network.add_listener(service, port);
             }
             info!("{count} sockets listening on TCP port {port} ({service:?})");
         }
+        network
+    }
 
-        Network {
-            iface,
-            sockets,
-            listeners,
-            dhcp,
-            address,
+    /// Adds one listening socket to the pool.
+    fn add_listener(&mut self, service: Service, port: u16) {
+        let (rx, tx) = match service {
+            Service::Http => (HTTP_RX, HTTP_TX),
+            Service::Nbd => (NBD_RX, NBD_TX),
+        };
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; rx]),
+            tcp::SocketBuffer::new(vec![0u8; tx]),
+        );
+        tune(&mut socket);
+        if let Err(e) = socket.listen(port) {
+            warn!("cannot listen on port {port}: {e:?}");
         }
+        let handle = self.sockets.add(socket);
+        self.listeners.push(Listener {
+            handle,
+            service,
+            port,
+        });
+    }
+
+    /// How many sockets of `service` are listening now.
+    pub fn listening(&self, service: Service) -> usize {
+        self.listeners
+            .iter()
+            .filter(|l| l.service == service)
+            .filter(|l| self.sockets.get::<tcp::Socket>(l.handle).is_listening())
+            .count()
     }
 
     /// The guest's address, once configured.
@@ -157,8 +182,10 @@ impl Network {
         self.iface.poll_delay(now, &self.sockets)
     }
 
-    /// Puts every pool socket whose connection is over back to listening.
-    pub fn relisten(&mut self) {
+    /// Puts every pool socket whose connection is over back to listening, and grows a port's
+    /// pool (up to its maximum) when fewer than [`SPARE_LISTENERS`] of its sockets listen.
+    /// Returns whether sockets were added (the caller's per-socket state must follow).
+    pub fn relisten(&mut self) -> bool {
         for l in &self.listeners {
             let socket = self.sockets.get_mut::<tcp::Socket>(l.handle);
             match socket.state() {
@@ -171,6 +198,31 @@ impl Network {
                 warn!("cannot listen again on port {}: {e:?}", l.port);
             }
         }
+        let mut added = false;
+        for (service, port) in self.ports {
+            let (mut total, mut listening) = (0, 0);
+            for l in self.listeners.iter().filter(|l| l.service == service) {
+                total += 1;
+                if self.sockets.get::<tcp::Socket>(l.handle).is_listening() {
+                    listening += 1;
+                }
+            }
+            let max = limits(service).1;
+            if listening < SPARE_LISTENERS && total < max {
+                for _ in listening..SPARE_LISTENERS.min(listening + max - total) {
+                    self.add_listener(service, port);
+                }
+                info!(
+                    "{} sockets on TCP port {port} ({service:?}) for a burst of connections",
+                    self.listeners
+                        .iter()
+                        .filter(|l| l.service == service)
+                        .count()
+                );
+                added = true;
+            }
+        }
+        added
     }
 
     fn apply_dhcp(&mut self) {

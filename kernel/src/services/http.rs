@@ -112,11 +112,22 @@ impl HttpSession {
             }
         }
         if self.conn.is_closed() {
-            socket.close();
+            if self.conn.timed_out() {
+                // The client stopped reading: do not wait to send a FIN behind unsent data.
+                socket.abort();
+            } else {
+                socket.close();
+            }
             self.closing = true;
             progress = true;
         }
         progress
+    }
+
+    /// Since when the connection has been idle (no request being received or answered), if
+    /// it is: such a connection can be closed to make room for a new client.
+    pub fn idle_since_ms(&self) -> Option<u64> {
+        (!self.closing && self.conn.is_idle()).then(|| self.conn.last_activity_ms())
     }
 
     /// When [`HttpSession::drive`] must run again at the latest (the idle timeout).

@@ -18,3 +18,14 @@ pub enum Session {
     /// An NBD client.
     Nbd(alloc::boxed::Box<nbd::NbdSession>),
 }
+
+impl Session {
+    /// Since when the session has been idle in a way that makes it safe to close (see
+    /// [`http::HttpSession::idle_since_ms`] and [`nbd::NbdSession::idle_since_ms`]).
+    pub fn idle_since_ms(&self) -> Option<u64> {
+        match self {
+            Session::Http(s) => s.idle_since_ms(),
+            Session::Nbd(s) => s.idle_since_ms(),
+        }
+    }
+}

@@ -19,15 +19,25 @@ pub struct NbdSession {
     conn: Connection,
     /// The socket was asked to close.
     closing: bool,
+    /// When bytes last moved.
+    last_activity_ms: u64,
 }
 
 impl NbdSession {
     /// A session for a freshly accepted connection: the greeting is ready to be sent.
-    pub fn new(config: &ServerConfig) -> Self {
+    pub fn new(config: &ServerConfig, now_ms: u64) -> Self {
         NbdSession {
             conn: Connection::new(config),
             closing: false,
+            last_activity_ms: now_ms,
         }
+    }
+
+    /// Since when a client that has not finished the handshake has been silent, if it has
+    /// not: such a connection can be closed to make room for a new client. Clients in the
+    /// transmission phase are never evicted.
+    pub fn idle_since_ms(&self) -> Option<u64> {
+        (!self.closing && !self.conn.in_transmission()).then_some(self.last_activity_ms)
     }
 
     /// Moves bytes between the socket and the NBD state machine and serves requests on
@@ -37,6 +47,7 @@ impl NbdSession {
         socket: &mut tcp::Socket<'_>,
         disk: &mut D,
         stats: &mut NbdStats,
+        now_ms: u64,
     ) -> bool {
         if self.closing {
             return false;
@@ -77,6 +88,9 @@ impl NbdSession {
             socket.close();
             self.closing = true;
             progress = true;
+        }
+        if progress {
+            self.last_activity_ms = now_ms;
         }
         progress
     }
