@@ -906,3 +906,45 @@ fn metrics_keep_answering_while_clients_misbehave() {
     let outcome = guest.shutdown().expect("shutting the guest down");
     assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
 }
+
+#[test]
+fn metrics_answer_again_after_a_flood_of_idle_connections() {
+    let (mut guest, _) = boot(guest());
+    let port = guest.metrics_port();
+    // More silent clients than the guest has sockets for the metrics port (64): the idle
+    // timeout must free them so that /metrics answers again.
+    let idle: Vec<TcpStream> = (0..80)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    assert!(!idle.is_empty());
+    let start = Instant::now();
+    let text = loop {
+        assert!(
+            start.elapsed() < GUARD,
+            "/metrics never answered again:\n{}",
+            guest.tail()
+        );
+        let req = b"GET /metrics HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n";
+        match exchange(port, req) {
+            Ok(r) if r.status == 200 => break r.text(),
+            _ => thread::sleep(Duration::from_millis(500)),
+        }
+    };
+    let exp = parse(&text, Format::Text).expect("the scrape after the flood parses");
+    let timeouts = exp
+        .value("qcow_metal_http_timeouts_total", &[])
+        .unwrap_or(0.0);
+    eprintln!(
+        "{} idle clients; {timeouts} closed by the idle timeout",
+        idle.len()
+    );
+    drop(idle);
+    let status = guest
+        .qmp()
+        .expect("QMP")
+        .query_status()
+        .expect("query-status");
+    assert!(status.running, "the guest stopped: {}", guest.tail());
+    let outcome = guest.shutdown().expect("shutting the guest down");
+    assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
+}
