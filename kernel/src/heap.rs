@@ -16,6 +16,7 @@ use talc::TalcLock;
 use talc::source::Manual;
 
 use crate::boot::{self, BootInfo, MEMMAP_RAM};
+use crate::paging;
 
 /// Page size of DMA allocations.
 pub const PAGE_SIZE: usize = 4096;
@@ -34,44 +35,58 @@ static HEAP_BYTES: AtomicU64 = AtomicU64::new(0);
 static RAM_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Hands the free RAM of `info`'s memory map to the allocator. Returns the bytes claimed.
+///
+/// RAM inside the boot identity map goes first; RAM above it (guests with more than 64 GiB) is
+/// then mapped with page tables allocated from the first part, and claimed too.
 pub fn init(info: &BootInfo) -> u64 {
     let (image_start, image_end) = boot::kernel_image();
-    let mut total = 0;
     let mut ram = 0;
-    let mut talc = ALLOCATOR.lock();
+    let mut high = false;
     for entry in info.memmap().iter().filter(|e| e.kind == MEMMAP_RAM) {
         ram += entry.size;
         let start = entry.addr.max(LOW_MEMORY_END);
-        let end = entry
-            .addr
-            .saturating_add(entry.size)
-            .min(boot::IDENTITY_MAP_LIMIT);
+        let end = entry.addr.saturating_add(entry.size);
+        high |= end > boot::IDENTITY_MAP_LIMIT;
         // The image splits a region into the parts below and above it.
         for (from, to) in [(start, end.min(image_start)), (start.max(image_end), end)] {
-            if to <= from || to - from < 64 << 10 {
-                continue;
-            }
-            // SAFETY: `from..to` is RAM in the memory map, identity-mapped, outside the kernel
-            // image and low memory, and nothing else uses it.
-            let claimed = unsafe { talc.claim(from as *mut u8, (to - from) as usize) };
-            match claimed {
-                Some(_) => {
-                    log::debug!("heap: {:#x}..{:#x} ({} KiB)", from, to, (to - from) >> 10);
-                    total += to - from;
-                }
-                None => log::warn!("heap: could not claim {:#x}..{:#x}", from, to),
-            }
-        }
-        if entry.addr.saturating_add(entry.size) > boot::IDENTITY_MAP_LIMIT {
-            log::warn!(
-                "heap: RAM above {} GiB is not mapped and not used",
-                boot::IDENTITY_MAP_LIMIT >> 30
-            );
+            claim(from, to.min(boot::IDENTITY_MAP_LIMIT));
         }
     }
-    HEAP_BYTES.store(total, Ordering::Relaxed);
+    if high {
+        for entry in info.memmap().iter().filter(|e| e.kind == MEMMAP_RAM) {
+            let from = entry.addr.max(boot::IDENTITY_MAP_LIMIT);
+            let to = entry.addr.saturating_add(entry.size);
+            if to <= from {
+                continue;
+            }
+            match paging::map_identity(from, to) {
+                Ok(()) => claim(from, to),
+                Err(e) => log::warn!("heap: RAM {from:#x}..{to:#x} left out: {e:?}"),
+            }
+        }
+    }
     RAM_BYTES.store(ram, Ordering::Relaxed);
-    total
+    heap_bytes()
+}
+
+/// Gives `from..to` to the allocator (regions under 64 KiB are not worth the bookkeeping).
+fn claim(from: u64, to: u64) {
+    if to <= from || to - from < 64 << 10 {
+        return;
+    }
+    // SAFETY: callers pass RAM from the memory map that is identity-mapped, outside the kernel
+    // image and low memory, and used by nothing else.
+    let claimed = unsafe {
+        ALLOCATOR
+            .lock()
+            .claim(from as *mut u8, (to - from) as usize)
+    };
+    match claimed {
+        Some(_) => {
+            HEAP_BYTES.fetch_add(to - from, Ordering::Relaxed);
+        }
+        None => log::warn!("heap: could not claim {from:#x}..{to:#x}"),
+    }
 }
 
 /// Bytes handed to the allocator at boot.

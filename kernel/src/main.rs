@@ -151,6 +151,7 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
     let pci_devices = pci::enumerate();
     for device in &pci_devices {
         log::info!("pci {device}");
+        map_bars(device);
     }
     let acpi = power::init(&pci_devices);
     match apic::init() {
@@ -176,6 +177,21 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
         heap_bytes,
         acpi,
     })
+}
+
+/// Makes sure the device's memory BARs are mapped (the boot map covers 64 GiB; SeaBIOS puts
+/// 64-bit BARs above the RAM, which can be higher on big guests).
+fn map_bars(device: &PciDevice) {
+    for bar in &device.bars {
+        let end = bar.address.saturating_add(bar.size);
+        if bar.kind == pci::BarKind::Io || bar.address == 0 || end <= boot::IDENTITY_MAP_LIMIT {
+            continue;
+        }
+        match paging::map_identity(bar.address, end) {
+            Ok(()) => log::debug!("pci {}: mapped {bar}", device.address),
+            Err(e) => log::warn!("pci {}: cannot map {bar}: {e:?}", device.address),
+        }
+    }
 }
 
 /// `qcow-metal <version> ready in <N> ms: <virtio devices> (<n> PCI functions)`: the line the

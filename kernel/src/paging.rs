@@ -1,5 +1,6 @@
-//! The page tables after boot: the identity map built by `boot.rs`, and the one change the
-//! kernel makes to it, a guard page below the boot stack.
+//! The page tables after boot: the identity map built by `boot.rs`, its extension to RAM and
+//! PCI BARs beyond it ([`map_identity`]), and a guard page below the boot stack
+//! ([`unmap_page`]).
 //!
 //! The boot code maps `0..IDENTITY_MAP_LIMIT` with large pages (1 GiB or 2 MiB), writable,
 //! write-back (the firmware's MTRRs make the PCI holes uncacheable on real hardware and KVM).
@@ -28,13 +29,99 @@ unsafe impl Sync for Table {}
 static SPLIT_PD: Table = Table(UnsafeCell::new([0; 512]));
 static SPLIT_PT: Table = Table(UnsafeCell::new([0; 512]));
 
-/// Why [`unmap_page`] could not unmap.
+/// Why the page tables could not be changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PagingError {
     /// The address is not mapped at all.
     NotMapped,
     /// The spare tables are used up (a second guard page would need more).
     NoSpareTable,
+    /// No memory for a new page table.
+    OutOfMemory,
+    /// The range reaches past what the CPU can address (CPUID 0x80000008 physical bits).
+    BeyondPhysicalAddressWidth,
+}
+
+/// The CPU's physical address width in bits.
+pub fn physical_address_bits() -> u32 {
+    if cpu::cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
+        cpu::cpuid(0x8000_0008, 0).eax & 0xff
+    } else {
+        36
+    }
+}
+
+/// Makes sure `start..end` is identity-mapped (writable), adding 1 GiB pages when the CPU has
+/// them and 2 MiB pages otherwise, with new tables from the heap. Ranges already mapped are
+/// left alone. Used for RAM and PCI BARs above the boot map's
+/// [`IDENTITY_MAP_LIMIT`](crate::boot::IDENTITY_MAP_LIMIT).
+pub fn map_identity(start: u64, end: u64) -> Result<(), PagingError> {
+    if end <= start {
+        return Ok(());
+    }
+    if end > 1u64 << physical_address_bits() {
+        return Err(PagingError::BeyondPhysicalAddressWidth);
+    }
+    let gib_pages = cpu::has_1g_pages();
+    let unit: u64 = if gib_pages { 1 << 30 } else { 2 << 20 };
+    let mut addr = start & !(unit - 1);
+    let pml4 = (cpu::read_cr3() & ADDRESS_MASK) as *mut u64;
+    while addr < end {
+        let Some(pdpt) = next_table(pml4, index(addr, 4))? else {
+            addr = addr.saturating_add(unit);
+            continue;
+        };
+        if gib_pages {
+            // SAFETY: `pdpt` is a live table; index < 512.
+            let entry = unsafe { pdpt.add(index(addr, 3)) };
+            // SAFETY: as above.
+            if unsafe { entry.read_volatile() } & PRESENT == 0 {
+                // SAFETY: a not-present entry becomes a 1 GiB identity page.
+                unsafe { entry.write_volatile(addr | PRESENT | WRITABLE | HUGE) };
+            }
+        } else if let Some(pd) = next_table(pdpt, index(addr, 3))? {
+            // SAFETY: `pd` is a live table; index < 512.
+            let entry = unsafe { pd.add(index(addr, 2)) };
+            // SAFETY: as above.
+            if unsafe { entry.read_volatile() } & PRESENT == 0 {
+                // SAFETY: a not-present entry becomes a 2 MiB identity page.
+                unsafe { entry.write_volatile(addr | PRESENT | WRITABLE | HUGE) };
+            }
+        }
+        addr = match addr.checked_add(unit) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    flush_tlb();
+    Ok(())
+}
+
+/// The table that entry `i` of `table` points to, creating it (zeroed) if not present, or
+/// `None` if the entry is a large page (its whole range is mapped already).
+fn next_table(table: *mut u64, i: usize) -> Result<Option<*mut u64>, PagingError> {
+    // SAFETY: `table` is a live page table; `i` < 512.
+    let entry = unsafe { table.add(i) };
+    // SAFETY: as above.
+    let value = unsafe { entry.read_volatile() };
+    if value & PRESENT != 0 {
+        if value & HUGE != 0 {
+            return Ok(None);
+        }
+        return Ok(Some((value & ADDRESS_MASK) as *mut u64));
+    }
+    let page = crate::heap::alloc_dma(1).ok_or(PagingError::OutOfMemory)?;
+    // SAFETY: a zeroed, page-aligned, identity-mapped page becomes the next-level table.
+    unsafe { entry.write_volatile(page.as_ptr() as u64 | PRESENT | WRITABLE) };
+    Ok(Some(page.as_ptr().cast()))
+}
+
+/// Drops every cached translation.
+fn flush_tlb() {
+    // SAFETY: reloading CR3 with its own value only flushes the TLB.
+    unsafe {
+        asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack, preserves_flags));
+    }
 }
 
 /// Index of `addr` in the table at `level` (4 = PML4 .. 1 = page table).
@@ -83,8 +170,8 @@ pub fn unmap_page(addr: u64) -> Result<(), PagingError> {
     unsafe {
         let pte = table.add(index(addr, 1));
         pte.write_volatile(pte.read_volatile() & !PRESENT);
-        // Reload CR3: drops every cached translation of the split ranges, too.
-        asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack, preserves_flags));
     }
+    // Also drops every cached translation of the split ranges.
+    flush_tlb();
     Ok(())
 }
