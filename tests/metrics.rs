@@ -618,7 +618,7 @@ fn qemu_io(guest: &Guest, cmds: &[&str]) -> String {
     text
 }
 
-/// A known workload through NBD: writes, reads back (verified), zeroes, flushes.
+/// A known workload through NBD: writes, reads back (verified), zeroes, discards, flushes.
 fn nbd_workload(guest: &Guest) {
     qemu_io(
         guest,
@@ -629,6 +629,7 @@ fn nbd_workload(guest: &Guest) {
             "read -P 0xa5 0 256k",
             "read -P 0x5a 1M 64k",
             "write -z 2M 128k",
+            "discard 3M 64k",
             "flush",
         ],
     );
@@ -731,6 +732,21 @@ fn guest_blockdev_counters_equal_qmp_blockstats() {
         .collect();
     assert_eq!(entries.len(), 1, "one virtio-blk device expected: {qmp:?}");
     let q = entries[0].stats;
+    // The engine saw exactly the workload's requests (each NBD request is one disk request).
+    let (_, exp) = scrape(port, Format::Text);
+    let disk = |name: &str, op: &str| {
+        exp.value(name, &[("op", op)])
+            .unwrap_or_else(|| panic!("{name}{{op={op}}} missing"))
+    };
+    assert_eq!(disk("qcow_metal_disk_bytes_total", "write"), 331776.0);
+    assert_eq!(disk("qcow_metal_disk_requests_total", "write"), 3.0);
+    assert_eq!(
+        disk("qcow_metal_disk_bytes_total", "write_zeroes"),
+        131072.0
+    );
+    assert_eq!(disk("qcow_metal_disk_bytes_total", "discard"), 65536.0);
+    assert_eq!(disk("qcow_metal_disk_bytes_total", "read"), 327680.0);
+    assert_eq!(disk("qcow_metal_nbd_bytes_total", "write"), 331776.0);
     eprintln!("guest block device: {counts:?}\nQEMU query-blockstats: {q:?}");
     assert_eq!(counts.errors, 0, "{counts:?}");
     assert!(counts.writes > 0 && counts.reads > 0, "{counts:?}");
