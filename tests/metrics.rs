@@ -964,3 +964,32 @@ fn metrics_answer_again_after_a_flood_of_idle_connections() {
     let outcome = guest.shutdown().expect("shutting the guest down");
     assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
 }
+
+#[test]
+fn an_image_that_cannot_be_opened_is_reported_in_the_metrics() {
+    let dir = TempDir::new("bad-image");
+    let path = dir.path().join("garbage.img");
+    std::fs::write(&path, vec![0x5a_u8; 1 << 20]).unwrap();
+    let (mut guest, _) = boot(
+        guest()
+            .disk(&path)
+            .format(qcow_metal_runner::disk::GuestFormat::Qcow2),
+    );
+    let port = guest.metrics_port();
+    let (text, exp) = scrape(port, Format::Text);
+    assert_eq!(exp.value("qcow_metal_disk_up", &[]), Some(0.0), "{text}");
+    let report = promtool(&text);
+    assert!(
+        report.trim().is_empty(),
+        "promtool check metrics:\n{report}"
+    );
+    let (_, om) = scrape(port, Format::OpenMetrics);
+    assert_eq!(om.value("qcow_metal_disk_up", &[]), Some(0.0));
+    assert_eq!(get(port, "/healthz", None).status, 503);
+    let status = guest
+        .qmp()
+        .expect("QMP")
+        .query_status()
+        .expect("query-status");
+    assert!(status.running, "the guest stopped: {}", guest.tail());
+}
