@@ -1,5 +1,5 @@
-//! CPU primitives: port I/O, control registers, CPUID, TSC, halting, and the descriptor tables
-//! (GDT with a TSS for the interrupt stacks, IDT) in [`gdt`] and [`interrupts`].
+//! CPU primitives: port I/O, control registers, CPUID, TSC, halting. The descriptor tables
+//! are in `gdt.rs` (GDT, TSS with the interrupt stacks) and `interrupts.rs` (IDT).
 //!
 //! Everything here is a thin, documented wrapper around one instruction.
 
