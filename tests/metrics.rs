@@ -993,3 +993,74 @@ fn an_image_that_cannot_be_opened_is_reported_in_the_metrics() {
         .expect("query-status");
     assert!(status.running, "the guest stopped: {}", guest.tail());
 }
+
+#[test]
+fn dashboard_and_prometheus_config_are_well_formed() {
+    let d: Value = serde_json::from_str(DASHBOARD).expect("doc/dashboard.json is JSON");
+    assert_eq!(d["schemaVersion"], 39);
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .expect("templating variables")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    for v in ["datasource", "instance", "disk", "device"] {
+        assert!(vars.contains(&v), "variable ${v} is not defined");
+    }
+    let mut ids = Vec::new();
+    let mut boxes = Vec::new();
+    for p in d["panels"].as_array().expect("panels") {
+        ids.push(p["id"].as_u64().expect("panel id"));
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(x + w <= 24, "panel {} is wider than the grid", p["title"]);
+        for &(ox, oy, ow, oh, ref t) in &boxes {
+            let overlap = x < ox + ow && ox < x + w && y < oy + oh && oy < y + h;
+            assert!(!overlap, "panels {} and {t} overlap", p["title"]);
+        }
+        boxes.push((x, y, w, h, p["title"].to_string()));
+        if p["type"] != "row" {
+            assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+            assert!(!p["targets"].as_array().expect("targets").is_empty());
+        }
+    }
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "panel ids are not unique");
+    // Every variable a query uses is defined.
+    for (title, expr) in dashboard_exprs() {
+        assert!(!expr.contains("${"), "{title}: {expr}");
+    }
+    for word in DASHBOARD.split(|c: char| !(c.is_alphanumeric() || c == '$' || c == '_')) {
+        if let Some(var) = word.strip_prefix('$')
+            && !var.starts_with("__")
+            && !var.is_empty()
+        {
+            assert!(vars.contains(&var), "${var} is used but not defined");
+        }
+    }
+
+    let promtool = require_tool("promtool", "prometheus");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../doc/prometheus.yml");
+    let out = Command::new(promtool)
+        .args(["check", "config", config])
+        .output()
+        .expect("running promtool");
+    assert!(
+        out.status.success(),
+        "promtool check config doc/prometheus.yml:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(
+        text.contains("127.0.0.1:9090"),
+        "doc/prometheus.yml must scrape the guest"
+    );
+}
