@@ -6,9 +6,12 @@ use std::path::PathBuf;
 
 use crate::exit::GuestOutcome;
 
-/// The apt command that installs QEMU at matching versions (see `.ci/setup`).
-pub const INSTALL_HINT: &str = "install it with `bash .ci/setup` (from the repository root), or: \
-     sudo apt-get install qemu-system-x86 qemu-utils  (Debian package qemu-system-x86)";
+/// How to install QEMU: the setup script, or the apt command it runs (qemu-utils pinned to
+/// the emulator's version, which also works where a newer backported qemu-utils is installed).
+pub const INSTALL_HINT: &str = "install the Debian package qemu-system-x86 with `bash .ci/setup` \
+     (from the repository root), or by hand: sudo apt-get update && sudo apt-get install -y \
+     --allow-downgrades qemu-system-x86 \"qemu-utils=$(apt-cache policy qemu-system-x86 | awk \
+     '/Candidate:/{print $2}')\"";
 
 /// What can go wrong while building, starting or talking to a guest.
 #[derive(Debug)]
@@ -132,3 +135,28 @@ impl std::error::Error for Error {
 
 /// The runner's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_say_what_to_do() {
+        let e = Error::QemuMissing {
+            program: "qemu-system-x86_64".into(),
+        };
+        let m = e.to_string();
+        assert!(
+            m.contains("qemu-system-x86 ") && m.contains(".ci/setup"),
+            "{m}"
+        );
+        assert!(m.contains("apt-get install"), "{m}");
+        let e = Error::Disk {
+            path: "/nope/d.qcow2".into(),
+            action: "open",
+            reason: "No such file or directory".into(),
+        };
+        let m = e.to_string();
+        assert!(m.contains("/nope/d.qcow2") && m.contains("--disk"), "{m}");
+    }
+}

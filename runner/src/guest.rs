@@ -675,6 +675,42 @@ impl Guest {
         })
     }
 
+    /// Waits until the guest's `/metrics` answers `200 OK` through the forwarded port (the
+    /// network comes up shortly after the banner), giving up after `timeout` or when `stop()`.
+    pub fn wait_for_metrics(
+        &mut self,
+        timeout: Duration,
+        mut stop: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port()));
+        // Until the guest listens, user-mode networking accepts the connection and then
+        // holds it silently: start with short read timeouts and lengthen them.
+        let mut wait = Duration::from_millis(250);
+        loop {
+            let last = match http_status_line(addr, wait) {
+                Ok(line) if line.contains(" 200") => return Ok(()),
+                Ok(line) => format!("answered `{line}`"),
+                Err(e) => e.to_string(),
+            };
+            if let Some(outcome) = self.try_outcome()? {
+                return Err(Error::GuestExited {
+                    outcome,
+                    waiting_for: "/metrics to answer".into(),
+                    tail: self.tail(),
+                });
+            }
+            if Instant::now() >= deadline || stop() {
+                return Err(Error::Timeout {
+                    waiting_for: format!("{} to answer ({last})", self.metrics_url()),
+                    tail: self.tail(),
+                });
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The QMP session (connected when the guest started).
     pub fn qmp(&mut self) -> Result<&mut Qmp> {
         if self.qmp.is_none() {
@@ -832,6 +868,32 @@ impl Guest {
                 KVM_BANNER_TIMEOUT.as_secs()
             )),
         }
+    }
+}
+
+/// Sends `GET /metrics` and returns the response's status line.
+fn http_status_line(addr: std::net::SocketAddr, wait: Duration) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, wait)?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < buf.len() {
+        match stream.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+        if buf[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..n]);
+    match text.lines().next() {
+        Some(line) if line.starts_with("HTTP/") => Ok(line.to_string()),
+        _ => Err(std::io::Error::other(
+            "the connection closed without an HTTP answer",
+        )),
     }
 }
 

@@ -253,11 +253,25 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
                 banner.wall.as_millis(),
                 guest.accel().as_str()
             );
+            let stop = {
+                let interrupts = interrupts.clone();
+                move || interrupts.load(Ordering::SeqCst) > 0
+            };
+            if let Err(e) = guest.wait_for_metrics(Duration::from_secs(30), stop) {
+                let first = e.to_string();
+                let first = first.lines().next().unwrap_or_default();
+                eprintln!("qcow-metal: warning: {first}");
+            }
             eprintln!("qcow-metal: metrics: {}", guest.metrics_url());
             eprintln!("qcow-metal: NBD:     {}", guest.nbd_url());
             eprintln!("qcow-metal: press Ctrl-C to shut the guest down cleanly");
         }
         Err(Error::Timeout { .. }) if interrupts.load(Ordering::SeqCst) > 0 => {}
+        Err(Error::GuestExited { outcome, .. }) => {
+            // Its console (the reason) is already on the terminal.
+            eprintln!("qcow-metal: the guest stopped before its main loop: {outcome}");
+            return Ok(exit_code(outcome));
+        }
         Err(e) => return Err(e),
     }
 
