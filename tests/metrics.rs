@@ -832,6 +832,24 @@ fn guest_exports_the_mirage_families_when_asked() {
         om.family("Mirage_qcow_reads").map(|f| f.kind.as_str()),
         Some("unknown")
     );
+    // Prometheus keeps ocaml-qcow's names, so the queries of its dashboard work unchanged.
+    let prom = Prometheus::start(&format!("127.0.0.1:{port}"));
+    prom.wait_scraped(3);
+    for expr in [
+        "Mirage_qcow_used",
+        "Mirage_qcow_size",
+        "rate(Mirage_qcow_writes[10s])",
+        "rate(Mirage_qcow_reads[10s])",
+        "rate(Mirage_qcow_junk[10s])",
+        "rate(Mirage_qcow_referenced[10s])",
+    ] {
+        let r = prom.query(expr).unwrap_or_else(|e| panic!("`{expr}`: {e}"));
+        assert_eq!(r.len(), 1, "`{expr}` returned {r:?}");
+        assert!(r[0]["metric"]["id"].is_string(), "`{expr}` has no id label");
+    }
+    let written = prom.query("Mirage_qcow_writes").unwrap();
+    assert_eq!(written[0]["value"][1], "331776");
+    drop(prom);
     let outcome = guest.shutdown().expect("shutting the guest down");
     assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
 }
