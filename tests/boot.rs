@@ -90,3 +90,19 @@ fn qmp_powerdown_shuts_the_guest_down_cleanly() {
     );
     assert_eq!(outcome.qemu_code(), Some(33));
 }
+
+#[test]
+fn auto_accel_comes_up_on_this_host_falling_back_to_tcg_when_kvm_cannot_run_it() {
+    use qcow_metal_e2e::Accel;
+    use qcow_metal_runner::qemu::{AccelKind, kvm_device_opens, kvm_unusable_reason};
+    // Try KVM even where it is known not to work, so the fallback itself is exercised.
+    let (guest, banner) = boot(guest().accel(Accel::Auto).force_kvm_trial(true));
+    assert!(banner.devices.contains("virtio-blk"), "{}", banner.line);
+    if !kvm_device_opens() || kvm_unusable_reason().is_some() {
+        assert_eq!(
+            guest.accel(),
+            AccelKind::Tcg,
+            "KVM cannot run the guest here"
+        );
+    }
+}

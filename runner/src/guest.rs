@@ -105,6 +105,7 @@ pub struct GuestBuilder {
     echo: bool,
     shutdown_timeout: Duration,
     extra_qemu_args: Vec<OsString>,
+    force_kvm_trial: bool,
 }
 
 impl Default for GuestBuilder {
@@ -127,6 +128,7 @@ impl Default for GuestBuilder {
             echo: std::env::var(ECHO_ENV).is_ok_and(|v| v == "1"),
             shutdown_timeout: Duration::from_secs(30),
             extra_qemu_args: Vec::new(),
+            force_kvm_trial: false,
         }
     }
 }
@@ -228,6 +230,13 @@ impl GuestBuilder {
         self
     }
 
+    /// With [`Accel::Auto`]: try KVM whenever `/dev/kvm` opens, even on hosts whose KVM is
+    /// known not to run bare-metal guests (PVM), so the fallback to TCG is exercised.
+    pub fn force_kvm_trial(mut self, force: bool) -> Self {
+        self.force_kvm_trial = force;
+        self
+    }
+
     /// Appends raw arguments to QEMU's command line.
     pub fn qemu_arg(mut self, arg: impl Into<OsString>) -> Self {
         self.extra_qemu_args.push(arg.into());
@@ -272,6 +281,7 @@ impl GuestBuilder {
         let accel = match self.accel {
             Accel::Tcg => AccelKind::Tcg,
             Accel::Kvm => AccelKind::Kvm,
+            Accel::Auto if self.force_kvm_trial && qemu::kvm_device_opens() => AccelKind::Kvm,
             Accel::Auto => match qemu::kvm_unusable_reason() {
                 None => AccelKind::Kvm,
                 Some(why) => {
@@ -625,10 +635,22 @@ impl Guest {
         matches: impl FnMut(&str) -> bool,
         what: &str,
         timeout: Duration,
-        stop: impl FnMut() -> bool,
+        mut stop: impl FnMut() -> bool,
     ) -> Result<(Instant, String)> {
+        // Under KVM, a guest that KVM cannot run stops (QEMU pauses it) instead of exiting:
+        // stop waiting as soon as QEMU says so.
+        let kvm = self.accel == AccelKind::Kvm;
+        let stderr = self.stderr.clone();
+        let stop = move || stop() || (kvm && kvm_failure(&stderr).is_some());
         match self.console.wait_for(matches, timeout, stop) {
             Wait::Found(at, line) => Ok((at, line)),
+            Wait::TimedOut if kvm && kvm_failure(&self.stderr).is_some() => {
+                Err(Error::Qemu(format!(
+                    "KVM cannot run this guest (QEMU: {}); use --accel tcg (or auto)\n{}",
+                    kvm_failure(&self.stderr).unwrap_or_default(),
+                    self.tail()
+                )))
+            }
             Wait::Closed => {
                 let outcome = self.wait_exit(Duration::from_secs(30))?;
                 Err(Error::GuestExited {
@@ -841,18 +863,12 @@ impl Guest {
     /// own), else why KVM is unusable: QEMU's "KVM internal error", or no banner in time.
     fn wait_for_kvm_boot(&mut self) -> Option<String> {
         let stderr = self.stderr.clone();
-        let kvm_failure = move || {
-            let text = stderr.text();
-            KVM_FAILURE_SIGNS
-                .iter()
-                .find(|s| text.contains(*s))
-                .map(|s| s.to_string())
-        };
-        let failure = kvm_failure.clone();
         let waited = self
             .console
-            .wait_for(is_banner, KVM_BANNER_TIMEOUT, move || failure().is_some());
-        if let Some(why) = kvm_failure() {
+            .wait_for(is_banner, KVM_BANNER_TIMEOUT, move || {
+                kvm_failure(&stderr).is_some()
+            });
+        if let Some(why) = kvm_failure(&self.stderr) {
             return Some(why);
         }
         match waited {
@@ -869,6 +885,15 @@ impl Guest {
             )),
         }
     }
+}
+
+/// The first of QEMU's KVM failure messages in its stderr, if any.
+fn kvm_failure(stderr: &Console) -> Option<String> {
+    let text = stderr.text();
+    KVM_FAILURE_SIGNS
+        .iter()
+        .find(|s| text.contains(*s))
+        .map(|s| s.to_string())
 }
 
 /// Sends `GET /metrics` and returns the response's status line.

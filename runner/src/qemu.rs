@@ -97,11 +97,20 @@ impl AccelKind {
     }
 }
 
+/// Whether `/dev/kvm` opens for reading and writing.
+pub fn kvm_device_opens() -> bool {
+    open_kvm_device().is_ok()
+}
+
+fn open_kvm_device() -> std::io::Result<std::fs::File> {
+    OpenOptions::new().read(true).write(true).open("/dev/kvm")
+}
+
 /// Why KVM cannot run this guest, or `None` when it is worth a try: `/dev/kvm` must open
 /// for reading and writing, and must not be PVM (`kvm_pvm`, a KVM for paravirtualized Linux
 /// guests only, on which a bare-metal guest dies with "emulation failure").
 pub fn kvm_unusable_reason() -> Option<String> {
-    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = open_kvm_device() {
         return Some(format!("/dev/kvm: {e}"));
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
