@@ -105,6 +105,13 @@ pub trait BlockDevice {
         }
         Ok(())
     }
+
+    /// Where the stored data ends, if the device knows: every byte at or past this offset
+    /// reads as zeros (a host file's length, a growable memory disk's end). The qcow2 engine
+    /// then skips writing zeros into new clusters there. The default promises nothing.
+    fn zeroes_from(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
@@ -128,6 +135,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
     }
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
         (**self).write_zeroes(offset, len)
+    }
+    fn zeroes_from(&self) -> Option<u64> {
+        (**self).zeroes_from()
     }
 }
 
@@ -382,6 +392,11 @@ impl BlockDevice for MemDisk {
         self.fixed.unwrap_or(u64::MAX / 2)
     }
 
+    fn zeroes_from(&self) -> Option<u64> {
+        // A growable disk reads zeros past its stored end; a fixed one promises nothing.
+        self.fixed.is_none().then_some(self.data.len() as u64)
+    }
+
     fn is_read_only(&self) -> bool {
         self.read_only
     }
@@ -505,6 +520,11 @@ mod file {
         fn capacity(&self) -> u64 {
             // A host file grows on write; bound it to what offsets can express.
             i64::MAX as u64
+        }
+
+        fn zeroes_from(&self) -> Option<u64> {
+            // Past its length a file reads as zeros.
+            self.file.metadata().ok().map(|m| m.len())
         }
 
         fn is_read_only(&self) -> bool {

@@ -33,6 +33,17 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(false)
     }
 
+    /// Records that clusters `[start, start+n)` are in use from now on: the known-zero area
+    /// starts after them. Remembers whether they were in it.
+    pub(crate) fn note_zero_use(&mut self, start: u64, n: u64) {
+        let cs = self.geo.cluster_size();
+        self.last_alloc_zeroed = start.saturating_mul(cs) >= self.zero_from;
+        let end = (start + n).saturating_mul(cs);
+        if end > self.zero_from && self.zero_from != u64::MAX {
+            self.zero_from = end;
+        }
+    }
+
     /// During repair, records a new allocation so the refcount pass keeps it.
     pub(crate) fn note_alloc(&mut self, c: u64) {
         if let Some(g) = &mut self.guard {
@@ -133,6 +144,7 @@ impl<D: BlockDevice> Qcow2<D> {
             self.cursor = start + n;
             self.end = self.end.max(start + n);
             self.stats.clusters_allocated += n;
+            self.note_zero_use(start, n);
             return Ok((start, n));
         }
     }

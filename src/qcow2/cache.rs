@@ -165,6 +165,12 @@ impl TableCache {
         Some(s)
     }
 
+    /// Whether slot `s` still holds `key` (for callers that remember a slot).
+    #[inline]
+    pub fn is_live(&self, s: usize, key: u64) -> bool {
+        self.slots.get(s).is_some_and(|x| x.used && x.key == key)
+    }
+
     /// Whether `key` is cached (without touching its age).
     pub fn contains(&self, key: u64) -> bool {
         self.index.get(key).is_some()

@@ -270,15 +270,17 @@ impl<D: BlockDevice> Qcow2<D> {
                         i += 1;
                     }
                     let (hc, got) = self.alloc_run(k)?;
+                    let zeroed = self.last_alloc_zeroed;
                     let host = hc * cs;
                     let n = (got * cs - inoff).min(want);
                     self.check_data_host(host, got * cs)?;
-                    self.write_new_clusters(
-                        host,
-                        inoff,
-                        &buf[done as usize..(done + n) as usize],
-                        m0,
-                    )?;
+                    let src = &buf[done as usize..(done + n) as usize];
+                    if zeroed && matches!(m0, Mapping::Unallocated | Mapping::Zero { .. }) {
+                        // New clusters that already read as zeros: just the data.
+                        self.dev.write_at(host + inoff, src)?;
+                    } else {
+                        self.write_new_clusters(host, inoff, src, m0)?;
+                    }
                     // Data is on its way; now point the L2 entries at it.
                     let s = self.l2_for_write(vc)?;
                     for j in 0..got {

@@ -153,6 +153,13 @@ pub struct Qcow2<D: BlockDevice> {
     in_free_phase: bool,
     /// During repair: clusters (by index) that are referenced and must not be allocated.
     guard: Option<Vec<u16>>,
+    /// Host bytes at or past this offset are known to read as zeros (nothing written there
+    /// since open, and the device said so): new clusters there need no zero padding.
+    zero_from: u64,
+    /// Whether the last run [`Qcow2::alloc_run`] returned lies in the known-zero area.
+    last_alloc_zeroed: bool,
+    /// The L2 table used last: (L1 index, table offset, cache slot, writable in place).
+    l2_memo: Option<(u64, u64, usize, bool)>,
     stats: Stats,
 }
 

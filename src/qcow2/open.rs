@@ -116,12 +116,21 @@ impl<D: BlockDevice> Qcow2<D> {
             lazy: false,
             in_free_phase: false,
             guard: None,
+            zero_from: u64::MAX,
+            last_alloc_zeroed: false,
+            l2_memo: None,
             stats: Stats::default(),
             opts,
             hdr,
         };
         q.lazy = !read_only && q.lazy_allowed();
         q.end = q.compute_end()?;
+        // Past the device's stored end and past everything the image uses, nothing is
+        // written yet.
+        q.zero_from = match q.dev.zeroes_from() {
+            Some(z) => z.div_ceil(cs).max(q.end).saturating_mul(cs),
+            None => u64::MAX,
+        };
         if !read_only && q.hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
             // Refcounts may be stale (a crash with lazy refcounts): rebuild them first.
             q.rebuild_refcounts()?;

@@ -140,6 +140,7 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             self.set_rt_entry(ti, key)?;
             self.note_alloc(c);
+            self.note_zero_use(c, 1);
             self.stats.refcount_blocks_allocated += 1;
             self.stats.clusters_allocated += 1;
             self.end = self.end.max(c + 1);
@@ -261,6 +262,7 @@ impl<D: BlockDevice> Qcow2<D> {
         for c in e..total_end {
             self.note_alloc(c);
         }
+        self.note_zero_use(e, total_end - e);
         self.rt_entries = new_clusters * epc;
         self.end = self.end.max(total_end);
         self.stats.clusters_allocated += new_clusters + bc;

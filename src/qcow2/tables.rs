@@ -261,6 +261,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Sets active L1 entry `l1i`.
     pub(crate) fn set_l1_entry(&mut self, l1i: u64, v: u64) -> Result<()> {
+        self.l2_memo = None;
         let (page, i) = self.l1_page(l1i);
         let s = self.load(Pool::L2, page, TableKind::L1, true)?;
         set_u64(self.l2c.data_mut(s), i, v);
@@ -295,15 +296,24 @@ impl<D: BlockDevice> Qcow2<D> {
     /// The L2 table for guest cluster `vc`, if allocated (slot and host offset).
     pub(crate) fn l2_for_read(&mut self, vc: u64) -> Result<Option<(usize, u64)>> {
         let l1i = vc >> self.geo.l2_bits;
+        if let Some((mi, off, s, _)) = self.l2_memo
+            && mi == l1i
+            && self.l2c.is_live(s, off)
+        {
+            self.stats.l2_cache_hits += 1;
+            return Ok(Some((s, off)));
+        }
         if l1i >= self.hdr.l1_size as u64 {
             return Ok(None);
         }
         let e = self.l1_entry(l1i)?;
         match decode_l1(e, &self.geo)? {
             None => Ok(None),
-            Some((off, _)) => {
+            Some((off, copied)) => {
                 self.check_l2_offset(off)?;
-                Ok(Some((self.load(Pool::L2, off, TableKind::L2, true)?, off)))
+                let s = self.load(Pool::L2, off, TableKind::L2, true)?;
+                self.l2_memo = Some((l1i, off, s, copied));
+                Ok(Some((s, off)))
             }
         }
     }
@@ -312,6 +322,13 @@ impl<D: BlockDevice> Qcow2<D> {
     /// copied if shared (refcount above one).
     pub(crate) fn l2_for_write(&mut self, vc: u64) -> Result<usize> {
         let l1i = vc >> self.geo.l2_bits;
+        if let Some((mi, off, s, true)) = self.l2_memo
+            && mi == l1i
+            && self.l2c.is_live(s, off)
+        {
+            self.stats.l2_cache_hits += 1;
+            return Ok(s);
+        }
         if l1i >= self.hdr.l1_size as u64 {
             return Err(Qcow2Error::Corrupt(
                 "the L1 table is too small for the virtual size",
@@ -322,7 +339,9 @@ impl<D: BlockDevice> Qcow2<D> {
         match decode_l1(e, &self.geo)? {
             Some((off, true)) => {
                 self.check_l2_offset(off)?;
-                self.load(Pool::L2, off, TableKind::L2, true)
+                let s = self.load(Pool::L2, off, TableKind::L2, true)?;
+                self.l2_memo = Some((l1i, off, s, true));
+                Ok(s)
             }
             Some((off, false)) => {
                 self.check_l2_offset(off)?;
