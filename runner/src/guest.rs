@@ -422,7 +422,8 @@ impl GuestBuilder {
             }
             if outcome == GuestOutcome::Other(1) {
                 if hostfwd {
-                    let (port, flag) = if self.metrics_port.is_some() {
+                    let metrics_rule = format!("127.0.0.1:{metrics_port}-");
+                    let (port, flag) = if stderr.contains(&metrics_rule) {
                         (metrics_port, "--metrics-port")
                     } else {
                         (nbd_port, "--nbd-port")
