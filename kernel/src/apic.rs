@@ -136,9 +136,18 @@ pub fn init() -> Option<u64> {
 /// Returns the I/O APIC pin, or `None` when the device has no legacy interrupt (or there is
 /// no APIC).
 pub fn enable_wake(device: &PciDevice) -> Option<u8> {
-    let pin = device.interrupt_line;
-    if APIC_BASE.load(Ordering::Relaxed) == 0 || device.interrupt_pin == 0 || pin == 0 || pin >= 24
-    {
+    if device.interrupt_pin == 0 {
+        return None;
+    }
+    enable_wake_line(device.interrupt_line)
+}
+
+/// Routes ISA interrupt `line` (an I/O APIC pin below 24, level-triggered active-high as QEMU
+/// wires PCI links and the ACPI SCI) to [`DEVICE_VECTOR`], so that it ends [`idle_until`]
+/// early. `power.rs` arms the SCI (IRQ 9) this way, so the power button wakes an idle guest.
+pub fn enable_wake_line(line: u8) -> Option<u8> {
+    let pin = line;
+    if APIC_BASE.load(Ordering::Relaxed) == 0 || pin == 0 || pin >= 24 {
         return None;
     }
     // Entry: vector, fixed delivery, physical destination APIC 0, active high, level, masked

@@ -158,6 +158,9 @@ extern "C" fn kernel_main(start_info: u64) -> ! {
         Some(per_ms) => log::debug!("local APIC timer: {per_ms} ticks/ms"),
         None => log::warn!("no local APIC: idling busy-waits"),
     }
+    if let Some(irq) = power::sci_irq().and_then(apic::enable_wake_line) {
+        log::debug!("the power button (SCI, IRQ {irq}) wakes the idle loop");
+    }
     match acpi {
         Some((chipset, base)) => {
             log::debug!("ACPI power button armed ({chipset:?}, PM base {base:#x})")

@@ -4,7 +4,8 @@
 //! QMP `system_powerdown` (what the runner sends on Ctrl-C) presses the emulated ACPI power
 //! button: QEMU sets `PWRBTN_STS` (bit 8 of PM1a_STS, at PM base + 0) only if the guest has set
 //! `PWRBTN_EN` (bit 8 of PM1a_EN, at PM base + 2). The guest takes no interrupts, so the main
-//! loop polls [`power_button_pressed`], which clears the status (write 1 to clear).
+//! loop polls [`power_button_pressed`], which clears the status (write 1 to clear). The press
+//! also raises the SCI ([`sci_irq`]), which `main.rs` arms as a wake-up of `apic::idle_until`.
 //!
 //! The PM I/O base comes from the south bridge's PCI configuration, as SeaBIOS programmed it
 //! (0x600 on both machines):
@@ -20,7 +21,7 @@
 //! (S5: SLP_TYP 0 with SLP_EN, bit 13 of PM1a_CNT at PM base + 4), which makes QEMU exit with
 //! status 0; without ACPI it halts the CPU.
 
-use core::sync::atomic::{AtomicU16, Ordering};
+use core::sync::atomic::{AtomicU8, AtomicU16, Ordering};
 
 use qcow_metal::config::GuestExit;
 
@@ -40,6 +41,8 @@ const SLP_EN: u16 = 1 << 13;
 const DEFAULT_PM_BASE: u16 = 0x600;
 
 static PM_BASE: AtomicU16 = AtomicU16::new(0);
+/// The ISA IRQ of the ACPI SCI (0 = unknown).
+static SCI_IRQ: AtomicU8 = AtomicU8::new(0);
 
 /// The south bridges the kernel knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +69,18 @@ pub fn init(devices: &[PciDevice]) -> Option<(Chipset, u16)> {
         Chipset::Piix4 => enable_pm(address, 0xffc0, 0x80, 0x01),
     };
     PM_BASE.store(base, Ordering::Relaxed);
+    let sci = match chipset {
+        // ACPI_CTRL bits 2:0 (SCI_IRQ_SEL): 9, 10, 11, -, 20, 21, 22, 23.
+        Chipset::Ich9 => match address.read_u8(0x44) & 7 {
+            0 => 9,
+            1 => 10,
+            2 => 11,
+            sel @ 4..=7 => 16 + sel,
+            _ => 0,
+        },
+        Chipset::Piix4 => 9,
+    };
+    SCI_IRQ.store(sci, Ordering::Relaxed);
     // Clear a stale press, then enable the button's status bit.
     outw(base + PM1_STS, PWRBTN);
     outw(base + PM1_EN, inw(base + PM1_EN) | PWRBTN);
@@ -92,6 +107,16 @@ pub fn pm_base() -> Option<u16> {
     match PM_BASE.load(Ordering::Relaxed) {
         0 => None,
         base => Some(base),
+    }
+}
+
+/// The interrupt line (ISA IRQ / I/O APIC pin) of the ACPI SCI, which QEMU raises while the
+/// power button's status is set: `apic::enable_wake_line` makes it end an idle period, so the
+/// power button is seen at once.
+pub fn sci_irq() -> Option<u8> {
+    match SCI_IRQ.load(Ordering::Relaxed) {
+        0 => None,
+        irq => Some(irq),
     }
 }
 
