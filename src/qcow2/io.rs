@@ -109,8 +109,10 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.dev.read_at(host + inoff, dst)?;
                     self.stats.data_bytes_read += run;
                 }
-                Mapping::Compressed { .. } => {
-                    return Err(Qcow2Error::Unsupported("compressed clusters"));
+                Mapping::Compressed { host, len } => {
+                    self.inflate_into_scratch(host, len)?;
+                    dst.copy_from_slice(&self.scratch[inoff as usize..(inoff + run) as usize]);
+                    self.stats.data_bytes_read += run;
                 }
                 _ => dst.fill(0),
             }
@@ -174,6 +176,27 @@ impl<D: BlockDevice> Qcow2<D> {
         }
     }
 
+    /// Inflates the compressed cluster at `host` (at most `len` bytes) into the scratch
+    /// cluster.
+    fn inflate_into_scratch(&mut self, host: u64, len: u64) -> Result<()> {
+        if self.hdr.incompatible_features & super::header::INCOMPAT_COMPRESSION != 0
+            && self.hdr.tail.first().is_some_and(|&t| t != 0)
+        {
+            return Err(Qcow2Error::Unsupported("zstd-compressed clusters"));
+        }
+        let cs = self.geo.cluster_size();
+        if host < cs || host >= self.dev.capacity() {
+            return Err(Qcow2Error::Corrupt(
+                "a compressed cluster lies in the header or past the device end",
+            ));
+        }
+        // The last sectors may run past the device end; QEMU clamps them too.
+        let len = len.min(self.dev.capacity() - host).min(2 * cs) as usize;
+        let input = self.inflater.input_buf(len);
+        self.dev.read_at(host, input)?;
+        self.inflater.inflate(len, &mut self.scratch)
+    }
+
     /// Fills the scratch cluster with what guest cluster mapping `m` reads as.
     fn fill_scratch_from(&mut self, m: Mapping) -> Result<()> {
         match m {
@@ -183,7 +206,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 self.dev.read_at(host, &mut self.scratch)?;
                 Ok(())
             }
-            Mapping::Compressed { .. } => Err(Qcow2Error::Unsupported("compressed clusters")),
+            Mapping::Compressed { host, len } => self.inflate_into_scratch(host, len),
             _ => {
                 self.scratch.fill(0);
                 Ok(())

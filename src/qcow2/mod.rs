@@ -11,6 +11,7 @@
 //! - `allocator`: first-free cluster allocation with a cursor; deferred frees.
 //! - `io`: read, write, discard, write-zeroes, block status.
 //! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
+//! - `compress`: inflating compressed clusters (deflate, compression type 0).
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
 //! - `info`: statistics, space accounting, image information and the cluster map.
 //!
@@ -29,6 +30,7 @@ pub mod layout;
 
 mod allocator;
 mod check;
+mod compress;
 mod create;
 mod info;
 mod io;
@@ -160,6 +162,8 @@ pub struct Qcow2<D: BlockDevice> {
     last_alloc_zeroed: bool,
     /// The L2 table used last: (L1 index, table offset, cache slot, writable in place).
     l2_memo: Option<(u64, u64, usize, bool)>,
+    /// Inflates compressed clusters (state allocated on first use).
+    inflater: compress::Inflater,
     stats: Stats,
 }
 

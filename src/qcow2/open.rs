@@ -119,6 +119,7 @@ impl<D: BlockDevice> Qcow2<D> {
             zero_from: u64::MAX,
             last_alloc_zeroed: false,
             l2_memo: None,
+            inflater: Default::default(),
             stats: Stats::default(),
             opts,
             hdr,

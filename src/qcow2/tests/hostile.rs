@@ -369,7 +369,7 @@ proptest! {
                 0 => put64(&mut b, at, v),
                 1 => b[at as usize] ^= v as u8,
                 2 => put64(&mut b, at, v & 0x00ff_ffff_ffff_fe00),
-                _ => put64(&mut b, at, (1 << 63) | (v % 64) * CS),
+                _ => put64(&mut b, at, (1 << 63) | ((v % 64) * CS)),
             }
         }
         exercise(b);
