@@ -527,6 +527,8 @@ impl<D: BlockDevice> Qcow2<D> {
         let order = self.geo.refcount_order;
         let mut covered = vec![false; self.rt_entries as usize];
         let mut last_used = 0u64;
+        // Like QEMU, refcounts past the end of the stored data are not judged.
+        let eof = self.stored_clusters();
         for ti in 0..self.rt_entries {
             let Ok(Some(block)) = self.rt_entry(ti) else {
                 continue;
@@ -552,6 +554,9 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 let have = get_refcount(self.rcc.data(s), i as usize, order);
                 let want = refs.get(c);
+                if want == 0 && c >= eof {
+                    continue;
+                }
                 if have > 0 || want > 0 {
                     last_used = c + 1;
                     self.judge(c, have, want, refs, rep);
@@ -622,6 +627,7 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         self.guard = Some(guard);
         self.end = self.end.max(max);
+        let eof = self.stored_clusters();
         let r = (|| -> Result<()> {
             let mut covered = vec![false; self.rt_entries as usize];
             let mut seen: BTreeMap<u64, ()> = BTreeMap::new();
@@ -640,6 +646,9 @@ impl<D: BlockDevice> Qcow2<D> {
                         break;
                     }
                     let want = self.guarded(c);
+                    if want == 0 && c >= eof {
+                        continue;
+                    }
                     let have = self.refcount(c)?;
                     if have != want {
                         count_fix(rep, have, want);
@@ -666,6 +675,14 @@ impl<D: BlockDevice> Qcow2<D> {
         self.guard = None;
         self.cursor = 1;
         r
+    }
+
+    /// Clusters up to the end of the device's stored data (all of them if unknown).
+    fn stored_clusters(&self) -> u64 {
+        let cs = self.geo.cluster_size();
+        self.dev
+            .zeroes_from()
+            .map_or(self.dev_clusters, |z| z.div_ceil(cs))
     }
 
     fn guarded(&self, c: u64) -> u64 {

@@ -570,8 +570,12 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
         if self.read_only {
             return Ok(());
         }
-        self.flush_metadata()?;
-        Ok(self.barrier()?)
+        // Guest data and metadata durable: one device flush unless the write-back ended
+        // with one.
+        if !self.write_back()? {
+            self.barrier()?;
+        }
+        Ok(())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> core::result::Result<(), DiskError> {

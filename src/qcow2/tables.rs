@@ -155,13 +155,18 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Writes all dirty metadata in crash-safe order and applies deferred frees. Guest data
     /// is already on the device (written before the L2 entries were changed).
     pub fn flush_metadata(&mut self) -> Result<()> {
+        self.write_back().map(drop)
+    }
+
+    /// [`Qcow2::flush_metadata`]; returns whether it ended with a device flush.
+    pub(crate) fn write_back(&mut self) -> Result<bool> {
         if self.read_only {
-            return Ok(());
+            return Ok(false);
         }
         let l2_dirty = self.l2c.any_dirty();
         let rc_dirty = self.rcc.any_dirty();
         if !l2_dirty && !rc_dirty && !self.header_dirty && self.pending.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.stats.metadata_flushes += 1;
         // 1. Refcount increments (unless lazy: then they may go later, the dirty bit covers it).
@@ -196,7 +201,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 self.barrier()?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes the fixed header (extensions stay as they are on disk).

@@ -2,6 +2,7 @@
 //! with QEMU's tools, and hostile images.
 
 mod basic;
+mod check_vs_qemu;
 mod hostile;
 mod interop;
 mod model;
