@@ -6,8 +6,10 @@
 //! the exit statuses and how to debug.
 //!
 //! Boot order in [`kernel_main`]: GDT/TSS and IDT (so faults are reported from here on), serial
-//! console, TSC calibration, logger, start info (command line and memory map), heap, command
-//! line, PCI enumeration, ACPI power button, banner, then [`app::run`].
+//! console, TSC calibration, logger, start info (command line and memory map), heap (RAM past
+//! the boot map gets mapped), stack guard page, command line, PCI enumeration (BARs past the
+//! boot map get mapped), ACPI power button, local APIC timer and SCI wake-up, banner, the
+//! `debug_fault=` hook, then [`app::run`].
 #![no_std]
 #![no_main]
 
