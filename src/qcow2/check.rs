@@ -252,12 +252,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Rebuilds refcounts from the references (after a crash with lazy refcounts).
     pub(crate) fn rebuild_refcounts(&mut self) -> Result<()> {
-        let saved = self.write_started;
-        // The dirty bit is already set; nothing else to change in the header.
-        self.write_started = true;
-        let r = self.repair();
-        self.write_started = saved;
-        r.map(|_| ())
+        self.repair().map(drop)
     }
 
     /// Counts every reference. With `fix`, invalid, out-of-range and overlapping entries

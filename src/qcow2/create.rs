@@ -12,7 +12,8 @@ use alloc::vec;
 const MAX_INITIAL_RT_BYTES: u64 = 1024 * 1024;
 
 impl<D: BlockDevice> Qcow2<D> {
-    /// Writes a new empty version 3 image to `dev` and opens it.
+    /// Writes a new empty version 3 image to `dev` and opens it. The virtual size is rounded
+    /// up to a multiple of 512 bytes, as `qemu-img create` does.
     ///
     /// Layout: header cluster, refcount table (sized for [`max_image_len`] up to 1 MiB),
     /// refcount blocks counting the initial clusters, the zeroed L1 table.
@@ -35,8 +36,13 @@ impl<D: BlockDevice> Qcow2<D> {
             return Err(Qcow2Error::ReadOnly);
         }
         let geo = Geometry::new(cs.trailing_zeros(), rb.trailing_zeros());
-        let l1_entries = geo.l1_entries_for(opts.virtual_size);
-        if l1_entries * 8 > MAX_L1_BYTES || opts.virtual_size > i64::MAX as u64 {
+        if opts.virtual_size > i64::MAX as u64 - 511 {
+            return Err(Qcow2Error::Invalid("virtual size above 2^63 bytes"));
+        }
+        // QEMU counts the disk in 512-byte sectors: round up as `qemu-img create` does.
+        let virtual_size = opts.virtual_size.next_multiple_of(512);
+        let l1_entries = geo.l1_entries_for(virtual_size);
+        if l1_entries * 8 > MAX_L1_BYTES {
             return Err(Qcow2Error::Invalid(
                 "virtual size too large for this cluster size (L1 table over 32 MiB); use a bigger cluster size",
             ));
@@ -44,7 +50,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let l1_clusters = geo.clusters_for(l1_entries * 8);
         let epc = cs / 8;
         // Refcount table covering the image's maximum size, within a budget.
-        let max_clusters = max_image_len(opts.virtual_size, cs, rb) / cs;
+        let max_clusters = max_image_len(virtual_size, cs, rb) / cs;
         let want_rt = geo.clusters_for(max_clusters.div_ceil(geo.rb_entries()) * 8);
         let mut rt_clusters = want_rt.clamp(1, (MAX_INITIAL_RT_BYTES / cs).max(1));
         // Refcount blocks for the initial clusters (header, table, blocks, L1).
@@ -67,7 +73,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let blocks_off = rt_off + rt_clusters * cs;
         let l1_off = blocks_off + nb * cs;
 
-        let mut hdr = Header::new_v3(geo.cluster_bits, geo.refcount_order, opts.virtual_size);
+        let mut hdr = Header::new_v3(geo.cluster_bits, geo.refcount_order, virtual_size);
         hdr.l1_size = l1_entries as u32;
         hdr.l1_table_offset = l1_off;
         hdr.refcount_table_offset = rt_off;

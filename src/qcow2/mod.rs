@@ -183,6 +183,17 @@ impl<D: BlockDevice> Qcow2<D> {
         self.geo.cluster_size()
     }
 
+    /// Bytes of memory the engine holds now: cache contents, scratch cluster, inflater
+    /// buffers. Bounded by the configured cache budgets plus a few clusters, whatever the
+    /// image's size.
+    pub fn memory_bytes(&self) -> u64 {
+        self.l2c.resident_bytes()
+            + self.rcc.resident_bytes()
+            + self.scratch.len() as u64
+            + self.inflater.input.len() as u64
+            + self.pending.capacity() as u64 * 16
+    }
+
     /// Counters of the engine's work since open.
     pub fn stats(&self) -> &Stats {
         &self.stats

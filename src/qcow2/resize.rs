@@ -6,10 +6,11 @@ use super::layout::MAX_L1_BYTES;
 use crate::block::BlockDevice;
 
 impl<D: BlockDevice> Qcow2<D> {
-    /// Grows the virtual disk to `new_size` bytes (shrinking is refused). If the L1 table is
+    /// Grows the virtual disk to `new_size` bytes, rounded up to 512 (shrinking is refused). If the L1 table is
     /// too small, a bigger one is written to newly allocated clusters, the header is switched
     /// to it, and the old one is freed.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
+        let new_size = new_size.saturating_add(511) & !511;
         if new_size < self.hdr.size {
             return Err(Qcow2Error::Invalid("shrinking an image is not supported"));
         }

@@ -326,29 +326,86 @@ fn our_images_open_in_qemu() {
     }
 }
 
-/// A 1 PiB image can be created (64 KiB clusters), written at its far end, and checked.
+/// A 1 PiB image can be created (64 KiB and 2 MiB clusters), written at its far end, read
+/// by QEMU and checked.
 #[test]
 fn one_pib_image() {
+    for cs in [65536u64, 2 << 20] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("big.qcow2");
+        let size = 1u64 << 50;
+        let mut q = Qcow2::create(
+            FileDisk::create(&img).unwrap(),
+            &CreateOptions {
+                virtual_size: size,
+                cluster_size: cs,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        q.write(size - 4096, &[7u8; 4096]).unwrap();
+        q.write(size / 2, &[8u8; 4096]).unwrap();
+        q.close().unwrap();
+        assert_qemu_clean(&img);
+        let info = qemu_ok(
+            "qemu-img",
+            &["info", "--output=json", img.to_str().unwrap()],
+        );
+        assert_eq!(json_u64(&info, "virtual-size"), size);
+        let out = qemu_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("read -P 7 {} 4096", size - 4096),
+                img.to_str().unwrap(),
+            ],
+        );
+        assert!(!out.contains("verification failed"), "{out}");
+    }
+}
+
+/// Opening and using a 1 TiB image needs the caches and a few clusters, not memory in
+/// proportion to the size.
+#[test]
+fn one_tib_image_memory_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("big.qcow2");
-    let size = 1u64 << 50;
+    let img = dir.path().join("tib.qcow2");
+    let size = 1u64 << 40;
     let mut q = Qcow2::create(
         FileDisk::create(&img).unwrap(),
         &CreateOptions {
             virtual_size: size,
-            cluster_size: 2 << 20,
+            cluster_size: 65536,
             ..CreateOptions::default()
         },
     )
     .unwrap();
-    q.write(size - 4096, &[7u8; 4096]).unwrap();
+    // One write per 512 MiB (a new L2 table each time): 2048 tables, 128 MiB of them.
+    for i in 0..2048u64 {
+        q.write(i * (512 << 20) + 4096, &[i as u8 | 1; 512])
+            .unwrap();
+    }
     q.close().unwrap();
-    assert_qemu_clean(&img);
-    let info = qemu_ok(
-        "qemu-img",
-        &["info", "--output=json", img.to_str().unwrap()],
+    let opts = OpenOptions {
+        l2_cache_bytes: 1 << 20,
+        refcount_cache_bytes: 256 << 10,
+        ..OpenOptions::default()
+    };
+    let mut q = open_file(&img, opts);
+    let mut b = [0u8; 512];
+    for i in (0..2048u64).rev() {
+        q.read(i * (512 << 20) + 4096, &mut b).unwrap();
+        assert_eq!(b[0], i as u8 | 1);
+    }
+    let budget = (1 << 20) + (256 << 10) + 4 * 65536;
+    assert!(
+        q.memory_bytes() <= budget,
+        "engine holds {} bytes",
+        q.memory_bytes()
     );
-    assert_eq!(json_u64(&info, "virtual-size"), size);
+    assert!(q.check().unwrap().is_clean());
 }
 
 /// Compressed images (`qemu-img convert -c`): read as QEMU reads them; partial writes into
