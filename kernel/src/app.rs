@@ -303,7 +303,17 @@ pub fn run(platform: Platform) -> ! {
     let found = crate::virtio::pci::probe(&platform.pci_devices);
     let blk = found.blk.and_then(|(df, transport)| {
         match VirtioBlk::new(transport, metrics.blockdev.clone(), time::now_ns) {
-            Ok(blk) => Some(Sectored::new(blk)),
+            Ok(mut blk) => {
+                let pci = platform
+                    .pci_devices
+                    .iter()
+                    .find(|d| d.virtio_kind() == Some(crate::pci::VirtioKind::Block));
+                if pci.and_then(apic::enable_wake).is_some() {
+                    // Halt, rather than spin, while the host works on a request.
+                    blk.set_waiter(apic::idle_until);
+                }
+                Some(Sectored::new(blk))
+            }
             Err(e) => {
                 error!("virtio-blk at {df}: {e:?}");
                 None

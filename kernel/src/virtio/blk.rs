@@ -37,6 +37,10 @@ pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 const MAX_SEGMENTS: usize = 32;
 
 const QUEUE: u16 = 0;
+/// How long a wait for a completion spins before it halts the CPU.
+const SPIN_NS: u64 = 20_000;
+/// Longest halt while waiting for a completion (a lost interrupt costs at most this).
+const WAIT_SLICE_NS: u64 = 1_000_000;
 /// virtio-blk addresses the disk in 512-byte units whatever its logical block size.
 const VIRTIO_SECTOR: u64 = 512;
 
@@ -166,6 +170,8 @@ pub struct VirtioBlk {
     slots: alloc::boxed::Box<[Slot; MAX_IN_FLIGHT]>,
     stats: Arc<BlockDeviceMetrics>,
     clock_ns: fn() -> u64,
+    /// Halts the CPU until an interrupt or a deadline, if the device can wake it.
+    waiter: Option<fn(u64)>,
 }
 
 // SAFETY: the raw pointers in the slots only live while a call that owns the buffer is
@@ -293,6 +299,7 @@ impl VirtioBlk {
             slots: alloc::boxed::Box::new([const { Slot::empty() }; MAX_IN_FLIGHT]),
             stats,
             clock_ns,
+            waiter: None,
         };
         dev.queue.set_dev_notify(false);
         dev.transport.finish_init();
@@ -434,14 +441,41 @@ impl VirtioBlk {
         Ok(true)
     }
 
+    /// Waits for the device to complete a request: spins for [`SPIN_NS`] (completions of
+    /// small requests usually arrive by then), then, if a waiter is set, halts the CPU until
+    /// the device's interrupt or a short timeout.
+    fn wait_used(&mut self) -> u16 {
+        let start = (self.clock_ns)();
+        loop {
+            if let Some(t) = self.queue.peek_used() {
+                return t;
+            }
+            match self.waiter {
+                Some(wait) if (self.clock_ns)().saturating_sub(start) > SPIN_NS => {
+                    // Deassert the interrupt line, then look again: a completion after this
+                    // read raises the line anew and ends the halt at once.
+                    let _ = self.transport.ack_interrupt();
+                    if let Some(t) = self.queue.peek_used() {
+                        return t;
+                    }
+                    wait((self.clock_ns)() + WAIT_SLICE_NS);
+                }
+                _ => core::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// Lets the CPU halt while requests are outstanding: the device interrupts on every
+    /// completion, and `waiter(deadline_ns)` halts until an interrupt or the deadline (the
+    /// kernel routes the device's INTx to wake it).
+    pub fn set_waiter(&mut self, waiter: fn(u64)) {
+        self.queue.set_dev_notify(true);
+        self.waiter = Some(waiter);
+    }
+
     /// Takes the next completed request off the used ring; returns its slot and status.
     fn complete_one(&mut self) -> Result<(usize, u8), BlockError> {
-        let token = loop {
-            if let Some(t) = self.queue.peek_used() {
-                break t;
-            }
-            core::hint::spin_loop();
-        };
+        let token = self.wait_used();
         let Some(i) = self
             .slots
             .iter()
@@ -562,6 +596,11 @@ impl VirtioBlk {
                 self.transport.notify(QUEUE);
             }
             if in_flight == 0 {
+                if self.waiter.is_some() {
+                    // Every completion raised the interrupt line; lower it, or it would end
+                    // the main loop's halts at once.
+                    let _ = self.transport.ack_interrupt();
+                }
                 break;
             }
             let (i, status) = self.complete_one()?;
