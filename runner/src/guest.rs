@@ -780,30 +780,42 @@ impl Guest {
     /// the shutdown timeout, QMP `quit`, then a kill.
     /// Returns how it ended; [`GuestOutcome::is_clean`] tells whether the guest flushed.
     pub fn shutdown(&mut self) -> Result<GuestOutcome> {
+        self.shutdown_or_abort(|| false)
+    }
+
+    /// Like [`shutdown`](Self::shutdown), but kills QEMU at once when `abort()` becomes true
+    /// (checked every 100 ms; the runner's second Ctrl-C).
+    pub fn shutdown_or_abort(&mut self, mut abort: impl FnMut() -> bool) -> Result<GuestOutcome> {
         if let Some(o) = self.try_outcome()? {
             return Ok(o);
         }
         // The button is pressed again every second: a guest still booting has not armed
         // its ACPI power button yet and would miss a single press.
         let deadline = Instant::now() + self.shutdown_timeout;
-        while Instant::now() < deadline {
-            if self.qmp().and_then(|q| q.system_powerdown()).is_err() {
-                break;
+        let mut next_press = Instant::now();
+        while Instant::now() < deadline && !abort() {
+            if Instant::now() >= next_press {
+                if self.qmp().and_then(|q| q.system_powerdown()).is_err() {
+                    break;
+                }
+                next_press = Instant::now() + Duration::from_secs(1);
             }
-            let slice = Duration::from_secs(1).min(deadline - Instant::now());
-            if let Ok(o) = self.wait_exit(slice) {
+            if let Some(o) = self.try_outcome()? {
                 return Ok(o);
             }
+            thread::sleep(Duration::from_millis(100));
         }
         if let Some(o) = self.try_outcome()? {
             return Ok(o);
         }
-        if let Some(q) = self.qmp.as_mut() {
-            // `quit` may not get a reply: QEMU can close the socket first.
-            let _ = q.quit();
-        }
-        if let Ok(o) = self.wait_exit(Duration::from_secs(5)) {
-            return Ok(o);
+        if !abort() {
+            if let Some(q) = self.qmp.as_mut() {
+                // `quit` may not get a reply: QEMU can close the socket first.
+                let _ = q.quit();
+            }
+            if let Ok(o) = self.wait_exit(Duration::from_secs(5)) {
+                return Ok(o);
+            }
         }
         self.kill();
         self.wait_exit(Duration::from_secs(30))

@@ -280,8 +280,11 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
             break outcome;
         }
         if interrupts.load(Ordering::SeqCst) > 0 {
-            eprintln!("\nqcow-metal: shutting the guest down (ACPI power button; up to 10 s)");
-            break guest.shutdown()?;
+            eprintln!(
+                "\nqcow-metal: shutting the guest down (ACPI power button; up to 10 s; \
+                 Ctrl-C again kills it)"
+            );
+            break guest.shutdown_or_abort(|| interrupts.load(Ordering::SeqCst) > 1)?;
         }
         thread::sleep(Duration::from_millis(50));
     };
