@@ -218,6 +218,13 @@ impl<D: BlockDevice> Qcow2<D> {
     pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
         check_request(offset, buf.len() as u64, self.hdr.size)
             .map_err(|_| Qcow2Error::Invalid("write past the end of the virtual disk"))?;
+        if buf.is_empty() {
+            return if self.read_only {
+                Err(Qcow2Error::ReadOnly)
+            } else {
+                Ok(())
+            };
+        }
         self.begin_write()?;
         let cs = self.geo.cluster_size();
         let l2e = self.geo.l2_entries();
@@ -373,6 +380,13 @@ impl<D: BlockDevice> Qcow2<D> {
     pub fn discard_range(&mut self, offset: u64, len: u64) -> Result<()> {
         check_request(offset, len, self.hdr.size)
             .map_err(|_| Qcow2Error::Invalid("discard past the end of the virtual disk"))?;
+        if len == 0 {
+            return if self.read_only {
+                Err(Qcow2Error::ReadOnly)
+            } else {
+                Ok(())
+            };
+        }
         self.begin_write()?;
         self.unmap_clusters(offset, len, UnmapTo::Unallocated)
     }
@@ -428,6 +442,13 @@ impl<D: BlockDevice> Qcow2<D> {
     pub fn zero_range(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         check_request(offset, len, self.hdr.size)
             .map_err(|_| Qcow2Error::Invalid("write-zeroes past the end of the virtual disk"))?;
+        if len == 0 {
+            return if self.read_only {
+                Err(Qcow2Error::ReadOnly)
+            } else {
+                Ok(())
+            };
+        }
         self.begin_write()?;
         let cs = self.geo.cluster_size();
         let end = offset + len;
