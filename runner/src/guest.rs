@@ -434,6 +434,16 @@ impl GuestBuilder {
                         source: std::io::Error::other(stderr.trim().to_string()),
                     });
                 }
+                if stderr.contains("Failed to get") && stderr.contains("lock") {
+                    return Err(Error::Disk {
+                        path: disk.path.clone(),
+                        action: "lock",
+                        reason: format!(
+                            "another QEMU (another qcow-metal?) has it open ({})",
+                            stderr.trim()
+                        ),
+                    });
+                }
                 return Err(Error::Qemu(format!(
                     "QEMU failed to start:\n{}",
                     stderr.trim()
