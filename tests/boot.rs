@@ -106,3 +106,32 @@ fn auto_accel_comes_up_on_this_host_falling_back_to_tcg_when_kvm_cannot_run_it()
         );
     }
 }
+
+#[test]
+fn a_busy_port_and_an_unopenable_disk_say_what_to_do() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let err = guest()
+        .metrics_port(port)
+        .start()
+        .err()
+        .expect("a busy metrics port must be refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&port.to_string()) && msg.contains("--metrics-port"),
+        "{msg}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let err = guest()
+        .disk(not_a_dir.join("disk.qcow2"))
+        .start()
+        .err()
+        .expect("a disk under a regular file cannot be created");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("disk.qcow2") && msg.contains("--disk"),
+        "{msg}"
+    );
+}
