@@ -229,6 +229,8 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         self.begin_write()?;
         self.flush_metadata()?;
+        // Repair changes references and refcounts wholesale: recount space afterwards.
+        self.tally = None;
         let mut before = CheckReport::default();
         let refs = self.collect(true, &mut before)?;
         if refs.beyond_limit > 0 {

@@ -127,7 +127,63 @@ pub struct MapEntry {
     pub host: Option<u64>,
 }
 
+/// Space counters maintained as the image changes (after one full walk).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    /// Host clusters referenced by the active L2 tables (data and preallocated zeros).
+    pub data_clusters: u64,
+    /// Bytes of compressed data referenced by the active L2 tables.
+    pub compressed_bytes: u64,
+    /// L2 tables of the active L1 table.
+    pub l2_tables: u64,
+    /// Refcount blocks.
+    pub refblocks: u64,
+    /// Host clusters with a nonzero refcount.
+    pub used: u64,
+}
+
 impl<D: BlockDevice> Qcow2<D> {
+    /// Applies `f` to the space counters, if they are being kept.
+    #[inline]
+    pub(crate) fn tally(&mut self, f: impl FnOnce(&mut Tally)) {
+        if let Some(t) = &mut self.tally {
+            f(t);
+        }
+    }
+
+    /// Space accounting. The first call walks the L1/L2 tables and the refcounts; later
+    /// calls use counters the engine keeps up to date (and one short refcount scan for the
+    /// image's end).
+    pub fn space(&mut self) -> Result<SpaceInfo> {
+        let t = match self.tally {
+            Some(t) => t,
+            None => {
+                let t = self.walk_space()?;
+                self.tally = Some(t);
+                t
+            }
+        };
+        let cs = self.geo.cluster_size();
+        let end = self.compute_end()?;
+        let l1_clusters = (self.hdr.l1_size as u64 * 8).div_ceil(cs);
+        let meta =
+            1 + l1_clusters + t.l2_tables + self.hdr.refcount_table_clusters as u64 + t.refblocks;
+        Ok(SpaceInfo {
+            virtual_size: self.hdr.size,
+            cluster_size: cs,
+            data_bytes: t.data_clusters * cs + t.compressed_bytes,
+            metadata_bytes: meta * cs,
+            image_extent: end * cs,
+            free_clusters: end.saturating_sub(t.used),
+        })
+    }
+
+    /// [`Qcow2::space`] from a full walk (the counters are rebuilt).
+    pub fn space_walk(&mut self) -> Result<SpaceInfo> {
+        self.tally = None;
+        self.space()
+    }
+
     /// Facts from the header.
     pub fn info(&self) -> ImageInfo {
         let h = &self.hdr;
@@ -153,66 +209,49 @@ impl<D: BlockDevice> Qcow2<D> {
         }
     }
 
-    /// Space accounting (walks the L1/L2 tables and the refcounts).
-    pub fn space(&mut self) -> Result<SpaceInfo> {
-        let cs = self.geo.cluster_size();
-        let mut data_clusters = 0u64;
-        let mut compressed_bytes = 0u64;
-        let mut l2_tables = 0u64;
+    /// Counts everything [`Tally`] holds by walking the tables.
+    fn walk_space(&mut self) -> Result<Tally> {
+        let mut t = Tally::default();
         for l1i in 0..self.hdr.l1_size as u64 {
             let e = self.l1_entry(l1i)?;
             let Some((off, _)) = decode_l1(e, &self.geo)? else {
                 continue;
             };
-            l2_tables += 1;
+            t.l2_tables += 1;
             let s = self.load(Pool::L2, off, TableKind::L2, true)?;
             let data = self.l2c.data(s);
             for i in 0..self.geo.l2_entries() as usize {
                 match Mapping::decode(get_u64(data, i), &self.geo, self.hdr.version)? {
                     Mapping::Data { .. } | Mapping::Zero { host: Some(_), .. } => {
-                        data_clusters += 1
+                        t.data_clusters += 1
                     }
-                    Mapping::Compressed { len, .. } => compressed_bytes += len,
+                    Mapping::Compressed { len, .. } => t.compressed_bytes += len,
                     _ => {}
                 }
             }
         }
-        let mut blocks = 0u64;
         for ti in 0..self.rt_entries {
             if self.rt_entry(ti)?.is_some() {
-                blocks += 1;
+                t.refblocks += 1;
             }
         }
-        let l1_clusters = (self.hdr.l1_size as u64 * 8).div_ceil(cs);
-        let meta = 1 + l1_clusters + l2_tables + self.hdr.refcount_table_clusters as u64 + blocks;
         let end = self.compute_end()?;
-        self.end = end;
-        let mut free = 0u64;
+        self.end = self.end.max(end);
         let order = self.geo.refcount_order;
         let mut ti = 0;
         while (ti << self.geo.rb_bits) < end {
             let base = ti << self.geo.rb_bits;
             let n = self.geo.rb_entries().min(end - base);
-            match self.rt_entry(ti)? {
-                None => free += n,
-                Some(b) => {
-                    let s = self.load(Pool::Rc, b, TableKind::RefBlock, true)?;
-                    let data = self.rcc.data(s);
-                    free += (0..n as usize)
-                        .filter(|&i| get_refcount(data, i, order) == 0)
-                        .count() as u64;
-                }
+            if let Some(b) = self.rt_entry(ti)? {
+                let s = self.load(Pool::Rc, b, TableKind::RefBlock, true)?;
+                let data = self.rcc.data(s);
+                t.used += (0..n as usize)
+                    .filter(|&i| get_refcount(data, i, order) != 0)
+                    .count() as u64;
             }
             ti += 1;
         }
-        Ok(SpaceInfo {
-            virtual_size: self.hdr.size,
-            cluster_size: cs,
-            data_bytes: data_clusters * cs + compressed_bytes,
-            metadata_bytes: meta * cs,
-            image_extent: end * cs,
-            free_clusters: free,
-        })
+        Ok(t)
     }
 
     /// The guest disk as runs of one kind, with host offsets (for `image map`). Adjacent

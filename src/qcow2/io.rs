@@ -163,6 +163,15 @@ impl<D: BlockDevice> Qcow2<D> {
     fn release(&mut self, m: Mapping) -> Result<()> {
         let cs = self.geo.cluster_size();
         match m {
+            Mapping::Data { .. } | Mapping::Zero { host: Some(_), .. } => {
+                self.tally(|t| t.data_clusters = t.data_clusters.saturating_sub(1))
+            }
+            Mapping::Compressed { len, .. } => {
+                self.tally(|t| t.compressed_bytes = t.compressed_bytes.saturating_sub(len))
+            }
+            _ => {}
+        }
+        match m {
             Mapping::Data { host, .. }
             | Mapping::Zero {
                 host: Some(host), ..
@@ -321,6 +330,7 @@ impl<D: BlockDevice> Qcow2<D> {
                             self.release(old)?;
                         }
                     }
+                    self.tally(|t| t.data_clusters += got);
                     self.stats.data_bytes_written += n;
                     done += n;
                 }

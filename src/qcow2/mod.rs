@@ -164,6 +164,8 @@ pub struct Qcow2<D: BlockDevice> {
     l2_memo: Option<(u64, u64, usize, bool)>,
     /// Inflates compressed clusters (state allocated on first use).
     inflater: compress::Inflater,
+    /// Space counters kept up to date after the first [`Qcow2::space`] walk.
+    tally: Option<info::Tally>,
     stats: Stats,
 }
 

@@ -120,6 +120,7 @@ impl<D: BlockDevice> Qcow2<D> {
             last_alloc_zeroed: false,
             l2_memo: None,
             inflater: Default::default(),
+            tally: None,
             stats: Stats::default(),
             opts,
             hdr,

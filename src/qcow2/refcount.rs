@@ -79,7 +79,18 @@ impl<D: BlockDevice> Qcow2<D> {
         };
         let s = self.load(Pool::Rc, block, TableKind::RefBlock, true)?;
         let i = (c & (self.geo.rb_entries() - 1)) as usize;
-        set_refcount(self.rcc.data_mut(s), i, self.geo.refcount_order, v);
+        let order = self.geo.refcount_order;
+        let old = get_refcount(self.rcc.data(s), i, order);
+        set_refcount(self.rcc.data_mut(s), i, order, v);
+        if (old == 0) != (v == 0) {
+            self.tally(|t| {
+                if v == 0 {
+                    t.used = t.used.saturating_sub(1)
+                } else {
+                    t.used += 1
+                }
+            });
+        }
         Ok(())
     }
 
@@ -141,6 +152,13 @@ impl<D: BlockDevice> Qcow2<D> {
             self.set_rt_entry(ti, key)?;
             self.note_alloc(c);
             self.note_zero_use(c, 1);
+            let self_counted = cti == ti;
+            self.tally(|t| {
+                t.refblocks += 1;
+                if self_counted {
+                    t.used += 1;
+                }
+            });
             self.stats.refcount_blocks_allocated += 1;
             self.stats.clusters_allocated += 1;
             self.end = self.end.max(c + 1);
@@ -263,6 +281,13 @@ impl<D: BlockDevice> Qcow2<D> {
             self.note_alloc(c);
         }
         self.note_zero_use(e, total_end - e);
+        let in_new_blocks = (e..total_end)
+            .filter(|c| missing.binary_search(&(c >> rb_bits)).is_ok())
+            .count() as u64;
+        self.tally(|t| {
+            t.refblocks += bc;
+            t.used += in_new_blocks;
+        });
         self.rt_entries = new_clusters * epc;
         self.end = self.end.max(total_end);
         self.stats.clusters_allocated += new_clusters + bc;

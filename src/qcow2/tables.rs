@@ -378,6 +378,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 let noff = nc * cs;
                 self.load(Pool::L2, noff, TableKind::L2, false)?;
                 self.stats.l2_tables_allocated += 1;
+                self.tally(|t| t.l2_tables += 1);
                 self.set_l1_entry(l1i, noff | COPIED)?;
                 self.l2c
                     .get(noff)

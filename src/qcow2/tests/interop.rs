@@ -147,7 +147,14 @@ fn interop(c: Config) {
     drop(q);
     // Read-write with small caches (eviction) and our writes.
     let mut q = open_file(&img, small_cache());
+    q.space().unwrap();
     our_writes(&mut q, &mut model, c.cluster);
+    let kept = q.space().unwrap();
+    assert_eq!(
+        kept,
+        q.space_walk().unwrap(),
+        "incremental space accounting drifted"
+    );
     let rep = q.check().unwrap();
     assert!(rep.is_clean(), "our check after our writes: {rep}");
     q.close().unwrap();
@@ -452,7 +459,14 @@ fn compressed(cluster: u64, compat: &'static str) {
     assert!(q.check().unwrap().is_clean());
     drop(q);
     let mut q = open_file(&img, small_cache());
+    q.space().unwrap();
     our_writes(&mut q, &mut model, cluster);
+    let kept = q.space().unwrap();
+    assert_eq!(
+        kept,
+        q.space_walk().unwrap(),
+        "incremental space accounting drifted"
+    );
     q.close().unwrap();
     assert_qemu_clean(&img);
     let raw = dir.path().join("model.raw");

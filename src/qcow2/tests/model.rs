@@ -87,6 +87,8 @@ fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
         },
     )
     .unwrap();
+    // Start the incremental space counters; they are compared with a full walk at the end.
+    q.space().unwrap();
     let mut model = vec![0u8; size as usize];
     for o in ops {
         match *o {
@@ -124,6 +126,7 @@ fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
             Op::Reopen => {
                 let dev = q.close().unwrap();
                 q = Qcow2::open(dev, open_opts(small)).unwrap();
+                q.space().unwrap();
             }
         }
     }
@@ -132,6 +135,13 @@ fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
     assert!(all == model, "whole-disk read differs from the model");
     let report = q.check().unwrap();
     assert!(report.is_clean(), "our check: {report}");
+    q.flush().unwrap();
+    let kept = q.space().unwrap();
+    assert_eq!(
+        kept,
+        q.space_walk().unwrap(),
+        "incremental space accounting drifted"
+    );
     let dev = q.close().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
