@@ -102,6 +102,7 @@ pub struct GuestBuilder {
     metrics_port: Option<u16>,
     nbd_port: Option<u16>,
     serial_log: Option<PathBuf>,
+    user_qmp_socket: Option<PathBuf>,
     echo: bool,
     shutdown_timeout: Duration,
     extra_qemu_args: Vec<OsString>,
@@ -125,6 +126,7 @@ impl Default for GuestBuilder {
             metrics_port: None,
             nbd_port: None,
             serial_log: None,
+            user_qmp_socket: None,
             echo: std::env::var(ECHO_ENV).is_ok_and(|v| v == "1"),
             shutdown_timeout: Duration::from_secs(30),
             extra_qemu_args: Vec::new(),
@@ -215,6 +217,13 @@ impl GuestBuilder {
     /// Also writes the serial console to this file.
     pub fn serial_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.serial_log = Some(path.into());
+        self
+    }
+
+    /// Also serves QMP on this Unix socket, for the user's own tools (`socat`, `qmp-shell`);
+    /// the runner keeps its own session on a private socket.
+    pub fn user_qmp_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.user_qmp_socket = Some(path.into());
         self
     }
 
@@ -467,6 +476,10 @@ impl GuestBuilder {
     ) -> Result<Guest> {
         let qmp_socket = dir.join(format!("qmp-{}.sock", accel.as_str()));
         let _ = std::fs::remove_file(&qmp_socket);
+        if let Some(user) = &self.user_qmp_socket {
+            // A socket left by an earlier run; QEMU would refuse to bind over it.
+            let _ = std::fs::remove_file(user);
+        }
         let config = QemuConfig {
             kernel: kernel.to_path_buf(),
             append: self.kernel_cmdline(),
@@ -478,6 +491,7 @@ impl GuestBuilder {
             metrics_port,
             nbd_port,
             qmp_socket: qmp_socket.clone(),
+            user_qmp_socket: self.user_qmp_socket.clone(),
             extra_args: self.extra_qemu_args.clone(),
         };
         let serial_file = match &self.serial_log {
@@ -597,6 +611,11 @@ impl Guest {
     /// The kernel command line the guest got.
     pub fn kernel_cmdline(&self) -> &str {
         &self.config.append
+    }
+
+    /// The QMP socket for the user's tools, when one was asked for.
+    pub fn user_qmp_socket(&self) -> Option<&Path> {
+        self.config.user_qmp_socket.as_deref()
     }
 
     /// QEMU's process id.

@@ -222,6 +222,9 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
         args.accel.as_str(),
         serial_log.display()
     );
+    // Unix socket paths are limited to 107 bytes; skip the user's socket past that.
+    let qmp_socket = root.join("target").join("qcow-metal").join("qmp.sock");
+    let qmp_socket = (qmp_socket.as_os_str().len() < 100).then_some(qmp_socket);
     let mut builder = Guest::builder()
         .kernel(&kernel)
         .disk(&disk_path)
@@ -235,6 +238,9 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
         .read_only(args.read_only)
         .echo(true)
         .shutdown_timeout(Duration::from_secs(10));
+    if let Some(sock) = &qmp_socket {
+        builder = builder.user_qmp_socket(sock);
+    }
     for a in &args.append {
         builder = builder.append(a.clone());
     }
@@ -264,6 +270,13 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
             }
             eprintln!("qcow-metal: metrics: {}", guest.metrics_url());
             eprintln!("qcow-metal: NBD:     {}", guest.nbd_url());
+            if let Some(sock) = guest.user_qmp_socket() {
+                eprintln!(
+                    "qcow-metal: QMP:     {} (e.g. socat - UNIX-CONNECT:{})",
+                    sock.display(),
+                    sock.display()
+                );
+            }
             eprintln!("qcow-metal: press Ctrl-C to shut the guest down cleanly");
         }
         Err(Error::Timeout { .. }) if interrupts.load(Ordering::SeqCst) > 0 => {}

@@ -142,6 +142,8 @@ pub struct QemuConfig {
     pub nbd_port: u16,
     /// The QMP socket.
     pub qmp_socket: PathBuf,
+    /// A second QMP socket for the user's own tools (the runner holds the first).
+    pub user_qmp_socket: Option<PathBuf>,
     /// More arguments, appended as they are.
     pub extra_args: Vec<OsString>,
 }
@@ -197,6 +199,13 @@ impl QemuConfig {
             "unix:{},server=on,wait=off",
             escape_option(&self.qmp_socket.to_string_lossy())
         ));
+        if let Some(user) = &self.user_qmp_socket {
+            push("-qmp");
+            push(&format!(
+                "unix:{},server=on,wait=off",
+                escape_option(&user.to_string_lossy())
+            ));
+        }
         push("-kernel");
         a.push(self.kernel.clone().into_os_string());
         if !self.append.is_empty() {
@@ -229,6 +238,7 @@ mod tests {
             metrics_port: 19090,
             nbd_port: 20809,
             qmp_socket: "/s/qmp.sock".into(),
+            user_qmp_socket: None,
             extra_args: vec![],
         }
     }
@@ -268,7 +278,12 @@ mod tests {
         c.read_only = true;
         c.drive_format = "qcow2".into();
         c.append.clear();
+        c.user_qmp_socket = Some("/u/qmp.sock".into());
         let s = joined(&c);
+        assert!(
+            s.contains("-qmp unix:/u/qmp.sock,server=on,wait=off"),
+            "{s}"
+        );
         assert!(s.contains("format=qcow2"), "{s}");
         assert!(s.contains(",readonly=on"), "{s}");
         assert!(!s.contains("-append"), "{s}");
