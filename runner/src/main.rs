@@ -263,10 +263,17 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
                 let interrupts = interrupts.clone();
                 move || interrupts.load(Ordering::SeqCst) > 0
             };
-            if let Err(e) = guest.wait_for_metrics(Duration::from_secs(30), stop) {
-                let first = e.to_string();
-                let first = first.lines().next().unwrap_or_default();
-                eprintln!("qcow-metal: warning: {first}");
+            match guest.wait_for_metrics(Duration::from_secs(30), stop) {
+                Ok(()) => {}
+                Err(Error::GuestExited { outcome, .. }) => {
+                    eprintln!("qcow-metal: {outcome}");
+                    return Ok(exit_code(outcome));
+                }
+                Err(e) => {
+                    let first = e.to_string();
+                    let first = first.lines().next().unwrap_or_default();
+                    eprintln!("qcow-metal: warning: {first}");
+                }
             }
             eprintln!("qcow-metal: metrics: {}", guest.metrics_url());
             eprintln!("qcow-metal: NBD:     {}", guest.nbd_url());
