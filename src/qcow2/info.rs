@@ -164,7 +164,8 @@ impl<D: BlockDevice> Qcow2<D> {
             }
         };
         let cs = self.geo.cluster_size();
-        let end = self.compute_end()?;
+        // Nothing past `self.end` was ever allocated: scan down from there.
+        let end = self.compute_end_below(self.end)?;
         let l1_clusters = (self.hdr.l1_size as u64 * 8).div_ceil(cs);
         let meta =
             1 + l1_clusters + t.l2_tables + self.hdr.refcount_table_clusters as u64 + t.refblocks;

@@ -196,6 +196,15 @@ impl<D: BlockDevice> Qcow2<D> {
             + self.pending.capacity() as u64 * 16
     }
 
+    /// Whether metadata changes wait in the caches for [`Qcow2::flush_metadata`] (the
+    /// guest's flush timer can use it to decide whether to write back).
+    pub fn has_dirty_metadata(&self) -> bool {
+        self.l2c.any_dirty()
+            || self.rcc.any_dirty()
+            || self.header_dirty
+            || !self.pending.is_empty()
+    }
+
     /// Counters of the engine's work since open.
     pub fn stats(&self) -> &Stats {
         &self.stats

@@ -147,9 +147,16 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// One past the last cluster with a nonzero refcount (at least past the fixed metadata).
     pub(crate) fn compute_end(&mut self) -> Result<u64> {
+        self.compute_end_below(u64::MAX)
+    }
+
+    /// [`Qcow2::compute_end`] when no cluster at or past `bound` can be in use.
+    pub(crate) fn compute_end_below(&mut self, bound: u64) -> Result<u64> {
         let fixed = self.fixed_end();
         let order = self.geo.refcount_order;
-        let mut ti = self.rt_entries;
+        let mut ti = self
+            .rt_entries
+            .min((bound.saturating_sub(1) >> self.geo.rb_bits).saturating_add(1));
         // Empty blocks are rare; past a few, stop and assume everything below is in use
         // (an over-estimate is safe: it only moves new metadata further out).
         let mut empty_blocks = 0;
