@@ -17,7 +17,7 @@
 //! per random row, default 2000), `NBD_BENCH_DEPTH` (default 8), `NBD_BENCH_ACCEL`
 //! (`tcg`, `kvm` or `auto`; default `tcg`).
 
-use qcow_metal::nbd::client::Client;
+use qcow_metal::nbd::client::{Client, ClientOptions};
 use qcow_metal::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
 use qcow_metal_e2e::{Accel, boot, guest, require_tool};
 use qcow_metal_runner::disk::{GuestFormat, create_qcow2};
@@ -185,7 +185,14 @@ fn main() {
         };
         eprintln!("({}) booting: {}", setup.label, setup.what);
         let (mut g, _) = boot(builder);
-        let mut c = Client::connect(("127.0.0.1", g.nbd_port()), "disk").expect("NBD connect");
+        let mut c = Client::connect_with(
+            ("127.0.0.1", g.nbd_port()),
+            &ClientOptions {
+                timeout: Some(Duration::from_secs(900)),
+                ..ClientOptions::new("disk")
+            },
+        )
+        .expect("NBD connect");
         let times: Vec<Duration> = ROWS
             .iter()
             .map(|row| {

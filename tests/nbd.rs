@@ -2,8 +2,10 @@
 //! against the guest's qcow2 engine; malformed clients get errors while others are served;
 //! after a clean shutdown the image checks clean and holds exactly what was written.
 
-use qcow_metal::nbd::client::{Client, greet, read_option_reply, send_option};
-use qcow_metal::nbd::proto::{OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN};
+use qcow_metal::nbd::client::{Client, ClientOptions, greet, read_option_reply, send_option};
+use qcow_metal::nbd::proto::{
+    OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN, TFLAG_READ_ONLY,
+};
 use qcow_metal_e2e::{boot, guest, require_tool};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -50,6 +52,16 @@ fn run(program: &str, package: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Our client on the guest's export, with a hang guard.
+fn connect(port: u16) -> Client {
+    let opts = ClientOptions {
+        timeout: Some(TOOL_TIMEOUT),
+        ..ClientOptions::new("disk")
+    };
+    Client::connect_with(("127.0.0.1", port), &opts)
+        .unwrap_or_else(|e| panic!("NBD handshake with the guest on port {port}: {e}"))
 }
 
 /// qemu-io on the export; every `read -P` verifies its pattern.
@@ -121,7 +133,12 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
         f.write_all_at(&data, 0).unwrap();
     }
     expected[..data.len()].copy_from_slice(&data);
-    run("nbdcopy", "libnbd-bin", &[src.to_str().unwrap(), &uri]);
+    // The fresh disk reads as zeros: nbdcopy need not write the source's zeros.
+    run(
+        "nbdcopy",
+        "libnbd-bin",
+        &["--destination-is-zero", src.to_str().unwrap(), &uri],
+    );
 
     // qemu-io writes patterns (aligned, unaligned, zeroes, asynchronous) and reads them back.
     let writes = [
@@ -196,8 +213,8 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
     }
 
     // Malformed clients get errors or are closed, and a good client keeps being served.
-    let mut good = Client::connect(("127.0.0.1", g.nbd_port()), "disk").unwrap();
-    malformed_clients(g.nbd_port());
+    let mut good = connect(g.nbd_port());
+    let _idle = malformed_clients(g.nbd_port());
     let mut buf = vec![0u8; 4567];
     assert_eq!(good.read(12345, &mut buf).unwrap(), 0);
     assert!(buf.iter().all(|b| *b == 0x11));
@@ -241,11 +258,13 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
     assert!(cmp.contains("Images are identical"), "{cmp}");
 }
 
-/// Garbage handshakes and requests: each gets an error or a closed connection.
-fn malformed_clients(port: u16) {
+/// Garbage handshakes and requests: each gets an error or a closed connection. Returns a
+/// client that connected and said nothing, to keep open while others are served.
+fn malformed_clients(port: u16) -> TcpStream {
     let addr = ("127.0.0.1", port);
     // HTTP instead of NBD: the server closes after the bad client flags.
     let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
@@ -254,6 +273,7 @@ fn malformed_clients(port: u16) {
     // Unknown options and exports are refused and the handshake goes on; a request with a
     // bad magic then closes the connection.
     let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
     greet(&mut s).unwrap();
     send_option(&mut s, 0x7777, b"junk").unwrap();
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNSUP);
@@ -265,7 +285,7 @@ fn malformed_clients(port: u16) {
     assert_closed(&mut s);
 
     // A client that connects and says nothing stays open and harms nobody.
-    std::mem::forget(TcpStream::connect(addr).unwrap());
+    TcpStream::connect(addr).unwrap()
 }
 
 fn go(name: &str) -> Vec<u8> {
@@ -285,20 +305,37 @@ fn assert_closed(s: &mut TcpStream) {
 }
 
 #[test]
-fn read_only_guest_refuses_writes() {
-    let (mut g, _) = boot(guest().size(8 * MIB).read_only(true));
-    let mut c = Client::connect(("127.0.0.1", g.nbd_port()), "disk").unwrap();
-    assert_ne!(c.flags() & qcow_metal::nbd::proto::TFLAG_READ_ONLY, 0);
+fn read_only_guest_serves_what_an_earlier_boot_wrote() {
+    let dir = ScratchDir::new("nbd-ro");
+    let disk = dir.path().join("disk.qcow2");
+    // First boot, read-write: write and shut down cleanly.
+    {
+        let (mut g, _) = boot(guest().size(8 * MIB).disk(&disk));
+        let mut c = connect(g.nbd_port());
+        assert_eq!(c.flags() & TFLAG_READ_ONLY, 0);
+        assert_eq!(c.write(MIB, &pattern(65536, 9), false).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect().unwrap();
+        let outcome = g.shutdown().expect("shutdown");
+        assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+    }
+    // Second boot, read-only: the data is there, writes get EPERM.
+    let (mut g, _) = boot(guest().disk(&disk).read_only(true));
+    let mut c = connect(g.nbd_port());
+    assert_ne!(c.flags() & TFLAG_READ_ONLY, 0);
+    let mut buf = vec![0u8; 65536];
+    assert_eq!(c.read(MIB, &mut buf).unwrap(), 0);
+    assert!(buf == pattern(65536, 9), "data of the first boot");
     assert_eq!(c.write(0, b"nope", false).unwrap(), 1, "EPERM");
     assert_eq!(c.trim(0, 4096).unwrap(), 1, "EPERM");
-    let mut buf = [0xffu8; 4096];
-    assert_eq!(c.read(0, &mut buf).unwrap(), 0);
-    assert_eq!(buf, [0u8; 4096]);
+    assert_eq!(c.write_zeroes(0, 4096, 0).unwrap(), 1, "EPERM");
+    assert_eq!(c.read(0, &mut buf[..4096]).unwrap(), 0);
+    assert!(buf[..4096].iter().all(|b| *b == 0));
     c.disconnect().unwrap();
     let outcome = g.shutdown().expect("shutdown");
-    assert!(outcome.is_clean(), "{outcome}");
-    let image = g.disk_path().to_str().unwrap().to_string();
-    let check = run("qemu-img", "qemu-utils", &["check", "-f", "qcow2", &image]);
+    assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+    let image = disk.to_str().unwrap();
+    let check = run("qemu-img", "qemu-utils", &["check", "-f", "qcow2", image]);
     assert!(check.contains("No errors were found"), "{check}");
 }
 

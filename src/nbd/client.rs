@@ -10,6 +10,7 @@ use super::proto::*;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
 
 /// What a connection negotiates.
 #[derive(Debug, Clone)]
@@ -20,6 +21,9 @@ pub struct ClientOptions {
     pub structured: bool,
     /// Ask for `base:allocation` (needs structured replies).
     pub base_allocation: bool,
+    /// Read and write timeout of the socket (`None`: block forever). A guard against a
+    /// server that stops answering, so that tests fail instead of hanging.
+    pub timeout: Option<Duration>,
 }
 
 impl ClientOptions {
@@ -29,6 +33,7 @@ impl ClientOptions {
             export: export.to_string(),
             structured: true,
             base_allocation: true,
+            timeout: None,
         }
     }
 }
@@ -121,6 +126,8 @@ impl Client {
     pub fn connect_with(addr: impl ToSocketAddrs, opts: &ClientOptions) -> io::Result<Client> {
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
+        s.set_read_timeout(opts.timeout)?;
+        s.set_write_timeout(opts.timeout)?;
         let hflags = greet(&mut s)?;
         if hflags & FLAG_FIXED_NEWSTYLE == 0 {
             return Err(invalid("server is not fixed newstyle"));
