@@ -415,7 +415,8 @@ impl<D: BlockDevice> Qcow2<D> {
         while vc < end {
             let l1i = vc >> self.geo.l2_bits;
             let table_end = ((l1i + 1) << self.geo.l2_bits).min(end);
-            if self.l2_for_read(vc)?.is_none() && to == UnmapTo::Unallocated {
+            if self.l2_for_read(vc)?.is_none() {
+                // No table: the whole range is unallocated and reads as zeros already.
                 vc = table_end;
                 continue;
             }
@@ -500,9 +501,11 @@ impl<D: BlockDevice> Qcow2<D> {
             let m = self.mapping(pos / cs)?;
             match m {
                 Mapping::Unallocated | Mapping::Zero { .. } => {}
-                Mapping::Data { host, copied: true } if n == cs => {
+                Mapping::Data { host, copied: true } => {
+                    // Ours alone: zero it in place.
                     self.check_data_host(host, cs)?;
-                    self.dev.write_zeroes(host, cs)?;
+                    self.dev.write_zeroes(host + (pos & (cs - 1)), n)?;
+                    self.stats.data_bytes_written += n;
                 }
                 _ => {
                     let mut z = 0;
