@@ -680,7 +680,7 @@ struct Options {
     only: Vec<String>,
     /// Only these rows, 1-based (`--rows 1,3`); all when empty.
     rows: Vec<usize>,
-    /// Runs per contender and row, the fastest counts (`--repeat N`; 3, or 1 when quick).
+    /// Runs per contender and row, the fastest counts (`--repeat N`; default 3).
     repeat: u32,
 }
 
@@ -720,7 +720,7 @@ impl Options {
             }
         }
         if o.repeat == 0 {
-            o.repeat = if o.quick { 1 } else { 3 };
+            o.repeat = 3;
         }
         Ok(o)
     }
