@@ -33,6 +33,8 @@ pub struct Slot {
     pub data: Vec<u8>,
     /// Changed since it was read or written.
     pub dirty: bool,
+    /// A newly allocated table never written yet: nothing on disk points to it.
+    pub fresh: bool,
     referenced: bool,
     used: bool,
 }
@@ -215,6 +217,7 @@ impl TableCache {
                         kind,
                         data: vec![0; self.cluster_size],
                         dirty: false,
+                        fresh: false,
                         referenced: true,
                         used: true,
                     });
@@ -226,6 +229,7 @@ impl TableCache {
         slot.key = key;
         slot.kind = kind;
         slot.dirty = false;
+        slot.fresh = false;
         slot.referenced = true;
         slot.used = true;
         self.index.insert(key, s);
@@ -239,6 +243,7 @@ impl TableCache {
             let slot = &mut self.slots[s];
             slot.used = false;
             slot.dirty = false;
+            slot.fresh = false;
             slot.referenced = false;
             self.free.push(s);
         }
@@ -281,13 +286,20 @@ impl TableCache {
     /// Marks a slot clean (it was written).
     pub fn mark_clean(&mut self, slot: usize) {
         self.slots[slot].dirty = false;
+        self.slots[slot].fresh = false;
     }
 
-    /// Slots that are dirty and of `kind`, by host offset (so write-back is sequential).
-    pub fn dirty_slots(&self, kind: TableKind, out: &mut Vec<(u64, usize)>) {
+    /// Marks a slot as a newly allocated table that nothing on disk points to yet.
+    pub fn mark_fresh(&mut self, slot: usize) {
+        self.slots[slot].fresh = true;
+    }
+
+    /// Slots that are dirty and of `kind` (only fresh ones with `fresh_only`), by host
+    /// offset (so write-back is sequential).
+    pub fn dirty_slots(&self, kind: TableKind, fresh_only: bool, out: &mut Vec<(u64, usize)>) {
         out.clear();
         for (i, s) in self.slots.iter().enumerate() {
-            if s.used && s.dirty && s.kind == kind {
+            if s.used && s.dirty && s.kind == kind && (s.fresh || !fresh_only) {
                 out.push((s.key, i));
             }
         }

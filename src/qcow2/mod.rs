@@ -16,11 +16,14 @@
 //! - `info`: statistics, space accounting, image information and the cluster map.
 //!
 //! Crash safety: guest data goes straight to the device; metadata changes collect in the
-//! caches and reach the disk at [`Qcow2::flush_metadata`] (or on eviction) in this order:
-//! refcount blocks, barrier, refcount-table pages, barrier, L2 tables, barrier, L1 pages,
-//! header, barrier; only then are freed clusters' refcounts decremented. So a reference never
-//! reaches the disk before the data and refcount it relies on, and a refcount never drops
-//! before the reference is gone: a crash leaves at worst leaked clusters.
+//! caches and reach the disk at [`Qcow2::flush_metadata`] (or when a dirty table is evicted)
+//! in two phases: first what nothing on disk points to yet (refcount blocks, newly
+//! allocated L2 tables), barrier, then the references (refcount-table pages, existing L2
+//! tables, L1 pages, header), barrier; only then are freed clusters' refcounts decremented
+//! (and written, barrier). So a reference never reaches the disk before the data, table and
+//! refcount it relies on, and a refcount never drops before the reference is gone: a crash
+//! leaves at worst leaked clusters. Refcount-table growth and L1 moves write their new
+//! tables, barrier, switch the header, barrier, then free the old ones.
 
 pub mod cache;
 pub mod entry;

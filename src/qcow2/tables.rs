@@ -48,7 +48,9 @@ impl<D: BlockDevice> Qcow2<D> {
                 Pool::Rc => self.stats.refcount_cache_hits += 1,
             }
             if !read {
-                self.cache_mut(pool).data_mut(s).fill(0);
+                let cache = self.cache_mut(pool);
+                cache.data_mut(s).fill(0);
+                cache.mark_fresh(s);
             }
             return Ok(s);
         }
@@ -76,7 +78,10 @@ impl<D: BlockDevice> Qcow2<D> {
                 return Err(e.into());
             }
         } else {
-            self.cache_mut(pool).data_mut(s).fill(0);
+            // A newly allocated table: zeros, and nothing on disk points to it yet.
+            let cache = self.cache_mut(pool);
+            cache.data_mut(s).fill(0);
+            cache.mark_fresh(s);
         }
         Ok(s)
     }
@@ -119,8 +124,19 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Writes every dirty table of `kind`; returns how many.
     fn write_dirty(&mut self, pool: Pool, kind: TableKind) -> Result<usize> {
+        self.write_dirty_where(pool, kind, false)
+    }
+
+    /// Writes the dirty tables of `kind` (only the fresh ones with `fresh_only`).
+    fn write_dirty_where(
+        &mut self,
+        pool: Pool,
+        kind: TableKind,
+        fresh_only: bool,
+    ) -> Result<usize> {
         let mut list = core::mem::take(&mut self.dirty_list);
-        self.cache_mut(pool).dirty_slots(kind, &mut list);
+        self.cache_mut(pool)
+            .dirty_slots(kind, fresh_only, &mut list);
         let n = list.len();
         let mut result = Ok(());
         for &(_, s) in list.iter() {
@@ -135,7 +151,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     fn has_dirty(&mut self, pool: Pool, kind: TableKind) -> bool {
         let mut list = core::mem::take(&mut self.dirty_list);
-        self.cache_mut(pool).dirty_slots(kind, &mut list);
+        self.cache_mut(pool).dirty_slots(kind, false, &mut list);
         let any = !list.is_empty();
         self.dirty_list = list;
         any
@@ -169,28 +185,30 @@ impl<D: BlockDevice> Qcow2<D> {
             return Ok(false);
         }
         self.stats.metadata_flushes += 1;
-        // 1. Refcount increments (unless lazy: then they may go later, the dirty bit covers it).
+        // 1. What nothing on disk points to yet: refcount blocks (a new block is unreferenced
+        //    until its table entry is written; a changed one only counts clusters whose
+        //    references are still to come) and newly allocated L2 tables (unreferenced until
+        //    their L1 entry is written). With lazy refcounts the refcounts wait: the dirty bit
+        //    covers them.
         if !self.lazy {
-            self.write_refcounts()?;
+            self.write_dirty(Pool::Rc, TableKind::RefBlock)?;
         }
-        if l2_dirty {
-            // 2. Barrier: guest data and refcounts before the references to them.
-            self.barrier()?;
-            // 3. L2 tables.
-            self.write_dirty(Pool::L2, TableKind::L2)?;
-            // 4. Barrier: new L2 tables before the L1 entries pointing at them.
-            if self.has_dirty(Pool::L2, TableKind::L1) {
-                self.barrier()?;
-                self.write_dirty(Pool::L2, TableKind::L1)?;
-            }
+        self.write_dirty_where(Pool::L2, TableKind::L2, true)?;
+        // 2. Barrier: guest data, refcounts and new tables are durable before anything on
+        //    disk refers to them.
+        self.barrier()?;
+        // 3. The references: refcount-table pages, existing L2 tables, L1 pages, header.
+        if !self.lazy {
+            self.write_dirty(Pool::Rc, TableKind::RefTable)?;
         }
+        self.write_dirty(Pool::L2, TableKind::L2)?;
+        self.write_dirty(Pool::L2, TableKind::L1)?;
         if self.header_dirty {
-            self.barrier()?;
             self.write_header()?;
         }
-        // 5. Barrier: references are durable (so removed references are gone on disk).
+        // 4. Barrier: references are durable (so removed references are gone on disk).
         self.barrier()?;
-        // 6. Only now drop the refcounts of clusters whose references were removed.
+        // 5. Only now drop the refcounts of clusters whose references were removed.
         if !self.pending.is_empty() {
             self.in_free_phase = true;
             let r = self.apply_frees();
