@@ -2,8 +2,10 @@
 //!
 //! Bytes are appended at `end` and taken from `start`; the backing `Vec` only grows (to the
 //! largest size ever needed) so that reads from the disk can go straight into its tail
-//! without zero-filling on every request. Pending bytes are moved to the front only when the
-//! tail has no room for what is about to be appended.
+//! without zero-filling on every request. Pending bytes are moved to the front when at least
+//! half of the buffer has been taken and they are no more than what was taken (so each byte
+//! is copied at most once more, amortised), or when the tail has no room for what is about
+//! to be appended.
 
 use alloc::vec::Vec;
 
@@ -44,6 +46,13 @@ impl ByteQueue {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+        } else if self.start >= self.data.len() / 2 && self.len() <= self.start {
+            // Move the rest to the front while it is no larger than what was taken since the
+            // last move: amortised, every byte is copied at most once more, and the tail stays
+            // long enough for a whole piece without a large move later.
+            self.data.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
         }
     }
 
