@@ -227,6 +227,21 @@ impl<D: BlockDevice> Qcow2<D> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
+        self.repairing = true;
+        let r = self.repair_inner();
+        self.repairing = false;
+        let after = r?;
+        if after.corruptions == 0 && after.check_errors == 0 && self.corrupt {
+            // Consistent again: lift the corrupt mark.
+            self.hdr.incompatible_features &= !super::header::INCOMPAT_CORRUPT;
+            self.write_header()?;
+            self.barrier()?;
+            self.corrupt = false;
+        }
+        Ok(after)
+    }
+
+    fn repair_inner(&mut self) -> Result<CheckReport> {
         self.begin_write()?;
         self.flush_metadata()?;
         // Repair changes references and refcounts wholesale: recount space afterwards.

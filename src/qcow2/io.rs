@@ -592,12 +592,14 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> core::result::Result<(), DiskError> {
         check_request(offset, buf.len() as u64, self.hdr.size)?;
-        Ok(self.read_at(offset, buf)?)
+        let r = self.read_at(offset, buf);
+        Ok(self.note_corrupt(r)?)
     }
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> core::result::Result<(), DiskError> {
         check_request(offset, buf.len() as u64, self.hdr.size)?;
-        Ok(self.write_at(offset, buf)?)
+        let r = self.write_at(offset, buf);
+        Ok(self.note_corrupt(r)?)
     }
 
     fn flush(&mut self) -> core::result::Result<(), DiskError> {
@@ -606,7 +608,8 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
         }
         // Guest data and metadata durable: one device flush unless the write-back ended
         // with one.
-        if !self.write_back()? {
+        let r = self.write_back();
+        if !self.note_corrupt(r)? {
             self.barrier()?;
         }
         Ok(())
@@ -614,7 +617,8 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
 
     fn discard(&mut self, offset: u64, len: u64) -> core::result::Result<(), DiskError> {
         check_request(offset, len, self.hdr.size)?;
-        Ok(self.discard_range(offset, len)?)
+        let r = self.discard_range(offset, len);
+        Ok(self.note_corrupt(r)?)
     }
 
     fn write_zeroes(
@@ -624,7 +628,8 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
         may_unmap: bool,
     ) -> core::result::Result<(), DiskError> {
         check_request(offset, len, self.hdr.size)?;
-        Ok(self.zero_range(offset, len, may_unmap)?)
+        let r = self.zero_range(offset, len, may_unmap);
+        Ok(self.note_corrupt(r)?)
     }
 
     fn block_status(&mut self, offset: u64, len: u64) -> core::result::Result<Extent, DiskError> {
@@ -635,7 +640,8 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
                 kind: Allocation::Hole,
             });
         }
-        let (k, n) = self.status(offset, len)?;
+        let r = self.status(offset, len);
+        let (k, n) = self.note_corrupt(r)?;
         let kind = match k {
             ClusterKind::Data | ClusterKind::Compressed => Allocation::Data,
             ClusterKind::Zero => Allocation::Zero,

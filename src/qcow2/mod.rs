@@ -72,6 +72,9 @@ pub struct OpenOptions {
     pub lazy_refcounts: bool,
     /// Most memory a consistency check (or refcount rebuild) may use for its tables.
     pub check_memory_limit: u64,
+    /// Open an image marked corrupt (incompatible bit 1) writable so that
+    /// [`Qcow2::repair`] can fix it; guest writes stay refused until a repair leaves it clean.
+    pub repair: bool,
 }
 
 impl Default for OpenOptions {
@@ -82,6 +85,7 @@ impl Default for OpenOptions {
             refcount_cache_bytes: 256 * 1024,
             lazy_refcounts: true,
             check_memory_limit: 256 * 1024 * 1024,
+            repair: false,
         }
     }
 }
@@ -165,6 +169,10 @@ pub struct Qcow2<D: BlockDevice> {
     last_alloc_zeroed: bool,
     /// The L2 table used last: (L1 index, table offset, cache slot, writable in place).
     l2_memo: Option<(u64, u64, usize, bool)>,
+    /// The image is marked corrupt (found so, or opened so for repair): only repair writes.
+    corrupt: bool,
+    /// A repair is running (it may write to a corrupt image).
+    repairing: bool,
     /// Inflates compressed clusters (state allocated on first use).
     inflater: compress::Inflater,
     /// Space counters kept up to date after the first [`Qcow2::space`] walk.

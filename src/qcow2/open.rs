@@ -38,7 +38,8 @@ impl<D: BlockDevice> Qcow2<D> {
         let hdr = Header::parse(&first)?;
         drop(first);
         let read_only = opts.read_only || dev.is_read_only();
-        hdr.check_features(!read_only)?;
+        hdr.check_features(!read_only && !opts.repair)?;
+        let corrupt = hdr.incompatible_features & super::header::INCOMPAT_CORRUPT != 0;
         let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order);
 
         // The L1 table: big enough for the virtual size, within limits, on the device.
@@ -120,6 +121,8 @@ impl<D: BlockDevice> Qcow2<D> {
             last_alloc_zeroed: false,
             l2_memo: None,
             inflater: Default::default(),
+            corrupt,
+            repairing: false,
             tally: None,
             stats: Stats::default(),
             opts,
@@ -133,7 +136,7 @@ impl<D: BlockDevice> Qcow2<D> {
             Some(z) => z.div_ceil(cs).max(q.end).saturating_mul(cs),
             None => u64::MAX,
         };
-        if !read_only && q.hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
+        if !read_only && !corrupt && q.hdr.incompatible_features & INCOMPAT_DIRTY != 0 {
             // Refcounts may be stale (a crash with lazy refcounts): rebuild them first.
             q.rebuild_refcounts()?;
             if !q.lazy {

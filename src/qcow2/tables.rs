@@ -237,6 +237,9 @@ impl<D: BlockDevice> Qcow2<D> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
         }
+        if self.corrupt && !self.repairing {
+            return Err(Qcow2Error::MarkedCorrupt);
+        }
         if self.write_started {
             return Ok(());
         }
@@ -256,6 +259,31 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         self.write_started = true;
         Ok(())
+    }
+
+    /// Called when an operation found the metadata corrupt: like QEMU, marks the image
+    /// corrupt (incompatible bit 1) so nothing writes to it until a repair, and stops guest
+    /// writes for this session. Best effort: the original error is what the caller reports.
+    pub(crate) fn mark_corrupt(&mut self) {
+        if self.read_only || self.corrupt || self.repairing {
+            return;
+        }
+        self.corrupt = true;
+        log::error!("qcow2: image found corrupt; marking it corrupt (run image check --repair)");
+        if self.hdr.version >= 3 {
+            self.hdr.incompatible_features |= super::header::INCOMPAT_CORRUPT;
+            if self.write_header().is_ok() {
+                let _ = self.barrier();
+            }
+        }
+    }
+
+    /// Passes `r` on, marking the image corrupt if it is a corruption error.
+    pub(crate) fn note_corrupt<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(Qcow2Error::Corrupt(_)) = r {
+            self.mark_corrupt();
+        }
+        r
     }
 
     /// Whether lazy refcounts can be used with this header and these options.

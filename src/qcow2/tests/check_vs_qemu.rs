@@ -149,3 +149,44 @@ fn metadata_refcount_too_low() {
     // The L1 table's own refcount.
     damage_and_compare(|p| set_rc(p, 3, 0));
 }
+
+/// An image we find corrupt is marked so in a way QEMU sees (`"corrupt": true`), and after
+/// our repair both sides find it clean and unmarked.
+#[test]
+fn corrupt_mark_is_shared_with_qemu() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.qcow2");
+    make(&path);
+    // The L1 entry (the only L2 table) points at the L1 table itself.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&((1u64 << 63) | (3 * CS)).to_be_bytes(), 3 * CS)
+        .unwrap();
+    drop(f);
+    let mut q = open_file(&path, OpenOptions::default());
+    let mut b = [0u8; 8];
+    assert!(q.read(40 << 20, &mut b).is_err());
+    assert!(q.info().corrupt);
+    drop(q);
+    let info = qemu_ok(
+        "qemu-img",
+        &["info", "--output=json", path.to_str().unwrap()],
+    );
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+    let mut q = open_file(
+        &path,
+        OpenOptions {
+            repair: true,
+            ..OpenOptions::default()
+        },
+    );
+    let rep = q.repair().unwrap();
+    assert!(rep.is_clean() && rep.corruptions_fixed > 0, "{rep}");
+    q.close().unwrap();
+    assert_qemu_clean(&path);
+    let info = qemu_ok(
+        "qemu-img",
+        &["info", "--output=json", path.to_str().unwrap()],
+    );
+    assert!(info.contains("\"corrupt\": false"), "{info}");
+}

@@ -159,10 +159,24 @@ fn corrupt_bit_refuses_writes_only() {
     let mut b = base();
     put64(&mut b, 72, 1 << 1);
     assert_eq!(expect_err(b.clone(), false), Qcow2Error::MarkedCorrupt);
-    let mut q = open(b, true).unwrap();
+    let mut q = open(b.clone(), true).unwrap();
     let mut buf = [0u8; 4];
     q.read(0, &mut buf).unwrap();
     assert_eq!(buf, [0x11; 4]);
+    // Opened for repair: guest writes still refused, repair lifts the mark.
+    let mut q = Qcow2::open(
+        MemDisk::from_bytes(b, true),
+        OpenOptions {
+            repair: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(q.write(0, &buf), Err(DiskError::Corrupt(_))));
+    assert!(q.repair().unwrap().is_clean());
+    q.write(0, &buf).unwrap();
+    let q = Qcow2::open(q.close().unwrap(), OpenOptions::default()).unwrap();
+    assert!(!q.info().corrupt);
 }
 
 #[test]
@@ -240,12 +254,17 @@ fn tables_past_the_end() {
     let mut q = open(b.clone(), false).unwrap();
     let mut buf = [0u8; 16];
     assert!(matches!(q.read(0, &mut buf), Err(DiskError::Corrupt(_))));
+    // Found corrupt: marked so (like QEMU), guest writes refused, reads elsewhere work.
+    assert!(q.info().corrupt);
+    assert!(q.write(3 << 20, &buf).is_err());
     q.read(3 << 20, &mut buf).unwrap();
     assert_eq!(buf, [0x22; 16]);
     let rep = q.check().unwrap();
     assert!(rep.corruptions > 0, "{rep}");
     let rep = q.repair().unwrap();
     assert!(rep.corruptions_fixed > 0 && rep.corruptions == 0, "{rep}");
+    assert!(!q.info().corrupt, "a clean repair lifts the corrupt mark");
+    q.write(3 << 20, &buf).unwrap();
     assert!(q.check().unwrap().is_clean());
     q.read(0, &mut buf).unwrap();
     assert_eq!(buf, [0; 16]);
