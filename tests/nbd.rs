@@ -7,6 +7,7 @@ use qcow_metal::nbd::proto::{
     OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN, TFLAG_READ_ONLY,
 };
 use qcow_metal_e2e::{boot, guest, require_tool};
+use qcow_metal_runner::disk::GuestFormat;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -337,6 +338,50 @@ fn read_only_guest_serves_what_an_earlier_boot_wrote() {
     let image = disk.to_str().unwrap();
     let check = run("qemu-img", "qemu-utils", &["check", "-f", "qcow2", image]);
     assert!(check.contains("No errors were found"), "{check}");
+}
+
+#[test]
+fn raw_mode_serves_the_device_bytes() {
+    let dir = ScratchDir::new("nbd-raw");
+    let disk = dir.path().join("disk.raw");
+    let mut bytes = pattern(4 * MIB as usize, 0x5e);
+    std::fs::write(&disk, &bytes).unwrap();
+    // A file without the qcow2 magic is served raw (format=auto).
+    {
+        let (mut g, _) = boot(guest().disk(&disk));
+        let mut c = connect(g.nbd_port());
+        assert_eq!(c.size(), 4 * MIB);
+        let mut buf = vec![0u8; 4 * MIB as usize];
+        assert_eq!(c.read(0, &mut buf).unwrap(), 0);
+        assert!(buf == bytes, "the export is the file's bytes");
+        let r = c.block_status(0, 4 * MIB as u32, false).unwrap();
+        assert_eq!(r.extents, vec![(4 * MIB as u32, 0)], "raw: all data");
+        assert_eq!(c.write(12345, b"raw write", true).unwrap(), 0);
+        c.disconnect().unwrap();
+        let outcome = g.shutdown().expect("shutdown");
+        assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+    }
+    bytes[12345..12345 + 9].copy_from_slice(b"raw write");
+    assert!(
+        std::fs::read(&disk).unwrap() == bytes,
+        "the write reached the file"
+    );
+
+    // A qcow2 image with format=raw on the command line: the export is the image file.
+    let image = dir.path().join("image.qcow2");
+    run(
+        "qemu-img",
+        "qemu-utils",
+        &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"],
+    );
+    let (mut g, _) = boot(guest().disk(&image).format(GuestFormat::Raw));
+    let mut c = connect(g.nbd_port());
+    let mut magic = [0u8; 4];
+    assert_eq!(c.read(0, &mut magic).unwrap(), 0);
+    assert_eq!(&magic, b"QFI\xfb");
+    c.disconnect().unwrap();
+    let outcome = g.shutdown().expect("shutdown");
+    assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
 }
 
 /// A directory under the system's temporary directory, removed on drop.
