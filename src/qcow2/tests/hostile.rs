@@ -394,3 +394,47 @@ proptest! {
         exercise(b);
     }
 }
+
+/// A small image with 512-byte clusters and the given refcount width, with a compressed
+/// cluster descriptor planted in its first L2 table.
+fn base_512(rb: u32) -> Vec<u8> {
+    let mut q = Qcow2::create(
+        MemDisk::growable(),
+        &CreateOptions {
+            virtual_size: 1 << 20,
+            cluster_size: 512,
+            refcount_bits: rb,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap();
+    q.write(0, &[0x33; 3000]).unwrap();
+    q.write(700 << 10, &[0x44; 700]).unwrap();
+    let mut v = q.close().unwrap().into_bytes();
+    v.resize(v.len().next_multiple_of(512) + 8 * 512, 0);
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 150, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Random damage to the first clusters of 512-byte-cluster images of several refcount
+    /// widths, including compressed descriptors with random offsets and sizes.
+    #[test]
+    fn random_damage_small_clusters(
+        rb in prop_oneof![Just(1u32), Just(2), Just(8), Just(64)],
+        hits in proptest::collection::vec((0u64..16 * 512 / 8, any::<u64>(), 0u8..4), 1..6),
+    ) {
+        let mut b = base_512(rb);
+        for (slot, v, how) in hits {
+            let at = slot * 8;
+            match how {
+                0 => put64(&mut b, at, v),
+                1 => b[at as usize] ^= v as u8,
+                2 => put64(&mut b, at, (1 << 62) | (v >> 2)),
+                _ => put64(&mut b, at, (1 << 63) | ((v % 32) * 512)),
+            }
+        }
+        exercise(b);
+    }
+}
