@@ -20,7 +20,9 @@
 //! disk and the export's [`NbdStats`], send [`Connection::output`] and report what was sent
 //! with [`Connection::consume_output`]; close the socket when [`Connection::is_closed`], and
 //! call [`Connection::close`] when the peer goes away first. The disk is not owned by the
-//! connection, so any number of connections can serve one disk.
+//! connection, so any number of connections can serve one disk. When the server is going
+//! down, [`Connection::shutdown`] makes further options and requests fail with the
+//! protocol's shutdown errors, so that clients disconnect on their own.
 //!
 //! [`VirtualDisk`]: crate::disk::VirtualDisk
 

@@ -131,6 +131,7 @@ pub struct Connection {
     read_only: bool,
     counted: bool,
     released: bool,
+    shutting_down: bool,
 }
 
 impl Connection {
@@ -153,6 +154,7 @@ impl Connection {
             read_only: config.read_only,
             counted: false,
             released: false,
+            shutting_down: false,
         }
     }
 
@@ -206,6 +208,21 @@ impl Connection {
             self.phase,
             Phase::Request | Phase::WritePayload(_) | Phase::ReadReply(_)
         )
+    }
+
+    /// The server is shutting down: options from now on get `NBD_REP_ERR_SHUTDOWN` (an
+    /// `NBD_OPT_EXPORT_NAME`, which cannot be refused, closes the connection) and requests
+    /// get `ESHUTDOWN` (a write's payload is still read and dropped), so that clients
+    /// disconnect. A request already being served completes normally; the driver can close
+    /// once [`Connection::is_between_requests`] and the output is sent.
+    pub fn shutdown(&mut self) {
+        self.shutting_down = true;
+    }
+
+    /// Whether no request is half-served (no write payload or read data pending), so the
+    /// session can be ended without cutting a reply short.
+    pub fn is_between_requests(&self) -> bool {
+        !matches!(self.phase, Phase::WritePayload(_) | Phase::ReadReply(_))
     }
 
     /// Ends the session now (the peer went away, or the driver drops the connection);
@@ -389,6 +406,14 @@ impl Connection {
         disk: &mut D,
         stats: &mut NbdStats,
     ) {
+        if self.shutting_down && opt != OPT_ABORT {
+            if opt == OPT_EXPORT_NAME {
+                self.phase = Phase::Closed;
+            } else {
+                self.option_reply(opt, REP_ERR_SHUTDOWN, b"the server is shutting down");
+            }
+            return;
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 if !self.export_matches(data) {
@@ -584,6 +609,24 @@ impl Connection {
     ) {
         let cmd = Command::from_wire(req.kind);
         stats.requests[cmd.index()] += 1;
+        if self.shutting_down && cmd != Command::Disconnect {
+            if cmd == Command::Write {
+                self.phase = Phase::WritePayload(WriteState {
+                    req,
+                    next: req.offset,
+                    remaining: u64::from(req.len),
+                    error: Some(NbdError::Shutdown),
+                });
+            } else {
+                self.reply_error(
+                    req.handle,
+                    NbdError::Shutdown,
+                    error_message(NbdError::Shutdown),
+                    stats,
+                );
+            }
+            return;
+        }
         let size = disk.size();
         let len = u64::from(req.len);
         let in_range = check_request(req.offset, len, size).is_ok();

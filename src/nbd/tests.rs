@@ -856,3 +856,50 @@ fn malformed_clients_do_not_stop_others() {
     other.disconnect().unwrap();
     assert_eq!(server.stats().protocol_errors, 2);
 }
+
+#[test]
+fn shutdown_refuses_options_and_requests() {
+    // Handshake: options get NBD_REP_ERR_SHUTDOWN, ABORT still works.
+    let mut disk = TrackDisk::new(65536);
+    let mut stats = NbdStats::default();
+    let mut conn = Connection::new(&ServerConfig::default());
+    conn.shutdown();
+    let mut s = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    s.extend(opt(OPT_GO, &go_data("disk", &[])));
+    s.extend(opt(OPT_ABORT, &[]));
+    let out = run(&mut conn, &mut disk, &mut stats, &s, 100);
+    let kinds: Vec<u32> = option_replies(&out[GREETING_LEN..])
+        .iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(kinds, vec![REP_ERR_SHUTDOWN, REP_ACK]);
+    assert!(conn.is_closed());
+
+    // Transmission: a write in progress completes; later requests get ESHUTDOWN (the
+    // payload of a refused write is still read), DISC closes.
+    let mut conn = Connection::new(&ServerConfig::default());
+    let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    s.extend(opt(OPT_EXPORT_NAME, b"disk"));
+    s.extend(req(CMD_WRITE, 0, 1, 0, 8));
+    s.extend_from_slice(b"abcd");
+    let out = run(&mut conn, &mut disk, &mut stats, &s, 100);
+    assert_eq!(out.len(), GREETING_LEN + 10);
+    assert!(!conn.is_between_requests());
+    conn.shutdown();
+    let mut s = b"efgh".to_vec();
+    s.extend(req(CMD_WRITE, 0, 2, 0, 4));
+    s.extend_from_slice(b"zzzz");
+    s.extend(req(CMD_READ, 0, 3, 0, 4));
+    s.extend(req(CMD_DISC, 0, 4, 0, 0));
+    let out = run(&mut conn, &mut disk, &mut stats, &s, 100);
+    let replies: Vec<(u32, u64)> = out
+        .chunks_exact(SIMPLE_REPLY_LEN)
+        .map(|r| (be32(&r[4..]), be64(&r[8..])))
+        .collect();
+    assert_eq!(replies, vec![(0, 1), (108, 2), (108, 3)]);
+    assert_eq!(&disk.data[..8], b"abcdefgh");
+    assert!(conn.is_closed() && conn.is_between_requests());
+    assert_eq!(stats.errors_of(NbdError::Shutdown), 2);
+}
