@@ -152,3 +152,108 @@ fn resize_grows_l1() {
     let r = q.check().unwrap();
     assert!(r.is_clean(), "{r}");
 }
+
+#[test]
+fn header_round_trip_and_unknown_extensions_kept() {
+    use crate::qcow2::header::{FeatureKind, Header};
+    let q = mem_image(1 << 20, 4096, 16);
+    let mut bytes = q.close().unwrap().into_bytes();
+    let h = Header::parse(&bytes[..4096]).unwrap();
+    assert_eq!(h.version, 3);
+    assert_eq!(
+        h.feature_name(FeatureKind::Compatible, 0),
+        Some("lazy refcounts")
+    );
+    assert_eq!(
+        Header::parse(&bytes[..4096]).unwrap().encode_fixed(),
+        h.encode_fixed()
+    );
+    // Insert an unknown extension before the feature table: it must survive our writes.
+    let mut h2 = h.clone();
+    h2.extensions.insert(
+        0,
+        crate::qcow2::header::Extension {
+            kind: 0x1234_5678,
+            data: b"keep me as I am".to_vec(),
+        },
+    );
+    let ext = h2.encode_extensions();
+    let hl = h2.header_length as usize;
+    bytes[hl..hl + ext.len()].copy_from_slice(&ext);
+    let area = bytes[..4096].to_vec();
+    let mut q = Qcow2::open(MemDisk::from_bytes(bytes, false), OpenOptions::default()).unwrap();
+    assert_eq!(q.info().extensions[0].data, b"keep me as I am");
+    q.write(0, &[1u8; 100000]).unwrap();
+    q.resize(4 << 20).unwrap();
+    let bytes = q.close().unwrap().into_bytes();
+    assert_eq!(&bytes[hl..4096], &area[hl..], "extension area changed");
+    let h3 = Header::parse(&bytes[..4096]).unwrap();
+    assert_eq!(h3.extensions[0].kind, 0x1234_5678);
+    assert_eq!(h3.size, 4 << 20);
+}
+
+#[test]
+fn create_rejects_bad_options() {
+    for (cs, rb) in [
+        (256u64, 16u32),
+        (4 << 20, 16),
+        (3000, 16),
+        (65536, 3),
+        (65536, 128),
+    ] {
+        let r = Qcow2::create(
+            MemDisk::growable(),
+            &CreateOptions {
+                virtual_size: 1 << 20,
+                cluster_size: cs,
+                refcount_bits: rb,
+                ..CreateOptions::default()
+            },
+        );
+        assert!(r.is_err(), "cluster {cs} refcount bits {rb} accepted");
+    }
+    // 1 PiB with 512-byte clusters would need a 256 GiB L1 table.
+    let r = Qcow2::create(
+        MemDisk::growable(),
+        &CreateOptions {
+            virtual_size: 1 << 50,
+            cluster_size: 512,
+            ..CreateOptions::default()
+        },
+    );
+    let msg = r.err().expect("refused").to_string();
+    assert!(msg.contains("bigger cluster size"), "{msg}");
+}
+
+#[test]
+fn v2_images_use_no_zero_flag() {
+    // A version 2 image from QEMU: write-zeroes writes zeros or deallocates, never sets the
+    // zero flag (which version 2 does not have).
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("v2.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=4096",
+            img.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    let mut q = open_file(&img, OpenOptions::default());
+    assert_eq!(q.info().version, 2);
+    q.write(0, &[9u8; 16384]).unwrap();
+    q.write_zeroes(0, 4096, false).unwrap();
+    q.write_zeroes(4096, 4096, true).unwrap();
+    let map = q.map().unwrap();
+    assert!(map.iter().all(|m| m.kind != ClusterKind::Zero), "{map:?}");
+    let mut b = vec![1u8; 16384];
+    q.read(0, &mut b).unwrap();
+    assert!(b[..8192].iter().all(|&x| x == 0) && b[8192..].iter().all(|&x| x == 9));
+    q.close().unwrap();
+    assert_qemu_clean(&img);
+}
