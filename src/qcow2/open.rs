@@ -129,6 +129,9 @@ impl<D: BlockDevice> Qcow2<D> {
             hdr,
         };
         q.lazy = !read_only && q.lazy_allowed();
+        if !read_only && !q.opts.repair {
+            q.validate_refcount_table()?;
+        }
         q.end = q.compute_end()?;
         // Past the device's stored end and past everything the image uses, nothing is
         // written yet.

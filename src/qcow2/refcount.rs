@@ -310,6 +310,32 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(())
     }
 
+    /// Before writing: refcount blocks must be valid, distinct and clear of the fixed
+    /// metadata. Entries that share a block (a loop in the table) would make allocation go
+    /// round and round, and a block over other metadata would be clobbered. Memory: one
+    /// `u64` per refcount block (the table itself is at most 8 MiB).
+    pub(crate) fn validate_refcount_table(&mut self) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut blocks = Vec::new();
+        for ti in 0..self.rt_entries {
+            if let Some(b) = self.rt_entry(ti)? {
+                if self.overlaps_fixed(b, cs) {
+                    return Err(Qcow2Error::Corrupt(
+                        "overlapping metadata: a refcount block lies on the header, the L1 table or the refcount table",
+                    ));
+                }
+                blocks.push(b);
+            }
+        }
+        blocks.sort_unstable();
+        if blocks.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Qcow2Error::Corrupt(
+                "refcount table entries share a refcount block (the table loops)",
+            ));
+        }
+        Ok(())
+    }
+
     /// One past the last cluster of the header, L1 table and refcount table.
     pub(crate) fn fixed_end(&self) -> u64 {
         let cs = self.geo.cluster_size();

@@ -42,10 +42,15 @@ fn put64(b: &mut [u8], at: u64, v: u64) {
 }
 
 fn open(b: Vec<u8>, read_only: bool) -> Result<Qcow2<MemDisk>, Qcow2Error> {
+    open_with(b, read_only, false)
+}
+
+fn open_with(b: Vec<u8>, read_only: bool, repair: bool) -> Result<Qcow2<MemDisk>, Qcow2Error> {
     Qcow2::open(
         MemDisk::from_bytes(b, true),
         OpenOptions {
             read_only,
+            repair,
             l2_cache_bytes: 0,
             refcount_cache_bytes: 0,
             check_memory_limit: 1 << 20,
@@ -70,6 +75,18 @@ fn exercise(b: Vec<u8>) {
         let _ = q.map();
         let _ = q.space();
         let _ = format!("{:?}", q.info());
+    }
+    // Opened for repair: repair, then use what it left.
+    if let Ok(mut q) = open_with(b.clone(), false, true) {
+        if let Ok(rep) = q.repair() {
+            let _ = format!("{rep}");
+            let size = q.size();
+            if size > 0 {
+                let _ = q.write(size / 2, &[7u8; 3000]);
+            }
+            let _ = q.check();
+        }
+        let _ = q.close();
     }
     if let Ok(mut q) = open(b, false) {
         let size = q.size();
@@ -333,10 +350,26 @@ fn refcount_table_loops() {
         b[(BLOCK + i * 2) as usize..(BLOCK + i * 2 + 2) as usize]
             .copy_from_slice(&1u16.to_be_bytes());
     }
-    let mut q = open(b.clone(), false).unwrap();
-    let _ = q.write(1 << 20, &[1u8; 8192]);
+    // Refused for writing (it would loop); read-only it opens and check reports it.
+    assert!(expect_err(b.clone(), false).to_string().contains("loops"));
+    let mut q = open(b.clone(), true).unwrap();
     let rep = q.check().unwrap();
     assert!(rep.corruptions > 0, "{rep}");
+    // Opened for repair, the repair gives every range its own block and the image is clean.
+    let mut q = Qcow2::open(
+        MemDisk::from_bytes(b.clone(), true),
+        OpenOptions {
+            repair: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    let rep = q.repair().unwrap();
+    assert!(rep.is_clean(), "{rep}");
+    let dev = q.close().unwrap();
+    let mut q = Qcow2::open(dev, OpenOptions::default()).unwrap();
+    q.write(1 << 20, &[1u8; 8192]).unwrap();
+    assert!(q.check().unwrap().is_clean());
     exercise(b.clone());
     // The table points at itself.
     let mut b = base();
@@ -416,7 +449,7 @@ fn base_512(rb: u32) -> Vec<u8> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 150, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// Random damage to the first clusters of 512-byte-cluster images of several refcount
     /// widths, including compressed descriptors with random offsets and sizes.
