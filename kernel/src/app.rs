@@ -48,7 +48,7 @@ use smoltcp::time::Instant;
 use crate::net::{Network, Service};
 use crate::services::Session;
 use crate::services::http::{GuestSite, HttpSession};
-use crate::services::nbd::NbdSession;
+use crate::services::nbd::{NbdSession, NoDisk};
 use crate::virtio::blk::VirtioBlk;
 use crate::virtio::net::{NetStats, VirtioNet};
 use crate::{Platform, VERSION, apic, power, time};
@@ -101,6 +101,9 @@ impl LoopProfile {
         };
     }
 }
+
+/// Longest wait for NBD clients to receive their last replies at power-off.
+const DRAIN_MS: u64 = 2000;
 
 /// Longest halt of an idle guest (the power button is polled in between).
 const MAX_IDLE_MS: u64 = 100;
@@ -286,6 +289,8 @@ struct Guest {
     net_wakes: bool,
     /// Last space figures of the engine, and when they were computed.
     space_cache: Option<(u64, SpaceInfo)>,
+    /// The power button was pressed: NBD clients are being sent away.
+    stopping: bool,
 }
 
 /// Runs the guest's services forever (or until the power button powers it off).
@@ -396,6 +401,7 @@ pub fn run(platform: Platform) -> ! {
         facts,
         net_wakes,
         space_cache: None,
+        stopping: false,
     };
     info!(
         "main loop: serving metrics on :{} and NBD on :{}",
@@ -413,6 +419,7 @@ fn now() -> Instant {
 fn park(disk: Disk) -> ! {
     loop {
         if power::power_button_pressed() {
+            info!("power button pressed");
             shut_down(disk);
         }
         apic::idle_until(time::now_ns() + 100_000_000);
@@ -421,7 +428,7 @@ fn park(disk: Disk) -> ! {
 
 /// Closes the disk (everything durable, image clean) and powers off.
 fn shut_down(disk: Disk) -> ! {
-    info!("power button pressed: closing the disk");
+    info!("closing the disk");
     match disk.close() {
         Ok(()) => info!("disk closed and flushed; powering off"),
         Err(e) => error!("closing the disk failed: {e}; powering off anyway"),
@@ -453,8 +460,7 @@ impl Guest {
             if now_ms >= next_housekeeping || !busy {
                 next_housekeeping = now_ms + HOUSEKEEPING_MS;
                 if power::power_button_pressed() {
-                    let disk = core::mem::replace(&mut self.disk, Disk::Unavailable(String::new()));
-                    shut_down(disk);
+                    self.power_off();
                 }
                 if now_ms >= next_background && !busy {
                     self.disk.background();
@@ -471,6 +477,44 @@ impl Guest {
             self.idle_until(deadline);
             profile.idle_ns += time::now_ns() - t3;
         }
+    }
+
+    /// The power button: NBD clients are told the server is shutting down (requests being
+    /// served complete and their replies are sent, for at most [`DRAIN_MS`]), then the disk
+    /// is closed and the guest powers off.
+    fn power_off(&mut self) -> ! {
+        info!("power button pressed: ending NBD sessions");
+        self.stopping = true;
+        for session in self.sessions.iter_mut().flatten() {
+            if let Session::Nbd(s) = session {
+                s.shutdown();
+            }
+        }
+        let deadline = time::now_ms() + DRAIN_MS;
+        while time::now_ms() < deadline {
+            let now = now();
+            self.net.poll(&mut self.dev, now);
+            self.drive_sessions(now);
+            let drained = self
+                .net
+                .listeners
+                .iter()
+                .zip(&self.sessions)
+                .all(|(l, s)| match s {
+                    Some(Session::Nbd(s)) => {
+                        s.is_quiescent()
+                            && self.net.sockets.get::<tcp::Socket>(l.handle).send_queue() == 0
+                    }
+                    _ => true,
+                });
+            if drained {
+                break;
+            }
+            let wait = self.next_deadline_ms(now).min(deadline);
+            self.idle_until(wait.min(time::now_ms() + 1));
+        }
+        let disk = core::mem::replace(&mut self.disk, Disk::Unavailable(String::new()));
+        shut_down(disk)
     }
 
     /// When every socket of a port is taken and its pool cannot grow, closes the session of
@@ -530,9 +574,14 @@ impl Guest {
             if slot.is_none() {
                 *slot = Some(match listener.service {
                     Service::Http => Session::Http(Box::new(HttpSession::new(now_ms))),
-                    Service::Nbd => {
-                        Session::Nbd(Box::new(NbdSession::new(&self.nbd_config, now_ms)))
-                    }
+                    Service::Nbd => Session::Nbd(Box::new(match self.disk {
+                        _ if self.stopping => NbdSession::refusing(&self.nbd_config, now_ms),
+                        Disk::Unavailable(ref why) => {
+                            warn!("NBD: turning a client away: {why}");
+                            NbdSession::refusing(&self.nbd_config, now_ms)
+                        }
+                        _ => NbdSession::new(&self.nbd_config, now_ms),
+                    })),
                 });
                 busy = true;
             }
@@ -563,13 +612,8 @@ impl Guest {
                 }
                 Some(Session::Nbd(s)) => match self.disk.virtual_disk() {
                     Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats, now_ms),
-                    None => {
-                        // No disk to export: refuse the client.
-                        warn!("NBD: refusing a client: the disk is unavailable");
-                        socket.abort();
-                        s.end(&mut self.nbd_stats);
-                        *slot = None;
-                    }
+                    // No disk: a refusing session turns the client away.
+                    None => busy |= s.drive(socket, &mut NoDisk, &mut self.nbd_stats, now_ms),
                 },
                 None => {}
             }

@@ -189,6 +189,9 @@ impl Network {
         for l in &self.listeners {
             let socket = self.sockets.get_mut::<tcp::Socket>(l.handle);
             match socket.state() {
+                // Aborted, and its RST not sent yet (the next poll sends it; listening now
+                // would forget the peer and leave it waiting).
+                tcp::State::Closed if socket.remote_endpoint().is_some() => continue,
                 tcp::State::Closed => {}
                 tcp::State::TimeWait => socket.abort(),
                 _ => continue,

@@ -6,7 +6,7 @@
 //! happens inside [`qcow_metal::nbd::Connection::process`], which stops producing replies
 //! once its output high-water mark is reached, so one client cannot starve the others.
 
-use qcow_metal::disk::VirtualDisk;
+use qcow_metal::disk::{DiskError, Extent, VirtualDisk};
 use qcow_metal::nbd::{Connection, NbdStats, ServerConfig};
 use smoltcp::socket::tcp;
 
@@ -31,6 +31,27 @@ impl NbdSession {
             closing: false,
             last_activity_ms: now_ms,
         }
+    }
+
+    /// A session that turns the client away: every option is answered with
+    /// `NBD_REP_ERR_SHUTDOWN` (`NBD_OPT_EXPORT_NAME`, which cannot be refused, closes the
+    /// connection), for when there is no disk to export. Drive it with [`NoDisk`].
+    pub fn refusing(config: &ServerConfig, now_ms: u64) -> Self {
+        let mut session = NbdSession::new(config, now_ms);
+        session.conn.shutdown();
+        session
+    }
+
+    /// Stops serving: options and requests from now on are refused so the client
+    /// disconnects; a request being served completes first.
+    pub fn shutdown(&mut self) {
+        self.conn.shutdown();
+    }
+
+    /// Whether the session can be dropped without cutting a reply short: no request is
+    /// half-served and every reply has been handed to the socket.
+    pub fn is_quiescent(&self) -> bool {
+        self.closing || (self.conn.is_between_requests() && self.conn.output().is_empty())
     }
 
     /// Since when a client that has not finished the handshake has been silent, if it has
@@ -98,5 +119,36 @@ impl NbdSession {
     /// The connection is being dropped (socket reset or recycled): updates the counts.
     pub fn end(&mut self, stats: &mut NbdStats) {
         self.conn.close(stats);
+    }
+}
+
+/// The disk of a [`NbdSession::refusing`] session: empty and read-only; every request fails
+/// (a refusing session never reaches the transmission phase anyway).
+pub struct NoDisk;
+
+impl VirtualDisk for NoDisk {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+    fn read(&mut self, _offset: u64, _buf: &mut [u8]) -> Result<(), DiskError> {
+        Err(DiskError::Unsupported)
+    }
+    fn write(&mut self, _offset: u64, _buf: &[u8]) -> Result<(), DiskError> {
+        Err(DiskError::ReadOnly)
+    }
+    fn flush(&mut self) -> Result<(), DiskError> {
+        Ok(())
+    }
+    fn discard(&mut self, _offset: u64, _len: u64) -> Result<(), DiskError> {
+        Err(DiskError::ReadOnly)
+    }
+    fn write_zeroes(&mut self, _offset: u64, _len: u64, _may_unmap: bool) -> Result<(), DiskError> {
+        Err(DiskError::ReadOnly)
+    }
+    fn block_status(&mut self, _offset: u64, _len: u64) -> Result<Extent, DiskError> {
+        Err(DiskError::Unsupported)
     }
 }
