@@ -190,3 +190,40 @@ fn corrupt_mark_is_shared_with_qemu() {
     );
     assert!(info.contains("\"corrupt\": false"), "{info}");
 }
+
+/// The summary numbers agree with `qemu-img check` too.
+#[test]
+fn summary_numbers_match_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.qcow2");
+    make(&path);
+    let o = qemu(
+        "qemu-img",
+        &["check", "--output=json", path.to_str().unwrap()],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut q = open_file(
+        &path,
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    );
+    let r = q.check().unwrap();
+    assert_eq!(r.total_clusters, json_u64(&out, "total-clusters"), "{out}");
+    assert_eq!(
+        r.allocated_clusters,
+        json_u64(&out, "allocated-clusters"),
+        "{out}"
+    );
+    assert_eq!(
+        r.fragmented_clusters,
+        json_u64(&out, "fragmented-clusters"),
+        "{out}"
+    );
+    assert_eq!(
+        r.image_end_offset,
+        json_u64(&out, "image-end-offset"),
+        "{out}"
+    );
+}

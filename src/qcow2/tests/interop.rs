@@ -179,10 +179,27 @@ fn interop(c: Config) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    // And our engine reads it back too.
+    // And our engine reads it back too, and sums it up as QEMU does.
     let mut q = open_file(&img, OpenOptions::default());
     q.read(0, &mut ours).unwrap();
     assert!(ours == model, "re-read differs from the model");
+    let r = q.check().unwrap();
+    let o = qemu(
+        "qemu-img",
+        &["check", "--output=json", img.to_str().unwrap()],
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(r.total_clusters, json_u64(&out, "total-clusters"), "{out}");
+    assert_eq!(
+        r.allocated_clusters,
+        json_u64(&out, "allocated-clusters"),
+        "{out}"
+    );
+    assert_eq!(
+        r.image_end_offset,
+        json_u64(&out, "image-end-offset"),
+        "{out}"
+    );
 }
 
 fn cfg(cluster: u64, refcount_bits: u32, compat: &'static str) -> Config {
