@@ -108,8 +108,9 @@ const DRAIN_MS: u64 = 2000;
 /// Longest halt of an idle guest (the power button is polled in between).
 const MAX_IDLE_MS: u64 = 100;
 
-/// How long the space figures of a scrape may be reused (computing them walks the tables).
-const SPACE_REFRESH_MS: u64 = 5000;
+/// The engine's space figures (computing them walks the tables), with the allocation
+/// counters they were computed at: they can only change when those counters do.
+type SpaceCache = ([u64; 4], SpaceInfo);
 
 /// The disk the NBD export serves, or why there is none.
 pub enum Disk {
@@ -150,16 +151,21 @@ impl Disk {
     }
 
     /// What the engine reports, for the metrics. The space figures walk the tables, so they
-    /// are refreshed at most every [`SPACE_REFRESH_MS`] (`cache` keeps the last ones).
-    fn snapshot(&mut self, cache: &mut Option<(u64, SpaceInfo)>) -> EngineSnapshot {
+    /// are recomputed only after clusters or tables were allocated or freed (`cache`).
+    fn snapshot(&mut self, cache: &mut Option<SpaceCache>) -> EngineSnapshot {
         match self {
             Disk::Qcow2(d) => {
                 let engine = d.inner_mut();
-                let now_ms = time::now_ms();
-                let fresh = cache.is_some_and(|(at, _)| now_ms < at + SPACE_REFRESH_MS);
-                if !fresh {
+                let st = engine.stats();
+                let key = [
+                    st.clusters_allocated,
+                    st.clusters_freed,
+                    st.l2_tables_allocated,
+                    st.refcount_blocks_allocated,
+                ];
+                if cache.is_none_or(|(k, _)| k != key) {
                     match engine.space() {
-                        Ok(space) => *cache = Some((now_ms, space)),
+                        Ok(space) => *cache = Some((key, space)),
                         Err(e) => warn!("qcow2: space accounting failed: {e}"),
                     }
                 }
@@ -288,7 +294,7 @@ struct Guest {
     /// virtio-net's interrupt wakes the CPU from [`apic::idle_until`].
     net_wakes: bool,
     /// Last space figures of the engine, and when they were computed.
-    space_cache: Option<(u64, SpaceInfo)>,
+    space_cache: Option<SpaceCache>,
     /// The power button was pressed: NBD clients are being sent away.
     stopping: bool,
 }
