@@ -666,6 +666,17 @@ fn connect(g: &mut Guest) -> Client {
         .unwrap_or_else(|e| panic!("NBD connect: {e}\n{}", g.tail()))
 }
 
+/// Kill modes for crash cycles after a round's first (the idle one takes too long).
+const LATER_KILLS: [Kill; 4] = [
+    Kill::DuringWrites,
+    Kill::MidFlush,
+    Kill::AfterFlushAck,
+    Kill::AfterFuaAck,
+];
+
+/// Crash cycles per round: boot, stream, kill, check; each on the image the last left.
+const CYCLES: usize = 2;
+
 /// Runs one round; `lines` collects what it found, `Err` carries a failure with its evidence.
 fn run_round(
     index: usize,
@@ -675,7 +686,6 @@ fn run_round(
     lines: &mut Vec<String>,
 ) -> Result<(), String> {
     let mut rng = Rng(seed ^ (index as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
-    let cs = cluster_size(round);
     let disk = dir.join(format!("round{index}.qcow2"));
     if let Image::QemuLazy(cs) = round.image {
         qemu_img(&[
@@ -689,185 +699,64 @@ fn run_round(
             &SIZE.to_string(),
         ]);
     }
-    // 1. The stream of writes and flushes, then the kill.
-    let (mut g, _) = boot(builder(round, &disk));
-    let client = connect(&mut g);
-    let mut d = Driver {
-        client,
-        model: Model::new(SIZE),
-        log: Vec::new(),
-        history: Vec::new(),
-        cs,
-        counts: [0; 4],
-        write_time: Duration::ZERO,
-        write_bytes: 0,
-        longest_flush: Duration::ZERO,
-    };
-    let ops = rng.range(16, 40);
-    let mut until_flush = rng.range(1, 6);
-    for _ in 0..ops {
-        match rng.below(100) {
-            0..=9 => d.write_zeroes(&mut rng),
-            10..=21 => d.write(&mut rng, true),
-            _ => d.write(&mut rng, false),
-        }
-        until_flush -= 1;
-        if until_flush == 0 {
-            d.flush();
-            until_flush = rng.range(1, 6);
-        }
+    // What the image holds, as QEMU reads it: a fresh image reads as zeros.
+    let mut image = vec![0u8; SIZE as usize];
+    let mut dirty = false;
+    let mut boot_wall = Duration::ZERO;
+    for cycle in 0..CYCLES {
+        let kill = if cycle == 0 {
+            round.kill
+        } else {
+            LATER_KILLS[rng.below(LATER_KILLS.len() as u64) as usize]
+        };
+        let (killed, was_dirty, wall) =
+            crash_cycle(round, kill, &disk, image, &mut rng, dir, lines, cycle)?;
+        image = killed;
+        dirty = was_dirty;
+        boot_wall = wall;
     }
-    let how = match round.kill {
-        Kill::DuringWrites => {
-            for _ in 0..rng.range(1, 3) {
-                d.write(&mut rng, false);
-            }
-            let burst = rng.range(2, 8);
-            let bytes: u64 = (0..burst).map(|_| d.send_write(&mut rng)).sum();
-            // Within the time the burst should take (as the acknowledged writes took).
-            let span = d.write_estimate_us(bytes);
-            let wait = rng.below(span + span / 4);
-            std::thread::sleep(Duration::from_micros(wait));
-            format!(
-                "{burst} writes ({bytes} bytes, ~{span} us of work) in flight, killed {wait} us \
-                 after sending them"
-            )
-        }
-        Kill::MidFlush => {
-            // Many writes, so that the flush has much metadata to write back.
-            for _ in 0..rng.range(4, 10) {
-                d.write(&mut rng, false);
-            }
-            d.send_flush();
-            // Within the longest flush seen so far.
-            let span = d.longest_flush.as_micros() as u64 + 1;
-            let wait = rng.below(span);
-            std::thread::sleep(Duration::from_micros(wait));
-            format!(
-                "flush in flight (longest flush so far {span} us), killed {wait} us after \
-                 sending it"
-            )
-        }
-        Kill::AfterFlushAck => {
-            for _ in 0..rng.range(2, 6) {
-                d.write(&mut rng, false);
-            }
-            d.flush();
-            "killed at once after a flush ack".to_string()
-        }
-        Kill::AfterFuaAck => {
-            for _ in 0..rng.range(1, 4) {
-                d.write(&mut rng, false);
-            }
-            d.write(&mut rng, true);
-            "killed at once after a FUA ack".to_string()
-        }
-        Kill::AfterIdle => {
-            for _ in 0..rng.range(3, 8) {
-                d.write(&mut rng, false);
-            }
-            // The guest writes dirty metadata back every 5 s while idle.
-            let wait = rng.range(5_500, 7_000);
-            std::thread::sleep(Duration::from_millis(wait));
-            format!("unflushed writes, killed after {wait} ms idle")
-        }
-    };
+
+    // A kill while the guest boots on the killed image (opening it, rebuilding refcounts
+    // of a dirty one): nothing may change in the virtual disk.
+    let wait = rng.below(boot_wall.as_micros() as u64 * 5 / 4 + 1);
+    let mut g = builder(round, &disk)
+        .start()
+        .unwrap_or_else(|e| panic!("starting the guest: {e}"));
+    std::thread::sleep(Duration::from_micros(wait));
+    let banner = g
+        .serial_log()
+        .lines()
+        .any(qcow_metal_runner::guest::is_banner);
     g.kill();
-    let [w, fua, z, f] = d.counts;
-    lines.push(format!(
-        "{} ops ({w} writes, {fua} FUA, {z} write-zeroes, {f} flushes); {how}; {} writes unflushed",
-        d.log.len(),
-        d.model.pending.len()
-    ));
     drop(g);
-
-    // 2. The killed image: consistent, and every flushed byte is there.
-    let mut failures = Vec::new();
-    let dirty = incompatible_features(&disk) & 1 != 0;
-    let check = qemu_img_check(&disk, &[]);
+    let (check, now_dirty) = check_killed(&disk, dir)?;
     lines.push(format!(
-        "killed image{}: qemu-img check: {}",
-        if dirty { " (dirty bit set)" } else { "" },
-        check.summary()
+        "killed {} ms into a boot ({}): qemu-img check: {}",
+        wait / 1000,
+        if banner {
+            "after its banner"
+        } else {
+            "before its banner"
+        },
+        check
     ));
-    if dirty {
-        // QEMU rebuilds a dirty image's refcounts when it opens it: judge it that way.
-        let copy = dir.join(format!("round{index}-repaired.qcow2"));
-        std::fs::copy(&disk, &copy).unwrap();
-        let repaired = qemu_img_check(&copy, &["-r", "all"]);
-        let after = qemu_img_check(&copy, &[]);
-        lines.push(format!(
-            "  as QEMU opens it (check -r all on a copy): {}; then: {}",
-            repaired.summary(),
-            after.summary()
-        ));
-        if after.corruptions + after.check_errors + after.leaks > 0 {
-            failures.push(format!(
-                "the dirty image is not consistent after QEMU's refcount rebuild:\n{}",
-                after.text
-            ));
-        }
-        let _ = std::fs::remove_file(&copy);
-    } else if check.corruptions > 0 || check.check_errors > 0 {
-        failures.push(format!(
-            "qemu-img check finds corruption in the killed image:\n{}",
-            check.text
+    let after = virtual_disk(&disk, &dir.join(format!("round{index}-boot-killed")));
+    if let Some(k) = first_difference(&after, &image) {
+        return Err(format!(
+            "a kill during boot changed the virtual disk: byte {k} holds {:#04x}, it held {:#04x}",
+            after[k], image[k]
         ));
     }
-    let killed = virtual_disk(&disk, &dir.join(format!("round{index}-killed")));
-    let verdict = d.model.verify(&killed);
-    lines.push(format!(
-        "flushed data intact: {} bytes written since the last flush hold new data, {} their old",
-        verdict.new_bytes, verdict.old_bytes
-    ));
-    if verdict.bad_bytes > 0 {
-        let mut msg = format!(
-            "DATA LOSS: {} bytes of the killed image hold neither their flushed value nor an \
-             unflushed write's (first ranges below)\n",
-            verdict.bad_bytes
-        );
-        for &(s, e) in &verdict.bad {
-            msg.push_str(&d.model.explain(&killed, s, e, cs));
-        }
-        let _ = write!(
-            msg,
-            "  operations since the last acknowledged flush:\n    {}",
-            d.tail_log()
-        );
-        failures.push(msg);
-    }
-    if !failures.is_empty() {
-        return Err(failures.join("\n"));
-    }
+    dirty |= now_dirty;
 
-    // 3. Boot again on the killed image: it opens, serves what QEMU reads, takes writes,
-    // and shuts down cleanly.
+    // Boot again on the killed image: it opens, serves what QEMU reads, takes writes, and
+    // shuts down cleanly.
     let (mut g, _) = boot(builder(round, &disk));
     let mut client = connect(&mut g);
-    let mut buf = vec![0u8; MIB as usize];
-    for (i, want) in killed.chunks(MIB as usize).enumerate() {
-        let off = i as u64 * MIB;
-        let err = client.read(off, &mut buf[..want.len()]).expect("NBD read");
-        if err != 0 {
-            return Err(format!(
-                "after the crash, the guest fails to read {off}+{} (NBD error {err})\n{}",
-                want.len(),
-                g.tail()
-            ));
-        }
-        if buf[..want.len()] != *want {
-            let k = buf.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
-            return Err(format!(
-                "after the crash, the guest serves byte {} as {:#04x}; QEMU reads {:#04x} there",
-                off + k as u64,
-                buf[k],
-                want[k]
-            ));
-        }
-    }
-    let mut expected = killed;
+    serves(&mut client, &image, "after the crashes")?;
+    let mut expected = image;
     for _ in 0..rng.range(3, 8) {
-        let (off, len) = pick_write(&mut rng, cs, &[]);
+        let (off, len) = pick_write(&mut rng, cluster_size(round), &[]);
         let data = rng.bytes(len as usize);
         assert_eq!(client.write(off, &data, false).expect("NBD write"), 0);
         expected[off as usize..(off + len) as usize].copy_from_slice(&data);
@@ -878,7 +767,7 @@ fn run_round(
     let console = g.serial_log();
     if !outcome.is_clean() || console.contains("closing the disk failed") {
         return Err(format!(
-            "the guest did not shut down cleanly after the crash: {outcome}\n{}",
+            "the guest did not shut down cleanly after the crashes: {outcome}\n{}",
             g.tail()
         ));
     }
@@ -909,24 +798,244 @@ fn run_round(
     }
     if check.leaks > 0 {
         lines.push(format!(
-            "  note: {} clusters leaked by the crash stay leaked (the image was not dirty, so \
+            "  note: {} clusters leaked by the crashes stay leaked (the image was not dirty, so \
              the guest does not rebuild refcounts on open; `qemu-img check -r leaks` frees them)",
             check.leaks
         ));
     }
     let after = virtual_disk(&disk, &dir.join(format!("round{index}-after")));
-    if after != expected {
-        let k = after
-            .iter()
-            .zip(&expected)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
+    if let Some(k) = first_difference(&after, &expected) {
         return Err(format!(
             "after the reboot's writes and a clean shutdown, byte {k} holds {:#04x}, expected {:#04x}",
             after[k], expected[k]
         ));
     }
     Ok(())
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        return None;
+    }
+    Some(a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0))
+}
+
+/// Reads the whole export and compares it with `want` (what QEMU reads from the image).
+fn serves(client: &mut Client, want: &[u8], when: &str) -> Result<(), String> {
+    let mut buf = vec![0u8; MIB as usize];
+    for (i, want) in want.chunks(MIB as usize).enumerate() {
+        let off = i as u64 * MIB;
+        let buf = &mut buf[..want.len()];
+        let err = client.read(off, buf).expect("NBD read");
+        if err != 0 {
+            return Err(format!(
+                "{when}, the guest fails to read {off}+{} (NBD error {err})",
+                want.len()
+            ));
+        }
+        if let Some(k) = first_difference(buf, want) {
+            return Err(format!(
+                "{when}, the guest serves byte {} as {:#04x}; QEMU reads {:#04x} there",
+                off + k as u64,
+                buf[k],
+                want[k]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `qemu-img check` on a killed image: no corruption (leaks allowed). A dirty image (lazy
+/// refcounts) is judged as QEMU opens it, after `check -r all` on a copy. Returns the
+/// summary and whether the image was dirty.
+fn check_killed(disk: &Path, dir: &Path) -> Result<(String, bool), String> {
+    let dirty = incompatible_features(disk) & 1 != 0;
+    let check = qemu_img_check(disk, &[]);
+    if !dirty {
+        if check.corruptions > 0 || check.check_errors > 0 {
+            return Err(format!(
+                "qemu-img check finds corruption in the killed image:\n{}",
+                check.text
+            ));
+        }
+        return Ok((check.summary(), false));
+    }
+    // QEMU rebuilds a dirty image's refcounts when it opens it: judge it that way.
+    let copy = dir.join("repaired.qcow2");
+    std::fs::copy(disk, &copy).unwrap();
+    let repaired = qemu_img_check(&copy, &["-r", "all"]);
+    let after = qemu_img_check(&copy, &[]);
+    let _ = std::fs::remove_file(&copy);
+    if after.corruptions + after.check_errors + after.leaks > 0 {
+        return Err(format!(
+            "the dirty image is not consistent after QEMU's refcount rebuild:\n{}",
+            after.text
+        ));
+    }
+    Ok((
+        format!(
+            "{} (dirty bit set: lazy refcounts); as QEMU opens it (check -r all on a copy): {}; \
+             then: {}",
+            check.summary(),
+            repaired.summary(),
+            after.summary()
+        ),
+        true,
+    ))
+}
+
+/// One crash cycle on the image holding `image`: boot, check the export serves it, stream
+/// writes and flushes, kill as `kill` says, check the killed image. Returns what it holds
+/// (as QEMU reads it), whether it was left dirty, and how long the boot took.
+#[allow(clippy::too_many_arguments)]
+fn crash_cycle(
+    round: &Round,
+    kill: Kill,
+    disk: &Path,
+    image: Vec<u8>,
+    rng: &mut Rng,
+    dir: &Path,
+    lines: &mut Vec<String>,
+    cycle: usize,
+) -> Result<(Vec<u8>, bool, Duration), String> {
+    let (mut g, banner) = boot(builder(round, disk));
+    let mut client = connect(&mut g);
+    if cycle > 0 {
+        serves(&mut client, &image, "after a crash")?;
+    }
+    let mut d = Driver {
+        client,
+        model: Model {
+            durable: image,
+            pending: Vec::new(),
+        },
+        log: Vec::new(),
+        history: Vec::new(),
+        cs: cluster_size(round),
+        counts: [0; 4],
+        write_time: Duration::ZERO,
+        write_bytes: 0,
+        longest_flush: Duration::ZERO,
+    };
+    let ops = rng.range(16, 40);
+    let mut until_flush = rng.range(1, 6);
+    for _ in 0..ops {
+        match rng.below(100) {
+            0..=9 => d.write_zeroes(rng),
+            10..=21 => d.write(rng, true),
+            _ => d.write(rng, false),
+        }
+        until_flush -= 1;
+        if until_flush == 0 {
+            d.flush();
+            until_flush = rng.range(1, 6);
+        }
+    }
+    let how = match kill {
+        Kill::DuringWrites => {
+            for _ in 0..rng.range(1, 3) {
+                d.write(rng, false);
+            }
+            let burst = rng.range(2, 8);
+            let bytes: u64 = (0..burst).map(|_| d.send_write(rng)).sum();
+            // Within the time the burst should take (as the acknowledged writes took).
+            let span = d.write_estimate_us(bytes);
+            let wait = rng.below(span + span / 4);
+            std::thread::sleep(Duration::from_micros(wait));
+            format!(
+                "{burst} writes ({bytes} bytes, ~{span} us of work) in flight, killed {wait} us \
+                 after sending them"
+            )
+        }
+        Kill::MidFlush => {
+            // Many writes, so that the flush has much metadata to write back.
+            for _ in 0..rng.range(4, 10) {
+                d.write(rng, false);
+            }
+            d.send_flush();
+            // Within the longest flush seen so far.
+            let span = d.longest_flush.as_micros() as u64 + 1;
+            let wait = rng.below(span);
+            std::thread::sleep(Duration::from_micros(wait));
+            format!(
+                "flush in flight (longest flush so far {span} us), killed {wait} us after \
+                 sending it"
+            )
+        }
+        Kill::AfterFlushAck => {
+            for _ in 0..rng.range(2, 6) {
+                d.write(rng, false);
+            }
+            d.flush();
+            "killed at once after a flush ack".to_string()
+        }
+        Kill::AfterFuaAck => {
+            for _ in 0..rng.range(1, 4) {
+                d.write(rng, false);
+            }
+            d.write(rng, true);
+            "killed at once after a FUA ack".to_string()
+        }
+        Kill::AfterIdle => {
+            for _ in 0..rng.range(3, 8) {
+                d.write(rng, false);
+            }
+            // The guest writes dirty metadata back every 5 s while idle.
+            let wait = rng.range(5_500, 7_000);
+            std::thread::sleep(Duration::from_millis(wait));
+            format!("unflushed writes, killed after {wait} ms idle")
+        }
+    };
+    g.kill();
+    drop(g);
+    let [w, fua, z, f] = d.counts;
+    lines.push(format!(
+        "crash {}: {} ops ({w} writes, {fua} FUA, {z} write-zeroes, {f} flushes); {how}; {} \
+         writes unflushed",
+        cycle + 1,
+        d.log.len(),
+        d.model.pending.len()
+    ));
+
+    // The killed image: consistent, and every flushed byte is there.
+    let index = disk
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("round")
+        .to_string();
+    let checked = check_killed(disk, dir);
+    let killed = virtual_disk(disk, &dir.join(format!("{index}-killed")));
+    let verdict = d.model.verify(&killed);
+    let mut failures = Vec::new();
+    match &checked {
+        Ok((summary, _)) => lines.push(format!("  killed image: qemu-img check: {summary}")),
+        Err(e) => failures.push(e.clone()),
+    }
+    lines.push(format!(
+        "  flushed data intact: {} bytes written since the last flush hold new data, {} their old",
+        verdict.new_bytes, verdict.old_bytes
+    ));
+    if verdict.bad_bytes > 0 {
+        let mut msg = format!(
+            "DATA LOSS: {} bytes of the killed image hold neither their flushed value nor an \
+             unflushed write's (first ranges below)\n",
+            verdict.bad_bytes
+        );
+        for &(s, e) in &verdict.bad {
+            msg.push_str(&d.model.explain(&killed, s, e, d.cs));
+        }
+        let _ = write!(
+            msg,
+            "  operations since the last acknowledged flush:\n    {}",
+            d.tail_log()
+        );
+        failures.push(msg);
+    }
+    if !failures.is_empty() {
+        return Err(failures.join("\n"));
+    }
+    let dirty = checked.map(|c| c.1).unwrap_or(false);
+    Ok((killed, dirty, banner.wall))
 }
 
 /// A directory under the system's temporary directory, removed on drop unless a round
