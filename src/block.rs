@@ -95,15 +95,7 @@ pub trait BlockDevice {
     /// Makes `len` bytes at `offset` read as zeros. The default writes zero buffers.
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_range(offset, len, self.capacity())?;
-        const CHUNK: u64 = 64 * 1024;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done);
-            self.write_at(offset + done, &zeros[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+        zero_by_writing(self, offset, len)
     }
 
     /// Where the stored data ends, if the device knows: every byte at or past this offset
@@ -300,15 +292,15 @@ impl<S: SectorDevice> BlockDevice for Sectored<S> {
         let ss = self.sector();
         let first = offset.div_ceil(ss);
         let end = (offset + len) / ss;
-        if end > first {
-            if let Some(result) = self.inner.write_zeroes_sectors(first, end - first) {
-                result?;
-                // Zero the unaligned edges by writing.
-                let head_len = first * ss - offset;
-                zero_by_writing(self, offset, head_len)?;
-                let tail_start = end * ss;
-                return zero_by_writing(self, tail_start, offset + len - tail_start);
-            }
+        if end > first
+            && let Some(result) = self.inner.write_zeroes_sectors(first, end - first)
+        {
+            result?;
+            // Zero the unaligned edges by writing.
+            let head_len = first * ss - offset;
+            zero_by_writing(self, offset, head_len)?;
+            let tail_start = end * ss;
+            return zero_by_writing(self, tail_start, offset + len - tail_start);
         }
         zero_by_writing(self, offset, len)
     }

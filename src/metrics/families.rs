@@ -32,7 +32,7 @@
 
 use super::encode::Format;
 use super::primitives::{Counter, FloatGauge, Gauge, Histogram};
-use super::registry::{Family, InfoValue, LegacyCounter, Registry};
+use super::registry::{Family, InfoValue, LegacyCounter, Metric, Registry};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -637,38 +637,22 @@ impl GuestMetrics {
     }
 }
 
-fn gauge(
+/// Registers a family `name` with one series, labelled `values`, and returns that series.
+fn single_series<M: Metric + Default + 'static>(
     reg: &mut Registry,
     name: &'static str,
     help: &'static str,
     unit: Option<&'static str>,
     labels: &'static [&'static str],
     values: &[&str],
-) -> Arc<Gauge> {
-    let mut f: Family<Gauge> = Family::new(name, help, labels);
-    if let Some(u) = unit {
-        f = f.unit(u);
+) -> Arc<M> {
+    let mut family: Family<M> = Family::new(name, help, labels);
+    if let Some(unit) = unit {
+        family = family.unit(unit);
     }
-    let g = f.child(values);
-    reg.register(f);
-    g
-}
-
-fn counter(
-    reg: &mut Registry,
-    name: &'static str,
-    help: &'static str,
-    unit: Option<&'static str>,
-    labels: &'static [&'static str],
-    values: &[&str],
-) -> Arc<Counter> {
-    let mut f: Family<Counter> = Family::new(name, help, labels);
-    if let Some(u) = unit {
-        f = f.unit(u);
-    }
-    let c = f.child(values);
-    reg.register(f);
-    c
+    let series = family.child(values);
+    reg.register(family);
+    series
 }
 
 fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
@@ -677,7 +661,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
     let requests = fams.child(d);
     fams.register(reg);
     const DISK: &[&str] = &["disk"];
-    let up = gauge(
+    let up = single_series::<Gauge>(
         reg,
         "qcow_metal_disk_up",
         "1 when the disk image is open and served, 0 when it could not be opened.",
@@ -685,7 +669,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let virtual_size = gauge(
+    let virtual_size = single_series::<Gauge>(
         reg,
         "qcow_metal_disk_virtual_size_bytes",
         "Size of the virtual disk that clients see.",
@@ -693,7 +677,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let cluster_size = gauge(
+    let cluster_size = single_series::<Gauge>(
         reg,
         "qcow_metal_disk_cluster_size_bytes",
         "Cluster size of the qcow2 image (0 for a raw disk).",
@@ -701,7 +685,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let data_bytes = gauge(
+    let data_bytes = single_series::<Gauge>(
         reg,
         "qcow_metal_disk_data_bytes",
         "Bytes of image clusters that hold guest data.",
@@ -709,7 +693,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let metadata_bytes = gauge(
+    let metadata_bytes = single_series::<Gauge>(
         reg,
         "qcow_metal_disk_metadata_bytes",
         "Bytes of image clusters that hold metadata (header, L1/L2 tables, refcount structures).",
@@ -717,7 +701,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let image_extent = gauge(
+    let image_extent = single_series::<Gauge>(
         reg,
         "qcow_metal_disk_image_extent_bytes",
         "End of the last allocated cluster: the size the host file must have.",
@@ -725,7 +709,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let free_clusters = gauge(
+    let free_clusters = single_series::<Gauge>(
         reg,
         "qcow_metal_disk_free_clusters",
         "Clusters inside the image extent that are free for reuse.",
@@ -733,7 +717,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let clusters_allocated = counter(
+    let clusters_allocated = single_series::<Counter>(
         reg,
         "qcow_metal_disk_clusters_allocated",
         "Clusters allocated by the engine.",
@@ -741,7 +725,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let clusters_freed = counter(
+    let clusters_freed = single_series::<Counter>(
         reg,
         "qcow_metal_disk_clusters_freed",
         "Clusters freed by the engine.",
@@ -749,7 +733,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
-    let cow_bytes = counter(
+    let cow_bytes = single_series::<Counter>(
         reg,
         "qcow_metal_disk_cow_bytes",
         "Bytes copied by copy-on-write when a cluster was partly written.",
@@ -771,7 +755,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
     let cache_misses = [misses.child(&[d, "l2"]), misses.child(&[d, "refcount"])];
     reg.register(hits);
     reg.register(misses);
-    let metadata_written = counter(
+    let metadata_written = single_series::<Counter>(
         reg,
         "qcow_metal_disk_metadata_written_bytes",
         "Bytes of metadata (tables, refcounts, header) written to the device.",
@@ -811,7 +795,7 @@ fn build_blockdev(reg: &mut Registry, device: &str) -> BlockDeviceMetrics {
     let mut fams = RequestFamilies::new(Prefix::Blockdev);
     let requests = fams.child(device);
     fams.register(reg);
-    let in_flight = gauge(
+    let in_flight = single_series::<Gauge>(
         reg,
         "qcow_metal_blockdev_in_flight",
         "Block device requests submitted and not yet completed.",
@@ -827,7 +811,7 @@ fn build_blockdev(reg: &mut Registry, device: &str) -> BlockDeviceMetrics {
 
 fn build_nbd(reg: &mut Registry, export: &str) -> NbdMetrics {
     const EXPORT: &[&str] = &["export"];
-    let connections_active = gauge(
+    let connections_active = single_series::<Gauge>(
         reg,
         "qcow_metal_nbd_connections_active",
         "NBD connections open now.",
@@ -835,7 +819,7 @@ fn build_nbd(reg: &mut Registry, export: &str) -> NbdMetrics {
         EXPORT,
         &[export],
     );
-    let connections_total = counter(
+    let connections_total = single_series::<Counter>(
         reg,
         "qcow_metal_nbd_connections",
         "NBD connections accepted.",
@@ -843,7 +827,7 @@ fn build_nbd(reg: &mut Registry, export: &str) -> NbdMetrics {
         EXPORT,
         &[export],
     );
-    let sessions_total = counter(
+    let sessions_total = single_series::<Counter>(
         reg,
         "qcow_metal_nbd_sessions",
         "NBD connections that completed the handshake.",
@@ -851,7 +835,7 @@ fn build_nbd(reg: &mut Registry, export: &str) -> NbdMetrics {
         EXPORT,
         &[export],
     );
-    let protocol_errors = counter(
+    let protocol_errors = single_series::<Counter>(
         reg,
         "qcow_metal_nbd_protocol_errors",
         "NBD connections closed because the client broke the protocol.",
@@ -904,7 +888,7 @@ fn build_http(reg: &mut Registry) -> HttpMetrics {
         req_f.child(&[text])
     });
     reg.register(req_f);
-    let bad_requests = counter(
+    let bad_requests = single_series::<Counter>(
         reg,
         "qcow_metal_http_bad_requests",
         "HTTP requests rejected as malformed or over a limit.",
@@ -912,7 +896,7 @@ fn build_http(reg: &mut Registry) -> HttpMetrics {
         &[],
         &[],
     );
-    let timeouts = counter(
+    let timeouts = single_series::<Counter>(
         reg,
         "qcow_metal_http_timeouts",
         "HTTP connections closed by the idle timeout.",
@@ -920,7 +904,7 @@ fn build_http(reg: &mut Registry) -> HttpMetrics {
         &[],
         &[],
     );
-    let received = counter(
+    let received = single_series::<Counter>(
         reg,
         "qcow_metal_http_received_bytes",
         "HTTP request bytes received.",
@@ -928,7 +912,7 @@ fn build_http(reg: &mut Registry) -> HttpMetrics {
         &[],
         &[],
     );
-    let sent = counter(
+    let sent = single_series::<Counter>(
         reg,
         "qcow_metal_http_sent_bytes",
         "HTTP response bytes sent.",
@@ -936,7 +920,7 @@ fn build_http(reg: &mut Registry) -> HttpMetrics {
         &[],
         &[],
     );
-    let gzip = counter(
+    let gzip = single_series::<Counter>(
         reg,
         "qcow_metal_http_gzip_responses",
         "HTTP responses sent gzip-compressed.",
@@ -981,7 +965,7 @@ fn build_system(reg: &mut Registry, cfg: &GuestConfig<'_>) -> SystemMetrics {
     .unit("seconds");
     let uptime = up_f.child(&[]);
     reg.register(up_f);
-    let heap_size = gauge(
+    let heap_size = single_series::<Gauge>(
         reg,
         "qcow_metal_guest_heap_size_bytes",
         "Bytes of RAM given to the guest's heap.",
@@ -989,7 +973,7 @@ fn build_system(reg: &mut Registry, cfg: &GuestConfig<'_>) -> SystemMetrics {
         &[],
         &[],
     );
-    let heap_used = gauge(
+    let heap_used = single_series::<Gauge>(
         reg,
         "qcow_metal_guest_heap_used_bytes",
         "Bytes of the guest's heap in use.",

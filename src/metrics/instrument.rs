@@ -10,19 +10,23 @@ use crate::block::{BlockDevice, BlockError};
 use crate::disk::{DiskError, Extent, VirtualDisk};
 use alloc::sync::Arc;
 
-/// Times `f` with `clock` and records it as one `op` request of `bytes` bytes.
-fn timed<T, E>(
-    metrics: &RequestMetrics,
+/// Where a wrapper records: the metrics and the clock (nanoseconds, monotonic).
+struct Recorder<H> {
+    metrics: Arc<H>,
     clock: fn() -> u64,
-    op: IoOp,
-    bytes: u64,
-    f: impl FnOnce() -> Result<T, E>,
-) -> Result<T, E> {
-    let start = clock();
-    let result = f();
-    let took = clock().saturating_sub(start);
-    metrics.record(op, bytes, took, result.is_ok());
-    result
+}
+
+impl<H: HasRequests> Recorder<H> {
+    /// Times `f` and records it as one `op` request of `bytes` bytes.
+    fn time<T, E>(&self, op: IoOp, bytes: u64, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let start = (self.clock)();
+        let result = f();
+        let took = (self.clock)().saturating_sub(start);
+        self.metrics
+            .request_metrics()
+            .record(op, bytes, took, result.is_ok());
+        result
+    }
 }
 
 /// Something that holds [`RequestMetrics`] (disk or block-device metrics).
@@ -53,8 +57,7 @@ impl HasRequests for RequestMetrics {
 /// flush (block status is not a request of the disk and is passed through uncounted).
 pub struct Instrumented<V, H: HasRequests = super::families::DiskMetrics> {
     inner: V,
-    metrics: Arc<H>,
-    clock: fn() -> u64,
+    recorder: Recorder<H>,
 }
 
 impl<V: VirtualDisk, H: HasRequests> Instrumented<V, H> {
@@ -62,8 +65,7 @@ impl<V: VirtualDisk, H: HasRequests> Instrumented<V, H> {
     pub fn new(inner: V, metrics: Arc<H>, clock: fn() -> u64) -> Self {
         Instrumented {
             inner,
-            metrics,
-            clock,
+            recorder: Recorder { metrics, clock },
         }
     }
 
@@ -93,59 +95,30 @@ impl<V: VirtualDisk, H: HasRequests> VirtualDisk for Instrumented<V, H> {
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
-        let len = buf.len() as u64;
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Read,
-            len,
-            || inner.read(offset, buf),
-        )
+        let bytes = buf.len() as u64;
+        self.recorder
+            .time(IoOp::Read, bytes, || self.inner.read(offset, buf))
     }
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), DiskError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Write,
-            buf.len() as u64,
-            || inner.write(offset, buf),
-        )
+        let bytes = buf.len() as u64;
+        self.recorder
+            .time(IoOp::Write, bytes, || self.inner.write(offset, buf))
     }
 
     fn flush(&mut self) -> Result<(), DiskError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Flush,
-            0,
-            || inner.flush(),
-        )
+        self.recorder.time(IoOp::Flush, 0, || self.inner.flush())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), DiskError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Discard,
-            len,
-            || inner.discard(offset, len),
-        )
+        self.recorder
+            .time(IoOp::Discard, len, || self.inner.discard(offset, len))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DiskError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::WriteZeroes,
-            len,
-            || inner.write_zeroes(offset, len, may_unmap),
-        )
+        self.recorder.time(IoOp::WriteZeroes, len, || {
+            self.inner.write_zeroes(offset, len, may_unmap)
+        })
     }
 
     fn block_status(&mut self, offset: u64, len: u64) -> Result<Extent, DiskError> {
@@ -158,8 +131,7 @@ impl<V: VirtualDisk, H: HasRequests> VirtualDisk for Instrumented<V, H> {
 /// itself with [`super::BlockDeviceMetrics::record`] instead.
 pub struct InstrumentedDevice<D, H: HasRequests = super::families::BlockDeviceMetrics> {
     inner: D,
-    metrics: Arc<H>,
-    clock: fn() -> u64,
+    recorder: Recorder<H>,
 }
 
 impl<D: BlockDevice, H: HasRequests> InstrumentedDevice<D, H> {
@@ -167,8 +139,7 @@ impl<D: BlockDevice, H: HasRequests> InstrumentedDevice<D, H> {
     pub fn new(inner: D, metrics: Arc<H>, clock: fn() -> u64) -> Self {
         InstrumentedDevice {
             inner,
-            metrics,
-            clock,
+            recorder: Recorder { metrics, clock },
         }
     }
 
@@ -193,58 +164,29 @@ impl<D: BlockDevice, H: HasRequests> BlockDevice for InstrumentedDevice<D, H> {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        let len = buf.len() as u64;
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Read,
-            len,
-            || inner.read_at(offset, buf),
-        )
+        let bytes = buf.len() as u64;
+        self.recorder
+            .time(IoOp::Read, bytes, || self.inner.read_at(offset, buf))
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Write,
-            buf.len() as u64,
-            || inner.write_at(offset, buf),
-        )
+        let bytes = buf.len() as u64;
+        self.recorder
+            .time(IoOp::Write, bytes, || self.inner.write_at(offset, buf))
     }
 
     fn flush(&mut self) -> Result<(), BlockError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Flush,
-            0,
-            || inner.flush(),
-        )
+        self.recorder.time(IoOp::Flush, 0, || self.inner.flush())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::Discard,
-            len,
-            || inner.discard(offset, len),
-        )
+        self.recorder
+            .time(IoOp::Discard, len, || self.inner.discard(offset, len))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
-        let inner = &mut self.inner;
-        timed(
-            self.metrics.request_metrics(),
-            self.clock,
-            IoOp::WriteZeroes,
-            len,
-            || inner.write_zeroes(offset, len),
-        )
+        self.recorder.time(IoOp::WriteZeroes, len, || {
+            self.inner.write_zeroes(offset, len)
+        })
     }
 }
