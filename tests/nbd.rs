@@ -2,91 +2,32 @@
 //! against the guest's qcow2 engine; malformed clients get errors while others are served;
 //! after a clean shutdown the image checks clean and holds exactly what was written.
 
-use qcow_metal::nbd::client::{Client, ClientOptions, greet, read_option_reply, send_option};
+use qcow_metal::nbd::client::{greet, read_option_reply, send_option};
 use qcow_metal::nbd::proto::{
     OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN, TFLAG_READ_ONLY,
 };
-use qcow_metal_e2e::{boot, guest, require_tool};
+use qcow_metal_e2e::{
+    NBD_EXPORT, ScratchDir, TOOL_TIMEOUT, boot, guest, nbd_client, qemu_io, require_tool, run_tool,
+    shut_down_cleanly,
+};
 use qcow_metal_runner::disk::GuestFormat;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 /// Virtual size of the test disk: small, because TCG is slow.
 const SIZE: u64 = 24 * MIB;
 
-/// Guard against a hung tool (never a timed assert: it only stops a stuck test).
-const TOOL_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// Runs a host program to completion; fails (naming the Debian package when it is missing)
-/// unless it succeeds. Returns its stdout.
-fn run(program: &str, package: &str, args: &[&str]) -> String {
-    let path = require_tool(program, package);
-    let mut child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): install {package}"));
-    let started = Instant::now();
-    loop {
-        if child.try_wait().expect("waiting for a tool").is_some() {
-            break;
-        }
-        if started.elapsed() > TOOL_TIMEOUT {
-            let _ = child.kill();
-            panic!("`{program} {}` hung for {TOOL_TIMEOUT:?}", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("tool output");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed ({}):\n{stdout}\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-/// Our client on the guest's export, with a hang guard.
-fn connect(port: u16) -> Client {
-    let opts = ClientOptions {
-        timeout: Some(TOOL_TIMEOUT),
-        ..ClientOptions::new("disk")
-    };
-    Client::connect_with(("127.0.0.1", port), &opts)
-        .unwrap_or_else(|e| panic!("NBD handshake with the guest on port {port}: {e}"))
-}
-
-/// qemu-io on the export; every `read -P` verifies its pattern.
-fn qemu_io(uri: &str, cmds: &[String]) -> String {
-    let mut args = vec!["-f", "raw"];
-    for c in cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(uri);
-    let out = run("qemu-io", "qemu-utils", &args);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
-    assert!(!out.contains("failed"), "{out}");
-    out
-}
-
+/// `len` bytes that differ from sector to sector and from `seed` to `seed`.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| ((i / 512) as u8).wrapping_mul(7) ^ seed ^ (i as u8))
         .collect()
 }
 
-/// One row of `nbdinfo --map`: offset, length, state flags.
+/// The rows of `nbdinfo --map`: offset, length, state flags.
 fn map(uri: &str) -> Vec<(u64, u64, u32)> {
-    let out = run("nbdinfo", "libnbd-bin", &["--map", uri]);
+    let out = run_tool("nbdinfo", "libnbd-bin", &["--map", uri]);
     out.lines()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
@@ -135,7 +76,7 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
     }
     expected[..data.len()].copy_from_slice(&data);
     // The fresh disk reads as zeros: nbdcopy need not write the source's zeros.
-    run(
+    run_tool(
         "nbdcopy",
         "libnbd-bin",
         &["--destination-is-zero", src.to_str().unwrap(), &uri],
@@ -167,7 +108,7 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
 
     // qemu-img convert from the export gives the expected bytes.
     let converted = dir.path().join("convert.raw");
-    run(
+    run_tool(
         "qemu-img",
         "qemu-utils",
         &[
@@ -187,7 +128,7 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
 
     // nbdcopy out gives them too.
     let copied = dir.path().join("out.raw");
-    run("nbdcopy", "libnbd-bin", &[&uri, copied.to_str().unwrap()]);
+    run_tool("nbdcopy", "libnbd-bin", &[&uri, copied.to_str().unwrap()]);
     assert!(std::fs::read(&copied).unwrap() == expected, "nbdcopy out");
 
     // nbdinfo --map: written data is allocated data, the untouched tail reads as zeros and
@@ -214,7 +155,7 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
     }
 
     // Malformed clients get errors or are closed, and a good client keeps being served.
-    let mut good = connect(g.nbd_port());
+    let mut good = nbd_client(g.nbd_port());
     let _idle = malformed_clients(g.nbd_port());
     let mut buf = vec![0u8; 4567];
     assert_eq!(good.read(12345, &mut buf).unwrap(), 0);
@@ -235,15 +176,14 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
     good.disconnect().unwrap();
 
     // A clean shutdown; then the image checks clean and equals what was written.
-    let outcome = g.shutdown().expect("shutdown");
-    assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+    shut_down_cleanly(&mut g);
     let image = g.disk_path().to_str().unwrap().to_string();
-    let check = run("qemu-img", "qemu-utils", &["check", "-f", "qcow2", &image]);
+    let check = run_tool("qemu-img", "qemu-utils", &["check", "-f", "qcow2", &image]);
     assert!(check.contains("No errors were found"), "{check}");
     assert!(!check.contains("leaked"), "{check}");
     let want = dir.path().join("expected.raw");
     std::fs::write(&want, &expected).unwrap();
-    let cmp = run(
+    let cmp = run_tool(
         "qemu-img",
         "qemu-utils",
         &[
@@ -280,7 +220,7 @@ fn malformed_clients(port: u16) -> TcpStream {
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNSUP);
     send_option(&mut s, OPT_GO, &go("nope")).unwrap();
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNKNOWN);
-    send_option(&mut s, OPT_GO, &go("disk")).unwrap();
+    send_option(&mut s, OPT_GO, &go(NBD_EXPORT)).unwrap();
     while read_option_reply(&mut s).unwrap().1 != REP_ACK {}
     s.write_all(&[0x42; REQUEST_LEN]).unwrap();
     assert_closed(&mut s);
@@ -289,6 +229,7 @@ fn malformed_clients(port: u16) -> TcpStream {
     TcpStream::connect(addr).unwrap()
 }
 
+/// The data of an `NBD_OPT_GO` for export `name`, asking for no information.
 fn go(name: &str) -> Vec<u8> {
     let mut d = (name.len() as u32).to_be_bytes().to_vec();
     d.extend_from_slice(name.as_bytes());
@@ -296,6 +237,7 @@ fn go(name: &str) -> Vec<u8> {
     d
 }
 
+/// Fails unless the server closes `s` (end of stream or reset) without sending more.
 fn assert_closed(s: &mut TcpStream) {
     s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
     let mut rest = Vec::new();
@@ -312,17 +254,16 @@ fn read_only_guest_serves_what_an_earlier_boot_wrote() {
     // First boot, read-write: write and shut down cleanly.
     {
         let (mut g, _) = boot(guest().size(8 * MIB).disk(&disk));
-        let mut c = connect(g.nbd_port());
+        let mut c = nbd_client(g.nbd_port());
         assert_eq!(c.flags() & TFLAG_READ_ONLY, 0);
         assert_eq!(c.write(MIB, &pattern(65536, 9), false).unwrap(), 0);
         assert_eq!(c.flush().unwrap(), 0);
         c.disconnect().unwrap();
-        let outcome = g.shutdown().expect("shutdown");
-        assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+        shut_down_cleanly(&mut g);
     }
     // Second boot, read-only: the data is there, writes get EPERM.
     let (mut g, _) = boot(guest().disk(&disk).read_only(true));
-    let mut c = connect(g.nbd_port());
+    let mut c = nbd_client(g.nbd_port());
     assert_ne!(c.flags() & TFLAG_READ_ONLY, 0);
     let mut buf = vec![0u8; 65536];
     assert_eq!(c.read(MIB, &mut buf).unwrap(), 0);
@@ -333,11 +274,43 @@ fn read_only_guest_serves_what_an_earlier_boot_wrote() {
     assert_eq!(c.read(0, &mut buf[..4096]).unwrap(), 0);
     assert!(buf[..4096].iter().all(|b| *b == 0));
     c.disconnect().unwrap();
-    let outcome = g.shutdown().expect("shutdown");
-    assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+    shut_down_cleanly(&mut g);
     let image = disk.to_str().unwrap();
-    let check = run("qemu-img", "qemu-utils", &["check", "-f", "qcow2", image]);
+    let check = run_tool("qemu-img", "qemu-utils", &["check", "-f", "qcow2", image]);
     assert!(check.contains("No errors were found"), "{check}");
+}
+
+#[test]
+fn read_only_guest_serves_a_fresh_qemu_img_image() {
+    let dir = ScratchDir::new("nbd-ro-fresh");
+    let disk = dir.path().join("fresh.qcow2");
+    let image = disk.to_str().unwrap();
+    run_tool(
+        "qemu-img",
+        "qemu-utils",
+        &["create", "-q", "-f", "qcow2", image, "8M"],
+    );
+    // The file ends part-way through the L1 table's cluster; read-only, nothing extends it.
+    let before = std::fs::read(&disk).unwrap();
+    assert_ne!(
+        before.len() as u64 % 65536,
+        0,
+        "qemu-img made whole clusters"
+    );
+    let (mut g, _) = boot(guest().disk(&disk).read_only(true));
+    let mut c = nbd_client(g.nbd_port());
+    assert_ne!(c.flags() & TFLAG_READ_ONLY, 0);
+    assert_eq!(c.size(), 8 * MIB);
+    let mut buf = vec![0xffu8; 8 * MIB as usize];
+    assert_eq!(c.read(0, &mut buf).unwrap(), 0);
+    assert!(buf.iter().all(|b| *b == 0), "a fresh image reads as zeros");
+    assert_eq!(c.write(0, b"nope", false).unwrap(), 1, "EPERM");
+    c.disconnect().unwrap();
+    shut_down_cleanly(&mut g);
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "the read-only image is unchanged"
+    );
 }
 
 #[test]
@@ -349,7 +322,7 @@ fn raw_mode_serves_the_device_bytes() {
     // A file without the qcow2 magic is served raw (format=auto).
     {
         let (mut g, _) = boot(guest().disk(&disk));
-        let mut c = connect(g.nbd_port());
+        let mut c = nbd_client(g.nbd_port());
         assert_eq!(c.size(), 4 * MIB);
         let mut buf = vec![0u8; 4 * MIB as usize];
         assert_eq!(c.read(0, &mut buf).unwrap(), 0);
@@ -358,8 +331,7 @@ fn raw_mode_serves_the_device_bytes() {
         assert_eq!(r.extents, vec![(4 * MIB as u32, 0)], "raw: all data");
         assert_eq!(c.write(12345, b"raw write", true).unwrap(), 0);
         c.disconnect().unwrap();
-        let outcome = g.shutdown().expect("shutdown");
-        assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
+        shut_down_cleanly(&mut g);
     }
     bytes[12345..12345 + 9].copy_from_slice(b"raw write");
     assert!(
@@ -369,38 +341,16 @@ fn raw_mode_serves_the_device_bytes() {
 
     // A qcow2 image with format=raw on the command line: the export is the image file.
     let image = dir.path().join("image.qcow2");
-    run(
+    run_tool(
         "qemu-img",
         "qemu-utils",
         &["create", "-q", "-f", "qcow2", image.to_str().unwrap(), "8M"],
     );
     let (mut g, _) = boot(guest().disk(&image).format(GuestFormat::Raw));
-    let mut c = connect(g.nbd_port());
+    let mut c = nbd_client(g.nbd_port());
     let mut magic = [0u8; 4];
     assert_eq!(c.read(0, &mut magic).unwrap(), 0);
     assert_eq!(&magic, b"QFI\xfb");
     c.disconnect().unwrap();
-    let outcome = g.shutdown().expect("shutdown");
-    assert!(outcome.is_clean(), "{outcome}\n{}", g.tail());
-}
-
-/// A directory under the system's temporary directory, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("qcow-metal-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        ScratchDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    shut_down_cleanly(&mut g);
 }

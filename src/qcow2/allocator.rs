@@ -99,6 +99,8 @@ impl<D: BlockDevice> Qcow2<D> {
                         i += 1;
                     }
                     match found {
+                        // The block may count clusters past the device end.
+                        Some(f) if f >= self.dev_clusters => return Err(Qcow2Error::NoSpace),
                         Some(f) => {
                             if !self.reserved(f)? {
                                 return Ok(f);

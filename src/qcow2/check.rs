@@ -282,9 +282,9 @@ impl<D: BlockDevice> Qcow2<D> {
             counts: Vec::new(),
             flags: Vec::new(),
             sparse: BTreeMap::new(),
-            dense_cap: (end + 1024).min(limit).min(self.dev_clusters),
+            dense_cap: (end + 1024).min(limit).min(self.dev_span),
             sparse_max: (self.opts.check_memory_limit / 64) as usize,
-            dev_clusters: self.dev_clusters,
+            dev_clusters: self.dev_span,
             beyond_limit: 0,
         };
         rep.total_clusters = self.hdr.size.div_ceil(cs);
@@ -307,7 +307,7 @@ impl<D: BlockDevice> Qcow2<D> {
             if e == 0 {
                 continue;
             }
-            let bad = e & (cs - 1) != 0 || e < cs || e / cs >= self.dev_clusters;
+            let bad = e & (cs - 1) != 0 || e < cs || e / cs >= self.dev_span;
             let shared = !bad && refs.get(e / cs) > 0;
             if bad || shared {
                 rep.corruptions += 1;
@@ -353,7 +353,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 Ok(None) => continue,
                 Ok(Some((off, _)))
                     if off >= cs
-                        && off / cs < self.dev_clusters
+                        && off / cs < self.dev_span
                         && refs.flags(off / cs) & (F_META | F_DATA) == 0 =>
                 {
                     let walked = refs.flags(off / cs) & F_ACTIVE != 0;
@@ -489,7 +489,7 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             for l1i in 0..l1_size {
                 let mut b = [0u8; 8];
-                if self.dev.read_at(l1_off + l1i * 8, &mut b).is_err() {
+                if super::read_dev(&mut self.dev, l1_off + l1i * 8, &mut b).is_err() {
                     rep.check_errors += 1;
                     break;
                 }
@@ -502,7 +502,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     rep.note(format!("ERROR snapshot L2 table at {off:#x} is invalid"));
                     continue;
                 }
-                if self.dev.read_at(off, &mut buf).is_err() {
+                if super::read_dev(&mut self.dev, off, &mut buf).is_err() {
                     rep.check_errors += 1;
                     continue;
                 }
@@ -561,7 +561,7 @@ impl<D: BlockDevice> Qcow2<D> {
             let base = ti << rb_bits;
             for i in 0..self.geo.rb_entries() {
                 let c = base + i;
-                if c >= self.dev_clusters {
+                if c >= self.dev_span {
                     break;
                 }
                 let have = get_refcount(self.rcc.data(s), i as usize, order);
@@ -654,7 +654,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 let base = ti << rb_bits;
                 for i in 0..self.geo.rb_entries() {
                     let c = base + i;
-                    if c >= self.dev_clusters {
+                    if c >= self.dev_span {
                         break;
                     }
                     let want = self.guarded(c);
@@ -694,7 +694,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let cs = self.geo.cluster_size();
         self.dev
             .zeroes_from()
-            .map_or(self.dev_clusters, |z| z.div_ceil(cs))
+            .map_or(self.dev_span, |z| z.div_ceil(cs))
     }
 
     fn guarded(&self, c: u64) -> u64 {
@@ -713,7 +713,7 @@ impl<D: BlockDevice> Qcow2<D> {
             let Ok(Some((off, copied))) = decode_l1(e, &self.geo) else {
                 continue;
             };
-            if off / cs >= self.dev_clusters {
+            if off / cs >= self.dev_span {
                 continue;
             }
             let rc = self.refcount(off / cs)?;
@@ -737,7 +737,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     }) => (host, copied),
                     _ => continue,
                 };
-                if host / cs >= self.dev_clusters {
+                if host / cs >= self.dev_span {
                     continue;
                 }
                 let rc = self.refcount(host / cs)?;

@@ -31,10 +31,11 @@ impl<D: BlockDevice> Qcow2<D> {
         Mapping::decode(entry, &self.geo, self.hdr.version)
     }
 
-    /// Checks a data cluster run on the host: on the device, not over fixed metadata.
+    /// Checks a data cluster run on the host: its clusters start on the device (bytes past
+    /// the device end read as zeros), not over fixed metadata.
     fn check_data_host(&self, host: u64, len: u64) -> Result<()> {
         match host.checked_add(len) {
-            Some(end) if end <= self.dev.capacity() => {}
+            Some(end) if end <= self.span_end() => {}
             _ => {
                 return Err(Qcow2Error::Corrupt(
                     "a data cluster lies past the device end",
@@ -106,7 +107,7 @@ impl<D: BlockDevice> Qcow2<D> {
             match first {
                 Mapping::Data { host, .. } => {
                     self.check_data_host(host, inoff + run)?;
-                    self.dev.read_at(host + inoff, dst)?;
+                    super::read_dev(&mut self.dev, host + inoff, dst)?;
                     self.stats.data_bytes_read += run;
                 }
                 Mapping::Compressed { host, len } => {
@@ -202,7 +203,7 @@ impl<D: BlockDevice> Qcow2<D> {
         // The last sectors may run past the device end; QEMU clamps them too.
         let len = len.min(self.dev.capacity() - host).min(2 * cs) as usize;
         let input = self.inflater.input_buf(len);
-        self.dev.read_at(host, input)?;
+        super::read_dev(&mut self.dev, host, input)?;
         self.inflater.inflate(len, &mut self.scratch)
     }
 
@@ -212,7 +213,7 @@ impl<D: BlockDevice> Qcow2<D> {
             Mapping::Data { host, .. } => {
                 let cs = self.geo.cluster_size();
                 self.check_data_host(host, cs)?;
-                self.dev.read_at(host, &mut self.scratch)?;
+                super::read_dev(&mut self.dev, host, &mut self.scratch)?;
                 Ok(())
             }
             Mapping::Compressed { host, len } => self.inflate_into_scratch(host, len),
@@ -267,8 +268,11 @@ impl<D: BlockDevice> Qcow2<D> {
                         i += 1;
                     }
                     self.check_data_host(host, inoff + run)?;
-                    self.dev
-                        .write_at(host + inoff, &buf[done as usize..(done + run) as usize])?;
+                    super::write_dev(
+                        &mut self.dev,
+                        host + inoff,
+                        &buf[done as usize..(done + run) as usize],
+                    )?;
                     self.stats.data_bytes_written += run;
                     done += run;
                 }
@@ -277,11 +281,11 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.check_data_host(host, cs)?;
                     let src = &buf[done as usize..(done + n) as usize];
                     if n == cs {
-                        self.dev.write_at(host, src)?;
+                        super::write_dev(&mut self.dev, host, src)?;
                     } else {
                         self.scratch.fill(0);
                         self.scratch[inoff as usize..(inoff + n) as usize].copy_from_slice(src);
-                        self.dev.write_at(host, &self.scratch)?;
+                        super::write_dev(&mut self.dev, host, &self.scratch)?;
                         self.stats.cow_bytes += cs - n;
                     }
                     self.stats.data_bytes_written += n;
@@ -316,7 +320,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     let src = &buf[done as usize..(done + n) as usize];
                     if zeroed && matches!(m0, Mapping::Unallocated | Mapping::Zero { .. }) {
                         // New clusters that already read as zeros: just the data.
-                        self.dev.write_at(host + inoff, src)?;
+                        super::write_dev(&mut self.dev, host + inoff, src)?;
                     } else {
                         self.write_new_clusters(host, inoff, src, m0)?;
                     }
@@ -360,7 +364,7 @@ impl<D: BlockDevice> Qcow2<D> {
             let take = (cs - inoff).min(n);
             self.scratch[inoff as usize..(inoff + take) as usize]
                 .copy_from_slice(&src[..take as usize]);
-            self.dev.write_at(host, &self.scratch)?;
+            super::write_dev(&mut self.dev, host, &self.scratch)?;
             self.stats.cow_bytes += cs - take;
             pos = take;
         }
@@ -368,7 +372,8 @@ impl<D: BlockDevice> Qcow2<D> {
         let full_end = if tail_partial { clusters - 1 } else { clusters };
         if full_end > full_start {
             let bytes = (full_end - full_start) * cs;
-            self.dev.write_at(
+            super::write_dev(
+                &mut self.dev,
                 host + full_start * cs,
                 &src[pos as usize..(pos + bytes) as usize],
             )?;
@@ -378,8 +383,7 @@ impl<D: BlockDevice> Qcow2<D> {
             let take = n - pos;
             self.scratch.fill(0);
             self.scratch[..take as usize].copy_from_slice(&src[pos as usize..]);
-            self.dev
-                .write_at(host + (clusters - 1) * cs, &self.scratch)?;
+            super::write_dev(&mut self.dev, host + (clusters - 1) * cs, &self.scratch)?;
             self.stats.cow_bytes += cs - take;
         }
         Ok(())

@@ -143,8 +143,11 @@ pub struct Qcow2<D: BlockDevice> {
     cursor: u64,
     /// One past the highest host cluster known to be in use.
     end: u64,
-    /// Host clusters the device can hold.
+    /// Host clusters the device holds whole: where new clusters may be allocated.
     dev_clusters: u64,
+    /// Host clusters that start on the device (the last may end past it; its bytes there
+    /// read as zeros): where existing metadata and data may lie.
+    dev_span: u64,
     /// Host cluster ranges (first, count) whose references are gone from the cache but whose
     /// refcounts are decremented only after the next metadata write-back.
     pending: Vec<(u64, u64)>,
@@ -242,4 +245,40 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         self.barrier()
     }
+}
+
+/// Reads `buf` at `off`; bytes past the device's end read as zeros (a fixed-size device,
+/// such as a read-only virtio-blk disk, may end part-way through the image's last cluster,
+/// as a file made by `qemu-img create` does).
+pub(crate) fn read_dev<D: BlockDevice>(
+    dev: &mut D,
+    off: u64,
+    buf: &mut [u8],
+) -> Result<(), Qcow2Error> {
+    let cap = dev.capacity();
+    let inside = cap.saturating_sub(off).min(buf.len() as u64) as usize;
+    if inside > 0 {
+        dev.read_at(off, &mut buf[..inside])?;
+    }
+    buf[inside..].fill(0);
+    Ok(())
+}
+
+/// Writes `buf` at `off`. Past the device's end only zeros may go (they are what those
+/// bytes read as); anything else there is [`Qcow2Error::NoSpace`], refused before a byte is
+/// written.
+pub(crate) fn write_dev<D: BlockDevice>(
+    dev: &mut D,
+    off: u64,
+    buf: &[u8],
+) -> Result<(), Qcow2Error> {
+    let cap = dev.capacity();
+    let inside = cap.saturating_sub(off).min(buf.len() as u64) as usize;
+    if buf[inside..].iter().any(|&b| b != 0) {
+        return Err(Qcow2Error::NoSpace);
+    }
+    if inside > 0 {
+        dev.write_at(off, &buf[..inside])?;
+    }
+    Ok(())
 }

@@ -56,9 +56,11 @@ impl<D: BlockDevice> Qcow2<D> {
             if hdr.l1_table_offset == 0 {
                 return Err(Qcow2Error::Corrupt("the L1 table points into the header"));
             }
+            // Only the table's bytes must be on the device: a device may end part-way
+            // through the table's last cluster (qemu-img's files do), the rest reads as zeros.
             if hdr
                 .l1_table_offset
-                .checked_add(l1_bytes.div_ceil(cs) * cs)
+                .checked_add(l1_bytes)
                 .is_none_or(|e| e > cap)
             {
                 return Err(Qcow2Error::Corrupt("the L1 table lies past the device end"));
@@ -108,6 +110,7 @@ impl<D: BlockDevice> Qcow2<D> {
             cursor: 1,
             end: 1,
             dev_clusters: cap / cs,
+            dev_span: cap.div_ceil(cs),
             pending: Vec::new(),
             pending_count: 0,
             scratch: vec![0u8; cs as usize],

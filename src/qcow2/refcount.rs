@@ -240,14 +240,13 @@ impl<D: BlockDevice> Qcow2<D> {
                         );
                     }
                 }
-                self.dev
-                    .write_at((e + new_clusters + j as u64) * cs, &scratch)?;
+                super::write_dev(&mut self.dev, (e + new_clusters + j as u64) * cs, &scratch)?;
                 self.stats.metadata_bytes_written += cs;
             }
             // The new table: old entries plus the new blocks.
             for k in 0..new_clusters {
                 if k < old_clusters {
-                    self.dev.read_at(old_off + k * cs, &mut scratch)?;
+                    super::read_dev(&mut self.dev, old_off + k * cs, &mut scratch)?;
                 } else {
                     scratch.fill(0);
                 }
@@ -260,7 +259,7 @@ impl<D: BlockDevice> Qcow2<D> {
                         );
                     }
                 }
-                self.dev.write_at((e + k) * cs, &scratch)?;
+                super::write_dev(&mut self.dev, (e + k) * cs, &scratch)?;
                 self.stats.metadata_bytes_written += cs;
             }
             Ok(())

@@ -40,11 +40,11 @@ impl<D: BlockDevice> Qcow2<D> {
                 let r = (|| -> Result<()> {
                     for k in 0..new_clusters {
                         if k < old_clusters {
-                            self.dev.read_at(old_off + k * cs, &mut scratch)?;
+                            super::read_dev(&mut self.dev, old_off + k * cs, &mut scratch)?;
                         } else {
                             scratch.fill(0);
                         }
-                        self.dev.write_at(new_off + k * cs, &scratch)?;
+                        super::write_dev(&mut self.dev, new_off + k * cs, &scratch)?;
                         self.stats.metadata_bytes_written += cs;
                     }
                     Ok(())

@@ -16,16 +16,19 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(self.dev.flush()?)
     }
 
-    /// Checks that a metadata cluster at `off` lies on the device and not in the header.
+    /// Checks that a metadata cluster at `off` starts on the device (its bytes past the
+    /// device end read as zeros) and does not lie in the header.
     pub(crate) fn check_meta_offset(&self, off: u64, what: &'static str) -> Result<()> {
         let cs = self.geo.cluster_size();
-        if off < cs {
+        if off < cs || off / cs >= self.dev_span {
             return Err(Qcow2Error::Corrupt(what));
         }
-        match off.checked_add(cs) {
-            Some(end) if end <= self.dev.capacity() => Ok(()),
-            _ => Err(Qcow2Error::Corrupt(what)),
-        }
+        Ok(())
+    }
+
+    /// One past the last byte of the last cluster that starts on the device.
+    pub(crate) fn span_end(&self) -> u64 {
+        self.dev_span.saturating_mul(self.geo.cluster_size())
     }
 
     /// The cache slot holding the cluster at `key`, reading it from the device (or zeroing
@@ -73,9 +76,9 @@ impl<D: BlockDevice> Qcow2<D> {
                 Pool::L2 => &mut self.l2c,
                 Pool::Rc => &mut self.rcc,
             };
-            if let Err(e) = self.dev.read_at(key, cache.fill(s)) {
+            if let Err(e) = super::read_dev(&mut self.dev, key, cache.fill(s)) {
                 cache.forget(key);
-                return Err(e.into());
+                return Err(e);
             }
         } else {
             // A newly allocated table: zeros, and nothing on disk points to it yet.
@@ -116,7 +119,7 @@ impl<D: BlockDevice> Qcow2<D> {
         };
         let slot = cache.slot(s);
         let key = slot.key;
-        self.dev.write_at(key, &slot.data)?;
+        super::write_dev(&mut self.dev, key, &slot.data)?;
         self.stats.metadata_bytes_written += slot.data.len() as u64;
         cache.mark_clean(s);
         Ok(())
@@ -225,7 +228,7 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Writes the fixed header (extensions stay as they are on disk).
     pub(crate) fn write_header(&mut self) -> Result<()> {
         let bytes = self.hdr.encode_fixed();
-        self.dev.write_at(0, &bytes)?;
+        super::write_dev(&mut self.dev, 0, &bytes)?;
         self.stats.metadata_bytes_written += bytes.len() as u64;
         self.header_dirty = false;
         Ok(())

@@ -6,4 +6,5 @@ mod check_vs_qemu;
 mod hostile;
 mod interop;
 mod model;
+mod short_device;
 pub(crate) mod util;

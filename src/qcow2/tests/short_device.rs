@@ -1,0 +1,173 @@
+//! Devices that end part-way through the image's last cluster: a file made by
+//! `qemu-img create` ends inside the L1 table's cluster, and a read-only virtio-blk disk is
+//! not extended. Bytes past the device end read as zeros (as QEMU reads a file past its
+//! end); a write that would need bytes there to be anything else is refused with
+//! `NoSpace` before a byte is written.
+
+use super::util::*;
+use crate::block::MemDisk;
+use crate::disk::{DiskError, VirtualDisk};
+use crate::qcow2::{OpenOptions, Qcow2, Qcow2Error};
+use std::path::Path;
+
+const SIZE: u64 = 8 << 20;
+const CLUSTERS: [u64; 4] = [512, 4096, 65536, 2 << 20];
+
+/// `qemu-img create -f qcow2 -o cluster_size=<cs> <path> 8M`.
+fn qemu_create(path: &Path, cs: u64) {
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            path.to_str().unwrap(),
+            &SIZE.to_string(),
+        ],
+    );
+}
+
+/// The guest view of an image file, as `qemu-img convert -O raw` gives it.
+fn raw(dir: &Path, img: &Path) -> Vec<u8> {
+    let out = dir.join("raw.img");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn open_fixed(bytes: Vec<u8>, read_only: bool) -> Result<Qcow2<MemDisk>, Qcow2Error> {
+    let mut dev = MemDisk::from_bytes(bytes, true);
+    dev.set_read_only(read_only);
+    Qcow2::open(
+        dev,
+        OpenOptions {
+            read_only,
+            ..OpenOptions::default()
+        },
+    )
+}
+
+fn read_all(q: &mut Qcow2<MemDisk>) -> Vec<u8> {
+    let mut got = vec![0u8; SIZE as usize];
+    q.read(0, &mut got).expect("read the whole disk");
+    got
+}
+
+/// A fresh qemu-img image on a device exactly as long as the file (it ends inside the L1
+/// table's cluster), and one rounded up to whole sectors as QEMU presents it to a guest.
+#[test]
+fn fresh_qemu_images_open_on_short_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    for cs in CLUSTERS {
+        let img = dir.path().join(format!("fresh{cs}.qcow2"));
+        qemu_create(&img, cs);
+        let bytes = std::fs::read(&img).unwrap();
+        assert!(
+            cs == 512 || !(bytes.len() as u64).is_multiple_of(cs),
+            "qemu-img made a file of whole clusters ({} bytes, cluster {cs}); the test needs a short one",
+            bytes.len()
+        );
+        let want = raw(dir.path(), &img);
+        let mut padded = bytes.clone();
+        padded.resize(bytes.len().div_ceil(512) * 512, 0);
+        for dev_bytes in [bytes.clone(), padded] {
+            // Read-only.
+            let mut q = open_fixed(dev_bytes.clone(), true)
+                .unwrap_or_else(|e| panic!("cluster {cs}: read-only open: {e}"));
+            assert!(read_all(&mut q) == want, "cluster {cs}: contents differ");
+            let rep = q.check().unwrap();
+            assert!(rep.is_clean(), "cluster {cs}: {rep}");
+            let mut buf = [1u8; 16];
+            assert_eq!(q.write(0, &buf), Err(DiskError::ReadOnly));
+            q.read(SIZE - 16, &mut buf).unwrap();
+            assert_eq!(buf, [0; 16]);
+
+            // Read-write: no whole cluster is free, so a write is refused cleanly and the
+            // device keeps its bytes.
+            let mut q = open_fixed(dev_bytes.clone(), false)
+                .unwrap_or_else(|e| panic!("cluster {cs}: writable open: {e}"));
+            assert!(q.check().unwrap().is_clean());
+            assert_eq!(
+                q.write(cs * 3, &[7u8; 100]),
+                Err(DiskError::NoSpace),
+                "cluster {cs}"
+            );
+            assert!(read_all(&mut q) == want, "cluster {cs}: contents changed");
+            let rep = q.check().unwrap();
+            assert!(rep.is_clean(), "cluster {cs} after NoSpace: {rep}");
+            let after = q.close().expect("close").into_bytes();
+            assert!(after == dev_bytes, "cluster {cs}: device bytes changed");
+        }
+    }
+}
+
+/// An image whose last data cluster is cut short by the device end: the missing bytes read
+/// as zeros; writes inside the device succeed, writes of data past it are refused before
+/// anything changes; afterwards QEMU finds the image clean and equal to the model.
+#[test]
+fn data_cluster_cut_by_the_device_end() {
+    let dir = tempfile::tempdir().unwrap();
+    for cs in CLUSTERS {
+        let img = dir.path().join(format!("data{cs}.qcow2"));
+        qemu_create(&img, cs);
+        qemu_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x5a 1k 3k",
+                img.to_str().unwrap(),
+            ],
+        );
+        let full = std::fs::read(&img).unwrap();
+        assert!((full.len() as u64).is_multiple_of(cs));
+        // The last host cluster holds guest cluster `g` (data is allocated in guest order).
+        let g = 4095 / cs * cs;
+        let cut = full.len() - cs as usize / 2;
+        std::fs::write(&img, &full[..cut]).unwrap();
+        let mut model = raw(dir.path(), &img);
+
+        let mut q = open_fixed(full[..cut].to_vec(), true).unwrap();
+        assert!(
+            read_all(&mut q) == model,
+            "cluster {cs}: read-only contents differ"
+        );
+        let rep = q.check().unwrap();
+        assert!(rep.is_clean(), "cluster {cs}: {rep}");
+
+        let mut q = open_fixed(full[..cut].to_vec(), false).unwrap();
+        // Inside the device: written in place.
+        let n = (cs / 4) as usize;
+        q.write(g, &vec![0x33; n]).unwrap();
+        model[g as usize..g as usize + n].fill(0x33);
+        // Across the device end: refused whole.
+        let at = g + cs / 2 - 16;
+        assert_eq!(q.write(at, &[0x44; 32]), Err(DiskError::NoSpace));
+        // Zeros past the end are what is there already: accepted.
+        q.write(at, &[0; 32]).unwrap();
+        model[at as usize..at as usize + 32].fill(0);
+        assert!(read_all(&mut q) == model, "cluster {cs}: contents differ");
+        let bytes = q.close().unwrap().into_bytes();
+        assert_eq!(bytes.len(), cut);
+        std::fs::write(&img, &bytes).unwrap();
+        assert_qemu_clean(&img);
+        assert!(
+            raw(dir.path(), &img) == model,
+            "cluster {cs}: QEMU reads otherwise"
+        );
+    }
+}
