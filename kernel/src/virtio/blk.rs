@@ -177,16 +177,12 @@ pub struct VirtioBlk {
     waiter: Option<fn(u64)>,
 }
 
-// SAFETY: the raw pointers in the slots only live while a call that owns the buffer is
-// running; between calls no slot is busy. The kernel runs on one CPU.
-unsafe impl Send for VirtioBlk {}
-
-fn read_cfg<T: zerocopy_shim::Cfg>(t: &PciTransport, offset: usize) -> Result<T, BlkInitError> {
+fn read_cfg<T: config::Cfg>(t: &PciTransport, offset: usize) -> Result<T, BlkInitError> {
     T::read(t, offset).map_err(BlkInitError::Config)
 }
 
 /// Typed reads of the device configuration (u32 and u64 fields).
-mod zerocopy_shim {
+mod config {
     use virtio_drivers::transport::Transport;
     use virtio_drivers::transport::pci::PciTransport;
 
