@@ -20,15 +20,16 @@
 //! default 3), `NBD_BENCH_OPS` (4 KiB requests per random run, default 4000),
 //! `NBD_BENCH_DEPTH` (default 8), `NBD_BENCH_ACCEL` (`tcg`, `kvm` or `auto`; default `tcg`).
 
-use qcow_metal::nbd::client::{Client, ClientOptions};
+use qcow_metal::nbd::client::Client;
 use qcow_metal::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
-use qcow_metal_e2e::{Accel, boot, guest, require_tool};
+use qcow_metal_e2e::{Accel, ScratchDir, boot, guest, nbd_client, require_tool};
 use qcow_metal_runner::disk::{GuestFormat, create_qcow2};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
+/// The number in environment variable `name`, or `default` when it is not set.
 fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
         Ok(v) => v
@@ -38,6 +39,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
     }
 }
 
+/// The workload's sizes (see the environment variables above).
 #[derive(Clone, Copy)]
 struct Params {
     region: u64,
@@ -46,6 +48,7 @@ struct Params {
     depth: usize,
 }
 
+/// One row of the table: a request pattern run against every setup.
 #[derive(Clone, Copy, Debug)]
 enum Row {
     SeqWrite1M,
@@ -54,6 +57,7 @@ enum Row {
     RandWrite4K,
 }
 
+/// The rows, in the order they run (the reads read what the sequential writes wrote).
 const ROWS: [Row; 4] = [
     Row::SeqWrite1M,
     Row::SeqRead1M,
@@ -130,11 +134,13 @@ fn run_row(c: &mut Client, row: Row, p: Params, rep: u64) -> Duration {
     started.elapsed()
 }
 
+/// One of the three guests the workload runs against.
 struct Setup {
     label: &'static str,
     what: &'static str,
 }
 
+/// The setups (a), (b) and (c) of the module documentation.
 const SETUPS: [Setup; 3] = [
     Setup {
         label: "a",
@@ -165,8 +171,8 @@ fn main() {
         Err(_) => Accel::Tcg,
     };
     let size = p.region * p.reps;
-    let dir = std::env::temp_dir().join(format!("qcow-metal-bench-nbd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch directory");
+    let scratch = ScratchDir::new("bench-nbd");
+    let dir = scratch.path();
 
     let mut guests = Vec::new();
     for (i, setup) in SETUPS.iter().enumerate() {
@@ -191,14 +197,7 @@ fn main() {
         };
         eprintln!("({}) booting: {}", setup.label, setup.what);
         let (g, _) = boot(builder);
-        let c = Client::connect_with(
-            ("127.0.0.1", g.nbd_port()),
-            &ClientOptions {
-                timeout: Some(Duration::from_secs(900)),
-                ..ClientOptions::new("disk")
-            },
-        )
-        .expect("NBD connect");
+        let c = nbd_client(g.nbd_port());
         assert_eq!(c.size(), size, "({}) export size", setup.label);
         guests.push((g, c));
     }
@@ -228,7 +227,7 @@ fn main() {
             SETUPS[s].label
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
 
     println!();
     println!(

@@ -4,8 +4,11 @@
 //! Tests never skip: a missing host tool fails the test with a message that names the Debian
 //! package to install (`bash .ci/setup` installs them all).
 
-use std::path::PathBuf;
-use std::time::Duration;
+use qcow_metal::nbd::client::{Client, ClientOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub use qcow_metal_runner::guest::{Banner, Guest, GuestBuilder};
 pub use qcow_metal_runner::qemu::Accel;
@@ -17,6 +20,13 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long a test waits for a guest to exit on its own (same kind of guard).
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How long a host tool or an NBD peer may stay silent before a test gives up (a guard
+/// against hangs, never a timed assert).
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The name of the guest's NBD export.
+pub const NBD_EXPORT: &str = "disk";
 
 /// A guest builder with the test defaults: TCG, free ports, a temporary 64 MiB qcow2 disk.
 pub fn guest() -> GuestBuilder {
@@ -57,4 +67,135 @@ pub fn require_tool(program: &str, package: &str) -> PathBuf {
              (`bash .ci/setup` installs everything the tests need)"
         )
     })
+}
+
+/// Shuts the guest down over QMP and fails, with the console's tail, unless it ended cleanly.
+pub fn shut_down_cleanly(guest: &mut Guest) {
+    let outcome = guest.shutdown().expect("shutting the guest down");
+    assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
+}
+
+/// What a host program printed and whether it succeeded.
+#[derive(Debug)]
+pub struct ToolOutput {
+    /// The program exited with status 0.
+    pub success: bool,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// Runs a host program to completion, reading its output while it runs (so that a large
+/// report cannot fill a pipe and stall it). Fails the test, naming the Debian `package`,
+/// when the program is missing or runs longer than [`TOOL_TIMEOUT`].
+pub fn run_tool_output(program: &str, package: &str, args: &[&str]) -> ToolOutput {
+    let path = require_tool(program, package);
+    let mut child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): install {package}"));
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a tool") {
+            break status;
+        }
+        if started.elapsed() > TOOL_TIMEOUT {
+            let _ = child.kill();
+            panic!("`{program} {}` hung for {TOOL_TIMEOUT:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ToolOutput {
+        success: status.success(),
+        stdout: stdout.join().expect("reading a tool's output"),
+        stderr: stderr.join().expect("reading a tool's output"),
+    }
+}
+
+/// Runs a host program like [`run_tool_output`] and fails unless it succeeds; returns its
+/// standard output.
+pub fn run_tool(program: &str, package: &str, args: &[&str]) -> String {
+    let out = run_tool_output(program, package, args);
+    assert!(
+        out.success,
+        "`{program} {}` failed:\n{}\n{}",
+        args.join(" "),
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// Runs qemu-io on the raw NBD export at `uri`, one `-c` per command, and fails unless every
+/// command succeeded (`read -P` verifies its pattern). Returns qemu-io's standard output.
+pub fn qemu_io(uri: &str, cmds: &[impl AsRef<str>]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c.as_ref()]);
+    }
+    args.push(uri);
+    let out = run_tool_output("qemu-io", "qemu-utils", &args);
+    assert!(
+        out.success && !out.stdout.contains("failed") && !out.stderr.contains("failed"),
+        "`qemu-io {}` failed:\n{}\n{}",
+        args.join(" "),
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// This crate's NBD client on the guest's export at loopback `port`, with
+/// [`TOOL_TIMEOUT`] as its hang guard.
+pub fn nbd_client(port: u16) -> Client {
+    let opts = ClientOptions {
+        timeout: Some(TOOL_TIMEOUT),
+        ..ClientOptions::new(NBD_EXPORT)
+    };
+    Client::connect_with(("127.0.0.1", port), &opts)
+        .unwrap_or_else(|e| panic!("NBD handshake with the guest on port {port}: {e}"))
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates `qcow-metal-<tag>-<pid>-<n>` (unique within the process).
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "qcow-metal-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+        ScratchDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -15,11 +15,10 @@ use qcow_metal::metrics::{
     EngineSnapshot, Format, GuestConfig, GuestMetrics, HttpSnapshot, Instrumented, IoOp,
     NbdSnapshot, SystemSnapshot,
 };
-use qcow_metal_e2e::{Guest, boot, guest, require_tool};
+use qcow_metal_e2e::{Guest, ScratchDir, boot, guest, qemu_io, require_tool, shut_down_cleanly};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -168,33 +167,6 @@ fn promtool(text: &str) -> String {
     report
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "qcow-metal-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-        TempDir(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn free_port() -> u16 {
     qcow_metal_runner::ports::pick_free().expect("a free loopback port")
 }
@@ -204,13 +176,13 @@ fn free_port() -> u16 {
 struct Prometheus {
     child: Child,
     port: u16,
-    dir: TempDir,
+    dir: ScratchDir,
 }
 
 impl Prometheus {
     fn start(target: &str) -> Prometheus {
         let binary = require_tool("prometheus", "prometheus");
-        let dir = TempDir::new("prometheus");
+        let dir = ScratchDir::new("prometheus");
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
@@ -595,33 +567,10 @@ fn device_counts(exp: &Exposition) -> DeviceCounts {
     }
 }
 
-/// Runs qemu-io against the guest's NBD export (fails naming qemu-utils when missing).
-fn qemu_io(guest: &Guest, cmds: &[&str]) -> String {
-    let path = require_tool("qemu-io", "qemu-utils");
-    let mut cmd = Command::new(path);
-    cmd.args(["-f", "raw"]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd
-        .arg(guest.nbd_url())
-        .stdin(Stdio::null())
-        .output()
-        .expect("running qemu-io");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmds:?}: {text}\nguest console:\n{}",
-        guest.tail()
-    );
-    text
-}
-
 /// A known workload through NBD: writes, reads back (verified), zeroes, discards, flushes.
 fn nbd_workload(guest: &Guest) {
     qemu_io(
-        guest,
+        &guest.nbd_url(),
         &[
             "write -P 0xa5 0 256k",
             "write -P 0x5a 1M 64k",
@@ -695,8 +644,7 @@ fn guest_metrics_pass_promtool_and_prometheus_and_the_dashboard() {
     assert!(!written.is_empty());
     check_dashboard(&prom);
     drop(prom);
-    let outcome = guest.shutdown().expect("shutting the guest down");
-    assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
+    shut_down_cleanly(&mut guest);
 }
 
 #[test]
@@ -777,8 +725,7 @@ fn guest_blockdev_counters_equal_qmp_blockstats() {
     if q.unmap_operations != 0 {
         assert_eq!(q.unmap_operations, counts.discards, "unmap_operations");
     }
-    let outcome = guest.shutdown().expect("shutting the guest down");
-    assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
+    shut_down_cleanly(&mut guest);
 }
 
 #[test]
@@ -850,8 +797,7 @@ fn guest_exports_the_mirage_families_when_asked() {
     let written = prom.query("Mirage_qcow_writes").unwrap();
     assert_eq!(written[0]["value"][1], "331776");
     drop(prom);
-    let outcome = guest.shutdown().expect("shutting the guest down");
-    assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
+    shut_down_cleanly(&mut guest);
 }
 
 #[test]
@@ -937,8 +883,7 @@ fn metrics_keep_answering_while_clients_misbehave() {
         .expect("query-status");
     assert!(status.running, "the guest stopped: {}", guest.tail());
     assert_eq!(get(port, "/healthz", None).status, 200);
-    let outcome = guest.shutdown().expect("shutting the guest down");
-    assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
+    shut_down_cleanly(&mut guest);
 }
 
 #[test]
@@ -979,13 +924,12 @@ fn metrics_answer_again_after_a_flood_of_idle_connections() {
         .query_status()
         .expect("query-status");
     assert!(status.running, "the guest stopped: {}", guest.tail());
-    let outcome = guest.shutdown().expect("shutting the guest down");
-    assert!(outcome.is_clean(), "{outcome:?}\n{}", guest.tail());
+    shut_down_cleanly(&mut guest);
 }
 
 #[test]
 fn an_image_that_cannot_be_opened_is_reported_in_the_metrics() {
-    let dir = TempDir::new("bad-image");
+    let dir = ScratchDir::new("bad-image");
     let path = dir.path().join("garbage.img");
     std::fs::write(&path, vec![0x5a_u8; 1 << 20]).unwrap();
     let (mut guest, _) = boot(

@@ -11,7 +11,6 @@
 //! | engine | `qcow_metal_disk_clusters_allocated_total`, `_clusters_freed_total`, `_cow_bytes_total`, `_metadata_written_bytes_total` | `disk` |
 //! | engine | `qcow_metal_disk_cache_hits_total`, `_cache_misses_total` | `disk`, `cache` (`l2`, `refcount`) |
 //! | engine | `qcow_metal_disk_reclaim_bytes_total` | `disk`, `stage` |
-//! | engine | `qcow_metal_disk_info` (info: format, error) | `disk` |
 //! | block device | `qcow_metal_blockdev_requests_total`, `_errors_total`, `_bytes_total`, `_request_duration_seconds` | `device`, `op` |
 //! | block device | `qcow_metal_blockdev_in_flight` | `device` |
 //! | NBD | `qcow_metal_nbd_connections_active`, `_connections_total`, `_sessions_total`, `_protocol_errors_total` | `export` |

@@ -4,6 +4,11 @@
 //! - [`primitives`]: [`Counter`], [`Gauge`], [`FloatGauge`], [`Histogram`] (atomics only).
 //! - [`registry`]: [`Family`] (children by label values), [`Registry`], the [`Encoder`].
 //! - [`encode`]: [`Format`], [`negotiate`], content types, escaping, number rendering.
+//! - [`families`]: the guest's own families, layer by layer ([`GuestMetrics`]), and the
+//!   snapshots the kernel copies into them at scrape time.
+//! - [`instrument`]: [`Instrumented`] and [`InstrumentedDevice`], wrappers that count and
+//!   time every request of a disk or a block device.
+//! - [`parse`]: a strict parser of both formats, for tests and host tools.
 //!
 //! Typical use: build families, keep the `Arc`s of the children on the hot path, register the
 //! families, and call [`Registry::render`] with the [`Format`] that [`negotiate`] picked from
