@@ -431,8 +431,8 @@ enum Kill {
 enum Image {
     /// By the runner (the project's own engine): cluster size and refcount width.
     Engine(u64, u32),
-    /// By `qemu-img create` with lazy refcounts: cluster size.
-    QemuLazy(u64),
+    /// By `qemu-img create`: cluster size and further `-o` options.
+    Qemu(u64, &'static str),
 }
 
 struct Round {
@@ -471,15 +471,21 @@ fn rounds() -> Vec<Round> {
         },
         Round {
             name: "qemu-img lazy_refcounts=on, 64 KiB clusters, kill during writes",
-            image: Image::QemuLazy(64 * KIB),
+            image: Image::Qemu(64 * KIB, "lazy_refcounts=on"),
             kill: Kill::DuringWrites,
             append: "",
         },
         Round {
             name: "qemu-img lazy_refcounts=on, 4 KiB clusters, tiny caches, kill mid-flush",
-            image: Image::QemuLazy(4 * KIB),
+            image: Image::Qemu(4 * KIB, "lazy_refcounts=on"),
             kill: Kill::MidFlush,
             append: "l2_cache=16K refcount_cache=8K",
+        },
+        Round {
+            name: "qemu-img compat=0.10 (version 2: no zero clusters), kill during writes",
+            image: Image::Qemu(64 * KIB, "compat=0.10"),
+            kill: Kill::DuringWrites,
+            append: "",
         },
         Round {
             name: "64 KiB clusters, unflushed writes, kill after idle write-back",
@@ -495,13 +501,13 @@ fn builder(round: &Round, disk: &Path) -> GuestBuilder {
     let b = guest().size(SIZE).disk(disk).append(round.append);
     match round.image {
         Image::Engine(cs, bits) => b.geometry(cs, bits),
-        Image::QemuLazy(_) => b,
+        Image::Qemu(..) => b,
     }
 }
 
 fn cluster_size(round: &Round) -> u64 {
     match round.image {
-        Image::Engine(cs, _) | Image::QemuLazy(cs) => cs,
+        Image::Engine(cs, _) | Image::Qemu(cs, _) => cs,
     }
 }
 
@@ -687,14 +693,14 @@ fn run_round(
 ) -> Result<(), String> {
     let mut rng = Rng(seed ^ (index as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
     let disk = dir.join(format!("round{index}.qcow2"));
-    if let Image::QemuLazy(cs) = round.image {
+    if let Image::Qemu(cs, options) = round.image {
         qemu_img(&[
             "create",
             "-q",
             "-f",
             "qcow2",
             "-o",
-            &format!("cluster_size={cs},lazy_refcounts=on"),
+            &format!("cluster_size={cs},{options}"),
             disk.to_str().unwrap(),
             &SIZE.to_string(),
         ]);
