@@ -352,6 +352,19 @@ pub fn get_refcount(data: &[u8], i: usize, order: u32) -> u64 {
     }
 }
 
+/// The index of the last nonzero refcount in a refcount block of width `2^order` bits,
+/// found a 64-bit word at a time (whatever the width, the last nonzero byte belongs to it).
+pub fn last_nonzero_refcount(data: &[u8], order: u32) -> Option<usize> {
+    let w = data
+        .chunks_exact(8)
+        .rposition(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) != 0)?;
+    let b = (w * 8..w * 8 + 8).rev().find(|&b| data[b] != 0)?;
+    // Sub-byte entries fill a byte from its low bits up: the highest set bit is the last
+    // entry; wider entries start on a byte multiple of their width.
+    let top = 7 - data[b].leading_zeros() as usize;
+    Some((b * 8 + top) >> order)
+}
+
 /// Writes refcount entry `i` (the value must fit the width).
 #[inline]
 pub fn set_refcount(data: &mut [u8], i: usize, order: u32, v: u64) {
@@ -404,6 +417,36 @@ mod tests {
             }
             for i in 0..n {
                 assert_eq!(get_refcount(&d, i, order), (i as u64 * 7 + 1) & max);
+            }
+        }
+    }
+
+    #[test]
+    fn last_nonzero_refcount_every_position_and_width() {
+        for order in 0..=6u32 {
+            let n = (512 * 8) >> order;
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
+            let mut d = vec![0u8; 512];
+            assert_eq!(last_nonzero_refcount(&d, order), None);
+            for i in 0..n {
+                // Lowest and highest value, alone and with an earlier entry set.
+                for (v, earlier) in [(1, false), (max, false), (1, true), (max >> 1 | 1, true)] {
+                    d.fill(0);
+                    if earlier && i > 0 {
+                        set_refcount(&mut d, i - 1, order, max);
+                        set_refcount(&mut d, 0, order, 1);
+                    }
+                    set_refcount(&mut d, i, order, v);
+                    assert_eq!(
+                        last_nonzero_refcount(&d, order),
+                        Some(i),
+                        "order {order}, entry {i}, value {v:#x}"
+                    );
+                }
             }
         }
     }

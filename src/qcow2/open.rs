@@ -1,7 +1,7 @@
 //! Opening an image: header validation against the device, cache setup, dirty-image
 //! recovery.
 
-use super::cache::{TableCache, TableKind, get_refcount};
+use super::cache::{TableCache, TableKind, last_nonzero_refcount};
 use super::error::{Qcow2Error, Result};
 use super::header::{Header, INCOMPAT_DIRTY, V3_HEADER_LEN};
 use super::info::Stats;
@@ -171,6 +171,17 @@ impl<D: BlockDevice> Qcow2<D> {
         let mut empty_blocks = 0;
         while ti > 0 {
             ti -= 1;
+            // Skip empty refcount-table entries a word at a time, a page at most per step.
+            let (page, i) = self.rt_page(ti);
+            let s = self.load(Pool::Rc, page, TableKind::RefTable, true)?;
+            let words = &self.rcc.data(s)[..(i + 1) * 8];
+            match words.chunks_exact(8).rposition(|e| e != [0u8; 8]) {
+                None => {
+                    ti -= i as u64;
+                    continue;
+                }
+                Some(j) => ti -= (i - j) as u64,
+            }
             // A bad entry is for check/repair to report; here it only ends nothing.
             let Ok(Some(block)) = self.rt_entry(ti) else {
                 continue;
@@ -180,14 +191,9 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             empty_blocks += 1;
             let s = self.load(Pool::Rc, block, TableKind::RefBlock, true)?;
-            let data = self.rcc.data(s);
-            let mut i = self.geo.rb_entries();
-            while i > 0 {
-                i -= 1;
-                if get_refcount(data, i as usize, order) != 0 {
-                    let end = (ti << self.geo.rb_bits) + i + 1;
-                    return Ok(end.max(fixed));
-                }
+            if let Some(i) = last_nonzero_refcount(self.rcc.data(s), order) {
+                let end = (ti << self.geo.rb_bits) + i as u64 + 1;
+                return Ok(end.max(fixed));
             }
         }
         Ok(fixed)

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 
 impl<D: BlockDevice> Qcow2<D> {
     /// Host offset of the refcount-table page holding entry `ti`, and the index in it.
-    fn rt_page(&self, ti: u64) -> (u64, usize) {
+    pub(crate) fn rt_page(&self, ti: u64) -> (u64, usize) {
         let cs = self.geo.cluster_size();
         let byte = ti * 8;
         (

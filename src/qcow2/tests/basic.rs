@@ -257,3 +257,60 @@ fn v2_images_use_no_zero_flag() {
     q.close().unwrap();
     assert_qemu_clean(&img);
 }
+
+/// The last nonzero refcount of the image, by brute force over the existing blocks.
+fn brute_end(q: &mut Qcow2<MemDisk>) -> u64 {
+    let rb = q.geo.rb_entries();
+    let mut end = 0;
+    for ti in 0..q.rt_entries {
+        if q.rt_entry(ti).unwrap().is_none() {
+            continue;
+        }
+        for i in 0..rb {
+            if q.refcount((ti * rb) + i).unwrap() != 0 {
+                end = ti * rb + i + 1;
+            }
+        }
+    }
+    end.max(q.fixed_end())
+}
+
+#[test]
+fn compute_end_finds_the_last_refcount() {
+    for bits in [1u32, 2, 4, 8, 16, 32, 64] {
+        let mut q = mem_image(64 << 20, 512, bits);
+        q.write(0, &vec![0x5a; 300 << 10]).unwrap();
+        q.flush().unwrap();
+        let rb = q.geo.rb_entries();
+        let max = q.geo.refcount_max();
+        let base = q.compute_end().unwrap();
+        assert_eq!(base, brute_end(&mut q), "{bits} bits: fresh");
+        let next_block = base.div_ceil(rb) * rb;
+        // Inside the last block, at block edges, in blocks past empty table entries, and
+        // past the first refcount-table page (the table grows).
+        let epp = 512 / 8; // table entries per page
+        for c in [
+            base,
+            next_block - 1,
+            next_block,
+            next_block + rb - 1,
+            next_block + 3 * rb + rb / 2,
+            (epp + 5) * rb + 1,
+            (2 * epp + 1) * rb - 1,
+        ] {
+            for v in [1, max] {
+                q.ensure_blocks(c, 1).unwrap();
+                assert_eq!(q.refcount(c).unwrap(), 0, "{bits} bits: {c} is free");
+                q.set_refcount(c, v).unwrap();
+                q.flush().unwrap();
+                let got = q.compute_end().unwrap();
+                assert_eq!(got, c + 1, "{bits} bits: refcount {v:#x} at {c}");
+                assert_eq!(got, brute_end(&mut q), "{bits} bits: at {c}");
+                q.set_refcount(c, 0).unwrap();
+                q.flush().unwrap();
+                let got = q.compute_end().unwrap();
+                assert_eq!(got, brute_end(&mut q), "{bits} bits: {c} cleared");
+            }
+        }
+    }
+}
