@@ -229,3 +229,12 @@ pub fn be64(b: &[u8]) -> u64 {
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
 }
+
+/// Splits a string with a big-endian `u32` length prefix (export names, metadata context
+/// queries) off the front of `data`: returns the string and what follows it, or `None`
+/// when `data` is shorter than the prefix says.
+pub fn split_length_prefixed(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = be32(data.get(0..4)?) as usize;
+    let end = 4usize.checked_add(len)?;
+    Some((data.get(4..end)?, &data[end..]))
+}

@@ -473,9 +473,7 @@ impl Connection {
     ) {
         // u32 name length, name, u16 count, count x u16 information requests.
         let parsed = (|| {
-            let name_len = be32(data.get(0..4)?) as usize;
-            let name = data.get(4..4usize.checked_add(name_len)?)?;
-            let rest = &data[4 + name_len..];
+            let (name, rest) = split_length_prefixed(data)?;
             let count = be16(rest.get(0..2)?) as usize;
             let reqs = rest.get(2..)?;
             (reqs.len() == count * 2).then_some((name, reqs))
@@ -523,17 +521,14 @@ impl Connection {
         }
         // u32 name length, name, u32 query count, count x (u32 length, query).
         let parsed = (|| {
-            let name_len = be32(data.get(0..4)?) as usize;
-            let name = data.get(4..4usize.checked_add(name_len)?)?;
-            let mut rest = &data[4 + name_len..];
+            let (name, rest) = split_length_prefixed(data)?;
             let count = be32(rest.get(0..4)?) as usize;
-            rest = &rest[4..];
+            let mut rest = &rest[4..];
             let mut queries = Vec::new();
             for _ in 0..count {
-                let len = be32(rest.get(0..4)?) as usize;
-                let q = rest.get(4..4usize.checked_add(len)?)?;
-                queries.push(q);
-                rest = &rest[4 + len..];
+                let (query, next) = split_length_prefixed(rest)?;
+                queries.push(query);
+                rest = next;
             }
             rest.is_empty().then_some((name, queries))
         })();

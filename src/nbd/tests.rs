@@ -145,6 +145,7 @@ fn run(
     out
 }
 
+/// A client option: `IHAVEOPT`, option `opt`, and its `data`.
 fn opt(opt: u32, data: &[u8]) -> Vec<u8> {
     let mut m = Vec::new();
     m.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -154,6 +155,7 @@ fn opt(opt: u32, data: &[u8]) -> Vec<u8> {
     m
 }
 
+/// The data of `NBD_OPT_INFO`/`GO` for export `name`, asking for `infos`.
 fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
     let mut d = Vec::new();
     d.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -165,6 +167,7 @@ fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
     d
 }
 
+/// The data of `NBD_OPT_LIST`/`SET_META_CONTEXT` for export `name` and `queries`.
 fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
     let mut d = Vec::new();
     d.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -177,6 +180,17 @@ fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
     d
 }
 
+/// What a client sends to enter transmission the short way: its flags (fixed newstyle, no
+/// zeroes) and `NBD_OPT_EXPORT_NAME` for `name`.
+fn export_name_handshake(name: &[u8]) -> Vec<u8> {
+    let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+        .to_be_bytes()
+        .to_vec();
+    s.extend(opt(OPT_EXPORT_NAME, name));
+    s
+}
+
+/// A request header (its payload, if any, follows separately).
 fn req(kind: u16, flags: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
     Request {
         flags,
@@ -404,10 +418,7 @@ fn read_only_export_refuses_writes() {
         ..ServerConfig::default()
     };
     let mut conn = Connection::new(&config);
-    let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
-        .to_be_bytes()
-        .to_vec();
-    s.extend(opt(OPT_EXPORT_NAME, b"disk"));
+    let mut s = export_name_handshake(b"disk");
     s.extend(req(CMD_WRITE, 0, 7, 0, 4));
     s.extend_from_slice(b"abcd");
     s.extend(req(CMD_TRIM, 0, 8, 0, 4096));
@@ -474,6 +485,7 @@ proptest::proptest! {
 
 // ---- our client over real sockets ----------------------------------------------------------
 
+/// `len` bytes that depend on their position and on `seed`.
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -665,6 +677,7 @@ fn tool(name: &str, package: &str, args: &[&str]) -> std::process::Output {
     out
 }
 
+/// qemu-io on the raw export at `uri`, one `-c` per command; fails when any command fails.
 fn qemu_io(uri: &str, cmds: &[&str]) -> String {
     let mut args = vec!["-f", "raw"];
     for c in cmds {
@@ -878,10 +891,7 @@ fn shutdown_refuses_options_and_requests() {
     // Transmission: a write in progress completes; later requests get ESHUTDOWN (the
     // payload of a refused write is still read), DISC closes.
     let mut conn = Connection::new(&ServerConfig::default());
-    let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
-        .to_be_bytes()
-        .to_vec();
-    s.extend(opt(OPT_EXPORT_NAME, b"disk"));
+    let mut s = export_name_handshake(b"disk");
     s.extend(req(CMD_WRITE, 0, 1, 0, 8));
     s.extend_from_slice(b"abcd");
     let out = run(&mut conn, &mut disk, &mut stats, &s, 100);
