@@ -66,8 +66,13 @@ pub fn create(path: &Path, opts: CreateOptions) -> Result<()> {
     disk::create_qcow2(path, opts.size, opts.cluster_size, opts.refcount_bits)
 }
 
-/// Opens `path` with the engine (read-only unless `writable`).
+/// Opens `path` with the engine (read-only unless `writable`). With `repair` an image
+/// marked corrupt opens writable so that [`Qcow2::repair`] can fix it.
 fn open(path: &Path, writable: bool) -> Result<Qcow2<FileDisk>> {
+    open_with(path, writable, false)
+}
+
+fn open_with(path: &Path, writable: bool, repair: bool) -> Result<Qcow2<FileDisk>> {
     let err = |action: &'static str, reason: String| Error::Disk {
         path: path.to_path_buf(),
         action,
@@ -76,6 +81,7 @@ fn open(path: &Path, writable: bool) -> Result<Qcow2<FileDisk>> {
     let dev = FileDisk::open(path, !writable).map_err(|e| err("open", e.to_string()))?;
     let opts = OpenOptions {
         read_only: !writable,
+        repair,
         ..OpenOptions::default()
     };
     Qcow2::open(dev, opts).map_err(|e| err("open", e.to_string()))
@@ -170,9 +176,10 @@ pub fn info(path: &Path) -> Result<String> {
 }
 
 /// `image check [--repair]`: leaks and corruptions, as `qemu-img check` reports them.
-/// Without `repair` the image is opened read-only.
+/// Without `repair` the image is opened read-only; with it, writable for repair (also when
+/// it is marked corrupt: a repair that leaves it clean lifts the mark).
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
-    let mut image = open(path, repair)?;
+    let mut image = open_with(path, repair, repair)?;
     if repair {
         let report = image.repair().map_err(engine_err(path, "repair"))?;
         image.close().map_err(engine_err(path, "write"))?;
@@ -296,5 +303,84 @@ mod tests {
             "{err}"
         );
         assert!(info(&dir.path().join("missing")).is_err());
+    }
+
+    /// Runs `qemu-img` (package qemu-utils); returns its exit code and stdout.
+    fn qemu_img(args: &[&str]) -> (i32, String) {
+        let o = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run qemu-img ({e}): install the Debian package qemu-utils")
+            });
+        let out =
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+        (o.status.code().expect("qemu-img exit code"), out)
+    }
+
+    #[test]
+    fn check_repair_fixes_a_corrupt_marked_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.qcow2");
+        let cs = 4096u64;
+        create(
+            &p,
+            CreateOptions {
+                size: 4 << 20,
+                cluster_size: cs,
+                refcount_bits: 16,
+            },
+        )
+        .unwrap();
+        let host = {
+            let mut img = open(&p, true).unwrap();
+            img.write_at(3 * cs, &[0x5a; 4096]).unwrap();
+            let host = match img.mapping(3).unwrap() {
+                qcow_metal::qcow2::Mapping::Data { host, .. } => host,
+                m => panic!("unexpected mapping {m:?}"),
+            };
+            img.close().unwrap();
+            host
+        };
+        // Raw damage: the data cluster's refcount drops to 0 (refcount too low, a
+        // corruption) and the image is marked corrupt (incompatible bit 1), as QEMU marks it
+        // when it finds such damage at run time.
+        let mut bytes = std::fs::read(&p).unwrap();
+        let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+        let rt = be64(&bytes, 48) as usize;
+        let block = be64(&bytes, rt) as usize;
+        let at = block + 2 * (host / cs) as usize;
+        assert_eq!(&bytes[at..at + 2], &[0, 1], "refcount of the data cluster");
+        bytes[at..at + 2].copy_from_slice(&[0, 0]);
+        bytes[79] |= 2;
+        std::fs::write(&p, &bytes).unwrap();
+        let image = p.to_str().unwrap();
+
+        let report = check(&p, false).unwrap();
+        assert!(report.corruptions > 0, "{report}");
+        assert_eq!(check_exit_code(&report), 2, "{report}");
+        let (code, out) = qemu_img(&["check", "-f", "qcow2", image]);
+        assert_eq!(code, 2, "qemu-img check agrees: {out}");
+        assert!(info(&p).unwrap().contains("corrupt:                true"));
+
+        let report = check(&p, true).unwrap();
+        assert!(
+            report.corruptions == 0 && report.corruptions_fixed > 0,
+            "{report}"
+        );
+        assert_eq!(check_exit_code(&report), 0, "{report}");
+
+        let report = check(&p, false).unwrap();
+        assert!(report.is_clean(), "{report}");
+        assert_eq!(check_exit_code(&report), 0);
+        assert!(info(&p).unwrap().contains("corrupt:                false"));
+        let (code, out) = qemu_img(&["check", "-f", "qcow2", image]);
+        assert_eq!(code, 0, "qemu-img check after our repair: {out}");
+        assert!(out.contains("No errors were found"), "{out}");
+        // The data survived.
+        let mut img = open(&p, false).unwrap();
+        let mut buf = [0u8; 4096];
+        img.read_at(3 * cs, &mut buf).unwrap();
+        assert_eq!(buf, [0x5a; 4096]);
     }
 }
