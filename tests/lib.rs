@@ -3,6 +3,11 @@
 //!
 //! Tests never skip: a missing host tool fails the test with a message that names the Debian
 //! package to install (`bash .ci/setup` installs them all).
+//!
+//! - Guests: [`guest`] (the test defaults), [`boot`], [`run_to_exit`], [`shut_down_cleanly`].
+//! - Host tools: [`require_tool`], [`run_tool`], [`run_tool_output`], [`qemu_io`].
+//! - NBD: [`nbd_client`] on a guest's export.
+//! - Scratch space: [`ScratchDir`].
 
 use qcow_metal::nbd::client::{Client, ClientOptions};
 use std::io::Read;

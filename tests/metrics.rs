@@ -567,6 +567,16 @@ fn device_counts(exp: &Exposition) -> DeviceCounts {
     }
 }
 
+/// Fails, with the console's tail, unless QMP says the guest is still running.
+fn assert_still_running(guest: &mut Guest) {
+    let status = guest
+        .qmp()
+        .expect("QMP")
+        .query_status()
+        .expect("query-status");
+    assert!(status.running, "the guest stopped: {}", guest.tail());
+}
+
 /// A known workload through NBD: writes, reads back (verified), zeroes, discards, flushes.
 fn nbd_workload(guest: &Guest) {
     qemu_io(
@@ -876,12 +886,7 @@ fn metrics_keep_answering_while_clients_misbehave() {
     assert!(code("200") >= 3.0, "200s not counted");
     drop(idle);
     drop(stalled);
-    let status = guest
-        .qmp()
-        .expect("QMP")
-        .query_status()
-        .expect("query-status");
-    assert!(status.running, "the guest stopped: {}", guest.tail());
+    assert_still_running(&mut guest);
     assert_eq!(get(port, "/healthz", None).status, 200);
     shut_down_cleanly(&mut guest);
 }
@@ -918,12 +923,7 @@ fn metrics_answer_again_after_a_flood_of_idle_connections() {
         idle.len()
     );
     drop(idle);
-    let status = guest
-        .qmp()
-        .expect("QMP")
-        .query_status()
-        .expect("query-status");
-    assert!(status.running, "the guest stopped: {}", guest.tail());
+    assert_still_running(&mut guest);
     shut_down_cleanly(&mut guest);
 }
 
@@ -948,12 +948,7 @@ fn an_image_that_cannot_be_opened_is_reported_in_the_metrics() {
     let (_, om) = scrape(port, Format::OpenMetrics);
     assert_eq!(om.value("qcow_metal_disk_up", &[]), Some(0.0));
     assert_eq!(get(port, "/healthz", None).status, 503);
-    let status = guest
-        .qmp()
-        .expect("QMP")
-        .query_status()
-        .expect("query-status");
-    assert!(status.running, "the guest stopped: {}", guest.tail());
+    assert_still_running(&mut guest);
 }
 
 #[test]
