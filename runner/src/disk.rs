@@ -100,23 +100,18 @@ pub use qcow_metal::qcow2::max_image_len;
 /// Creates (or overwrites) a qcow2 image of `size` virtual bytes at `path` with the
 /// project's own engine, creating parent directories.
 pub fn create_qcow2(path: &Path, size: u64, cluster_size: u64, refcount_bits: u32) -> Result<()> {
-    let disk_err = |reason: String| Error::Disk {
-        path: path.to_path_buf(),
-        action: "create",
-        reason,
-    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| disk_err(e.to_string()))?;
+        std::fs::create_dir_all(parent).map_err(|e| Error::disk(path, "create", e))?;
     }
-    let dev = FileDisk::create(path).map_err(|e| disk_err(e.to_string()))?;
+    let dev = FileDisk::create(path).map_err(|e| Error::disk(path, "create", e))?;
     let opts = CreateOptions {
         virtual_size: size,
         cluster_size,
         refcount_bits,
         ..CreateOptions::default()
     };
-    let image = Qcow2::create(dev, &opts).map_err(|e| disk_err(e.to_string()))?;
-    image.close().map_err(|e| disk_err(e.to_string()))?;
+    let image = Qcow2::create(dev, &opts).map_err(|e| Error::disk(path, "create", e))?;
+    image.close().map_err(|e| Error::disk(path, "create", e))?;
     Ok(())
 }
 
@@ -142,28 +137,23 @@ pub fn probe(file: &mut File) -> std::io::Result<DiskKind> {
 /// Opens `path` as the guest will use it, reads what it holds and, for a writable qcow2
 /// image, extends the file sparsely to [`max_image_len`].
 pub fn prepare(path: &Path, read_only: bool) -> Result<PreparedDisk> {
-    let disk_err = |action: &'static str, reason: String| Error::Disk {
-        path: path.to_path_buf(),
-        action,
-        reason,
-    };
     let mut file = OpenOptions::new()
         .read(true)
         .write(!read_only)
         .open(path)
-        .map_err(|e| disk_err("open", e.to_string()))?;
+        .map_err(|e| Error::disk(path, "open", e))?;
     let kind = probe(&mut file)
         .and_then(|kind| file.rewind().map(|()| kind))
-        .map_err(|e| disk_err("read", e.to_string()))?;
+        .map_err(|e| Error::disk(path, "read", e))?;
     let mut file_len = file
         .metadata()
-        .map_err(|e| disk_err("read", e.to_string()))?
+        .map_err(|e| Error::disk(path, "read", e))?
         .len();
     if let (DiskKind::Qcow2(g), false) = (kind, read_only) {
         let want = max_image_len(g.virtual_size, g.cluster_size, g.refcount_bits);
         if file_len < want {
             file.set_len(want)
-                .map_err(|e| disk_err("extend", e.to_string()))?;
+                .map_err(|e| Error::disk(path, "extend", e))?;
             file_len = want;
         }
     }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::exit::GuestOutcome;
 
@@ -78,6 +78,15 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// A [`Error::Disk`]: `action` on the image at `path` failed because of `reason`.
+    pub fn disk(path: &Path, action: &'static str, reason: impl fmt::Display) -> Self {
+        Error::Disk {
+            path: path.to_path_buf(),
+            action,
+            reason: reason.to_string(),
         }
     }
 }

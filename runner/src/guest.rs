@@ -338,28 +338,17 @@ impl GuestBuilder {
     }
 
     fn prepare_disk(&self, dir: &Path) -> Result<PreparedDisk> {
+        // A raw guest on a raw drive gets a plain file; every other setup a qcow2 image.
+        let raw_file = self.format == GuestFormat::Raw && self.drive_format == "raw";
         let path = match &self.disk {
             Some(p) => p.clone(),
-            None => dir.join(
-                if self.format == GuestFormat::Raw && self.drive_format == "raw" {
-                    "disk.raw"
-                } else {
-                    "disk.qcow2"
-                },
-            ),
+            None => dir.join(if raw_file { "disk.raw" } else { "disk.qcow2" }),
         };
         if !path.exists() {
-            if self.format == GuestFormat::Raw && self.drive_format == "raw" {
-                let f = File::create(&path).map_err(|e| Error::Disk {
-                    path: path.clone(),
-                    action: "create",
-                    reason: e.to_string(),
-                })?;
-                f.set_len(self.size).map_err(|e| Error::Disk {
-                    path: path.clone(),
-                    action: "size",
-                    reason: e.to_string(),
-                })?;
+            if raw_file {
+                let f = File::create(&path).map_err(|e| Error::disk(&path, "create", e))?;
+                f.set_len(self.size)
+                    .map_err(|e| Error::disk(&path, "size", e))?;
             } else {
                 disk::create_qcow2(&path, self.size, self.cluster_size, self.refcount_bits)?;
             }
@@ -372,11 +361,7 @@ impl GuestBuilder {
                 .read(true)
                 .write(!self.read_only)
                 .open(&path)
-                .map_err(|e| Error::Disk {
-                    path: path.clone(),
-                    action: "open",
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| Error::disk(&path, "open", e))?;
             Ok(PreparedDisk {
                 file_len: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
                 path,
