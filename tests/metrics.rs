@@ -64,6 +64,8 @@ fn exchange(port: u16, request: &[u8]) -> std::io::Result<Response> {
     read_response(&mut s)
 }
 
+/// Reads one response from `s`: its head, then the body by `Content-Length` (or to the end
+/// of the stream when there is none).
 fn read_response(s: &mut TcpStream) -> std::io::Result<Response> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 16384];
@@ -167,6 +169,7 @@ fn promtool(text: &str) -> String {
     report
 }
 
+/// A loopback port nobody listens on.
 fn free_port() -> u16 {
     qcow_metal_runner::ports::pick_free().expect("a free loopback port")
 }
@@ -278,6 +281,7 @@ impl Drop for Prometheus {
     }
 }
 
+/// Percent-encodes `s` for a URL query (PromQL expressions).
 fn url_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
@@ -359,6 +363,7 @@ const CORE_SERIES: &[&str] = &[
 // The host-side registry served through the library's HTTP responder
 // ---------------------------------------------------------------------------------------
 
+/// Nanoseconds since the first call: the monotonic clock of the host-side registry.
 fn host_clock() -> u64 {
     use std::sync::OnceLock;
     static START: OnceLock<Instant> = OnceLock::new();
@@ -539,6 +544,7 @@ struct DeviceCounts {
     in_flight: u64,
 }
 
+/// The block device's counts in a scrape, to hold against QMP `query-blockstats`.
 fn device_counts(exp: &Exposition) -> DeviceCounts {
     let v = |name: &str, op: &str| -> u64 {
         let filter = [("op", op)];

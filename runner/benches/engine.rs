@@ -121,6 +121,7 @@ fn qemu_stride(units: u64) -> u64 {
     ((units as f64 * 0.618_033_988_7) as u64) | 1
 }
 
+/// The rows of the table for these sizes, offsets included.
 fn workloads(s: Sizes) -> Vec<Workload> {
     let clusters = s.virtual_size / CLUSTER;
     let blocks = s.virtual_size / BLOCK;
@@ -382,6 +383,7 @@ impl Drop for Scratch {
     }
 }
 
+/// Runs `cmd` and returns its stdout; an error names the missing package or quotes stderr.
 fn run_cmd(cmd: &mut Command) -> Result<String, String> {
     let out = cmd.output().map_err(|e| {
         format!(
@@ -664,10 +666,12 @@ fn run_in_process<E: Engine>(
     out
 }
 
+/// Throughput in MiB/s.
 fn mib_s(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / MIB as f64 / t.as_secs_f64()
 }
 
+/// Requests per second.
 fn iops(n: u64, t: Duration) -> f64 {
     n as f64 / t.as_secs_f64()
 }
@@ -760,6 +764,7 @@ const IN_PROCESS: [(&str, Runner); 3] = [
     ("qcow2-rs", run_in_process::<peers::Qcow2Rs>),
 ];
 
+/// Runs every selected contender on every selected row and prints the table and ratios.
 fn run(opts: &Options) -> Result<(), String> {
     let sizes = if opts.quick {
         Sizes::quick()
@@ -846,6 +851,7 @@ fn run(opts: &Options) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints one timed run on stderr as it finishes.
 fn progress(o: &Outcome, w: &Workload, started: Instant) {
     eprintln!(
         "  {:>6.1}s  {:<15} {:>8.3} s {:>9.1} MiB/s {:>9.0} IOPS  {}",

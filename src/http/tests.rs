@@ -136,6 +136,7 @@ fn split_responses(mut bytes: &[u8], heads: &[bool]) -> Vec<Resp> {
     out
 }
 
+/// Takes everything the connection wants to send, as if the socket took it all.
 fn drain(conn: &mut Connection, now: u64) -> Vec<u8> {
     let out = conn.pending_output().to_vec();
     conn.consume_output(out.len(), now);
@@ -156,6 +157,7 @@ fn exchange(site: &mut TestSite, input: &[u8]) -> (Connection, Vec<u8>) {
     (conn, out)
 }
 
+/// Sends one request to a fresh connection and parses its one response.
 fn one(input: &str) -> (Connection, Resp, TestSite) {
     let mut site = TestSite::new();
     let head = input.starts_with("HEAD ");

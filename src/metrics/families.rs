@@ -654,6 +654,7 @@ fn single_series<M: Metric + Default + 'static>(
     series
 }
 
+/// Registers the engine's families (label `disk`) and returns their handles.
 fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
     let d = cfg.disk;
     let mut fams = RequestFamilies::new(Prefix::Disk);
@@ -790,6 +791,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
     }
 }
 
+/// Registers the block device's families (label `device`) and returns their handles.
 fn build_blockdev(reg: &mut Registry, device: &str) -> BlockDeviceMetrics {
     let mut fams = RequestFamilies::new(Prefix::Blockdev);
     let requests = fams.child(device);
@@ -808,6 +810,7 @@ fn build_blockdev(reg: &mut Registry, device: &str) -> BlockDeviceMetrics {
     }
 }
 
+/// Registers the NBD export's families (label `export`) and returns their handles.
 fn build_nbd(reg: &mut Registry, export: &str) -> NbdMetrics {
     const EXPORT: &[&str] = &["export"];
     let connections_active = single_series::<Gauge>(
@@ -875,6 +878,7 @@ fn build_nbd(reg: &mut Registry, export: &str) -> NbdMetrics {
     }
 }
 
+/// Registers the HTTP responder's families and returns their handles.
 fn build_http(reg: &mut Registry) -> HttpMetrics {
     let mut req_f: Family<Counter> = Family::new(
         "qcow_metal_http_requests",
@@ -955,6 +959,7 @@ fn code_text(code: u16, buf: &mut [u8; 3]) -> &str {
     core::str::from_utf8(buf).unwrap_or("000")
 }
 
+/// Registers the guest-wide families (uptime, heap, build, network) and returns their handles.
 fn build_system(reg: &mut Registry, cfg: &GuestConfig<'_>) -> SystemMetrics {
     let mut up_f: Family<FloatGauge> = Family::new(
         "qcow_metal_guest_uptime_seconds",
@@ -1012,6 +1017,7 @@ fn build_system(reg: &mut Registry, cfg: &GuestConfig<'_>) -> SystemMetrics {
     }
 }
 
+/// Registers ocaml-qcow's `Mirage_qcow_*` families over the same counters as `disk`'s.
 fn build_mirage(reg: &mut Registry, id: &str, disk: &DiskMetrics) {
     let shared: [(&'static str, &'static str, Arc<Counter>); 10] = [
         (

@@ -102,6 +102,7 @@ impl core::fmt::Display for ParseError {
     }
 }
 
+/// A parse error at `line` (1-based).
 fn err(line: usize, message: impl Into<String>) -> ParseError {
     ParseError {
         line,
@@ -295,6 +296,8 @@ pub fn parse(text: &str, format: Format) -> Result<Exposition, ParseError> {
     Ok(exp)
 }
 
+/// Ends the family being read (if any): remembers its name, so that it may not come back
+/// later, and finishes its histogram checks.
 fn close_family(
     exp: &mut Exposition,
     current: Option<usize>,
@@ -327,6 +330,7 @@ fn sample_fits(fam: &FamilyInfo, name: &str, om: bool) -> bool {
     }
 }
 
+/// Checks a sample's value against its family's type (counters and buckets not negative).
 fn check_value(fam: &FamilyInfo, s: &Sample, om: bool) -> Result<(), String> {
     let counter_like =
         fam.kind == "counter" || (fam.kind == "histogram" && !s.name.ends_with("_sum"));

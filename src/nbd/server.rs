@@ -930,6 +930,7 @@ pub fn allocation_state(kind: Allocation) -> u32 {
     }
 }
 
+/// Makes a request durable when the client asked for it (`NBD_CMD_FLAG_FUA`).
 fn fua<D: VirtualDisk + ?Sized>(disk: &mut D, flags: u16) -> Result<(), NbdError> {
     if flags & CMD_FLAG_FUA != 0 {
         disk.flush().map_err(NbdError::from)
@@ -938,6 +939,8 @@ fn fua<D: VirtualDisk + ?Sized>(disk: &mut D, flags: u16) -> Result<(), NbdError
     }
 }
 
+/// Zeroes `len` bytes at `offset` by writing zero buffers of at most `chunk` bytes (for
+/// write-zeroes on a disk that has no write-zeroes of its own).
 fn zero_by_writing<D: VirtualDisk + ?Sized>(
     disk: &mut D,
     offset: u64,
@@ -954,6 +957,7 @@ fn zero_by_writing<D: VirtualDisk + ?Sized>(
     Ok(())
 }
 
+/// The text sent with an error reply.
 fn error_message(e: NbdError) -> &'static str {
     match e {
         NbdError::Perm => "the export is read-only",
