@@ -10,15 +10,18 @@
 //! 2. poll the interface: frames in and out of virtio-net, TCP timers, DHCP;
 //! 3. for every socket of the pool, advance its session: a new connection gets a fresh
 //!    HTTP or NBD state machine, bytes move between the socket and the state machine, NBD
-//!    requests run on the disk (synchronously: the virtio-blk driver polls its queue), and
-//!    a session whose connection ended is dropped and its socket listens again;
+//!    requests run on the disk (synchronously: the virtio-blk driver waits for its
+//!    requests), and a session whose connection ended is dropped; sockets listen again, the
+//!    pools grow when few listeners are left, and a full port closes its longest-idle
+//!    connection ([`Guest::make_room`]);
 //! 4. if anything moved, go round again at once (replies wait in socket buffers until the
-//!    interface is polled);
-//! 5. otherwise do the periodic work: engine background work, and the power button, which
-//!    flushes the disk and powers off cleanly;
-//! 6. idle: the next deadline is the earliest of smoltcp's `poll_delay` and the HTTP idle
-//!    timeouts. Without interrupts the loop spins (checking the receive ring) until then;
-//!    [`idle_until`] is the one place that would halt the CPU once interrupts are wired.
+//!    interface is polled); every [`HOUSEKEEPING_MS`], busy or not, look at the power button
+//!    ([`Guest::power_off`]: NBD clients told to go, replies drained, disk closed clean,
+//!    power off);
+//! 5. when nothing moved: every [`BACKGROUND_INTERVAL_MS`] the engine writes dirty metadata
+//!    back; then [`Guest::idle_until`] halts the CPU until the earliest deadline (smoltcp's
+//!    `poll_delay`, the HTTP idle timeouts, the engine timer, at most [`MAX_IDLE_MS`]) or
+//!    until virtio-net's interrupt says a frame arrived.
 //!
 //! Metrics: the block-device counters are updated by the virtio-blk driver itself, the
 //! request counters of the virtual disk by the `Instrumented` wrapper, and everything else
@@ -320,7 +323,7 @@ pub fn run(platform: Platform) -> ! {
                     .iter()
                     .find(|d| d.virtio_kind() == Some(crate::pci::VirtioKind::Block));
                 if pci.and_then(apic::enable_wake).is_some() {
-                    // Halt, rather than spin, while the host works on a request.
+                    // Long waits for the device halt the CPU instead of spinning.
                     blk.set_waiter(apic::idle_until);
                 }
                 Some(Sectored::new(blk))
