@@ -70,11 +70,8 @@ impl<D: BlockDevice> Qcow2<D> {
         let len = buf.len() as u64;
         let mut done = 0u64;
         while done < len {
-            let pos = offset + done;
-            let vc = pos >> self.geo.cluster_bits;
-            let inoff = pos & (cs - 1);
+            let (vc, inoff, l2i) = self.geo.locate(offset + done);
             let want = len - done;
-            let l2i = vc & (l2e - 1);
             let Some((s, _)) = self.l2_for_read(vc)? else {
                 let n = want.min((l2e - l2i) * cs - inoff);
                 buf[done as usize..(done + n) as usize].fill(0);
@@ -224,28 +221,38 @@ impl<D: BlockDevice> Qcow2<D> {
         }
     }
 
-    /// Writes `buf` at guest offset `offset`.
-    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
-        check_request(offset, buf.len() as u64, self.hdr.size)
-            .map_err(|_| Qcow2Error::Invalid("write past the end of the virtual disk"))?;
-        if buf.is_empty() {
+    /// Validates a request that changes the disk and starts the write session. `false`:
+    /// nothing to do (an empty request on a writable image); an empty request on a read-only
+    /// image is still refused, and one past the virtual end is `past_end`.
+    fn start_change(&mut self, offset: u64, len: u64, past_end: &'static str) -> Result<bool> {
+        check_request(offset, len, self.hdr.size).map_err(|_| Qcow2Error::Invalid(past_end))?;
+        if len == 0 {
             return if self.read_only {
                 Err(Qcow2Error::ReadOnly)
             } else {
-                Ok(())
+                Ok(false)
             };
         }
         self.begin_write()?;
+        Ok(true)
+    }
+
+    /// Writes `buf` at guest offset `offset`.
+    pub fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<()> {
+        if !self.start_change(
+            offset,
+            buf.len() as u64,
+            "write past the end of the virtual disk",
+        )? {
+            return Ok(());
+        }
         let cs = self.geo.cluster_size();
         let l2e = self.geo.l2_entries();
         let len = buf.len() as u64;
         let mut done = 0u64;
         while done < len {
-            let pos = offset + done;
-            let vc = pos >> self.geo.cluster_bits;
-            let inoff = pos & (cs - 1);
+            let (vc, inoff, l2i) = self.geo.locate(offset + done);
             let want = len - done;
-            let l2i = vc & (l2e - 1);
             let s = self.l2_for_write(vc)?;
             let m0 = self.decode(get_u64(self.l2c.data(s), l2i as usize))?;
             match self.plan(m0, vc)? {
@@ -392,16 +399,9 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Discards whole clusters inside the range: they become unallocated (read as zeros)
     /// and their host clusters are freed. Partial clusters at the edges are left alone.
     pub fn discard_range(&mut self, offset: u64, len: u64) -> Result<()> {
-        check_request(offset, len, self.hdr.size)
-            .map_err(|_| Qcow2Error::Invalid("discard past the end of the virtual disk"))?;
-        if len == 0 {
-            return if self.read_only {
-                Err(Qcow2Error::ReadOnly)
-            } else {
-                Ok(())
-            };
+        if !self.start_change(offset, len, "discard past the end of the virtual disk")? {
+            return Ok(());
         }
-        self.begin_write()?;
         self.unmap_clusters(offset, len, UnmapTo::Unallocated)
     }
 
@@ -455,16 +455,9 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Makes `len` bytes at `offset` read as zeros.
     pub fn zero_range(&mut self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
-        check_request(offset, len, self.hdr.size)
-            .map_err(|_| Qcow2Error::Invalid("write-zeroes past the end of the virtual disk"))?;
-        if len == 0 {
-            return if self.read_only {
-                Err(Qcow2Error::ReadOnly)
-            } else {
-                Ok(())
-            };
+        if !self.start_change(offset, len, "write-zeroes past the end of the virtual disk")? {
+            return Ok(());
         }
-        self.begin_write()?;
         let cs = self.geo.cluster_size();
         let end = offset + len;
         let first_full = offset.div_ceil(cs) * cs;
@@ -534,10 +527,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let mut kind = None;
         let mut done = 0u64;
         while done < len {
-            let pos = offset + done;
-            let vc = pos / cs;
-            let inoff = pos & (cs - 1);
-            let l2i = vc & (l2e - 1);
+            let (vc, inoff, l2i) = self.geo.locate(offset + done);
             let (k, n) = match self.l2_for_read(vc)? {
                 None => (ClusterKind::Unallocated, (l2e - l2i) * cs - inoff),
                 Some((s, _)) => {

@@ -84,6 +84,13 @@ impl Geometry {
     pub fn in_cluster(&self, x: u64) -> u64 {
         x & (self.cluster_size() - 1)
     }
+
+    /// Where guest byte `pos` lies: its guest cluster, the offset inside that cluster, and
+    /// the cluster's index in its L2 table.
+    pub fn locate(&self, pos: u64) -> (u64, u64, u64) {
+        let vc = pos >> self.cluster_bits;
+        (vc, self.in_cluster(pos), vc & (self.l2_entries() - 1))
+    }
 }
 
 /// An upper bound of the host bytes an image of `virtual_size` can ever need with this

@@ -231,19 +231,7 @@ fn v2_images_use_no_zero_flag() {
     // zero flag (which version 2 does not have).
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("v2.qcow2");
-    qemu_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=4096",
-            img.to_str().unwrap(),
-            "1M",
-        ],
-    );
+    qemu_create(&img, "compat=0.10,cluster_size=4096", 1 << 20);
     let mut q = open_file(&img, OpenOptions::default());
     assert_eq!(q.info().version, 2);
     q.write(0, &[9u8; 16384]).unwrap();

@@ -32,20 +32,8 @@ fn qemu_image(dir: &Path, c: &Config) -> std::path::PathBuf {
     if c.prealloc {
         o.push_str(",preallocation=metadata");
     }
+    qemu_create(&img, &o, SIZE);
     let p = img.to_str().unwrap();
-    qemu_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            p,
-            &SIZE.to_string(),
-        ],
-    );
     qemu_ok(
         "qemu-io",
         &[
@@ -76,23 +64,6 @@ fn qemu_image(dir: &Path, c: &Config) -> std::path::PathBuf {
         );
     }
     img
-}
-
-fn raw_of(dir: &Path, img: &Path) -> Vec<u8> {
-    let raw = dir.join("conv.raw");
-    qemu_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(&raw).unwrap()
 }
 
 /// Our writes, applied to the image and to the raw model alike.
@@ -129,16 +100,10 @@ fn our_writes(q: &mut Qcow2<FileDisk>, model: &mut [u8], cs: u64) {
 fn interop(c: Config) {
     let dir = tempfile::tempdir().unwrap();
     let img = qemu_image(dir.path(), &c);
-    let mut model = raw_of(dir.path(), &img);
+    let mut model = qemu_raw(dir.path(), &img);
     assert_eq!(model.len() as u64, SIZE);
     // Read-only: every byte as QEMU sees it.
-    let mut q = open_file(
-        &img,
-        OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    );
+    let mut q = open_file(&img, read_only());
     let mut ours = vec![0u8; SIZE as usize];
     q.read(0, &mut ours).unwrap();
     assert!(ours == model, "our read differs from qemu-img convert");
@@ -149,57 +114,23 @@ fn interop(c: Config) {
     let mut q = open_file(&img, small_cache());
     q.space().unwrap();
     our_writes(&mut q, &mut model, c.cluster);
-    let kept = q.space().unwrap();
-    assert_eq!(
-        kept,
-        q.space_walk().unwrap(),
-        "incremental space accounting drifted"
-    );
+    assert_space_kept(&mut q);
     let rep = q.check().unwrap();
     assert!(rep.is_clean(), "our check after our writes: {rep}");
     q.close().unwrap();
     assert_qemu_clean(&img);
-    let raw = dir.path().join("model.raw");
-    std::fs::write(&raw, &model).unwrap();
-    let o = qemu(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "qemu-img compare after our writes: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    assert_qemu_compare(
+        dir.path(),
+        &img,
+        &model,
+        "qemu-img compare after our writes",
     );
     // And our engine reads it back too, and sums it up as QEMU does.
     let mut q = open_file(&img, OpenOptions::default());
     q.read(0, &mut ours).unwrap();
     assert!(ours == model, "re-read differs from the model");
     let r = q.check().unwrap();
-    let o = qemu(
-        "qemu-img",
-        &["check", "--output=json", img.to_str().unwrap()],
-    );
-    let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert_eq!(r.total_clusters, json_u64(&out, "total-clusters"), "{out}");
-    assert_eq!(
-        r.allocated_clusters,
-        json_u64(&out, "allocated-clusters"),
-        "{out}"
-    );
-    assert_eq!(
-        r.image_end_offset,
-        json_u64(&out, "image-end-offset"),
-        "{out}"
-    );
+    assert_summary_eq_qemu(&r, &qemu_check_json(&img));
 }
 
 fn cfg(cluster: u64, refcount_bits: u32, compat: &'static str) -> Config {
@@ -453,14 +384,8 @@ fn compressed(cluster: u64, compat: &'static str) {
             img.to_str().unwrap(),
         ],
     );
-    let mut model = raw_of(dir.path(), &img);
-    let mut q = open_file(
-        &img,
-        OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    );
+    let mut model = qemu_raw(dir.path(), &img);
+    let mut q = open_file(&img, read_only());
     let map = q.map().unwrap();
     assert!(
         map.iter()
@@ -478,33 +403,10 @@ fn compressed(cluster: u64, compat: &'static str) {
     let mut q = open_file(&img, small_cache());
     q.space().unwrap();
     our_writes(&mut q, &mut model, cluster);
-    let kept = q.space().unwrap();
-    assert_eq!(
-        kept,
-        q.space_walk().unwrap(),
-        "incremental space accounting drifted"
-    );
+    assert_space_kept(&mut q);
     q.close().unwrap();
     assert_qemu_clean(&img);
-    let raw = dir.path().join("model.raw");
-    std::fs::write(&raw, &model).unwrap();
-    let o = qemu(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "qemu-img compare: {}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    assert_qemu_compare(dir.path(), &img, &model, "qemu-img compare");
 }
 
 #[test]

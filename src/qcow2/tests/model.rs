@@ -136,37 +136,13 @@ fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
     let report = q.check().unwrap();
     assert!(report.is_clean(), "our check: {report}");
     q.flush().unwrap();
-    let kept = q.space().unwrap();
-    assert_eq!(
-        kept,
-        q.space_walk().unwrap(),
-        "incremental space accounting drifted"
-    );
+    assert_space_kept(&mut q);
     let dev = q.close().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
-    let raw = dir.path().join("model.raw");
     save(&dev, &img);
-    std::fs::write(&raw, &model).unwrap();
     assert_qemu_clean(&img);
-    let o = qemu(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert_qemu_compare(dir.path(), &img, &model, "qemu-img compare");
 }
 
 fn config(cases: u32) -> ProptestConfig {
@@ -283,14 +259,7 @@ fn crash_on(base: MemDisk, size: u64, budget: u64, small: bool, ops: &[Op]) -> u
     // Power cut: whatever reached the device is the image.
     let used = budget - q.device().writes_left;
     let disk = q.device().inner.clone();
-    let mut q = Qcow2::open(
-        disk,
-        OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let mut q = Qcow2::open(disk, read_only()).unwrap();
     let report = q.check().unwrap();
     assert_eq!(report.corruptions, 0, "corruption after a crash: {report}");
     assert_eq!(report.check_errors, 0, "{report}");
@@ -337,19 +306,7 @@ fn crash_during_refcount_table_growth() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("g.qcow2");
     let size = 8u64 << 20;
-    qemu_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512,refcount_bits=64",
-            img.to_str().unwrap(),
-            &size.to_string(),
-        ],
-    );
+    qemu_create(&img, "cluster_size=512,refcount_bits=64", size);
     let base = MemDisk::from_bytes(std::fs::read(&img).unwrap(), false);
     let ops: Vec<Op> = (0..8u64)
         .map(|i| Op::Write {

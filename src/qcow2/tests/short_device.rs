@@ -8,45 +8,9 @@ use super::util::*;
 use crate::block::MemDisk;
 use crate::disk::{DiskError, VirtualDisk};
 use crate::qcow2::{OpenOptions, Qcow2, Qcow2Error};
-use std::path::Path;
 
 const SIZE: u64 = 8 << 20;
 const CLUSTERS: [u64; 4] = [512, 4096, 65536, 2 << 20];
-
-/// `qemu-img create -f qcow2 -o cluster_size=<cs> <path> 8M`.
-fn qemu_create(path: &Path, cs: u64) {
-    qemu_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cs}"),
-            path.to_str().unwrap(),
-            &SIZE.to_string(),
-        ],
-    );
-}
-
-/// The guest view of an image file, as `qemu-img convert -O raw` gives it.
-fn raw(dir: &Path, img: &Path) -> Vec<u8> {
-    let out = dir.join("raw.img");
-    qemu_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(out).unwrap()
-}
 
 fn open_fixed(bytes: Vec<u8>, read_only: bool) -> Result<Qcow2<MemDisk>, Qcow2Error> {
     let mut dev = MemDisk::from_bytes(bytes, true);
@@ -73,14 +37,14 @@ fn fresh_qemu_images_open_on_short_devices() {
     let dir = tempfile::tempdir().unwrap();
     for cs in CLUSTERS {
         let img = dir.path().join(format!("fresh{cs}.qcow2"));
-        qemu_create(&img, cs);
+        qemu_create(&img, &format!("cluster_size={cs}"), SIZE);
         let bytes = std::fs::read(&img).unwrap();
         assert!(
             cs == 512 || !(bytes.len() as u64).is_multiple_of(cs),
             "qemu-img made a file of whole clusters ({} bytes, cluster {cs}); the test needs a short one",
             bytes.len()
         );
-        let want = raw(dir.path(), &img);
+        let want = qemu_raw(dir.path(), &img);
         let mut padded = bytes.clone();
         padded.resize(bytes.len().div_ceil(512) * 512, 0);
         for dev_bytes in [bytes.clone(), padded] {
@@ -122,7 +86,7 @@ fn data_cluster_cut_by_the_device_end() {
     let dir = tempfile::tempdir().unwrap();
     for cs in CLUSTERS {
         let img = dir.path().join(format!("data{cs}.qcow2"));
-        qemu_create(&img, cs);
+        qemu_create(&img, &format!("cluster_size={cs}"), SIZE);
         qemu_ok(
             "qemu-io",
             &[
@@ -139,7 +103,7 @@ fn data_cluster_cut_by_the_device_end() {
         let g = 4095 / cs * cs;
         let cut = full.len() - cs as usize / 2;
         std::fs::write(&img, &full[..cut]).unwrap();
-        let mut model = raw(dir.path(), &img);
+        let mut model = qemu_raw(dir.path(), &img);
 
         let mut q = open_fixed(full[..cut].to_vec(), true).unwrap();
         assert!(
@@ -166,7 +130,7 @@ fn data_cluster_cut_by_the_device_end() {
         std::fs::write(&img, &bytes).unwrap();
         assert_qemu_clean(&img);
         assert!(
-            raw(dir.path(), &img) == model,
+            qemu_raw(dir.path(), &img) == model,
             "cluster {cs}: QEMU reads otherwise"
         );
     }

@@ -1,7 +1,7 @@
 //! Helpers shared by the engine tests: QEMU tool runners and small image builders.
 
-use crate::block::{FileDisk, MemDisk};
-use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+use crate::block::{BlockDevice, FileDisk, MemDisk};
+use crate::qcow2::{CheckReport, CreateOptions, OpenOptions, Qcow2};
 use std::path::Path;
 use std::process::Command;
 
@@ -109,4 +109,108 @@ pub fn open_file(path: &Path, opts: OpenOptions) -> Qcow2<FileDisk> {
         opts,
     )
     .expect("open image")
+}
+
+/// `qemu-img create -q -f qcow2 -o <options> <path> <size>`.
+pub fn qemu_create(path: &Path, options: &str, size: u64) {
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            options,
+            path.to_str().unwrap(),
+            &size.to_string(),
+        ],
+    );
+}
+
+/// The guest view of a qcow2 file as `qemu-img convert -O raw` gives it (converted into
+/// `dir`).
+pub fn qemu_raw(dir: &Path, img: &Path) -> Vec<u8> {
+    let raw = dir.join("conv.raw");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(&raw).unwrap()
+}
+
+/// Writes `model` to a raw file in `dir` and asserts that `qemu-img compare` finds the
+/// qcow2 file `img` equal to it; `what` names the moment in the failure message.
+pub fn assert_qemu_compare(dir: &Path, img: &Path, model: &[u8], what: &str) {
+    let raw = dir.join("model.raw");
+    std::fs::write(&raw, model).unwrap();
+    let o = qemu(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `qemu-img check --output=json` of a file: its JSON report (whatever the exit status).
+pub fn qemu_check_json(path: &Path) -> String {
+    let o = qemu(
+        "qemu-img",
+        &["check", "--output=json", path.to_str().unwrap()],
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts that our check's summary (total and allocated clusters, image end) equals
+/// QEMU's JSON report.
+pub fn assert_summary_eq_qemu(r: &CheckReport, json: &str) {
+    assert_eq!(r.total_clusters, json_u64(json, "total-clusters"), "{json}");
+    assert_eq!(
+        r.allocated_clusters,
+        json_u64(json, "allocated-clusters"),
+        "{json}"
+    );
+    assert_eq!(
+        r.image_end_offset,
+        json_u64(json, "image-end-offset"),
+        "{json}"
+    );
+}
+
+/// Asserts that the incrementally kept space counters equal a full walk.
+pub fn assert_space_kept<D: BlockDevice>(q: &mut Qcow2<D>) {
+    let kept = q.space().unwrap();
+    assert_eq!(
+        kept,
+        q.space_walk().unwrap(),
+        "incremental space accounting drifted"
+    );
+}
+
+/// Options for a read-only open.
+pub fn read_only() -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    }
 }
