@@ -144,6 +144,15 @@ impl Disk {
         }
     }
 
+    /// Whether writes are refused (by the command line, the image or the device).
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Disk::Qcow2(d) => d.is_read_only(),
+            Disk::Raw(d) => d.is_read_only(),
+            Disk::Unavailable(_) => true,
+        }
+    }
+
     /// Size of the virtual disk in bytes (0 without a disk).
     pub fn size(&self) -> u64 {
         match self {
@@ -377,6 +386,7 @@ pub fn run(platform: Platform) -> ! {
     let net = Network::new(&mut dev, &config, now(), seed);
 
     let size = disk.size();
+    let read_only = config.read_only || disk.is_read_only();
     let mut facts = vec![
         ("version", String::from(VERSION)),
         ("export", config.export.clone()),
@@ -384,7 +394,7 @@ pub fn run(platform: Platform) -> ! {
         ("virtual size", format!("{size} bytes")),
         ("NBD port", format!("{}", config.nbd_port)),
         ("metrics port", format!("{}", config.metrics_port)),
-        ("read-only", format!("{}", config.read_only)),
+        ("read-only", format!("{read_only}")),
     ];
     if let Disk::Unavailable(why) = &disk {
         facts.push(("disk error", why.clone()));
@@ -392,7 +402,7 @@ pub fn run(platform: Platform) -> ! {
     let nbd_config = ServerConfig {
         export_name: config.export.clone(),
         description: format!("qcow-metal {} disk", disk.format_name()),
-        read_only: config.read_only,
+        read_only,
         ..ServerConfig::default()
     };
     let sessions = (0..net.listeners.len()).map(|_| None).collect();
