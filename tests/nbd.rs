@@ -2,7 +2,7 @@
 //! against the guest's qcow2 engine; malformed clients get errors while others are served;
 //! after a clean shutdown the image checks clean and holds exactly what was written.
 
-use qcow_metal::nbd::client::{greet, read_option_reply, send_option};
+use qcow_metal::nbd::client::{go_option_data, greet, read_option_reply, send_option};
 use qcow_metal::nbd::proto::{
     OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN, TFLAG_READ_ONLY,
 };
@@ -218,23 +218,15 @@ fn malformed_clients(port: u16) -> TcpStream {
     greet(&mut s).unwrap();
     send_option(&mut s, 0x7777, b"junk").unwrap();
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNSUP);
-    send_option(&mut s, OPT_GO, &go("nope")).unwrap();
+    send_option(&mut s, OPT_GO, &go_option_data("nope", &[])).unwrap();
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNKNOWN);
-    send_option(&mut s, OPT_GO, &go(NBD_EXPORT)).unwrap();
+    send_option(&mut s, OPT_GO, &go_option_data(NBD_EXPORT, &[])).unwrap();
     while read_option_reply(&mut s).unwrap().1 != REP_ACK {}
     s.write_all(&[0x42; REQUEST_LEN]).unwrap();
     assert_closed(&mut s);
 
     // A client that connects and says nothing stays open and harms nobody.
     TcpStream::connect(addr).unwrap()
-}
-
-/// The data of an `NBD_OPT_GO` for export `name`, asking for no information.
-fn go(name: &str) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&0u16.to_be_bytes());
-    d
 }
 
 /// Fails unless the server closes `s` (end of stream or reset) without sending more.

@@ -77,6 +77,33 @@ fn read_exact_vec(s: &mut TcpStream, n: usize) -> io::Result<Vec<u8>> {
     Ok(v)
 }
 
+/// The data of `NBD_OPT_INFO` and `NBD_OPT_GO`: export `name`, then the information
+/// requests `infos` (`NBD_INFO_*`).
+pub fn go_option_data(name: &str, infos: &[u16]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+    for info in infos {
+        d.extend_from_slice(&info.to_be_bytes());
+    }
+    d
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: export `name`,
+/// then the context `queries`.
+pub fn meta_context_option_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
 /// Sends one option (header and data) on a handshake stream.
 pub fn send_option(s: &mut TcpStream, opt: u32, data: &[u8]) -> io::Result<()> {
     let mut m = Vec::with_capacity(16 + data.len());
@@ -139,15 +166,9 @@ impl Client {
             let (_, kind, _) = read_option_reply(&mut s)?;
             structured = kind == REP_ACK;
         }
-        let name = opts.export.as_bytes();
         if structured && opts.base_allocation {
             let q = META_BASE_ALLOCATION.as_bytes();
-            let mut d = Vec::new();
-            d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-            d.extend_from_slice(name);
-            d.extend_from_slice(&1u32.to_be_bytes());
-            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-            d.extend_from_slice(q);
+            let d = meta_context_option_data(&opts.export, &[META_BASE_ALLOCATION]);
             send_option(&mut s, OPT_SET_META_CONTEXT, &d)?;
             loop {
                 let (_, kind, data) = read_option_reply(&mut s)?;
@@ -159,11 +180,7 @@ impl Client {
                 }
             }
         }
-        let mut d = Vec::new();
-        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        d.extend_from_slice(name);
-        d.extend_from_slice(&0u16.to_be_bytes());
-        send_option(&mut s, OPT_GO, &d)?;
+        send_option(&mut s, OPT_GO, &go_option_data(&opts.export, &[]))?;
         let mut export = None;
         loop {
             let (_, kind, data) = read_option_reply(&mut s)?;

@@ -1,7 +1,10 @@
 //! Tests of the NBD server: the state machine fed by hand, our client over real sockets, and
 //! real peers (qemu-io, qemu-img, nbdinfo, nbdcopy) against the host driver.
 
-use super::client::{Client, ClientOptions, greet, read_option_reply, send_option};
+use super::client::{
+    Client, ClientOptions, go_option_data, greet, meta_context_option_data, read_option_reply,
+    send_option,
+};
 use super::host::HostServer;
 use super::proto::*;
 use super::*;
@@ -155,31 +158,6 @@ fn opt(opt: u32, data: &[u8]) -> Vec<u8> {
     m
 }
 
-/// The data of `NBD_OPT_INFO`/`GO` for export `name`, asking for `infos`.
-fn go_data(name: &str, infos: &[u16]) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-    for i in infos {
-        d.extend_from_slice(&i.to_be_bytes());
-    }
-    d
-}
-
-/// The data of `NBD_OPT_LIST`/`SET_META_CONTEXT` for export `name` and `queries`.
-fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = Vec::new();
-    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
-    }
-    d
-}
-
 /// What a client sends to enter transmission the short way: its flags (fixed newstyle, no
 /// zeroes) and `NBD_OPT_EXPORT_NAME` for `name`.
 fn export_name_handshake(name: &[u8]) -> Vec<u8> {
@@ -228,9 +206,12 @@ fn session_script() -> Vec<u8> {
     s.extend(opt(OPT_STRUCTURED_REPLY, &[]));
     s.extend(opt(
         OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
+        &meta_context_option_data("disk", &["base:allocation"]),
     ));
-    s.extend(opt(OPT_GO, &go_data("disk", &[INFO_NAME, INFO_BLOCK_SIZE])));
+    s.extend(opt(
+        OPT_GO,
+        &go_option_data("disk", &[INFO_NAME, INFO_BLOCK_SIZE]),
+    ));
     s.extend(req(CMD_WRITE, 0, 1, 8192, 5000));
     s.extend((0..5000u32).map(|i| (i % 251) as u8));
     s.extend(req(CMD_READ, 0, 2, 8000, 6000));
@@ -367,18 +348,21 @@ fn bad_options_get_errors_and_haggling_goes_on() {
     let mut s = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
     s.extend(opt(OPT_LIST, b"x"));
     s.extend(opt(OPT_GO, b"\0\0\0\x10short"));
-    s.extend(opt(OPT_INFO, &go_data("other", &[])));
+    s.extend(opt(OPT_INFO, &go_option_data("other", &[])));
     s.extend(opt(
         OPT_SET_META_CONTEXT,
-        &meta_data("disk", &["base:allocation"]),
+        &meta_context_option_data("disk", &["base:allocation"]),
     ));
     s.extend(opt(OPT_STARTTLS, &[]));
     s.extend(opt(77, &vec![1u8; MAX_OPTION_LEN + 10]));
     s.extend(opt(OPT_STRUCTURED_REPLY, &[]));
-    s.extend(opt(OPT_LIST_META_CONTEXT, &meta_data("disk", &[])));
     s.extend(opt(
         OPT_LIST_META_CONTEXT,
-        &meta_data("disk", &["x-other:thing"]),
+        &meta_context_option_data("disk", &[]),
+    ));
+    s.extend(opt(
+        OPT_LIST_META_CONTEXT,
+        &meta_context_option_data("disk", &["x-other:thing"]),
     ));
     s.extend(opt(OPT_ABORT, &[]));
     let mut disk = TrackDisk::new(65536);
@@ -462,8 +446,8 @@ proptest::proptest! {
     fn random_requests_are_answered(reqs in proptest::collection::vec((0u16..10, 0u16..64, 0u64..(3 << 20), 0u32..(3 << 20)), 1..20)) {
         let mut s = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
         s.extend(opt(OPT_STRUCTURED_REPLY, &[]));
-        s.extend(opt(OPT_SET_META_CONTEXT, &meta_data("disk", &["base:allocation"])));
-        s.extend(opt(OPT_GO, &go_data("", &[])));
+        s.extend(opt(OPT_SET_META_CONTEXT, &meta_context_option_data("disk", &["base:allocation"])));
+        s.extend(opt(OPT_GO, &go_option_data("", &[])));
         let mut expected = 0;
         for (i, (kind, flags, offset, len)) in reqs.iter().enumerate() {
             if *kind == CMD_DISC { continue; }
@@ -848,9 +832,9 @@ fn malformed_clients_do_not_stop_others() {
     greet(&mut s).unwrap();
     send_option(&mut s, 0xdead, b"junk").unwrap();
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNSUP);
-    send_option(&mut s, OPT_GO, &go_data("missing", &[])).unwrap();
+    send_option(&mut s, OPT_GO, &go_option_data("missing", &[])).unwrap();
     assert_eq!(read_option_reply(&mut s).unwrap().1, REP_ERR_UNKNOWN);
-    send_option(&mut s, OPT_GO, &go_data("disk", &[])).unwrap();
+    send_option(&mut s, OPT_GO, &go_option_data("disk", &[])).unwrap();
     while read_option_reply(&mut s).unwrap().1 != REP_ACK {}
     s.write_all(&[0x42; REQUEST_LEN]).unwrap();
     let mut rest = Vec::new();
@@ -878,7 +862,7 @@ fn shutdown_refuses_options_and_requests() {
     let mut conn = Connection::new(&ServerConfig::default());
     conn.shutdown();
     let mut s = FLAG_C_FIXED_NEWSTYLE.to_be_bytes().to_vec();
-    s.extend(opt(OPT_GO, &go_data("disk", &[])));
+    s.extend(opt(OPT_GO, &go_option_data("disk", &[])));
     s.extend(opt(OPT_ABORT, &[]));
     let out = run(&mut conn, &mut disk, &mut stats, &s, 100);
     let kinds: Vec<u32> = option_replies(&out[GREETING_LEN..])
