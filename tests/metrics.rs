@@ -15,7 +15,9 @@ use qcow_metal::metrics::{
     EngineSnapshot, Format, GuestConfig, GuestMetrics, HttpSnapshot, Instrumented, IoOp,
     NbdSnapshot, SystemSnapshot,
 };
-use qcow_metal_e2e::{Guest, ScratchDir, boot, guest, qemu_io, require_tool, shut_down_cleanly};
+use qcow_metal_e2e::{
+    Guest, ScratchDir, boot, guest, qemu_io, require_tool, run_tool, shut_down_cleanly,
+};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -1009,18 +1011,8 @@ fn dashboard_and_prometheus_config_are_well_formed() {
         }
     }
 
-    let promtool = require_tool("promtool", "prometheus");
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../doc/prometheus.yml");
-    let out = Command::new(promtool)
-        .args(["check", "config", config])
-        .output()
-        .expect("running promtool");
-    assert!(
-        out.status.success(),
-        "promtool check config doc/prometheus.yml:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_tool("promtool", "prometheus", &["check", "config", config]);
     let text = std::fs::read_to_string(config).unwrap();
     assert!(
         text.contains("127.0.0.1:9090"),
