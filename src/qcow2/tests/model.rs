@@ -337,3 +337,155 @@ fn crash_during_refcount_table_growth() {
     save(&dev, &img);
     assert_qemu_clean(&img);
 }
+
+/// After a request failed with `NoSpace`, the model takes what the range reads as.
+fn adopt(q: &mut Qcow2<MemDisk>, model: &mut [u8], off: u64, len: u64) {
+    let r = &mut model[off as usize..(off + len) as usize];
+    q.read(off, r).expect("read after NoSpace");
+}
+
+/// Writes the whole disk in runs of three clusters; returns how many hit `NoSpace`.
+fn fill_disk(q: &mut Qcow2<MemDisk>, model: &mut [u8], seed: u8) -> u32 {
+    let size = model.len() as u64;
+    let cs = q.cluster_size();
+    let mut no_space = 0;
+    let mut off = 0;
+    while off < size {
+        let len = (3 * cs).min(size - off);
+        let data = pattern(len, seed);
+        match q.write(off, &data) {
+            Ok(()) => model[off as usize..(off + len) as usize].copy_from_slice(&data),
+            Err(crate::disk::DiskError::NoSpace) => {
+                no_space += 1;
+                adopt(q, model, off, len);
+            }
+            Err(e) => panic!("fill write {off}+{len}: {e:?}"),
+        }
+        off += len;
+    }
+    no_space
+}
+
+/// Runs `ops` on a fixed-capacity device too small for the whole disk: writes and
+/// write-zeroes that find no free cluster fail with `NoSpace`, and the range they covered
+/// then reads as whatever the engine kept (old or new data per cluster, taken into the
+/// model). Everything else must go on as on a large device: reads match the model,
+/// discards make room that later writes use, reopening works, and at the end our check
+/// and `qemu-img check` are clean and `qemu-img compare` equals the model.
+fn run_full(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
+    let size = (cs * 24).max(1 << 20) + 1536;
+    // Metadata plus about half of the disk's clusters.
+    let cap = (size / 2 / cs + 16) * cs;
+    let mut q = Qcow2::create(
+        MemDisk::fixed(cap),
+        &CreateOptions {
+            virtual_size: size,
+            cluster_size: cs,
+            refcount_bits: rb,
+            lazy_refcounts: lazy,
+            open: open_opts(small),
+        },
+    )
+    .unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut fill = 0u8;
+    let mut no_space = fill_disk(&mut q, &mut model, fill);
+    assert!(no_space > 0, "the device held the whole disk");
+    for o in ops.iter().cycle().take(ops.len() * 3) {
+        match *o {
+            Op::Write { off, len, seed } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                let data = pattern(len, seed);
+                match q.write(off, &data) {
+                    Ok(()) => model[off as usize..(off + len) as usize].copy_from_slice(&data),
+                    Err(crate::disk::DiskError::NoSpace) => {
+                        no_space += 1;
+                        adopt(&mut q, &mut model, off, len);
+                    }
+                    Err(e) => panic!("write {off}+{len}: {e:?}"),
+                }
+            }
+            Op::Read { off, len } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                let mut buf = vec![0xEEu8; len as usize];
+                q.read(off, &mut buf).unwrap();
+                assert!(
+                    buf == model[off as usize..(off + len) as usize],
+                    "read mismatch at {off}+{len}"
+                );
+            }
+            Op::Flush => q.flush().unwrap(),
+            Op::Discard { off, len } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                q.discard(off, len).unwrap();
+                let (a, b) = discarded(off, len, cs, size);
+                model[a as usize..b as usize].fill(0);
+            }
+            Op::Zero { off, len, unmap } => {
+                let off = off.min(size - 1);
+                let len = len.min(size - off);
+                match q.write_zeroes(off, len, unmap) {
+                    Ok(()) => model[off as usize..(off + len) as usize].fill(0),
+                    Err(crate::disk::DiskError::NoSpace) => {
+                        no_space += 1;
+                        adopt(&mut q, &mut model, off, len);
+                    }
+                    Err(e) => panic!("write-zeroes {off}+{len}: {e:?}"),
+                }
+            }
+            Op::Reopen => {
+                let dev = q.close().unwrap();
+                q = Qcow2::open(dev, open_opts(small)).unwrap();
+                // Fill the disk to the brim now and then, so NoSpace is common.
+                fill = fill.wrapping_add(1);
+                no_space += fill_disk(&mut q, &mut model, fill);
+            }
+        }
+    }
+    assert!(no_space > 0);
+    let mut all = vec![0u8; size as usize];
+    q.read(0, &mut all).unwrap();
+    assert!(all == model, "whole-disk read differs from the model");
+    let report = q.check().unwrap();
+    assert!(report.is_clean(), "our check: {report}");
+    let dev = q.close().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("full.qcow2");
+    save(&dev, &img);
+    assert_qemu_clean(&img);
+    assert_qemu_compare(dir.path(), &img, &model, "qemu-img compare");
+}
+
+proptest! {
+    #![proptest_config(config(8))]
+    #[test]
+    fn full_device_512(
+        ops in proptest::collection::vec(op((1u64 << 20) + 1536, 512), 1..40),
+        rb in prop_oneof![Just(1u32), Just(16), Just(64)],
+        lazy in any::<bool>(),
+        small in any::<bool>(),
+    ) {
+        run_full(512, rb, lazy, small, &ops);
+    }
+
+    #[test]
+    fn full_device_4k(
+        ops in proptest::collection::vec(op((1u64 << 20) + 1536, 4096), 1..40),
+        rb in prop_oneof![Just(2u32), Just(16)],
+        small in any::<bool>(),
+    ) {
+        run_full(4096, rb, false, small, &ops);
+    }
+
+    #[test]
+    fn full_device_64k(
+        ops in proptest::collection::vec(op((65536u64 * 24) + 1536, 65536), 1..30),
+        lazy in any::<bool>(),
+        small in any::<bool>(),
+    ) {
+        run_full(65536, 16, lazy, small, &ops);
+    }
+}
