@@ -3,9 +3,10 @@
 //!
 //! Run: `cargo bench -p qcow-metal-runner --bench engine` (about a minute and a half), or
 //! `cargo bench -p qcow-metal-runner --bench engine -- --quick` (a few seconds; also
-//! `QCOW_METAL_BENCH_QUICK=1`). `QCOW_METAL_BENCH_DIR` picks the scratch directory (default: the
-//! system temporary directory; it must not be a tmpfs unless every contender uses it, which they
-//! do here since they all share it).
+//! `QCOW_METAL_BENCH_QUICK=1`). More options after `--`: `--repeat N` (runs per contender and
+//! row, the fastest counts), `--only NAME,...` (contenders), `--rows 1,3` (rows).
+//! `QCOW_METAL_BENCH_DIR` picks the scratch directory (default: the system temporary
+//! directory), the same for every contender.
 //!
 //! Contenders, each on images made by `qemu-img create -f qcow2 -o cluster_size=65536`:
 //! - ours: `qcow_metal::qcow2::Qcow2<FileDisk>`, in-process, through the `VirtualDisk` trait;
