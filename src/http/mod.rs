@@ -6,7 +6,7 @@
 //! [`Connection::poll`] regularly (idle timeout, and requests held back while output was
 //! pending), and closes the socket once [`Connection::is_closed`] says so. The same code
 //! runs over smoltcp sockets in the guest and over std `TcpStream`s in host tests
-//! ([`std_io`]).
+//! (`std_io`, with the `std` feature).
 //!
 //! What it serves is supplied by the application through the [`Site`] trait: `/metrics`
 //! (content negotiated by the site from the `Accept` header), `/` (a small HTML page built

@@ -24,8 +24,8 @@
 //! down, [`Connection::shutdown`] makes further options and requests fail with the
 //! protocol's shutdown errors, so that clients disconnect on their own.
 //!
-//! With the `std` feature, for the host: [`client`], a small blocking client for tests and
-//! benchmarks, and [`host`], which serves a disk from std TCP sockets with this same code.
+//! With the `std` feature, for the host: `client`, a small blocking client for tests and
+//! benchmarks, and `host`, which serves a disk from std TCP sockets with this same code.
 //!
 //! [`VirtualDisk`]: crate::disk::VirtualDisk
 
