@@ -112,7 +112,7 @@ struct Verdict {
     new_bytes: u64,
     /// Bytes written since the last flush that still hold their durable value.
     old_bytes: u64,
-    /// Ranges `[start, end)` that hold neither (the loss), at most a few.
+    /// Ranges `[start, end)` around the bytes that hold neither (the loss), at most a few.
     bad: Vec<(u64, u64)>,
     bad_bytes: u64,
 }
@@ -201,7 +201,8 @@ impl Model {
                     v.bad_bytes += 1;
                     let room = v.bad.len() < 8;
                     match v.bad.last_mut() {
-                        Some((_, e)) if *e == b => *e = b + 1,
+                        // Ranges a few bytes apart are one range (random data matches by chance).
+                        Some((_, e)) if b <= *e + 64 => *e = b + 1,
                         _ if room => v.bad.push((b, b + 1)),
                         _ => {}
                     }
@@ -548,6 +549,8 @@ struct Driver {
     model: Model,
     log: Vec<String>,
     history: Vec<(u64, u64)>,
+    /// Every write and write-zeroes sent: (op number, offset, length).
+    writes: Vec<(usize, u64, u64)>,
     cs: u64,
     /// Operations of each kind: writes, FUA writes, zero writes, flushes.
     counts: [u64; 4],
@@ -569,6 +572,7 @@ impl Driver {
             if fua { " FUA" } else { "" }
         ));
         self.model.sent(op, off, data.clone());
+        self.writes.push((op, off, len));
         let t = Instant::now();
         let err = self.client.write(off, &data, fua).expect("NBD write");
         assert_eq!(err, 0, "NBD error on op #{op}");
@@ -601,6 +605,7 @@ impl Driver {
             if fua { " FUA" } else { "" }
         ));
         self.model.sent(op, off, vec![0; len as usize]);
+        self.writes.push((op, off, len));
         let err = self
             .client
             .write_zeroes(off, len as u32, flags)
@@ -632,6 +637,7 @@ impl Driver {
         self.log
             .push(format!("#{op} write {off}+{len} (not waited for)"));
         self.model.sent(op, off, data.clone());
+        self.writes.push((op, off, len));
         self.client
             .send(CMD_WRITE, 0, off, len as u32, &data)
             .expect("NBD send");
@@ -692,7 +698,7 @@ fn run_round(
     lines: &mut Vec<String>,
 ) -> Result<(), String> {
     let mut rng = Rng(seed ^ (index as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
-    let disk = dir.join(format!("round{index}.qcow2"));
+    let disk = dir.join(format!("round{}.qcow2", index + 1));
     if let Image::Qemu(cs, options) = round.image {
         qemu_img(&[
             "create",
@@ -746,7 +752,7 @@ fn run_round(
         },
         check
     ));
-    let after = virtual_disk(&disk, &dir.join(format!("round{index}-boot-killed")));
+    let after = virtual_disk(&disk, &dir.join(format!("round{}-boot-killed", index + 1)));
     if let Some(k) = first_difference(&after, &image) {
         return Err(format!(
             "a kill during boot changed the virtual disk: byte {k} holds {:#04x}, it held {:#04x}",
@@ -809,7 +815,7 @@ fn run_round(
             check.leaks
         ));
     }
-    let after = virtual_disk(&disk, &dir.join(format!("round{index}-after")));
+    let after = virtual_disk(&disk, &dir.join(format!("round{}-after", index + 1)));
     if let Some(k) = first_difference(&after, &expected) {
         return Err(format!(
             "after the reboot's writes and a clean shutdown, byte {k} holds {:#04x}, expected {:#04x}",
@@ -917,6 +923,7 @@ fn crash_cycle(
         },
         log: Vec::new(),
         history: Vec::new(),
+        writes: Vec::new(),
         cs: cluster_size(round),
         counts: [0; 4],
         write_time: Duration::ZERO,
@@ -1029,6 +1036,23 @@ fn crash_cycle(
         );
         for &(s, e) in &verdict.bad {
             msg.push_str(&d.model.explain(&killed, s, e, d.cs));
+            let last: Vec<String> = d
+                .writes
+                .iter()
+                .rev()
+                .filter(|w| w.1 < e && s < w.1 + w.2)
+                .take(3)
+                .map(|w| format!("#{} ({}+{})", w.0, w.1, w.2))
+                .collect();
+            let _ = writeln!(
+                msg,
+                "    latest writes there this boot: {}",
+                if last.is_empty() {
+                    "none (the data is from an earlier boot)".to_string()
+                } else {
+                    last.join(", ")
+                }
+            );
         }
         let _ = write!(
             msg,
