@@ -359,11 +359,6 @@ impl BlockDeviceMetrics {
     pub fn completed(&self) {
         self.in_flight.dec();
     }
-
-    /// Sets the number of requests in flight.
-    pub fn set_in_flight(&self, n: u64) {
-        self.in_flight.set_u64(n);
-    }
 }
 
 /// NBD command label values, in the order of [`NbdSnapshot::requests`].
