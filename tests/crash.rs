@@ -678,16 +678,18 @@ fn connect(g: &mut Guest) -> Client {
         .unwrap_or_else(|e| panic!("NBD connect: {e}\n{}", g.tail()))
 }
 
-/// Kill modes for crash cycles after a round's first (the idle one takes too long).
-const LATER_KILLS: [Kill; 4] = [
+/// Kill modes for crash cycles after a round's first (the idle one takes too long). A kill
+/// mid-flush is the likeliest to land between two metadata writes, so it comes twice.
+const LATER_KILLS: [Kill; 5] = [
     Kill::DuringWrites,
+    Kill::MidFlush,
     Kill::MidFlush,
     Kill::AfterFlushAck,
     Kill::AfterFuaAck,
 ];
 
 /// Crash cycles per round: boot, stream, kill, check; each on the image the last left.
-const CYCLES: usize = 2;
+const CYCLES: usize = 3;
 
 /// Runs one round; `lines` collects what it found, `Err` carries a failure with its evidence.
 fn run_round(
