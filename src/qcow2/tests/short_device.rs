@@ -135,3 +135,47 @@ fn data_cluster_cut_by_the_device_end() {
         );
     }
 }
+
+/// The L1 table's cluster is cut by the device end and a free whole cluster lies below it:
+/// a write allocates its L2 table there and the L1 update reaches the device (only the
+/// table's bytes are on it; the rest of the cluster is zeros); the data cluster finds no
+/// room (`NoSpace`). The image stays clean for us and for QEMU.
+#[test]
+fn l1_update_in_a_cut_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("moved.qcow2");
+    let cs = 65536u64;
+    qemu_create(&img, "cluster_size=65536", SIZE);
+    let bytes = std::fs::read(&img).unwrap();
+    let be64 =
+        |b: &[u8], at: u64| u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap());
+    // QEMU's layout: header, refcount table, refcount block, L1 (8 bytes of it on disk).
+    assert_eq!(be64(&bytes, 40), 3 * cs, "L1 offset");
+    assert_eq!(be64(&bytes, 48), cs, "refcount table offset");
+    assert_eq!(be64(&bytes, cs), 2 * cs, "refcount block offset");
+    // Move the L1 table one cluster up, leaving cluster 3 free.
+    let mut b = bytes[..3 * cs as usize].to_vec();
+    b.resize(4 * cs as usize + 8, 0);
+    b[40..48].copy_from_slice(&(4 * cs).to_be_bytes());
+    let rb = 2 * cs as usize;
+    b[rb + 6..rb + 8].copy_from_slice(&[0, 0]);
+    b[rb + 8..rb + 10].copy_from_slice(&[0, 1]);
+    std::fs::write(&img, &b).unwrap();
+    assert_qemu_clean(&img);
+
+    let mut q = open_fixed(b.clone(), false).unwrap();
+    assert_eq!(q.write(5 << 20, &[9u8; 512]), Err(DiskError::NoSpace));
+    let rep = q.check().unwrap();
+    assert!(rep.is_clean(), "{rep}");
+    let after = q.close().unwrap().into_bytes();
+    assert_eq!(after.len(), b.len(), "the device did not grow");
+    let l1 = be64(&after, 4 * cs);
+    assert_eq!(
+        l1 & !(1 << 63),
+        3 * cs,
+        "the L2 table went into the free cluster"
+    );
+    std::fs::write(&img, &after).unwrap();
+    assert_qemu_clean(&img);
+    assert!(qemu_raw(dir.path(), &img).iter().all(|&x| x == 0));
+}
