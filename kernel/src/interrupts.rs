@@ -248,7 +248,7 @@ fn report(frame: &Frame) {
     );
     let _ = writeln!(
         out,
-        "  (addr2line -e target/release/qcow-metal-kernel {:#x} names the code)",
+        "  (addr2line -e target/kernel/release/qcow-metal-kernel {:#x} names the code)",
         frame.rip
     );
 }

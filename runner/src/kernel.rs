@@ -55,7 +55,9 @@ pub fn build_kernel(root: &Path, output: BuildOutput) -> Result<PathBuf> {
     let target_dir = kernel_target_dir(root);
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(root)
-        .args(["build", "-p", KERNEL_PACKAGE, "--release", "--target-dir"])
+        .args(["build", "--release", "--manifest-path"])
+        .arg(root.join("kernel").join("Cargo.toml"))
+        .arg("--target-dir")
         .arg(&target_dir)
         .stdin(Stdio::null());
     // The kernel is built for the host target with its own link arguments; flags meant for
@@ -66,7 +68,7 @@ pub fn build_kernel(root: &Path, output: BuildOutput) -> Result<PathBuf> {
     match output {
         BuildOutput::Show => {
             eprintln!(
-                "qcow-metal: building the kernel (cargo build -p {KERNEL_PACKAGE} --release)"
+                "qcow-metal: building the kernel (cargo build --release --manifest-path kernel/Cargo.toml)"
             );
             cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
             let status = cmd
