@@ -39,11 +39,10 @@ use qcow_metal::config::{Config, DiskFormat, GuestExit};
 use qcow_metal::disk::{RawDisk, VirtualDisk};
 use qcow_metal::http::{Health, HttpStats};
 use qcow_metal::metrics::families::{
-    EngineSnapshot, GuestConfig, GuestMetrics, HttpSnapshot, NBD_COMMANDS, NBD_ERRORS, NbdSnapshot,
-    SystemSnapshot,
+    EngineSnapshot, GuestConfig, GuestMetrics, HttpSnapshot, NbdSnapshot, SystemSnapshot,
 };
 use qcow_metal::metrics::{Format, Instrumented};
-use qcow_metal::nbd::{Command, NbdError, NbdStats, ServerConfig};
+use qcow_metal::nbd::{NbdStats, ServerConfig};
 use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -182,32 +181,7 @@ impl Disk {
                     }
                 }
                 let space = cache.map(|(_, s)| s).unwrap_or_default();
-                let st = engine.stats();
-                EngineSnapshot {
-                    virtual_size: space.virtual_size,
-                    cluster_size: space.cluster_size,
-                    data_bytes: space.data_bytes,
-                    metadata_bytes: space.metadata_bytes,
-                    image_extent: space.image_extent,
-                    free_clusters: space.free_clusters,
-                    clusters_allocated: st.clusters_allocated,
-                    clusters_freed: st.clusters_freed,
-                    cow_bytes: st.cow_bytes,
-                    l2_cache_hits: st.l2_cache_hits,
-                    l2_cache_misses: st.l2_cache_misses,
-                    refcount_cache_hits: st.refcount_cache_hits,
-                    refcount_cache_misses: st.refcount_cache_misses,
-                    metadata_written_bytes: st.metadata_bytes_written,
-                    reclaim: [
-                        st.reclaim_junk,
-                        st.reclaim_erased,
-                        st.reclaim_available,
-                        st.reclaim_copied,
-                        st.reclaim_flushed,
-                        st.reclaim_referenced,
-                    ],
-                    reclaim_roots: 0,
-                }
+                EngineSnapshot::from_qcow2(&space, engine.stats())
             }
             Disk::Raw(d) => {
                 let size = d.size();
@@ -687,30 +661,7 @@ fn update_metrics(
     let heap = crate::heap::stats();
     use core::sync::atomic::Ordering::Relaxed;
     metrics.disk.update(engine);
-    let mut n = NbdSnapshot {
-        connections_active: nbd.connections_active,
-        connections_total: nbd.connections_total,
-        sessions_total: nbd.sessions_total,
-        protocol_errors: nbd.protocol_errors,
-        bytes: [
-            nbd.bytes_read,
-            nbd.bytes_written,
-            nbd.bytes_trimmed,
-            nbd.bytes_zeroed,
-        ],
-        ..NbdSnapshot::default()
-    };
-    for cmd in Command::ALL {
-        if let Some(i) = NBD_COMMANDS.iter().position(|&c| c == cmd.name()) {
-            n.requests[i] = nbd.requests_of(cmd);
-        }
-    }
-    for err in NbdError::ALL {
-        if let Some(i) = NBD_ERRORS.iter().position(|&e| e == err.name()) {
-            n.errors[i] = nbd.errors_of(err);
-        }
-    }
-    metrics.nbd.update(&n);
+    metrics.nbd.update(&NbdSnapshot::from(nbd));
     metrics.http.update(&HttpSnapshot::from(&http.snapshot()));
     metrics.system.update(&SystemSnapshot {
         uptime_seconds: time::now_ns() as f64 / 1e9,
