@@ -51,16 +51,21 @@ pub enum GuestExit {
     Panic = 0x13,
     /// The heap ran out of memory. Status 41.
     OutOfMemory = 0x14,
+    /// Orderly shutdown, but closing the disk failed (metadata write-back or the final
+    /// flush): what was written may not be durable and the image may be left dirty.
+    /// Status 43.
+    DiskError = 0x15,
 }
 
 impl GuestExit {
     /// Every exit, in value order.
-    pub const ALL: [GuestExit; 5] = [
+    pub const ALL: [GuestExit; 6] = [
         GuestExit::Clean,
         GuestExit::BadConfig,
         GuestExit::Fault,
         GuestExit::Panic,
         GuestExit::OutOfMemory,
+        GuestExit::DiskError,
     ];
 
     /// The byte the guest writes to the `isa-debug-exit` port.
@@ -89,6 +94,7 @@ impl GuestExit {
             GuestExit::Fault => "CPU fault",
             GuestExit::Panic => "kernel panic",
             GuestExit::OutOfMemory => "out of memory",
+            GuestExit::DiskError => "shutdown with a disk error",
         }
     }
 }
@@ -592,11 +598,12 @@ mod tests {
         assert_eq!(GuestExit::Fault.qemu_status(), 37);
         assert_eq!(GuestExit::Panic.qemu_status(), 39);
         assert_eq!(GuestExit::OutOfMemory.qemu_status(), 41);
+        assert_eq!(GuestExit::DiskError.qemu_status(), 43);
         for exit in GuestExit::ALL {
             assert_eq!(exit.qemu_status(), (i32::from(exit.code()) << 1) | 1);
             assert_eq!(GuestExit::from_qemu_status(exit.qemu_status()), Some(exit));
         }
-        for status in [0, 1, 2, 32, 34, 43, -1, 255] {
+        for status in [0, 1, 2, 32, 34, 45, -1, 255] {
             assert_eq!(GuestExit::from_qemu_status(status), None, "{status}");
         }
     }

@@ -423,10 +423,15 @@ fn park(disk: Disk) -> ! {
 fn shut_down(disk: Disk) -> ! {
     info!("closing the disk");
     match disk.close() {
-        Ok(()) => info!("disk closed and flushed; powering off"),
-        Err(e) => error!("closing the disk failed: {e}; powering off anyway"),
+        Ok(()) => {
+            info!("disk closed and flushed; powering off");
+            power::shutdown(GuestExit::Clean)
+        }
+        Err(e) => {
+            error!("closing the disk failed: {e}; powering off with a disk error");
+            power::shutdown(GuestExit::DiskError)
+        }
     }
-    power::shutdown(GuestExit::Clean)
 }
 
 impl Guest {

@@ -22,6 +22,9 @@ pub enum GuestOutcome {
     Panic,
     /// The guest's heap ran out of memory (QEMU status 41).
     OutOfMemory,
+    /// The guest shut down, but closing its disk failed: data may not be durable and the
+    /// image may be left dirty (QEMU status 43).
+    DiskError,
     /// QEMU exited with status 0: `quit` over QMP, an ACPI power-off the guest did itself,
     /// or a reset/triple fault under `-no-reboot`.
     QemuQuit,
@@ -59,6 +62,7 @@ impl GuestOutcome {
             GuestExit::Fault => GuestOutcome::Fault,
             GuestExit::Panic => GuestOutcome::Panic,
             GuestExit::OutOfMemory => GuestOutcome::OutOfMemory,
+            GuestExit::DiskError => GuestOutcome::DiskError,
         }
     }
 
@@ -70,6 +74,7 @@ impl GuestOutcome {
             GuestOutcome::Fault => Some(GuestExit::Fault),
             GuestOutcome::Panic => Some(GuestExit::Panic),
             GuestOutcome::OutOfMemory => Some(GuestExit::OutOfMemory),
+            GuestOutcome::DiskError => Some(GuestExit::DiskError),
             _ => None,
         }
     }
@@ -110,6 +115,11 @@ impl fmt::Display for GuestOutcome {
             GuestOutcome::OutOfMemory => f.write_str(
                 "the guest ran out of memory (QEMU exit status 41); give it more with --memory",
             ),
+            GuestOutcome::DiskError => f.write_str(
+                "the guest shut down but closing its disk failed (QEMU exit status 43): recent \
+                 writes may not be durable and the image may be left dirty; the console above \
+                 shows the error",
+            ),
             GuestOutcome::QemuQuit => f.write_str(
                 "QEMU exited with status 0 (quit over QMP, or the guest reset under -no-reboot); \
                  the guest did not report a clean shutdown",
@@ -134,6 +144,7 @@ mod tests {
         assert_eq!(GuestOutcome::from_code(37), GuestOutcome::Fault);
         assert_eq!(GuestOutcome::from_code(39), GuestOutcome::Panic);
         assert_eq!(GuestOutcome::from_code(41), GuestOutcome::OutOfMemory);
+        assert_eq!(GuestOutcome::from_code(43), GuestOutcome::DiskError);
         assert_eq!(GuestOutcome::from_code(0), GuestOutcome::QemuQuit);
         assert_eq!(GuestOutcome::from_code(1), GuestOutcome::Other(1));
         for exit in GuestExit::ALL {
@@ -151,6 +162,12 @@ mod tests {
         assert!(GuestOutcome::Clean.to_string().contains("cleanly"));
         assert!(GuestOutcome::BadConfig.to_string().contains("command line"));
         assert!(GuestOutcome::Fault.to_string().contains("vector"));
+        assert!(
+            GuestOutcome::DiskError
+                .to_string()
+                .contains("closing its disk failed")
+        );
+        assert!(!GuestOutcome::DiskError.is_clean());
         assert!(GuestOutcome::Signal(9).to_string().contains("signal 9"));
     }
 }
