@@ -252,6 +252,9 @@ pub fn open_disk(dev: Option<Device>, config: &Config, metrics: &GuestMetrics) -
         read_only: config.read_only,
         l2_cache_bytes: config.l2_cache,
         refcount_cache_bytes: config.refcount_cache,
+        // virtio-blk cannot say that bytes past the image read as zeros: zero them once
+        // (WRITE_ZEROES requests) so that new clusters need no padding.
+        zero_tail: !config.read_only,
         ..OpenOptions::default()
     };
     match Qcow2::open(dev, options) {

@@ -75,6 +75,28 @@ pub struct OpenOptions {
     /// Open an image marked corrupt (incompatible bit 1) writable so that
     /// [`Qcow2::repair`] can fix it; guest writes stay refused until a repair leaves it clean.
     pub repair: bool,
+    /// Make the device read as zeros past the image's end once, at open, so that clusters
+    /// allocated there need not be padded with zeros.
+    ///
+    /// A device that cannot promise that bytes past the stored data read as zeros
+    /// ([`BlockDevice::zeroes_from`](crate::block::BlockDevice::zeroes_from) is `None`, e.g.
+    /// virtio-blk with a fixed capacity) otherwise makes every write into a fresh cluster
+    /// write the whole cluster (a 4 KiB write into a 64 KiB cluster writes 64 KiB). With
+    /// this option, a writable open of such a device issues one
+    /// [`BlockDevice::write_zeroes`](crate::block::BlockDevice::write_zeroes) from the end of
+    /// the last cluster in use (by the refcounts, after a dirty image's refcounts were
+    /// rebuilt) to the device's capacity, then a flush, and from then on writes only the
+    /// data into new clusters past that end.
+    ///
+    /// Crash safety: nothing the image references lies past its end (every cluster in use
+    /// has a nonzero refcount, written before the reference to it), so the zeroing erases
+    /// only free space; the flush makes the zeros durable before any cluster past the end
+    /// is used. After a crash, whatever was written past the new end is again zeroed by the
+    /// next open. Meant for devices whose write-zeroes command is cheap (virtio-blk with
+    /// `VIRTIO_BLK_F_WRITE_ZEROES`); without one the range is written with zero buffers.
+    /// Not done for read-only, corrupt or repair opens; a failed zeroing is not an error
+    /// (new clusters are then padded as without this option). Default: `false`.
+    pub zero_tail: bool,
 }
 
 impl Default for OpenOptions {
@@ -86,6 +108,7 @@ impl Default for OpenOptions {
             lazy_refcounts: true,
             check_memory_limit: 256 * 1024 * 1024,
             repair: false,
+            zero_tail: false,
         }
     }
 }

@@ -151,7 +151,25 @@ impl<D: BlockDevice> Qcow2<D> {
                 q.barrier()?;
             }
         }
+        if q.opts.zero_tail && !read_only && !corrupt && !q.opts.repair && q.zero_from == u64::MAX {
+            q.zero_tail();
+        }
         Ok(q)
+    }
+
+    /// [`OpenOptions::zero_tail`]: zeroes the device from the end of the last cluster in use
+    /// to its capacity, flushes, and records that new clusters there read as zeros. On a
+    /// device error nothing is recorded (new clusters are then padded with zeros).
+    fn zero_tail(&mut self) {
+        let start = self.end.saturating_mul(self.geo.cluster_size());
+        let cap = self.dev.capacity();
+        if start >= cap {
+            return;
+        }
+        let zeroed = self.dev.write_zeroes(start, cap - start).is_ok() && self.barrier().is_ok();
+        if zeroed {
+            self.zero_from = start;
+        }
     }
 
     /// One past the last cluster with a nonzero refcount (at least past the fixed metadata).

@@ -8,3 +8,4 @@ mod interop;
 mod model;
 mod short_device;
 pub(crate) mod util;
+mod zero_tail;
