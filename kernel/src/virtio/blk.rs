@@ -75,6 +75,8 @@ const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_DISCARD: u32 = 11;
 const T_WRITE_ZEROES: u32 = 13;
+/// `flags` bit of a write-zeroes range: the device may deallocate the sectors.
+const WRITE_ZEROES_UNMAP: u32 = 1;
 
 // Status values.
 const S_OK: u8 = 0;
@@ -671,7 +673,15 @@ impl VirtioBlk {
             };
             slot.range[0..8].copy_from_slice(&(sector + done).to_le_bytes());
             slot.range[8..12].copy_from_slice(&(n as u32).to_le_bytes());
-            slot.range[12..16].fill(0);
+            // Write-zeroes sets the `unmap` flag: the device may deallocate the range (QEMU
+            // with `discard=unmap` punches a hole in its file instead of allocating it), and
+            // it reads as zeros either way. Discard requests must leave it clear.
+            let flags = if op == IoOp::WriteZeroes {
+                WRITE_ZEROES_UNMAP
+            } else {
+                0
+            };
+            slot.range[12..16].copy_from_slice(&flags.to_le_bytes());
             slot.bytes = n * VIRTIO_SECTOR;
             done += n;
             true
