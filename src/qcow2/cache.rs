@@ -35,6 +35,9 @@ pub struct Slot {
     pub dirty: bool,
     /// A newly allocated table never written yet: nothing on disk points to it.
     pub fresh: bool,
+    /// Byte range changed since the slot was read or written (`lo..hi`; empty when clean).
+    dirty_lo: usize,
+    dirty_hi: usize,
     referenced: bool,
     used: bool,
 }
@@ -44,6 +47,9 @@ pub struct Slot {
 pub const MIN_SLOTS: usize = 4;
 
 const EMPTY: u32 = u32::MAX;
+
+/// Write-back granularity: dirty ranges are widened to whole sectors of this size.
+const SECTOR: usize = 512;
 
 /// An open-addressing map from host offset to slot number, linear probing, backward-shift
 /// deletion (no tombstones).
@@ -218,6 +224,8 @@ impl TableCache {
                         data: vec![0; self.cluster_size],
                         dirty: false,
                         fresh: false,
+                        dirty_lo: 0,
+                        dirty_hi: 0,
                         referenced: true,
                         used: true,
                     });
@@ -230,6 +238,8 @@ impl TableCache {
         slot.kind = kind;
         slot.dirty = false;
         slot.fresh = false;
+        slot.dirty_lo = 0;
+        slot.dirty_hi = 0;
         slot.referenced = true;
         slot.used = true;
         self.index.insert(key, s);
@@ -244,6 +254,8 @@ impl TableCache {
             slot.used = false;
             slot.dirty = false;
             slot.fresh = false;
+            slot.dirty_lo = 0;
+            slot.dirty_hi = 0;
             slot.referenced = false;
             self.free.push(s);
         }
@@ -265,12 +277,44 @@ impl TableCache {
         &self.slots[slot].data
     }
 
-    /// The slot's bytes for changing; marks it dirty.
+    /// The slot's bytes for changing; marks the whole table dirty (it is written whole).
     #[inline]
     pub fn data_mut(&mut self, slot: usize) -> &mut [u8] {
+        let len = self.cluster_size;
+        self.data_mut_range(slot, 0, len)
+    }
+
+    /// The slot's bytes for changing, marking only bytes `lo..hi` dirty: the caller
+    /// promises to change nothing outside them. Write-back then covers only the 512-byte
+    /// sectors holding the dirty bytes.
+    #[inline]
+    pub fn data_mut_range(&mut self, slot: usize, lo: usize, hi: usize) -> &mut [u8] {
         let s = &mut self.slots[slot];
-        s.dirty = true;
+        let hi = hi.min(s.data.len());
+        let lo = lo.min(hi);
+        if s.dirty {
+            s.dirty_lo = s.dirty_lo.min(lo);
+            s.dirty_hi = s.dirty_hi.max(hi);
+        } else {
+            s.dirty = true;
+            s.dirty_lo = lo;
+            s.dirty_hi = hi;
+        }
         &mut s.data
+    }
+
+    /// The part of the slot's bytes to write back: the dirty range widened to whole
+    /// 512-byte sectors (so a sector-based device needs no read-modify-write), as a byte
+    /// range of the table. The whole table when it is fresh (never written yet).
+    pub fn dirty_span(&self, slot: usize) -> (usize, usize) {
+        let s = &self.slots[slot];
+        let len = s.data.len();
+        if s.fresh {
+            return (0, len);
+        }
+        let lo = s.dirty_lo & !(SECTOR - 1);
+        let hi = s.dirty_hi.div_ceil(SECTOR) * SECTOR;
+        (lo.min(len), hi.min(len))
     }
 
     /// The slot's bytes for filling from disk (does not mark it dirty).
@@ -285,8 +329,11 @@ impl TableCache {
 
     /// Marks a slot clean (it was written).
     pub fn mark_clean(&mut self, slot: usize) {
-        self.slots[slot].dirty = false;
-        self.slots[slot].fresh = false;
+        let s = &mut self.slots[slot];
+        s.dirty = false;
+        s.fresh = false;
+        s.dirty_lo = 0;
+        s.dirty_hi = 0;
     }
 
     /// Marks a slot as a newly allocated table that nothing on disk points to yet.

@@ -153,7 +153,7 @@ impl<D: BlockDevice> Qcow2<D> {
     fn set_l2_entry(&mut self, vc: u64, v: u64) -> Result<()> {
         let s = self.l2_for_write(vc)?;
         let i = (vc & (self.geo.l2_entries() - 1)) as usize;
-        set_u64(self.l2c.data_mut(s), i, v);
+        set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, v);
         Ok(())
     }
 
@@ -336,7 +336,11 @@ impl<D: BlockDevice> Qcow2<D> {
                     for j in 0..got {
                         let idx = (l2i + j) as usize;
                         let old = self.decode(get_u64(self.l2c.data(s), idx))?;
-                        set_u64(self.l2c.data_mut(s), idx, (host + j * cs) | COPIED);
+                        set_u64(
+                            self.l2c.data_mut_range(s, idx * 8, idx * 8 + 8),
+                            idx,
+                            (host + j * cs) | COPIED,
+                        );
                         if j == 0 {
                             self.release(old)?;
                         }
@@ -443,7 +447,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     ) => h | ZERO | COPIED,
                     (UnmapTo::ZeroKeep, _) => ZERO,
                 };
-                set_u64(self.l2c.data_mut(s), i, new);
+                set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, new);
                 if new & !(ZERO) == 0 {
                     self.release(old)?;
                 }

@@ -45,7 +45,7 @@ impl<D: BlockDevice> Qcow2<D> {
     fn set_rt_entry(&mut self, ti: u64, v: u64) -> Result<()> {
         let (page, i) = self.rt_page(ti);
         let s = self.load(Pool::Rc, page, TableKind::RefTable, true)?;
-        set_u64(self.rcc.data_mut(s), i, v);
+        set_u64(self.rcc.data_mut_range(s, i * 8, i * 8 + 8), i, v);
         Ok(())
     }
 
@@ -81,7 +81,8 @@ impl<D: BlockDevice> Qcow2<D> {
         let i = (c & (self.geo.rb_entries() - 1)) as usize;
         let order = self.geo.refcount_order;
         let old = get_refcount(self.rcc.data(s), i, order);
-        set_refcount(self.rcc.data_mut(s), i, order, v);
+        let (lo, hi) = ((i << order) / 8, ((i + 1) << order).div_ceil(8));
+        set_refcount(self.rcc.data_mut_range(s, lo, hi), i, order, v);
         if (old == 0) != (v == 0) {
             self.tally(|t| {
                 if v == 0 {

@@ -117,10 +117,13 @@ impl<D: BlockDevice> Qcow2<D> {
             Pool::L2 => &mut self.l2c,
             Pool::Rc => &mut self.rcc,
         };
+        let (lo, hi) = cache.dirty_span(s);
         let slot = cache.slot(s);
         let key = slot.key;
-        super::write_dev(&mut self.dev, key, &slot.data)?;
-        self.stats.metadata_bytes_written += slot.data.len() as u64;
+        if hi > lo {
+            super::write_dev(&mut self.dev, key + lo as u64, &slot.data[lo..hi])?;
+            self.stats.metadata_bytes_written += (hi - lo) as u64;
+        }
         cache.mark_clean(s);
         Ok(())
     }
@@ -318,7 +321,7 @@ impl<D: BlockDevice> Qcow2<D> {
         self.l2_memo = None;
         let (page, i) = self.l1_page(l1i);
         let s = self.load(Pool::L2, page, TableKind::L1, true)?;
-        set_u64(self.l2c.data_mut(s), i, v);
+        set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, v);
         Ok(())
     }
 
