@@ -2,8 +2,8 @@
 //! write into a fresh cluster followed by a flush costs a few metadata sectors, not whole
 //! L2 tables and refcount blocks, and the image stays correct for the engine and qemu-img.
 
-use super::util::assert_qemu_clean;
-use crate::block::{BlockDevice, BlockError, MemDisk};
+use super::util::{Counting, assert_qemu_clean};
+use crate::block::MemDisk;
 use crate::disk::VirtualDisk;
 use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
 
@@ -11,34 +11,6 @@ const CS: u64 = 64 * 1024;
 const SIZE: u64 = 256 << 20;
 /// Measured writes (each into a fresh cluster, each followed by a flush).
 const N: u64 = 32;
-
-/// A memory disk that counts the bytes written to it.
-struct Counting {
-    disk: MemDisk,
-    written: u64,
-}
-
-impl BlockDevice for Counting {
-    fn capacity(&self) -> u64 {
-        self.disk.capacity()
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.disk.read_at(offset, buf)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.written += buf.len() as u64;
-        self.disk.write_at(offset, buf)
-    }
-    fn flush(&mut self) -> Result<(), BlockError> {
-        self.disk.flush()
-    }
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.disk.write_zeroes(offset, len)
-    }
-    fn zeroes_from(&self) -> Option<u64> {
-        self.disk.zeroes_from()
-    }
-}
 
 fn image() -> Qcow2<Counting> {
     let q = Qcow2::create(
@@ -51,7 +23,7 @@ fn image() -> Qcow2<Counting> {
     )
     .unwrap();
     let disk = q.close().unwrap();
-    Qcow2::open(Counting { disk, written: 0 }, OpenOptions::default()).unwrap()
+    Qcow2::open(Counting::new(disk), OpenOptions::default()).unwrap()
 }
 
 #[test]
@@ -122,7 +94,7 @@ fn new_tables_in_freed_data_clusters_keep_no_stale_bytes() {
     )
     .unwrap();
     let disk = q.close().unwrap();
-    let mut q = Qcow2::open(Counting { disk, written: 0 }, OpenOptions::default()).unwrap();
+    let mut q = Qcow2::open(Counting::new(disk), OpenOptions::default()).unwrap();
     for k in 0..8u64 {
         q.write(k * CS, &vec![0xEE; CS as usize]).unwrap();
     }

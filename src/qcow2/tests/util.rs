@@ -1,6 +1,6 @@
 //! Helpers shared by the engine tests: QEMU tool runners and small image builders.
 
-use crate::block::{BlockDevice, FileDisk, MemDisk};
+use crate::block::{BlockDevice, BlockError, FileDisk, MemDisk};
 use crate::qcow2::{CheckReport, CreateOptions, OpenOptions, Qcow2};
 use std::path::Path;
 use std::process::Command;
@@ -212,5 +212,51 @@ pub fn read_only() -> OpenOptions {
     OpenOptions {
         read_only: true,
         ..OpenOptions::default()
+    }
+}
+
+/// A memory disk that counts what is written to it: bytes written, and bytes and requests
+/// of write-zeroes. Everything else goes straight to the disk (`zeroes_from` included).
+#[derive(Clone)]
+pub struct Counting {
+    pub disk: MemDisk,
+    pub written: u64,
+    pub zeroed: u64,
+    pub zero_requests: u64,
+}
+
+impl Counting {
+    /// Counts from zero on `disk`.
+    pub fn new(disk: MemDisk) -> Self {
+        Counting {
+            disk,
+            written: 0,
+            zeroed: 0,
+            zero_requests: 0,
+        }
+    }
+}
+
+impl BlockDevice for Counting {
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        self.written += buf.len() as u64;
+        self.disk.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        self.disk.flush()
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.zeroed += len;
+        self.zero_requests += 1;
+        self.disk.write_zeroes(offset, len)
+    }
+    fn zeroes_from(&self) -> Option<u64> {
+        self.disk.zeroes_from()
     }
 }

@@ -2,8 +2,8 @@
 //! new clusters read back as zeros around the data, the image stays clean for `qemu-img`,
 //! and a 4 KiB write into a fresh cluster writes about 4 KiB, not the whole cluster.
 
-use super::util::{assert_qemu_clean, assert_qemu_compare};
-use crate::block::{BlockDevice, BlockError, MemDisk};
+use super::util::{Counting, assert_qemu_clean, assert_qemu_compare};
+use crate::block::{BlockDevice, MemDisk};
 use crate::disk::VirtualDisk;
 use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
 
@@ -13,37 +13,6 @@ const SIZE: u64 = 64 << 20;
 const N: u64 = 64;
 /// Garbage past the image end.
 const JUNK: u8 = 0xEE;
-
-/// A memory disk of fixed capacity that counts what is written to it.
-#[derive(Clone)]
-struct Counting {
-    disk: MemDisk,
-    written: u64,
-    zeroed: u64,
-    zero_requests: u64,
-}
-
-impl BlockDevice for Counting {
-    fn capacity(&self) -> u64 {
-        self.disk.capacity()
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.disk.read_at(offset, buf)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-        self.written += buf.len() as u64;
-        self.disk.write_at(offset, buf)
-    }
-    fn flush(&mut self) -> Result<(), BlockError> {
-        self.disk.flush()
-    }
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.zeroed += len;
-        self.zero_requests += 1;
-        self.disk.write_zeroes(offset, len)
-    }
-    // `zeroes_from` keeps the default: a fixed device promises nothing.
-}
 
 /// A fresh image (64 KiB clusters, `lazy` refcounts or not) at the start of a fixed device
 /// of 16 MiB more than it needs, every byte past the image filled with [`JUNK`]. Returns the
@@ -70,12 +39,8 @@ fn junk_device(lazy: bool) -> (Counting, u64) {
     bytes.resize((len + (16 << 20)) as usize, JUNK);
     let disk = MemDisk::from_bytes(bytes, true);
     assert_eq!(disk.zeroes_from(), None);
-    let dev = Counting {
-        disk,
-        written: 0,
-        zeroed: 0,
-        zero_requests: 0,
-    };
+    // A fixed device promises no zeros past its data, so `Counting` forwards `None`.
+    let dev = Counting::new(disk);
     (dev, len)
 }
 
