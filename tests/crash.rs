@@ -33,12 +33,12 @@
 
 use qcow_metal::nbd::client::Client;
 use qcow_metal::nbd::proto::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_WRITE};
-use qcow_metal_e2e::{BOOT_TIMEOUT, Guest, GuestBuilder, boot, guest, require_tool};
+use qcow_metal_e2e::{
+    BOOT_TIMEOUT, Guest, GuestBuilder, boot, guest, require_tool, run_tool_output,
+};
 use serde_json::Value;
 use std::fmt::Write as _;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const KIB: u64 = 1 << 10;
@@ -49,8 +49,6 @@ const SIZE: u64 = 16 * MIB;
 const MAX_WRITE: u64 = 256 * KIB;
 /// The seed when `QCOW_METAL_CRASH_SEED` is not set.
 const DEFAULT_SEED: u64 = 0x5eed_c0de_2026;
-/// Guard against a hung tool (never a timed assert: it only stops a stuck test).
-const TOOL_TIMEOUT: Duration = Duration::from_secs(600);
 
 // ---------------------------------------------------------------------------------------
 // Pseudo-random numbers (SplitMix64): reproducible from the printed seed.
@@ -287,49 +285,9 @@ fn subtract(ranges: &[(u64, u64)], s: u64, e: u64) -> Vec<(u64, u64)> {
 // ---------------------------------------------------------------------------------------
 // Host tools.
 
-/// Runs a host program to completion; returns (success, stdout, stderr). Fails the test,
-/// naming the Debian package, when the program is missing or hangs. Its output is read
-/// while it runs (a report larger than a pipe's buffer must not stall it).
-fn run_tool(program: &str, package: &str, args: &[&str]) -> (bool, String, String) {
-    let path = require_tool(program, package);
-    let mut child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): install {package}"));
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut bytes);
-            }
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for a tool") {
-            break status;
-        }
-        if started.elapsed() > TOOL_TIMEOUT {
-            let _ = child.kill();
-            panic!("`{program} {}` hung for {TOOL_TIMEOUT:?}", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    (
-        status.success(),
-        stdout.join().expect("reading a tool's output"),
-        stderr.join().expect("reading a tool's output"),
-    )
-}
-
 fn qemu_img(args: &[&str]) -> String {
-    let (ok, out, err) = run_tool("qemu-img", "qemu-utils", args);
+    let t = run_tool_output("qemu-img", "qemu-utils", args);
+    let (ok, out, err) = (t.success, t.stdout, t.stderr);
     assert!(ok, "`qemu-img {}` failed:\n{out}\n{err}", args.join(" "));
     out
 }
@@ -370,7 +328,8 @@ fn qemu_img_check(image: &Path, extra: &[&str]) -> Check {
     let mut args = vec!["check", "-f", "qcow2", "--output=json"];
     args.extend_from_slice(extra);
     args.push(image);
-    let (_, out, err) = run_tool("qemu-img", "qemu-utils", &args);
+    let t = run_tool_output("qemu-img", "qemu-utils", &args);
+    let (out, err) = (t.stdout, t.stderr);
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| {
         panic!(
             "`qemu-img {}` gave no JSON report ({e}):\n{out}\n{err}",
