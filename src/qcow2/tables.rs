@@ -204,8 +204,11 @@ impl<D: BlockDevice> Qcow2<D> {
         //    disk refers to them.
         self.barrier()?;
         // 3. The references: refcount-table pages, existing L2 tables, L1 pages, header.
-        if !self.lazy {
-            self.write_dirty(Pool::Rc, TableKind::RefTable)?;
+        //    A new refcount block counts only once its table entry is on disk, so the
+        //    table pages get a barrier of their own before anything that references a
+        //    cluster the new block counts.
+        if !self.lazy && self.write_dirty(Pool::Rc, TableKind::RefTable)? > 0 {
+            self.barrier()?;
         }
         self.write_dirty(Pool::L2, TableKind::L2)?;
         self.write_dirty(Pool::L2, TableKind::L1)?;

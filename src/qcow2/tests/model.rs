@@ -800,3 +800,105 @@ fn crash_over_snapshot_shared_clusters() {
     );
     assert!(!out.contains("verification failed"), "{out}");
 }
+
+/// A power cut that proptest found (512 B clusters, 64-bit refcounts, small caches): a write
+/// back put a new refcount block's table entry and an L2 table referencing a cluster that
+/// block counts in the same phase, with no barrier between them; a cut that kept the L2
+/// write but not the table page left the cluster referenced with refcount 0.
+#[test]
+fn crash_regression_refcount_too_low_512_rc64() {
+    use Op::*;
+    let w = |off, len, seed| Write { off, len, seed };
+    let ops = [
+        w(451227, 809, 158),
+        w(249364, 275, 16),
+        w(346109, 1593, 237),
+        w(560392, 1656, 233),
+        w(907264, 2048, 125),
+        Discard {
+            off: 247296,
+            len: 512,
+        },
+        w(804346, 1061, 39),
+        Discard {
+            off: 413696,
+            len: 1536,
+        },
+        w(534209, 1141, 244),
+        w(610502, 22, 182),
+        w(523943, 1614, 1),
+        Flush,
+        Flush,
+        Zero {
+            off: 896329,
+            len: 650,
+            unmap: false,
+        },
+        Read {
+            off: 440934,
+            len: 960,
+        },
+        Zero {
+            off: 704717,
+            len: 1765,
+            unmap: true,
+        },
+        w(739840, 1024, 202),
+        Read {
+            off: 945417,
+            len: 556,
+        },
+        Zero {
+            off: 504320,
+            len: 1536,
+            unmap: true,
+        },
+        Reopen,
+        w(419897, 1769, 201),
+        Read {
+            off: 1036674,
+            len: 1032,
+        },
+        Read {
+            off: 870115,
+            len: 794,
+        },
+        w(58368, 1536, 180),
+        w(728576, 2048, 234),
+        Read {
+            off: 26087,
+            len: 1408,
+        },
+        Discard {
+            off: 718336,
+            len: 512,
+        },
+        Read {
+            off: 1043860,
+            len: 679,
+        },
+        w(930889, 354, 182),
+        Read {
+            off: 611853,
+            len: 891,
+        },
+        Read {
+            off: 705133,
+            len: 1192,
+        },
+        Read {
+            off: 1033960,
+            len: 458,
+        },
+        w(277307, 17, 253),
+        w(604672, 512, 163),
+        w(934872, 371, 171),
+        Read {
+            off: 169242,
+            len: 1790,
+        },
+        w(592003, 952, 42),
+        w(58754, 1257, 181),
+    ];
+    crash_sweep(512, 64, false, true, &ops);
+}
