@@ -26,6 +26,9 @@
 //! the host's page cache: it tests the order of the engine's writes, not its device
 //! flushes (the engine's power-cut tests in `src/qcow2/tests` do that).
 //!
+//! One pass is 8 rounds, 32 SIGKILLs; `QCOW_METAL_CRASH_SOAK=N` runs N passes (a soak, by
+//! hand: about a minute per round under TCG).
+//!
 //! The pseudo-random choices come from one seed, printed at the start:
 //! `QCOW_METAL_CRASH_SEED=<n>` replays a run (the kill lands where the timing puts it, so a
 //! replay repeats the operations, not necessarily the exact kill point). A failing round
@@ -1090,7 +1093,28 @@ fn flushed_writes_survive_sigkill_and_the_image_stays_consistent() {
     println!("crash test: seed {seed:#x} (QCOW_METAL_CRASH_SEED replays it)");
     let started = Instant::now();
     let mut failed = Vec::new();
-    let rounds = rounds();
+    // The soak: `QCOW_METAL_CRASH_SOAK=N` runs the round list N times (each pass with its
+    // own pseudo-random choices, since a round's seed mixes in its index).
+    let passes: usize = std::env::var("QCOW_METAL_CRASH_SOAK")
+        .ok()
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("QCOW_METAL_CRASH_SOAK: a number of passes")
+        })
+        .unwrap_or(1)
+        .max(1);
+    let rounds: Vec<Round> = (0..passes).flat_map(|_| rounds()).collect();
+    // Each round kills QEMU in CYCLES crash cycles and once more during a boot.
+    let kills = rounds.len() * (CYCLES + 1);
+    assert!(
+        kills >= 20,
+        "CI runs at least 20 SIGKILL cycles, this run has {kills}"
+    );
+    println!(
+        "crash test: {} rounds, {kills} SIGKILLs (QCOW_METAL_CRASH_SOAK=N runs N passes)",
+        rounds.len()
+    );
     for (i, round) in rounds.iter().enumerate() {
         let t = Instant::now();
         println!("round {}/{}: {}", i + 1, rounds.len(), round.name);
