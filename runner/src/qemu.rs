@@ -176,8 +176,11 @@ impl QemuConfig {
         push("-device");
         push("isa-debug-exit,iobase=0xf4,iosize=0x04");
         push("-drive");
+        // werror/rerror=report: a failed host write or read (a full filesystem, an I/O
+        // error) completes the guest's request with an error status instead of pausing
+        // the VM (QEMU's default for writes is `enospc`, which stops the guest).
         let mut drive = format!(
-            "file={},format={},if=none,id=disk0,cache=writeback,discard=unmap",
+            "file={},format={},if=none,id=disk0,cache=writeback,discard=unmap,werror=report,rerror=report",
             escape_option(&self.disk.to_string_lossy()),
             self.drive_format
         );
@@ -260,7 +263,7 @@ mod tests {
             "-m 128M",
             "-no-reboot",
             "-device isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-drive file=/d/my,,disk.qcow2,format=raw,if=none,id=disk0,cache=writeback,discard=unmap ",
+            "-drive file=/d/my,,disk.qcow2,format=raw,if=none,id=disk0,cache=writeback,discard=unmap,werror=report,rerror=report ",
             "virtio-blk-pci,drive=disk0",
             "hostfwd=tcp:127.0.0.1:19090-:9090",
             "hostfwd=tcp:127.0.0.1:20809-:10809",
