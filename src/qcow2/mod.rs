@@ -4,6 +4,7 @@
 //! Modules, one job each:
 //! - [`header`]: header (v2/v3) parse and serialise, extensions, feature names and bits.
 //! - [`layout`]: geometry arithmetic and [`max_image_len`].
+//! - [`probe`]: `format=auto`: qcow2, raw, or a qcow2 header with a damaged magic.
 //! - [`entry`]: L1/L2 entry bits and the [`Mapping`] of a guest cluster.
 //! - [`cache`]: bounded write-back caches of metadata tables.
 //! - `tables`: L1/L2 access through the cache, metadata write-back in crash-safe order.
@@ -30,6 +31,7 @@ pub mod entry;
 pub mod error;
 pub mod header;
 pub mod layout;
+pub mod probe;
 
 mod allocator;
 mod check;
