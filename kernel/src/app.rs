@@ -43,7 +43,7 @@ use qcow_metal::metrics::families::{
 };
 use qcow_metal::metrics::{Format, Instrumented};
 use qcow_metal::nbd::{NbdStats, ServerConfig};
-use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo};
+use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo, probe};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 
@@ -231,6 +231,22 @@ pub fn open_disk(dev: Option<Device>, config: &Config, metrics: &GuestMetrics) -
     let mut magic = [0u8; 4];
     let is_qcow2 =
         dev.capacity() >= 4 && dev.read_at(0, &mut magic).is_ok() && magic == QCOW2_MAGIC;
+    if config.format == DiskFormat::Auto && !is_qcow2 {
+        // A qcow2 image whose magic was damaged must not be served as a writable raw disk
+        // (a client would overwrite its metadata): only an explicit format=raw does that.
+        let mut first = [0u8; probe::PROBE_LEN];
+        let len = first
+            .len()
+            .min(usize::try_from(dev.capacity()).unwrap_or(usize::MAX));
+        if dev.read_at(0, &mut first[..len]).is_ok()
+            && probe::looks_like_damaged_qcow2(&first[..len])
+        {
+            return Disk::Unavailable(String::from(
+                "the disk looks like a qcow2 image with a damaged magic; not exported \
+                 (format=raw exports its bytes as they are)",
+            ));
+        }
+    }
     let want_qcow2 = match config.format {
         DiskFormat::Auto => is_qcow2,
         DiskFormat::Qcow2 => true,
