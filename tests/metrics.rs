@@ -443,6 +443,7 @@ fn populated_registry() -> Arc<GuestMetrics> {
         metadata_written_bytes: 3 * 65536,
         reclaim: [65536, 65536, 65536, 0, 0, 0],
         reclaim_roots: 0,
+        overlaps_refused: 0,
     });
     for op in IoOp::ALL {
         m.blockdev.record(op, 4096, 250_000, true);

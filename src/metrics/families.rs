@@ -9,6 +9,7 @@
 //! | engine | `qcow_metal_disk_requests_total`, `_errors_total`, `_bytes_total`, `_request_duration_seconds` | `disk`, `op` |
 //! | engine | `qcow_metal_disk_virtual_size_bytes`, `_data_bytes`, `_metadata_bytes`, `_image_extent_bytes`, `_cluster_size_bytes`, `_free_clusters`, `_up` | `disk` |
 //! | engine | `qcow_metal_disk_clusters_allocated_total`, `_clusters_freed_total`, `_cow_bytes_total`, `_metadata_written_bytes_total` | `disk` |
+//! | engine | `qcow_metal_disk_metadata_overlaps_total` | `disk` |
 //! | engine | `qcow_metal_disk_cache_hits_total`, `_cache_misses_total` | `disk`, `cache` (`l2`, `refcount`) |
 //! | engine | `qcow_metal_disk_reclaim_bytes_total` | `disk`, `stage` |
 //! | block device | `qcow_metal_blockdev_requests_total`, `_errors_total`, `_bytes_total`, `_request_duration_seconds` | `device`, `op` |
@@ -279,6 +280,8 @@ pub struct EngineSnapshot {
     pub reclaim: [u64; 6],
     /// Bytes registered as reclaim roots (ocaml-qcow's `roots`; only in the mirage families).
     pub reclaim_roots: u64,
+    /// Writes refused because they would have overwritten metadata (image corrupt).
+    pub overlaps_refused: u64,
 }
 
 /// The metrics of one virtual disk (the qcow2 engine, or the raw disk), label `disk`.
@@ -299,6 +302,7 @@ pub struct DiskMetrics {
     cache_hits: [Arc<Counter>; 2],
     cache_misses: [Arc<Counter>; 2],
     metadata_written: Arc<Counter>,
+    overlaps: Arc<Counter>,
     reclaim: [Arc<Counter>; 6],
     roots: Arc<Counter>,
 }
@@ -320,6 +324,7 @@ impl DiskMetrics {
         self.cache_hits[1].mirror(s.refcount_cache_hits);
         self.cache_misses[1].mirror(s.refcount_cache_misses);
         self.metadata_written.mirror(s.metadata_written_bytes);
+        self.overlaps.mirror(s.overlaps_refused);
         for (c, v) in self.reclaim.iter().zip(s.reclaim) {
             c.mirror(v);
         }
@@ -758,6 +763,14 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         DISK,
         &[d],
     );
+    let overlaps = single_series::<Counter>(
+        reg,
+        "qcow_metal_disk_metadata_overlaps",
+        "Writes refused because they would have overwritten metadata (each marks the image corrupt).",
+        None,
+        DISK,
+        &[d],
+    );
     let mut reclaim_f: Family<Counter> = Family::new(
         "qcow_metal_disk_reclaim_bytes",
         "Bytes of clusters through each stage of space reclaim: junk (unused, dirty), erased, available (reusable), copied, flushed (copies durable) and referenced (references rewritten).",
@@ -781,6 +794,7 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         cache_hits,
         cache_misses,
         metadata_written,
+        overlaps,
         reclaim,
         roots: Arc::new(Counter::new()),
     }
@@ -1167,6 +1181,7 @@ impl EngineSnapshot {
                 bytes(stats.reclaim_referenced),
             ],
             reclaim_roots: 0,
+            overlaps_refused: stats.overlaps_refused,
         }
     }
 }

@@ -195,6 +195,7 @@ pub(crate) fn populated_guest(mirage: bool) -> GuestMetrics {
         metadata_written_bytes: 196608,
         reclaim: [131072, 131072, 65536, 65536, 65536, 65536],
         reclaim_roots: 65536,
+        overlaps_refused: 1,
     });
     m.blockdev.submitted();
     m.blockdev.record(IoOp::Read, 4096, 80_000, true);

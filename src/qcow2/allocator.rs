@@ -22,7 +22,14 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         let cs = self.geo.cluster_size();
         let key = c * cs;
-        if self.overlaps_fixed(key, cs) || self.l2c.contains(key) || self.rcc.contains(key) {
+        if self.overlaps_fixed(key, cs)
+            || self.l2c.contains(key)
+            || self.rcc.contains(key)
+            || self
+                .meta
+                .as_ref()
+                .is_some_and(|m| m.find(c, c, 0).is_some())
+        {
             if self.guard.is_some() {
                 return Ok(true);
             }
@@ -203,6 +210,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.stats.clusters_freed += 1;
                     self.cursor = self.cursor.min(c);
                     self.l2c.forget(c * cs);
+                    self.meta_freed(c);
                     discard_start.get_or_insert(c);
                 } else if let Some(d) = discard_start.take() {
                     let _ = self.dev.discard(d * cs, (c - d) * cs);

@@ -26,16 +26,18 @@ impl Inflater {
         &mut self.input[..len]
     }
 
-    /// Inflates the first `len` bytes of the input buffer into `out` (one whole cluster).
-    pub fn inflate(&mut self, len: usize, out: &mut [u8]) -> Result<()> {
+    /// Inflates the first `len` bytes of the input buffer into `out` (one whole cluster);
+    /// returns how many input bytes the stream used (where it ends, when it ends before
+    /// `len`).
+    pub fn inflate(&mut self, len: usize, out: &mut [u8]) -> Result<usize> {
         let state = self
             .state
             .get_or_insert_with(|| Box::new(DecompressorOxide::new()));
         state.init();
         let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
-        let (status, _, written) = decompress(state, &self.input[..len], out, 0, flags);
+        let (status, used, written) = decompress(state, &self.input[..len], out, 0, flags);
         match status {
-            TINFLStatus::Done | TINFLStatus::HasMoreOutput if written == out.len() => Ok(()),
+            TINFLStatus::Done | TINFLStatus::HasMoreOutput if written == out.len() => Ok(used),
             _ => Err(Qcow2Error::Corrupt(
                 "a compressed cluster does not inflate to a whole cluster",
             )),

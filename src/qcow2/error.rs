@@ -29,6 +29,14 @@ pub enum Qcow2Error {
     Corrupt(&'static str),
     /// The image is marked corrupt (incompatible bit 1) and was opened for writing.
     MarkedCorrupt,
+    /// A write was refused because it would have overwritten metadata (a corrupt L2 entry,
+    /// refcount or table pointer sent it there); the image is now marked corrupt.
+    Overlap {
+        /// Host offset of the metadata the write would have hit.
+        offset: u64,
+        /// Which metadata structure ("an active L2 table", "a refcount block", ...).
+        what: &'static str,
+    },
     /// The request or option is outside what the image or engine allows.
     Invalid(&'static str),
     /// The device under the image is full.
@@ -81,6 +89,12 @@ impl fmt::Display for Qcow2Error {
                 "the image is marked corrupt (incompatible bit 1) and cannot be opened for \
                  writing; open it read-only or run `image check --repair`",
             ),
+            Qcow2Error::Overlap { offset, what } => write!(
+                f,
+                "qcow2 image corrupt: refused a write that would overwrite {what} at host \
+                 offset {offset:#x}; the image is marked corrupt, run `image check --repair` \
+                 (or `qemu-img check -r all`)"
+            ),
             Qcow2Error::Invalid(what) => write!(f, "invalid request: {what}"),
             Qcow2Error::NoSpace => f.write_str(
                 "no space left on the device under the image; give the disk more room \
@@ -117,6 +131,7 @@ impl From<Qcow2Error> for DiskError {
             | Qcow2Error::BadHeader(what)
             | Qcow2Error::TooLarge(what) => DiskError::Corrupt(what),
             Qcow2Error::MarkedCorrupt => DiskError::Corrupt("image marked corrupt"),
+            Qcow2Error::Overlap { what, .. } => DiskError::Corrupt(what),
             Qcow2Error::NotQcow2 => DiskError::Corrupt("not a qcow2 image"),
             Qcow2Error::UnsupportedVersion(_) => DiskError::Unsupported,
             Qcow2Error::UnknownIncompatibleFeature { .. } => DiskError::Unsupported,

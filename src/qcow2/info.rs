@@ -54,6 +54,9 @@ pub struct Stats {
     pub reclaim_flushed: u64,
     /// Space reclaim: references rewritten.
     pub reclaim_referenced: u64,
+    /// Writes refused because they would have overwritten metadata (each marks the image
+    /// corrupt; see [`super::Qcow2Error::Overlap`]).
+    pub overlaps_refused: u64,
 }
 
 /// How the image uses its space.

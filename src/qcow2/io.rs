@@ -31,23 +31,33 @@ impl<D: BlockDevice> Qcow2<D> {
         Mapping::decode(entry, &self.geo, self.hdr.version)
     }
 
-    /// Checks a data cluster run on the host: its clusters start on the device (bytes past
-    /// the device end read as zeros), not over fixed metadata.
+    /// Checks a data cluster run on the host before reading it: its clusters start on the
+    /// device (bytes past the device end read as zeros), not over fixed metadata.
     fn check_data_host(&self, host: u64, len: u64) -> Result<()> {
-        match host.checked_add(len) {
-            Some(end) if end <= self.span_end() => {}
-            _ => {
-                return Err(Qcow2Error::Corrupt(
-                    "a data cluster lies past the device end",
-                ));
-            }
-        }
+        self.check_data_span(host, len)?;
         if self.overlaps_fixed(host, len) {
             return Err(Qcow2Error::Corrupt(
                 "a data cluster overlaps the header, the L1 table or the refcount table",
             ));
         }
         Ok(())
+    }
+
+    /// Checks that a data cluster run starts on the device.
+    fn check_data_span(&self, host: u64, len: u64) -> Result<()> {
+        match host.checked_add(len) {
+            Some(end) if end <= self.span_end() => Ok(()),
+            _ => Err(Qcow2Error::Corrupt(
+                "a data cluster lies past the device end",
+            )),
+        }
+    }
+
+    /// Checks a data cluster run on the host before writing it: on the device, and over no
+    /// metadata at all ([`Qcow2Error::Overlap`] otherwise, the image then marked corrupt).
+    fn check_data_write(&mut self, host: u64, len: u64) -> Result<()> {
+        self.check_data_span(host, len)?;
+        self.check_overlap(host, len, 0)
     }
 
     /// The mapping of guest cluster `vc`.
@@ -175,17 +185,45 @@ impl<D: BlockDevice> Qcow2<D> {
                 host: Some(host), ..
             } => self.queue_free(host / cs, 1),
             Mapping::Compressed { host, len } => {
-                let first = host / cs;
-                let last = (host + len - 1) / cs;
-                self.queue_free(first, last - first + 1)
+                let n = self.compressed_owned_clusters(host, len);
+                self.queue_free(host / cs, n)
             }
             _ => Ok(()),
         }
     }
 
+    /// How many host clusters, from the one at `host` on, the compressed cluster at `host`
+    /// (at most `len` bytes) holds data in: the clusters its descriptor reaches into, but
+    /// only as far as its deflate stream really goes. A corrupt descriptor whose length
+    /// runs into a neighbour (a data cluster, another table) must not free the neighbour:
+    /// its refcount drop would let the allocator hand out live data. When the stream cannot
+    /// be inflated, only the first cluster is freed (the rest leaks: safe, and check
+    /// reports it). Clobbers the scratch cluster.
+    fn compressed_owned_clusters(&mut self, host: u64, len: u64) -> u64 {
+        let cs = self.geo.cluster_size();
+        let first = host / cs;
+        let last = (host + len - 1) / cs;
+        if last == first {
+            return 1;
+        }
+        match self.inflate_into_scratch(host, len) {
+            Ok(used) => {
+                let end = host + (used as u64).max(1);
+                ((end - 1) / cs).clamp(first, last) - first + 1
+            }
+            Err(e) => {
+                log::warn!(
+                    "qcow2: compressed cluster at {host:#x} does not inflate ({e}); freeing \
+                     only its first host cluster"
+                );
+                1
+            }
+        }
+    }
+
     /// Inflates the compressed cluster at `host` (at most `len` bytes) into the scratch
-    /// cluster.
-    fn inflate_into_scratch(&mut self, host: u64, len: u64) -> Result<()> {
+    /// cluster; returns how many compressed bytes the stream used.
+    fn inflate_into_scratch(&mut self, host: u64, len: u64) -> Result<usize> {
         if self.hdr.incompatible_features & super::header::INCOMPAT_COMPRESSION != 0
             && self.hdr.tail.first().is_some_and(|&t| t != 0)
         {
@@ -213,7 +251,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 super::read_dev(&mut self.dev, host, &mut self.scratch)?;
                 Ok(())
             }
-            Mapping::Compressed { host, len } => self.inflate_into_scratch(host, len),
+            Mapping::Compressed { host, len } => self.inflate_into_scratch(host, len).map(drop),
             _ => {
                 self.scratch.fill(0);
                 Ok(())
@@ -274,7 +312,7 @@ impl<D: BlockDevice> Qcow2<D> {
                         run += cs.min(want - run);
                         i += 1;
                     }
-                    self.check_data_host(host, inoff + run)?;
+                    self.check_data_write(host, inoff + run)?;
                     super::write_dev(
                         &mut self.dev,
                         host + inoff,
@@ -285,7 +323,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 Plan::Reuse(host) => {
                     let n = (cs - inoff).min(want);
-                    self.check_data_host(host, cs)?;
+                    self.check_data_write(host, cs)?;
                     let src = &buf[done as usize..(done + n) as usize];
                     if n == cs {
                         super::write_dev(&mut self.dev, host, src)?;
@@ -323,7 +361,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     let zeroed = self.last_alloc_zeroed;
                     let host = hc * cs;
                     let n = (got * cs - inoff).min(want);
-                    self.check_data_host(host, got * cs)?;
+                    self.check_data_write(host, got * cs)?;
                     let src = &buf[done as usize..(done + n) as usize];
                     if zeroed && matches!(m0, Mapping::Unallocated | Mapping::Zero { .. }) {
                         // New clusters that already read as zeros: just the data.
@@ -504,7 +542,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 Mapping::Unallocated | Mapping::Zero { .. } => {}
                 Mapping::Data { host, copied: true } => {
                     // Ours alone: zero it in place.
-                    self.check_data_host(host, cs)?;
+                    self.check_data_write(host, cs)?;
                     self.dev.write_zeroes(host + (pos & (cs - 1)), n)?;
                     self.stats.data_bytes_written += n;
                 }

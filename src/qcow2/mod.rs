@@ -14,6 +14,7 @@
 //! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
 //! - `compress`: inflating compressed clusters (deflate, compression type 0).
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
+//! - `overlap`: the metadata map and the overlap check before every write.
 //! - `info`: statistics, space accounting, image information and the cluster map.
 //!
 //! Crash safety: guest data goes straight to the device; metadata changes collect in the
@@ -40,6 +41,7 @@ mod create;
 mod info;
 mod io;
 mod open;
+mod overlap;
 mod refcount;
 mod resize;
 mod tables;
@@ -203,6 +205,9 @@ pub struct Qcow2<D: BlockDevice> {
     repairing: bool,
     /// Inflates compressed clusters (state allocated on first use).
     inflater: compress::Inflater,
+    /// Metadata clusters that writes must not land on (built at the first change of a
+    /// writable session; `None` before and during repair).
+    meta: Option<overlap::MetaMap>,
     /// Space counters kept up to date after the first [`Qcow2::space`] walk.
     tally: Option<info::Tally>,
     stats: Stats,
@@ -233,6 +238,7 @@ impl<D: BlockDevice> Qcow2<D> {
             + self.scratch.len() as u64
             + self.inflater.input.len() as u64
             + self.pending.capacity() as u64 * 16
+            + self.meta.as_ref().map_or(0, |m| m.memory_bytes())
     }
 
     /// Whether metadata changes wait in the caches for [`Qcow2::flush_metadata`] (the

@@ -124,6 +124,7 @@ impl<D: BlockDevice> Qcow2<D> {
             last_alloc_zeroed: false,
             l2_memo: None,
             inflater: Default::default(),
+            meta: None,
             corrupt,
             repairing: false,
             tally: None,

@@ -151,6 +151,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 continue;
             }
             self.set_rt_entry(ti, key)?;
+            self.meta_insert(c, super::overlap::kind::REFCOUNT_BLOCK);
             self.note_alloc(c);
             self.note_zero_use(c, 1);
             let self_counted = cti == ti;
@@ -279,6 +280,9 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         for c in e..total_end {
             self.note_alloc(c);
+        }
+        for j in 0..bc {
+            self.meta_insert(e + new_clusters + j, super::overlap::kind::REFCOUNT_BLOCK);
         }
         self.note_zero_use(e, total_end - e);
         let in_new_blocks = (e..total_end)

@@ -113,18 +113,20 @@ impl<D: BlockDevice> Qcow2<D> {
     }
 
     fn write_slot(&mut self, pool: Pool, s: usize) -> Result<()> {
-        let cache = match pool {
-            Pool::L2 => &mut self.l2c,
-            Pool::Rc => &mut self.rcc,
-        };
-        let (lo, hi) = cache.dirty_span(s);
-        let slot = cache.slot(s);
-        let key = slot.key;
+        let (lo, hi) = self.cache_mut(pool).dirty_span(s);
         if hi > lo {
-            super::write_dev(&mut self.dev, key + lo as u64, &slot.data[lo..hi])?;
+            let slot = self.cache_mut(pool).slot(s);
+            let (key, allowed) = (slot.key, Self::table_kind_bits(slot.kind));
+            // A table never overwrites other metadata (a corrupt pointer could send it there).
+            self.check_overlap(key + lo as u64, (hi - lo) as u64, allowed)?;
+            let cache = match pool {
+                Pool::L2 => &self.l2c,
+                Pool::Rc => &self.rcc,
+            };
+            super::write_dev(&mut self.dev, key + lo as u64, &cache.slot(s).data[lo..hi])?;
             self.stats.metadata_bytes_written += (hi - lo) as u64;
         }
-        cache.mark_clean(s);
+        self.cache_mut(pool).mark_clean(s);
         Ok(())
     }
 
@@ -249,6 +251,12 @@ impl<D: BlockDevice> Qcow2<D> {
         if self.corrupt && !self.repairing {
             return Err(Qcow2Error::MarkedCorrupt);
         }
+        if self.repairing {
+            // Repair rewrites references and refcounts wholesale: the map is rebuilt after.
+            self.meta = None;
+        } else if self.meta.is_none() {
+            self.build_meta_map()?;
+        }
         if self.write_started {
             return Ok(());
         }
@@ -289,7 +297,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Passes `r` on, marking the image corrupt if it is a corruption error.
     pub(crate) fn note_corrupt<T>(&mut self, r: Result<T>) -> Result<T> {
-        if let Err(Qcow2Error::Corrupt(_)) = r {
+        if let Err(Qcow2Error::Corrupt(_) | Qcow2Error::Overlap { .. }) = r {
             self.mark_corrupt();
         }
         r
@@ -423,6 +431,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 self.l2c.data_mut(ns).copy_from_slice(&scratch);
                 self.scratch = scratch;
                 self.set_l1_entry(l1i, noff | COPIED)?;
+                self.meta_l2_copied(off / cs, nc);
                 self.queue_free(off / cs, 1)?;
                 self.l2c
                     .get(noff)
@@ -434,6 +443,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 self.load(Pool::L2, noff, TableKind::L2, false)?;
                 self.stats.l2_tables_allocated += 1;
                 self.tally(|t| t.l2_tables += 1);
+                self.meta_insert(nc, super::overlap::kind::ACTIVE_L2);
                 self.set_l1_entry(l1i, noff | COPIED)?;
                 self.l2c
                     .get(noff)

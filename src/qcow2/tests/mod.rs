@@ -6,6 +6,7 @@ mod check_vs_qemu;
 mod hostile;
 mod interop;
 mod model;
+mod overlap;
 mod partial_writeback;
 mod short_device;
 pub(crate) mod util;
