@@ -13,7 +13,7 @@
 //! | engine | `qcow_metal_disk_cache_hits_total`, `_cache_misses_total` | `disk`, `cache` (`l2`, `refcount`) |
 //! | engine | `qcow_metal_disk_reclaim_bytes_total` | `disk`, `stage` |
 //! | block device | `qcow_metal_blockdev_requests_total`, `_errors_total`, `_bytes_total`, `_request_duration_seconds` | `device`, `op` |
-//! | block device | `qcow_metal_blockdev_in_flight` | `device` |
+//! | block device | `qcow_metal_blockdev_in_flight`, `qcow_metal_blockdev_capacity_bytes` | `device` |
 //! | NBD | `qcow_metal_nbd_connections_active`, `_connections_total`, `_sessions_total`, `_protocol_errors_total` | `export` |
 //! | NBD | `qcow_metal_nbd_requests_total` | `export`, `command` |
 //! | NBD | `qcow_metal_nbd_errors_total` | `export`, `error` |
@@ -347,6 +347,7 @@ pub struct BlockDeviceMetrics {
     /// Request counters.
     pub requests: RequestMetrics,
     in_flight: Arc<Gauge>,
+    capacity: Arc<Gauge>,
 }
 
 impl BlockDeviceMetrics {
@@ -363,6 +364,11 @@ impl BlockDeviceMetrics {
     /// A submitted request completed (`-1` in flight); record it with [`Self::record`].
     pub fn completed(&self) {
         self.in_flight.dec();
+    }
+
+    /// The device's size in bytes (for a disk image: the host file as the guest sees it).
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.set_u64(bytes);
     }
 }
 
@@ -813,9 +819,18 @@ fn build_blockdev(reg: &mut Registry, device: &str) -> BlockDeviceMetrics {
         &["device"],
         &[device],
     );
+    let capacity = single_series::<Gauge>(
+        reg,
+        "qcow_metal_blockdev_capacity_bytes",
+        "Size of the block device: for the disk, the host file as the guest sees it.",
+        Some("bytes"),
+        &["device"],
+        &[device],
+    );
     BlockDeviceMetrics {
         requests,
         in_flight,
+        capacity,
     }
 }
 

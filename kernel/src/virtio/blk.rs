@@ -304,6 +304,8 @@ impl VirtioBlk {
         };
         dev.queue.set_dev_notify(false);
         dev.transport.finish_init();
+        dev.stats
+            .set_capacity(capacity.saturating_mul(VIRTIO_SECTOR));
         info!(
             "{} bytes, block {} B, {}{}{}{}, up to {} KiB per request",
             capacity * VIRTIO_SECTOR,
