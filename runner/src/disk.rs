@@ -3,7 +3,8 @@
 //!
 //! QEMU gives the guest the file's bytes (`-drive format=raw`), so the virtio-blk capacity is
 //! the file's length. The guest allocates clusters past the image's current end as it writes,
-//! so before boot the file is extended (sparsely) to the largest length the image can reach.
+//! so before boot the file is extended (sparsely) to the largest length the image can reach,
+//! with a warning when the filesystem has less free space than that growth may need.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
@@ -151,6 +152,9 @@ pub fn prepare(path: &Path, read_only: bool) -> Result<PreparedDisk> {
         .len();
     if let (DiskKind::Qcow2(g), false) = (kind, read_only) {
         let want = max_image_len(g.virtual_size, g.cluster_size, g.refcount_bits);
+        if let Some(warning) = space_warning(path, &file, want) {
+            eprintln!("qcow-metal: warning: {warning}");
+        }
         if file_len < want {
             file.set_len(want)
                 .map_err(|e| Error::disk(path, "extend", e))?;
@@ -164,9 +168,135 @@ pub fn prepare(path: &Path, read_only: bool) -> Result<PreparedDisk> {
     })
 }
 
+/// Room on the host for the image to grow, as [`space_warning`] measures it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpaceCheck {
+    /// The image file.
+    pub path: PathBuf,
+    /// Where the filesystem holding it is mounted, and its type when known (`/mnt (tmpfs)`).
+    pub filesystem: String,
+    /// Bytes an unprivileged writer may still allocate there.
+    pub free: u64,
+    /// Bytes the file holds now (allocated blocks: the file is sparse).
+    pub allocated: u64,
+    /// Largest size the image can reach ([`max_image_len`]).
+    pub reachable: u64,
+}
+
+impl SpaceCheck {
+    /// Why the image may not fit, or `None` when the free space covers its growth.
+    pub fn warning(&self) -> Option<String> {
+        let growth = self.reachable.saturating_sub(self.allocated);
+        if self.free >= growth {
+            return None;
+        }
+        Some(format!(
+            "{} may grow to {} but the filesystem at {} has {} free ({} more may be needed): \
+             when it fills, the guest's disk writes fail (NBD clients get ENOSPC or EIO, the \
+             guest keeps running and counts them in qcow_metal_blockdev_errors_total); free \
+             space there, put the disk on a bigger filesystem (--disk) or use a smaller --size",
+            self.path.display(),
+            crate::units::format_size(self.reachable),
+            self.filesystem,
+            crate::units::format_size(self.free),
+            crate::units::format_size(growth),
+        ))
+    }
+}
+
+/// Measures whether the filesystem holding `file` (at `path`) has room for the image to
+/// grow to `reachable` bytes, and returns a warning when it has not. Measuring is best
+/// effort: a filesystem that cannot say (`statvfs` fails) gets no warning.
+pub fn space_warning(path: &Path, file: &File, reachable: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let st = rustix::fs::fstatvfs(file).ok()?;
+    let allocated = file.metadata().ok()?.blocks().saturating_mul(512);
+    SpaceCheck {
+        path: path.to_path_buf(),
+        filesystem: filesystem_name(path),
+        free: st.f_bavail.saturating_mul(st.f_frsize),
+        allocated,
+        reachable,
+    }
+    .warning()
+}
+
+/// The mount point of the filesystem holding `path` (the highest ancestor on the same
+/// device) and its type from `/proc/self/mounts`, e.g. `/mnt/small (tmpfs)`.
+fn filesystem_name(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let Ok(dev) = path.metadata().map(|m| m.dev()) else {
+        return path.display().to_string();
+    };
+    let mut mount = path.as_path();
+    while let Some(parent) = mount.parent() {
+        match parent.metadata() {
+            Ok(m) if m.dev() == dev => mount = parent,
+            _ => break,
+        }
+    }
+    let fs_type = std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|mounts| {
+            // The last mount on a point is the one in effect.
+            mounts.lines().rev().find_map(|l| {
+                let mut f = l.split(' ');
+                let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+                // Spaces in mount points are written as octal escapes.
+                (at.replace("\\040", " ") == mount.to_string_lossy()).then(|| kind.to_string())
+            })
+        });
+    match fs_type {
+        Some(kind) => format!("{} ({kind})", mount.display()),
+        None => mount.display().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filesystem_too_small_for_the_image_is_named_in_a_warning() {
+        let check = SpaceCheck {
+            path: "/mnt/small/disk.qcow2".into(),
+            filesystem: "/mnt/small (tmpfs)".into(),
+            free: 40 << 20,
+            allocated: 256 << 10,
+            reachable: max_image_len(1 << 30, 65536, 16),
+        };
+        let w = check.warning().expect("40 MiB cannot hold a 1 GiB image");
+        for want in [
+            "/mnt/small/disk.qcow2",
+            "/mnt/small (tmpfs)",
+            "40 MiB free",
+            "ENOSPC",
+            "--disk",
+            "--size",
+        ] {
+            assert!(w.contains(want), "missing `{want}` in: {w}");
+        }
+        assert!(
+            w.contains(&crate::units::format_size(check.reachable)),
+            "{w}"
+        );
+        // Enough room for what is not yet allocated: no warning.
+        let roomy = SpaceCheck {
+            free: check.reachable - check.allocated,
+            ..check
+        };
+        assert_eq!(roomy.warning(), None);
+        // This machine's temporary directory is measured without error.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        std::fs::write(&path, b"x").unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(space_warning(&path, &file, 1), None);
+        let huge = space_warning(&path, &file, u64::MAX).expect("no filesystem holds 16 EiB");
+        assert!(huge.contains(&path.display().to_string()), "{huge}");
+        assert!(filesystem_name(&path).starts_with('/'), "{huge}");
+    }
 
     #[test]
     fn created_images_are_probed_and_extended_for_the_guest() {
