@@ -363,11 +363,16 @@ impl<D: BlockDevice> Qcow2<D> {
                     let n = (got * cs - inoff).min(want);
                     self.check_data_write(host, got * cs)?;
                     let src = &buf[done as usize..(done + n) as usize];
-                    if zeroed && matches!(m0, Mapping::Unallocated | Mapping::Zero { .. }) {
-                        // New clusters that already read as zeros: just the data.
-                        super::write_dev(&mut self.dev, host + inoff, src)?;
-                    } else {
-                        self.write_new_clusters(host, inoff, src, m0)?;
+                    let written =
+                        if zeroed && matches!(m0, Mapping::Unallocated | Mapping::Zero { .. }) {
+                            // New clusters that already read as zeros: just the data.
+                            super::write_dev(&mut self.dev, host + inoff, src)
+                        } else {
+                            self.write_new_clusters(host, inoff, src, m0)
+                        };
+                    if let Err(e) = written {
+                        // Nothing points at the new clusters yet (see `faults`).
+                        return Err(self.fresh_write_failed(hc, got, e));
                     }
                     // Data is on its way; now point the L2 entries at it.
                     let s = self.l2_for_write(vc)?;
@@ -644,7 +649,8 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
         }
         // Guest data and metadata durable: one device flush unless the write-back ended
         // with one.
-        let r = self.write_back();
+        // A failed flush is EIO, never ENOSPC (see `faults`).
+        let r = self.write_back().map_err(super::faults::flush_error);
         if !self.note_corrupt(r)? {
             self.barrier()?;
         }

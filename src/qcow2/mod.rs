@@ -14,6 +14,7 @@
 //! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
 //! - `compress`: inflating compressed clusters (deflate, compression type 0).
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
+//! - `faults`: what a failing device turns into (`NoSpace` or a device error) and leaves.
 //! - `overlap`: the metadata map and the overlap check before every write.
 //! - `info`: statistics, space accounting, image information and the cluster map.
 //!
@@ -38,6 +39,7 @@ mod allocator;
 mod check;
 mod compress;
 mod create;
+mod faults;
 mod info;
 mod io;
 mod open;
