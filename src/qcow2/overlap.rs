@@ -91,24 +91,50 @@ impl MetaMap {
         self.entries.binary_search_by(|e| (e >> 16).cmp(&c))
     }
 
+    /// Whether another entry fits (warns once when not).
+    fn room(&mut self) -> bool {
+        if self.entries.len() < self.limit {
+            return true;
+        }
+        if !self.truncated {
+            log::warn!(
+                "qcow2: too many metadata clusters to track for overlap checks; later ones \
+                 are not checked"
+            );
+        }
+        self.truncated = true;
+        false
+    }
+
     /// Adds `bits` to cluster `c`.
     pub(crate) fn insert(&mut self, c: u64, bits: u16) {
         match self.search(c) {
             Ok(i) => self.entries[i] |= bits as u64,
             Err(i) => {
-                if self.entries.len() >= self.limit {
-                    if !self.truncated {
-                        log::warn!(
-                            "qcow2: too many metadata clusters to track for overlap checks; \
-                             later ones are not checked"
-                        );
-                    }
-                    self.truncated = true;
-                    return;
+                if self.room() {
+                    self.entries.insert(i, (c << 16) | bits as u64);
                 }
-                self.entries.insert(i, (c << 16) | bits as u64);
             }
         }
+    }
+
+    /// Adds `bits` to cluster `c` while building (in any order; [`MetaMap::finish`] sorts).
+    fn push(&mut self, c: u64, bits: u16) {
+        if self.room() {
+            self.entries.push((c << 16) | bits as u64);
+        }
+    }
+
+    /// Sorts what [`MetaMap::push`] added and merges entries of the same cluster.
+    fn finish(&mut self) {
+        self.entries.sort_unstable();
+        self.entries.dedup_by(|later, kept| {
+            let same = *later >> 16 == *kept >> 16;
+            if same {
+                *kept |= *later & 0xffff;
+            }
+            same
+        });
     }
 
     /// Clears `bits` of cluster `c` (dropping it when none are left).
@@ -224,7 +250,7 @@ impl<D: BlockDevice> Qcow2<D> {
             let first = off / cs;
             let n = bytes.div_ceil(cs).max(1);
             for c in first..first.saturating_add(n).min(span) {
-                map.insert(c, bits);
+                map.push(c, bits);
             }
         };
         // Refcount blocks.
@@ -319,6 +345,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
             }
         }
+        map.finish();
         self.meta = Some(map);
         Ok(())
     }
@@ -349,5 +376,40 @@ impl<D: BlockDevice> Qcow2<D> {
             TableKind::RefTable => kind::REFCOUNT_TABLE,
             TableKind::RefBlock => kind::REFCOUNT_BLOCK,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MetaMap, kind};
+
+    #[test]
+    fn map_merges_finds_clears_and_bounds() {
+        let mut m = MetaMap::new(4);
+        m.push(9, kind::ACTIVE_L2);
+        m.push(3, kind::REFCOUNT_BLOCK);
+        m.push(9, kind::INACTIVE_L2);
+        m.finish();
+        assert_eq!(m.find(0, 100, 0), Some((3, kind::REFCOUNT_BLOCK)));
+        assert_eq!(
+            m.find(4, 100, kind::ACTIVE_L2),
+            Some((9, kind::INACTIVE_L2))
+        );
+        assert_eq!(m.find(4, 8, 0), None);
+        m.insert(5, kind::SNAPSHOT_TABLE);
+        m.insert(7, kind::INACTIVE_L1);
+        assert_eq!(m.find(4, 6, 0), Some((5, kind::SNAPSHOT_TABLE)));
+        // Full: a fifth cluster is not recorded.
+        m.insert(11, kind::ACTIVE_L2);
+        assert_eq!(m.find(10, 12, 0), None);
+        m.clear(9, kind::INACTIVE_L2);
+        assert_eq!(m.find(9, 9, 0), Some((9, kind::ACTIVE_L2)));
+        m.clear(9, kind::ACTIVE_L2);
+        m.remove(5);
+        assert_eq!(m.find(4, 10, 0), Some((7, kind::INACTIVE_L1)));
+        assert_eq!(
+            super::kind_name(kind::BITMAP_TABLE | kind::HEADER),
+            "the image header"
+        );
     }
 }

@@ -267,6 +267,50 @@ fn snapshot_tables_are_protected() {
 }
 
 #[test]
+fn bitmap_directory_and_tables_are_protected() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_image(dir.path());
+    qemu_ok(
+        "qemu-img",
+        &["bitmap", "--add", img.to_str().unwrap(), "b0"],
+    );
+    // The bitmaps extension (type 0x23852875) gives the directory; its first entry the table.
+    let b = std::fs::read(&img).unwrap();
+    let mut at = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+    let dir_off = loop {
+        let kind = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            break get64(&b, at as u64 + 8 + 16);
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    };
+    let table_off = get64(&b, dir_off);
+    assert!(table_off != 0 && dir_off != 0);
+    for (target, what) in [
+        (dir_off, "the bitmap directory"),
+        (table_off, "a bitmap table"),
+    ] {
+        let dir2 = tempfile::tempdir().unwrap();
+        let img2 = dir2.path().join("b.qcow2");
+        std::fs::copy(&img, &img2).unwrap();
+        put64(&img2, L2, COPIED | target);
+        let before = bytes(&img2, target, CS);
+        let mut q = open_rw(&img2);
+        assert_eq!(
+            q.write_at(0, &[0x77; 4096]).unwrap_err(),
+            Qcow2Error::Overlap {
+                offset: target,
+                what
+            }
+        );
+        drop(q);
+        assert_unchanged(&img2, target, &before, what);
+    }
+}
+
+#[test]
 fn valid_images_write_without_refusals() {
     // Writes, discards, a snapshot's shared tables copied, a refcount-table growth (small
     // clusters): never refused, QEMU finds the result clean.
