@@ -1,6 +1,7 @@
 //! The NBD export end to end under TCG: real clients (qemu-io, qemu-img, nbdinfo, nbdcopy)
 //! against the guest's qcow2 engine; malformed clients get errors while others are served;
-//! after a clean shutdown the image checks clean and holds exactly what was written.
+//! after a clean shutdown the image checks clean and holds exactly what was written. A write
+//! that a damaged L2 entry sends onto metadata is refused (EIO) while the guest keeps serving.
 
 use qcow_metal::nbd::client::{go_option_data, greet, read_option_reply, send_option};
 use qcow_metal::nbd::proto::{
@@ -345,4 +346,106 @@ fn raw_mode_serves_the_device_bytes() {
     assert_eq!(&magic, b"QFI\xfb");
     c.disconnect().unwrap();
     shut_down_cleanly(&mut g);
+}
+
+/// `GET /metrics` on the guest (plain text); the body.
+fn metrics_text(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connecting to /metrics on port {port}: {e}"));
+    s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("/metrics did not answer: {e}"));
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the first sample of `family` in a text exposition.
+fn sample(text: &str, family: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_write_into_metadata_is_refused_and_the_guest_keeps_serving() {
+    // A qemu-img image (QEMU 7.2 layout: L1 table at 0x30000, first L2 table at 0x40000)
+    // whose L2 entry 0 points at its own L2 table: qemu-io's write through the guest fails
+    // (EIO), the L2 table keeps its bytes, the image is marked corrupt, reads go on and
+    // /metrics counts the refusal. QEMU refuses the same write.
+    const L2: u64 = 0x40000;
+    let dir = ScratchDir::new("nbd-overlap");
+    let disk = dir.path().join("overlap.qcow2");
+    let image = disk.to_str().unwrap();
+    run_tool(
+        "qemu-img",
+        "qemu-utils",
+        &["create", "-q", "-f", "qcow2", image, "64M"],
+    );
+    run_tool(
+        "qemu-io",
+        "qemu-utils",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 64k",
+            "-c",
+            "write -P 0x22 64k 64k",
+            image,
+        ],
+    );
+    let mut bytes = std::fs::read(&disk).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(bytes[0x30000..0x30008].try_into().unwrap()) & !(1 << 63),
+        L2,
+        "QEMU 7.2 layout"
+    );
+    bytes[L2 as usize..L2 as usize + 8].copy_from_slice(&((1u64 << 63) | L2).to_be_bytes());
+    std::fs::write(&disk, &bytes).unwrap();
+    let l2_before = bytes[L2 as usize..L2 as usize + 65536].to_vec();
+
+    let (mut g, _) = boot(guest().disk(&disk));
+    let uri = format!("nbd://127.0.0.1:{}/{NBD_EXPORT}", g.nbd_port());
+    let out = qemu_io_output(&uri, "write -P 0x77 0 4k");
+    assert!(
+        !out.success || out.stdout.contains("failed") || out.stderr.contains("failed"),
+        "the write into the L2 table must fail: {out:?}"
+    );
+    assert!(
+        format!("{}{}", out.stdout, out.stderr).contains("Input/output error"),
+        "EIO: {out:?}"
+    );
+    // The guest keeps serving: reads over a new connection, and /metrics.
+    qemu_io(&uri, &["read -P 0x22 64k 64k"]);
+    let text = metrics_text(g.metrics_port());
+    assert_eq!(
+        sample(&text, "qcow_metal_disk_metadata_overlaps_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        g.tail().contains("preventing a write"),
+        "the refusal is logged: {}",
+        g.tail()
+    );
+    shut_down_cleanly(&mut g);
+    let after = std::fs::read(&disk).unwrap();
+    assert!(
+        after[L2 as usize..L2 as usize + 65536] == l2_before[..],
+        "the L2 table is unchanged"
+    );
+    let incompatible = u64::from_be_bytes(after[72..80].try_into().unwrap());
+    assert_ne!(incompatible & 2, 0, "the image is marked corrupt");
+    let info = run_tool("qemu-img", "qemu-utils", &["info", image]);
+    assert!(info.contains("corrupt: true"), "{info}");
+}
+
+/// qemu-io on the raw export at `uri` with one command, whatever its outcome.
+fn qemu_io_output(uri: &str, cmd: &str) -> qcow_metal_e2e::ToolOutput {
+    qcow_metal_e2e::run_tool_output("qemu-io", "qemu-utils", &["-f", "raw", "-c", cmd, uri])
 }
