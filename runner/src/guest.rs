@@ -17,7 +17,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,10 +27,13 @@ use crate::console::{Console, Echo, Wait};
 use crate::disk::{self, GuestFormat, PreparedDisk};
 use crate::error::{Error, Result};
 use crate::exit::GuestOutcome;
+use crate::guard;
 use crate::kernel;
 use crate::ports;
 use crate::qemu::{self, Accel, AccelKind, QemuConfig};
 use crate::qmp::Qmp;
+use crate::rundir;
+use crate::spawn;
 
 /// How long an `auto` boot waits for the banner under KVM before falling back to TCG.
 pub const KVM_BANNER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -274,11 +277,9 @@ impl GuestBuilder {
             Some(k) => k.clone(),
             None => kernel::shared_kernel()?,
         };
-        let dir = tempfile::Builder::new()
-            .prefix("qcow-metal-")
-            .tempdir()
-            .map_err(|e| Error::io("creating a temporary directory", e))?;
-        let disk = self.prepare_disk(dir.path())?;
+        spawn::find_setpriv()?;
+        let dir = rundir::create()?;
+        let (disk, lock) = self.prepare_disk(dir.path())?;
         for (port, flag) in [
             (self.metrics_port, "--metrics-port"),
             (self.nbd_port, "--nbd-port"),
@@ -334,27 +335,42 @@ impl GuestBuilder {
             }
         }
         guest.dir = Some(dir);
+        if guest.outcome.is_none() {
+            guest.disk_lock = Some(lock);
+        }
         Ok(guest)
     }
 
-    fn prepare_disk(&self, dir: &Path) -> Result<PreparedDisk> {
+    /// Checks, creates and locks the disk, then prepares it for the guest. Nothing of an
+    /// earlier guest's (QMP socket, serial log) is touched before the lock is held.
+    fn prepare_disk(&self, dir: &Path) -> Result<(PreparedDisk, File)> {
         // A raw guest on a raw drive gets a plain file; every other setup a qcow2 image.
         let raw_file = self.format == GuestFormat::Raw && self.drive_format == "raw";
         let path = match &self.disk {
             Some(p) => p.clone(),
             None => dir.join(if raw_file { "disk.raw" } else { "disk.qcow2" }),
         };
+        guard::ensure_regular(&path)?;
         if !path.exists() {
             if raw_file {
-                let f = File::create(&path).map_err(|e| Error::disk(&path, "create", e))?;
-                f.set_len(self.size)
-                    .map_err(|e| Error::disk(&path, "size", e))?;
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::disk(&path, "create", e))?;
+                }
+                guard::create_new(&path, |f| f.set_len(self.size))
+                    .map_err(|e| Error::disk(&path, "create", e))?;
             } else {
                 disk::create_qcow2(&path, self.size, self.cluster_size, self.refcount_bits)?;
             }
         }
-        if self.drive_format == "raw" {
-            disk::prepare(&path, self.read_only)
+        let lock = guard::lock_disk(&path, self.read_only)?;
+        if self.drive_format == "raw" && self.format == GuestFormat::Auto {
+            guard::check_auto_format(&path)?;
+        }
+        if lock.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+            return Err(guard::empty(&path));
+        }
+        let prepared = if self.drive_format == "raw" {
+            disk::prepare(&path, self.read_only)?
         } else {
             // QEMU's own driver grows the file; only check that it opens.
             std::fs::OpenOptions::new()
@@ -362,12 +378,13 @@ impl GuestBuilder {
                 .write(!self.read_only)
                 .open(&path)
                 .map_err(|e| Error::disk(&path, "open", e))?;
-            Ok(PreparedDisk {
+            PreparedDisk {
                 file_len: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
                 path,
                 kind: disk::DiskKind::Raw,
-            })
-        }
+            }
+        };
+        Ok((prepared, lock))
     }
 
     /// Starts QEMU; when the host ports were picked here and QEMU cannot forward them (taken
@@ -462,8 +479,7 @@ impl GuestBuilder {
         let qmp_socket = dir.join(format!("qmp-{}.sock", accel.as_str()));
         let _ = std::fs::remove_file(&qmp_socket);
         if let Some(user) = &self.user_qmp_socket {
-            // A socket left by an earlier run; QEMU would refuse to bind over it.
-            let _ = std::fs::remove_file(user);
+            prepare_user_socket(user)?;
         }
         let config = QemuConfig {
             kernel: kernel.to_path_buf(),
@@ -492,7 +508,8 @@ impl GuestBuilder {
             }
             None => None,
         };
-        let mut cmd = Command::new(qemu);
+        // Under setpriv: QEMU dies with the runner, even a SIGKILLed one.
+        let mut cmd = spawn::dies_with_parent(&spawn::find_setpriv()?, qemu);
         cmd.args(config.args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -501,12 +518,8 @@ impl GuestBuilder {
         // powers the guest down cleanly, instead of killing QEMU mid-write.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::QemuMissing {
-                program: qemu.display().to_string(),
-            },
-            _ => Error::Qemu(format!("cannot start {}: {e}", qemu.display())),
-        })?;
+        let mut child = spawn::spawn(cmd)
+            .map_err(|e| Error::Qemu(format!("cannot start {}: {e}", qemu.display())))?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let (Some(stdout), Some(stderr)) = (stdout, stderr) else {
@@ -523,6 +536,7 @@ impl GuestBuilder {
         Ok(Guest {
             child,
             dir: None,
+            disk_lock: None,
             disk: disk.clone(),
             config,
             console,
@@ -541,6 +555,8 @@ pub struct Guest {
     child: Child,
     /// Holds the QMP socket and the temporary disk; removed when the guest is dropped.
     dir: Option<TempDir>,
+    /// The disk file's lock (see [`guard::lock_disk`]), held while QEMU runs.
+    disk_lock: Option<File>,
     disk: PreparedDisk,
     config: QemuConfig,
     console: Console,
@@ -767,6 +783,7 @@ impl Guest {
                 .map_err(|e| Error::io("waiting for QEMU", e))?
         {
             self.outcome = Some(GuestOutcome::from_status(status));
+            self.disk_lock = None;
             self.drain_output();
         }
         Ok(self.outcome)
@@ -848,6 +865,7 @@ impl Guest {
             let _ = self.child.kill();
             if let Ok(status) = self.child.wait() {
                 self.outcome = Some(GuestOutcome::from_status(status));
+                self.disk_lock = None;
             }
         }
     }
@@ -912,6 +930,26 @@ impl Guest {
             )),
         }
     }
+}
+
+/// Makes way for the user's QMP socket: creates its directory and removes a stale socket
+/// (QEMU would refuse to bind over it), but refuses one that a running QEMU still serves.
+fn prepare_user_socket(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+    }
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(Error::Qemu(format!(
+            "the QMP socket {} is served by another running QEMU (another qcow-metal?); stop \
+             that one first",
+            path.display()
+        )));
+    }
+    std::fs::remove_file(path).map_err(|e| Error::io(format!("removing {}", path.display()), e))
 }
 
 /// The first of QEMU's KVM failure messages in its stderr, if any.

@@ -8,6 +8,10 @@
 //! - [`disk`]: the default disk, qcow2 header probe, file sizing for the guest.
 //! - [`qemu`]: finding QEMU, accelerators, QEMU's command line.
 //! - [`guest`]: a running guest: console, ports, QMP, shutdown, kill on drop.
+//! - [`guard`]: checks and locks on the disk file before anything is touched; whole-or-nothing
+//!   file creation.
+//! - [`spawn`]: QEMU under `setpriv --pdeathsig KILL`, so it dies with the runner.
+//! - [`rundir`]: per-guest private directories, and those of killed runners removed.
 //! - [`qmp`]: a small typed QMP client.
 //! - [`console`]: capture and tee of the serial console.
 //! - [`exit`]: the guest's exit statuses in words.
@@ -18,12 +22,15 @@ pub mod console;
 pub mod disk;
 pub mod error;
 pub mod exit;
+pub mod guard;
 pub mod guest;
 pub mod image;
 pub mod kernel;
 pub mod ports;
 pub mod qemu;
 pub mod qmp;
+pub mod rundir;
+pub mod spawn;
 pub mod units;
 
 pub use error::{Error, Result};

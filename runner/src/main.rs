@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use qcow_metal_runner::image::{self, CreateOptions};
 use qcow_metal_runner::kernel::{self, BuildOutput};
 use qcow_metal_runner::qemu::{self, Accel, GUEST_METRICS_PORT, GUEST_NBD_PORT};
 use qcow_metal_runner::units::{format_size, parse_size};
-use qcow_metal_runner::{Error, Guest, GuestOutcome, ports};
+use qcow_metal_runner::{Error, Guest, GuestOutcome, guard, ports, spawn};
 
 /// Boot the qcow-metal unikernel under QEMU, or work on qcow2 images.
 ///
@@ -64,6 +64,9 @@ struct RunArgs {
     /// Also write the serial console to this file [default: target/qcow-metal/serial.log]
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
+    /// Serve QMP for your own tools on this Unix socket [default: target/qcow-metal/qmp.sock]
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
     /// Extra kernel arguments, e.g. "log=debug" (space-separated key=value)
     #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
     append: Vec<String>,
@@ -160,39 +163,74 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
                 refcount_bits,
             };
             image::create(&path, opts)?;
-            println!(
-                "created {}: qcow2, {} virtual, {} clusters, {}-bit refcounts",
+            out(&format!(
+                "created {}: qcow2, {} virtual, {} clusters, {}-bit refcounts\n",
                 path.display(),
                 format_size(size),
                 format_size(cluster_size),
                 refcount_bits
-            );
+            ))
         }
-        ImageCommand::Info { path } => print!("{}", image::info(&path)?),
+        ImageCommand::Info { path } => out(&image::info(&path)?),
         ImageCommand::Check { path, repair } => {
             let report = image::check(&path, repair)?;
-            println!("{report}");
-            return Ok(ExitCode::from(image::check_exit_code(&report)));
+            let code = ExitCode::from(image::check_exit_code(&report));
+            out(&format!("{report}\n")).map(|written| {
+                if written == ExitCode::SUCCESS {
+                    code
+                } else {
+                    written
+                }
+            })
         }
-        ImageCommand::Map { path } => print!("{}", image::map(&path)?),
+        ImageCommand::Map { path } => out(&image::map(&path)?),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of a command whose reader went away (`| head`): 128 + SIGPIPE, as a shell
+/// reports a tool killed by that signal.
+const BROKEN_PIPE_EXIT: u8 = 141;
+
+/// Writes `text` to stdout. A reader that went away (`| head -1`) ends the command quietly
+/// with [`BROKEN_PIPE_EXIT`] instead of a panic; other write errors are errors.
+fn out(text: &str) -> Result<ExitCode, Error> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::from(BROKEN_PIPE_EXIT))
+        }
+        Err(e) => Err(Error::io("writing to stdout", e)),
+    }
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, Error> {
+    // First, so Ctrl-C and SIGTERM are never ignored: each phase below checks them.
+    let interrupts = interrupt_counter()?;
+    let interrupted = || interrupts.load(Ordering::SeqCst) > 0;
     let root = kernel::workspace_root();
-    // Cheap checks first, so a missing QEMU or a busy port fails before a long build.
+    let disk_path = args
+        .disk
+        .clone()
+        .unwrap_or_else(|| disk::default_disk_path(&root));
+    // Cheap checks first, so a missing QEMU, a busy port or a disk that cannot be one
+    // (a FIFO would block the runner) fails before a long build.
     qemu::find_qemu()?;
+    spawn::find_setpriv()?;
+    guard::ensure_regular(&disk_path)?;
     ports::ensure_free(args.metrics_port, "--metrics-port")?;
     ports::ensure_free(args.nbd_port, "--nbd-port")?;
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
         None => kernel::build_kernel(&root, BuildOutput::Show)?,
     };
-    let disk_path = args
-        .disk
-        .clone()
-        .unwrap_or_else(|| disk::default_disk_path(&root));
+    if interrupted() {
+        return Ok(interrupted_exit());
+    }
     if !disk_path.exists() {
         eprintln!(
             "qcow-metal: creating {} ({} virtual, qcow2)",
@@ -205,15 +243,6 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
         .clone()
         .unwrap_or_else(|| root.join("target").join("qcow-metal").join("serial.log"));
 
-    let interrupts = Arc::new(AtomicUsize::new(0));
-    {
-        let interrupts = interrupts.clone();
-        ctrlc::set_handler(move || {
-            interrupts.fetch_add(1, Ordering::SeqCst);
-        })
-        .map_err(|e| Error::Usage(format!("cannot install the Ctrl-C handler: {e}")))?;
-    }
-
     eprintln!(
         "qcow-metal: booting {} on {} ({} MiB, accel {}); serial log {}",
         kernel.display(),
@@ -222,9 +251,20 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
         args.accel.as_str(),
         serial_log.display()
     );
-    // Unix socket paths are limited to 107 bytes; skip the user's socket past that.
-    let qmp_socket = root.join("target").join("qcow-metal").join("qmp.sock");
-    let qmp_socket = (qmp_socket.as_os_str().len() < 100).then_some(qmp_socket);
+    // Unix socket paths are limited to 107 bytes; skip the default socket past that.
+    let qmp_socket = match &args.qmp {
+        Some(path) if path.as_os_str().len() >= 108 => {
+            return Err(Error::Usage(format!(
+                "--qmp {}: a Unix socket path must be shorter than 108 bytes",
+                path.display()
+            )));
+        }
+        Some(path) => Some(path.clone()),
+        None => {
+            let path = root.join("target").join("qcow-metal").join("qmp.sock");
+            (path.as_os_str().len() < 100).then_some(path)
+        }
+    };
     let mut builder = Guest::builder()
         .kernel(&kernel)
         .disk(&disk_path)
@@ -244,6 +284,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
     for a in &args.append {
         builder = builder.append(a.clone());
     }
+    // A Ctrl-C from here on powers the guest down cleanly (below).
     let mut guest = builder.start()?;
 
     let stop = {
@@ -310,6 +351,29 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
     };
     eprintln!("qcow-metal: {outcome}");
     Ok(exit_code(outcome))
+}
+
+/// Counts Ctrl-C and SIGTERM, from the first call on (the handler is installed once).
+fn interrupt_counter() -> Result<Arc<AtomicUsize>, Error> {
+    static COUNTER: OnceLock<Result<Arc<AtomicUsize>, String>> = OnceLock::new();
+    COUNTER
+        .get_or_init(|| {
+            let interrupts = Arc::new(AtomicUsize::new(0));
+            let counter = interrupts.clone();
+            ctrlc::set_handler(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })
+            .map(|()| interrupts)
+            .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))
+        })
+        .clone()
+        .map_err(Error::Usage)
+}
+
+/// The runner's status when Ctrl-C or SIGTERM came before the guest started: 128 + SIGINT.
+fn interrupted_exit() -> ExitCode {
+    eprintln!("qcow-metal: interrupted");
+    ExitCode::from(130)
 }
 
 /// 0 for a clean shutdown; QEMU's own status otherwise (1 when it was killed).
