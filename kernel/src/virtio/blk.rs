@@ -13,7 +13,12 @@
 //!   so the host can work on them together;
 //! - every virtio request submitted is counted exactly once in the [`BlockDeviceMetrics`]
 //!   (requests, bytes, errors, latency, in flight), after splitting, as QEMU's
-//!   `query-blockstats` counts them.
+//!   `query-blockstats` counts them;
+//! - a request the host fails (`VIRTIO_BLK_S_IOERR`: the runner gives QEMU
+//!   `werror=report,rerror=report`, so a full host filesystem or a failing host disk ends
+//!   here instead of pausing the VM) is [`BlockError::Io`] and an error of its operation in
+//!   the metrics; the qcow2 engine decides what the client is told (`ENOSPC` for a write into
+//!   new space, `EIO` otherwise).
 //!
 //! Calls block (by polling the used ring) until every request they submitted has completed.
 
@@ -80,6 +85,7 @@ const WRITE_ZEROES_UNMAP: u32 = 1;
 
 // Status values.
 const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
 // Offsets in the device configuration (5.2.4).
@@ -613,7 +619,14 @@ impl VirtioBlk {
                 result = Err(if status == S_UNSUPP {
                     BlockError::Unsupported
                 } else {
-                    warn!("{} request failed (status {status})", op.name());
+                    if status == S_IOERR {
+                        warn!(
+                            "{} request failed: the host reported an I/O error (a full or failing host disk?)",
+                            op.name()
+                        );
+                    } else {
+                        warn!("{} request failed (status {status})", op.name());
+                    }
                     BlockError::Io
                 });
                 // Queue nothing more; wait for what the device holds.
