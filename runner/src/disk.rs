@@ -98,22 +98,29 @@ pub struct PreparedDisk {
 
 pub use qcow_metal::qcow2::max_image_len;
 
-/// Creates (or overwrites) a qcow2 image of `size` virtual bytes at `path` with the
-/// project's own engine, creating parent directories.
+/// Creates a qcow2 image of `size` virtual bytes at `path` with the project's own engine,
+/// creating parent directories. An existing file is refused and never touched; a failed
+/// create leaves nothing behind.
 pub fn create_qcow2(path: &Path, size: u64, cluster_size: u64, refcount_bits: u32) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::disk(path, "create", e))?;
     }
-    let dev = FileDisk::create(path).map_err(|e| Error::disk(path, "create", e))?;
     let opts = CreateOptions {
         virtual_size: size,
         cluster_size,
         refcount_bits,
         ..CreateOptions::default()
     };
-    let image = Qcow2::create(dev, &opts).map_err(|e| Error::disk(path, "create", e))?;
-    image.close().map_err(|e| Error::disk(path, "create", e))?;
-    Ok(())
+    // Whole or not at all: a failed create (say, `--size 8E`) leaves no empty file behind.
+    crate::guard::create_new(path, |file| {
+        let dev = FileDisk::from_file(file.try_clone()?, false);
+        let image = Qcow2::create(dev, &opts).map_err(|e| std::io::Error::other(e.to_string()))?;
+        image
+            .close()
+            .map(drop)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .map_err(|e| Error::disk(path, "create", e))
 }
 
 /// Reads what `file` holds: a qcow2 header (parsed by the engine) or anything else (raw).
@@ -330,6 +337,23 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn a_failed_create_leaves_nothing_and_an_existing_file_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.qcow2");
+        let err = create_qcow2(&path, 8 << 60, 65536, 16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("huge.qcow2"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "a failed create left {left:?}");
+        let existing = dir.path().join("data.img");
+        std::fs::write(&existing, b"precious").unwrap();
+        assert!(create_qcow2(&existing, 8 << 20, 65536, 16).is_err());
+        assert_eq!(std::fs::read(&existing).unwrap(), b"precious");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
