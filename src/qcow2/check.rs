@@ -140,6 +140,16 @@ struct Refs {
     dev_clusters: u64,
     /// References that could not be tracked within the memory limit.
     beyond_limit: u64,
+    /// Cluster size in bytes.
+    cs: u64,
+    /// Length of the stored data (a file's length; a fixed device's capacity).
+    file_len: u64,
+    /// Clusters the check compares (QEMU's `nb_clusters`): those the file covers, grown by
+    /// references that end less than a cluster past its end.
+    nb: u64,
+    /// Clusters referenced past the end of the file (not counted; a repair must not
+    /// allocate them). Bounded like `sparse`.
+    past_eof: BTreeMap<u64, ()>,
 }
 
 /// The cluster's refcount block has been compared (duplicate table entries are skipped).
@@ -153,6 +163,7 @@ impl Refs {
         if c >= self.dev_clusters {
             return false;
         }
+        self.nb = self.nb.max(c + 1);
         if c < self.dense_cap {
             let i = c as usize;
             if i >= self.counts.len() {
@@ -204,6 +215,37 @@ impl Refs {
             .filter(|(_, n)| **n > 0)
             .map(|(c, &n)| (c as u64, n as u64))
             .chain(self.sparse.iter().map(|(&c, e)| (c, e.0 as u64)))
+    }
+
+    /// Whether `size` bytes at `off` end a cluster or more past the end of the file: QEMU
+    /// lets the last cluster of an image be cut short, nothing more.
+    fn beyond_file(&self, off: u64, size: u64) -> bool {
+        off.saturating_add(size) >= self.file_len.saturating_add(self.cs)
+    }
+
+    /// Counts the clusters of `size` bytes at `off` (at least one byte), QEMU's way: a
+    /// region past the end of the file is a corruption, reported and not counted (its
+    /// clusters are remembered so that a repair does not allocate them). False when the
+    /// region was not counted (past the end of the file or of the device).
+    fn count(&mut self, off: u64, size: u64, flag: u8, rep: &mut CheckReport) -> bool {
+        let size = size.max(1);
+        if self.beyond_file(off, size) {
+            rep.corruptions += 1;
+            rep.note(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {size:#x}"
+            ));
+            let first = off / self.cs;
+            let last = off.saturating_add(size - 1) / self.cs;
+            for c in first..=last.min(first + 64) {
+                if self.past_eof.len() < self.sparse_max {
+                    self.past_eof.insert(c, ());
+                }
+            }
+            return false;
+        }
+        let first = off / self.cs;
+        let last = (off + size - 1) / self.cs;
+        (first..=last).all(|c| self.add(c, flag))
     }
 }
 
@@ -278,6 +320,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let cs = self.geo.cluster_size();
         let limit = self.opts.check_memory_limit / 3;
         let end = self.compute_end().unwrap_or(self.end).max(self.end);
+        let file_len = self.file_len();
         let mut refs = Refs {
             counts: Vec::new(),
             flags: Vec::new(),
@@ -286,16 +329,21 @@ impl<D: BlockDevice> Qcow2<D> {
             sparse_max: (self.opts.check_memory_limit / 64) as usize,
             dev_clusters: self.dev_span,
             beyond_limit: 0,
+            cs,
+            file_len,
+            nb: file_len.div_ceil(cs),
+            past_eof: BTreeMap::new(),
         };
         rep.total_clusters = self.hdr.size.div_ceil(cs);
         // Fixed metadata: header, active L1 table, refcount table.
-        refs.add(0, F_META);
-        let l1_clusters = (self.hdr.l1_size as u64 * 8).div_ceil(cs);
-        for k in 0..l1_clusters {
-            refs.add(self.hdr.l1_table_offset / cs + k, F_META);
+        refs.count(0, cs, F_META, rep);
+        if self.hdr.l1_size > 0 {
+            let l1_bytes = self.hdr.l1_size as u64 * 8;
+            refs.count(self.hdr.l1_table_offset, l1_bytes, F_META, rep);
         }
-        for k in 0..self.hdr.refcount_table_clusters as u64 {
-            refs.add(self.hdr.refcount_table_offset / cs + k, F_META);
+        let rt_bytes = self.hdr.refcount_table_clusters as u64 * cs;
+        if rt_bytes > 0 {
+            refs.count(self.hdr.refcount_table_offset, rt_bytes, F_META, rep);
         }
         // Refcount blocks.
         for ti in 0..self.rt_entries {
@@ -328,6 +376,21 @@ impl<D: BlockDevice> Qcow2<D> {
                     continue;
                 }
             }
+            if e / cs >= refs.nb {
+                // Past the end of the file: it reads as zeros. Like QEMU, a repair makes
+                // the file long enough to hold it (zeros), and the refcount pass fills it.
+                rep.corruptions += 1;
+                rep.note(format!(
+                    "{} refcount block {ti} is outside image",
+                    if fix { "Repairing" } else { "ERROR" }
+                ));
+                if !fix {
+                    continue;
+                }
+                super::write_dev(&mut self.dev, e, &vec![0u8; cs as usize])?;
+                refs.file_len = refs.file_len.max(e + cs);
+                refs.nb = refs.nb.max(refs.file_len.div_ceil(cs));
+            }
             refs.add(e / cs, F_META);
         }
         // Snapshot table and snapshots (their L1/L2 tables and data).
@@ -346,7 +409,6 @@ impl<D: BlockDevice> Qcow2<D> {
 
     fn walk_active_l1(&mut self, fix: bool, refs: &mut Refs, rep: &mut CheckReport) -> Result<()> {
         let cs = self.geo.cluster_size();
-        let mut last_host = None::<u64>;
         for l1i in 0..self.hdr.l1_size as u64 {
             let e = self.l1_entry(l1i)?;
             let off = match decode_l1(e, &self.geo) {
@@ -356,6 +418,11 @@ impl<D: BlockDevice> Qcow2<D> {
                         && off / cs < self.dev_span
                         && refs.flags(off / cs) & (F_META | F_DATA) == 0 =>
                 {
+                    if refs.beyond_file(off, cs) {
+                        // Reported, kept (as QEMU does); the table reads as zeros.
+                        refs.count(off, cs, F_L2, rep);
+                        continue;
+                    }
                     let walked = refs.flags(off / cs) & F_ACTIVE != 0;
                     refs.add(off / cs, F_L2 | F_ACTIVE);
                     if walked {
@@ -381,6 +448,8 @@ impl<D: BlockDevice> Qcow2<D> {
                 rep.note(format!("ERROR cannot read the L2 table at {off:#x}"));
                 continue;
             }
+            // Like QEMU, fragmentation is counted within each L2 table.
+            let mut last_host = None::<u64>;
             for i in 0..self.geo.l2_entries() as usize {
                 let s = self.load(Pool::L2, off, TableKind::L2, true)?;
                 let e = get_u64(self.l2c.data(s), i);
@@ -390,23 +459,36 @@ impl<D: BlockDevice> Qcow2<D> {
                     | Ok(Mapping::Zero {
                         host: Some(host), ..
                     }) => {
-                        into_meta = refs.flags(host / cs) & (F_META | F_L2) != 0;
-                        let ok = !into_meta && refs.add(host / cs, F_DATA);
-                        if ok {
-                            rep.allocated_clusters += 1;
-                            if last_host.is_some_and(|h| h + cs != host) {
-                                rep.fragmented_clusters += 1;
-                            }
-                            last_host = Some(host);
+                        rep.allocated_clusters += 1;
+                        if last_host.is_some_and(|h| h + cs != host) {
+                            rep.fragmented_clusters += 1;
                         }
-                        ok
+                        last_host = Some(host);
+                        into_meta = refs.flags(host / cs) & (F_META | F_L2) != 0;
+                        if into_meta || host / cs >= self.dev_span {
+                            false
+                        } else if refs.beyond_file(host, cs) {
+                            // Reported, kept (as QEMU does): it reads as zeros.
+                            refs.count(host, cs, F_DATA, rep);
+                            true
+                        } else {
+                            refs.add(host / cs, F_DATA)
+                        }
                     }
                     Ok(Mapping::Compressed { host, len }) => {
                         rep.allocated_clusters += 1;
                         rep.compressed_clusters += 1;
+                        // QEMU counts every compressed cluster as fragmented.
+                        rep.fragmented_clusters += 1;
                         let first = host / cs;
                         let last = (host + len - 1) / cs;
-                        first >= 1 && (first..=last).all(|c| refs.add(c, F_DATA))
+                        if first < 1 || last >= self.dev_span {
+                            false
+                        } else {
+                            // Past the end of the file: reported and kept.
+                            let past = refs.beyond_file(host, len);
+                            refs.count(host, len, F_DATA, rep) || past
+                        }
                     }
                     Ok(_) => true,
                     Err(_) => false,
@@ -449,7 +531,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let mut buf = vec![0u8; cs as usize];
         let mut l1_budget: u64 = 1 << 26;
         let mut seen_l1 = Vec::new();
-        for _ in 0..n {
+        for sn in 0..n {
             let mut fixed = [0u8; 40];
             if pos.checked_add(40).is_none_or(|e| e > cap) {
                 rep.corruptions += 1;
@@ -466,7 +548,11 @@ impl<D: BlockDevice> Qcow2<D> {
             let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
             let extra = be32(&fixed[36..40]);
             pos += (40 + extra + id_len + name_len).div_ceil(8) * 8;
-            let l1_clusters = (l1_size * 8).div_ceil(cs);
+            if self.hdr.version >= 3 && extra < 16 {
+                // Version 3 entries carry at least the VM state and disk sizes.
+                rep.corruptions += 1;
+                rep.note(format!("ERROR snapshot table entry {sn} is incomplete"));
+            }
             if !l1_off.is_multiple_of(cs)
                 || l1_size * 8 > super::layout::MAX_L1_BYTES
                 || seen_l1.contains(&l1_off)
@@ -478,13 +564,16 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             seen_l1.push(l1_off);
             l1_budget -= l1_size;
-            for k in 0..l1_clusters {
-                if !refs.add(l1_off / cs + k, F_META) {
+            if l1_size > 0 {
+                if refs.beyond_file(l1_off, l1_size * 8) {
+                    // Reported; like QEMU, its entries are still read (zeros past the end).
+                    refs.count(l1_off, l1_size * 8, F_META, rep);
+                } else if !refs.count(l1_off, l1_size * 8, F_META, rep) {
                     rep.corruptions += 1;
                     rep.note(format!(
                         "ERROR snapshot L1 table at {l1_off:#x} lies past the end"
                     ));
-                    break;
+                    continue;
                 }
             }
             for l1i in 0..l1_size {
@@ -495,6 +584,11 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 let off = u64::from_be_bytes(b) & OFFSET_MASK;
                 if off == 0 {
+                    continue;
+                }
+                if refs.beyond_file(off, cs) {
+                    // Reported; the table reads as zeros.
+                    refs.count(off, cs, F_L2, rep);
                     continue;
                 }
                 if !off.is_multiple_of(cs) || !refs.add(off / cs, F_L2) {
@@ -513,21 +607,19 @@ impl<D: BlockDevice> Qcow2<D> {
                         | Ok(Mapping::Zero {
                             host: Some(host), ..
                         }) => {
-                            refs.add(host / cs, F_DATA);
+                            refs.count(host, cs, F_DATA, rep);
                         }
                         Ok(Mapping::Compressed { host, len }) => {
-                            for c in host / cs..=(host + len - 1) / cs {
-                                refs.add(c, F_DATA);
-                            }
+                            refs.count(host, len, F_DATA, rep);
                         }
                         _ => {}
                     }
                 }
             }
         }
-        let first = self.hdr.snapshots_offset / cs;
-        for c in first..pos.div_ceil(cs) {
-            refs.add(c, F_META);
+        let table_len = pos - self.hdr.snapshots_offset;
+        if table_len > 0 {
+            refs.count(self.hdr.snapshots_offset, table_len, F_META, rep);
         }
         Ok(())
     }
@@ -539,8 +631,8 @@ impl<D: BlockDevice> Qcow2<D> {
         let order = self.geo.refcount_order;
         let mut covered = vec![false; self.rt_entries as usize];
         let mut last_used = 0u64;
-        // Like QEMU, refcounts past the end of the stored data are not judged.
-        let eof = self.stored_clusters();
+        // Like QEMU, refcounts past the end of the file are not judged.
+        let nb = refs.nb;
         for ti in 0..self.rt_entries {
             let Ok(Some(block)) = self.rt_entry(ti) else {
                 continue;
@@ -561,14 +653,11 @@ impl<D: BlockDevice> Qcow2<D> {
             let base = ti << rb_bits;
             for i in 0..self.geo.rb_entries() {
                 let c = base + i;
-                if c >= self.dev_span {
+                if c >= self.dev_span || c >= nb {
                     break;
                 }
                 let have = get_refcount(self.rcc.data(s), i as usize, order);
                 let want = refs.get(c);
-                if want == 0 && c >= eof {
-                    continue;
-                }
                 if have > 0 || want > 0 {
                     last_used = c + 1;
                     self.judge(c, have, want, refs, rep);
@@ -592,19 +681,13 @@ impl<D: BlockDevice> Qcow2<D> {
         if have < want {
             rep.corruptions += 1;
             rep.note(format!(
-                "ERROR cluster {c} refcount={have} reference={want} (refcount too low)"
+                "ERROR cluster {c} refcount={have} reference={want}"
             ));
         } else if have > want {
             rep.leaks += 1;
-            if want == 0 {
-                rep.note(format!(
-                    "Leaked cluster {c} refcount={have} reference={want}"
-                ));
-            } else {
-                rep.note(format!(
-                    "Leaked cluster {c} refcount={have} reference={want} (refcount too high)"
-                ));
-            }
+            rep.note(format!(
+                "Leaked cluster {c} refcount={have} reference={want}"
+            ));
         }
         let flags = refs.flags(c) & (F_DATA | F_L2 | F_META);
         if flags.count_ones() > 1 || (flags == F_META && want > 1) {
@@ -632,14 +715,27 @@ impl<D: BlockDevice> Qcow2<D> {
                 "repair would need more memory than the check memory limit",
             ));
         }
+        let nb = refs.nb;
+        // Clusters referenced past the end of the file keep their references (as with QEMU):
+        // reserve them too, so that no new refcount block lands on them.
+        let limit = self.opts.check_memory_limit / 3;
+        let reserve: Vec<u64> = refs
+            .past_eof
+            .keys()
+            .copied()
+            .filter(|&c| c >= nb && c < limit)
+            .collect();
+        let max = reserve.last().map_or(max, |&c| max.max(c + 1));
         let mut guard = refs.counts;
         guard.resize(max as usize, 0);
         for (&c, e) in refs.sparse.iter() {
             guard[c as usize] = e.0;
         }
+        for c in reserve {
+            guard[c as usize] = guard[c as usize].max(1);
+        }
         self.guard = Some(guard);
         self.end = self.end.max(max);
-        let eof = self.stored_clusters();
         let r = (|| -> Result<()> {
             let mut covered = vec![false; self.rt_entries as usize];
             let mut seen: BTreeMap<u64, ()> = BTreeMap::new();
@@ -654,13 +750,11 @@ impl<D: BlockDevice> Qcow2<D> {
                 let base = ti << rb_bits;
                 for i in 0..self.geo.rb_entries() {
                     let c = base + i;
-                    if c >= self.dev_span {
+                    // Like QEMU, refcounts past the end of the file are left alone.
+                    if c >= self.dev_span || c >= nb {
                         break;
                     }
                     let want = self.guarded(c);
-                    if want == 0 && c >= eof {
-                        continue;
-                    }
                     let have = self.refcount(c)?;
                     if have != want {
                         count_fix(rep, have, want);
@@ -672,7 +766,7 @@ impl<D: BlockDevice> Qcow2<D> {
             while c < self.guard.as_ref().map_or(0, |g| g.len() as u64) {
                 let want = self.guarded(c);
                 let ti = c >> rb_bits;
-                if want > 0 && !covered.get(ti as usize).copied().unwrap_or(false) {
+                if want > 0 && c < nb && !covered.get(ti as usize).copied().unwrap_or(false) {
                     let have = self.refcount(c)?;
                     if have != want {
                         count_fix(rep, have, want);
@@ -689,12 +783,11 @@ impl<D: BlockDevice> Qcow2<D> {
         r
     }
 
-    /// Clusters up to the end of the device's stored data (all of them if unknown).
-    fn stored_clusters(&self) -> u64 {
-        let cs = self.geo.cluster_size();
-        self.dev
-            .zeroes_from()
-            .map_or(self.dev_span, |z| z.div_ceil(cs))
+    /// Length of the device's stored data, QEMU's "end of the file": a file's length, a
+    /// fixed device's capacity.
+    fn file_len(&self) -> u64 {
+        let cap = self.dev.capacity();
+        self.dev.zeroes_from().map_or(cap, |z| z.min(cap))
     }
 
     fn guarded(&self, c: u64) -> u64 {
@@ -720,7 +813,7 @@ impl<D: BlockDevice> Qcow2<D> {
             if (rc == 1) != copied {
                 rep.corruptions += 1;
                 rep.note(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:#x} refcount={rc}"
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={e:x} refcount={rc}"
                 ));
                 if fix {
                     self.set_l1_entry(l1i, if rc == 1 { e | COPIED } else { e & !COPIED })?;
@@ -744,7 +837,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 if (rc == 1) != copied {
                     rep.corruptions += 1;
                     rep.note(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={e:#x} refcount={rc}"
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
                     ));
                     if fix {
                         let s = self.load(Pool::L2, off, TableKind::L2, true)?;

@@ -10,5 +10,6 @@ mod model;
 mod overlap;
 mod partial_writeback;
 mod short_device;
+mod truncated;
 pub(crate) mod util;
 mod zero_tail;
