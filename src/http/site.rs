@@ -1,4 +1,4 @@
-//! What the application serves: the [`Site`] trait and the index page builder.
+//! What the application serves: the [`Site`] trait and the live page of `/`.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -35,8 +35,14 @@ pub trait Site {
     fn http_stats(&self) -> &HttpStats;
 }
 
-/// The content of the `/` page: a title and a list of facts, rendered as escaped HTML with
-/// a link to `/metrics`.
+/// The live page of `/` (`page.html`): inline CSS and a script that scrapes `/metrics` every
+/// two seconds and draws rates, latency quantiles, space, reclaim, NBD and HTTP as SVG
+/// charts. No external asset. `{{title}}` and `{{facts}}` are filled in by
+/// [`IndexPage::render`].
+pub(super) const PAGE: &str = include_str!("page.html");
+
+/// The content of the `/` page: a title and a list of facts, rendered as escaped HTML into
+/// [`PAGE`], which links to `/metrics` and `/healthz`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IndexPage {
     title: String,
@@ -74,31 +80,38 @@ impl IndexPage {
         &self.facts
     }
 
-    /// Renders the page as a complete HTML document.
+    /// Renders the page: [`PAGE`] with the title and the facts (a table, readable without
+    /// JavaScript) filled in.
     pub fn render(&self, out: &mut Vec<u8>) {
-        let mut html = String::new();
-        html.push_str(
-            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>",
-        );
-        escape_html(&self.title, &mut html);
-        html.push_str("</title>\n</head>\n<body>\n<h1>");
-        escape_html(&self.title, &mut html);
-        html.push_str("</h1>\n");
-        if !self.facts.is_empty() {
-            html.push_str("<table>\n");
-            for (label, value) in &self.facts {
-                html.push_str("<tr><th>");
-                escape_html(label, &mut html);
-                html.push_str("</th><td>");
-                escape_html(value, &mut html);
-                html.push_str("</td></tr>\n");
+        let mut html = String::with_capacity(PAGE.len() + 64 * self.facts.len());
+        let mut rest = PAGE;
+        while let Some((before, after)) = rest.split_once("{{") {
+            html.push_str(before);
+            let Some((marker, after)) = after.split_once("}}") else {
+                html.push_str("{{");
+                rest = after;
+                continue;
+            };
+            match marker {
+                "title" => escape_html(&self.title, &mut html),
+                "facts" => {
+                    for (label, value) in &self.facts {
+                        html.push_str("<tr><th>");
+                        escape_html(label, &mut html);
+                        html.push_str("</th><td>");
+                        escape_html(value, &mut html);
+                        html.push_str("</td></tr>\n");
+                    }
+                }
+                other => {
+                    html.push_str("{{");
+                    html.push_str(other);
+                    html.push_str("}}");
+                }
             }
-            html.push_str("</table>\n");
+            rest = after;
         }
-        html.push_str(
-            "<p>Prometheus metrics: <a href=\"/metrics\">/metrics</a>. \
-             Health: <a href=\"/healthz\">/healthz</a>.</p>\n</body>\n</html>\n",
-        );
+        html.push_str(rest);
         out.extend_from_slice(html.as_bytes());
     }
 }
@@ -135,5 +148,9 @@ mod tests {
         assert!(html.contains("<th>size</th><td>42</td>"));
         assert!(html.contains("<a href=\"/metrics\">/metrics</a>"));
         assert!(!html.contains("<1>"));
+        assert!(
+            !html.contains("{{"),
+            "every marker of page.html is filled in"
+        );
     }
 }

@@ -229,6 +229,95 @@ fn index_and_healthz() {
     assert_eq!(r.body, b"image not opened: bad magic\n");
 }
 
+/// The attribute values of `attr="..."` in `html`.
+fn attribute_values<'a>(html: &'a str, attr: &str) -> Vec<&'a str> {
+    let key = format!(" {attr}=\"");
+    html.match_indices(&key)
+        .map(|(i, _)| {
+            let rest = &html[i + key.len()..];
+            &rest[..rest.find('"').expect("attribute value ends")]
+        })
+        .collect()
+}
+
+#[test]
+fn index_is_the_live_page() {
+    let (_, r, _) = one("GET / HTTP/1.1\r\nHost: g\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Content-Type"), Some("text/html; charset=utf-8"));
+    let html = String::from_utf8(r.body).unwrap();
+    // Small: the page is part of the kernel image and is sent on every load.
+    assert!(
+        html.len() < 30 * 1024,
+        "the page is {} bytes, above the 30 KiB budget",
+        html.len()
+    );
+    // Self-contained: no external asset, no absolute URL of any kind.
+    let lower = html.to_ascii_lowercase();
+    // (A protocol-relative `//host` URL would sit in an attribute: checked below.)
+    for external in ["http://", "https://", "url(", "@import", "<link", "<iframe"] {
+        let hits: Vec<_> = lower
+            .match_indices(external)
+            .map(|(i, _)| String::from_utf8_lossy(&lower.as_bytes()[i..(i + 60).min(lower.len())]))
+            .collect();
+        assert!(hits.is_empty(), "{external:?} in the page: {hits:?}");
+    }
+    for attr in ["src", "href", "action"] {
+        for value in attribute_values(&html, attr) {
+            assert!(
+                value.starts_with('/') && !value.starts_with("//"),
+                "{attr}=\"{value}\" is not a relative path on the guest"
+            );
+        }
+    }
+    assert_eq!(attribute_values(&html, "src"), Vec::<&str>::new());
+    assert!(
+        html.contains("fetch(\"/metrics\""),
+        "the script scrapes /metrics"
+    );
+    // Readable on a phone, and without JavaScript (the facts are server-rendered).
+    assert!(html.contains("<meta name=\"viewport\" content=\"width=device-width"));
+    assert!(html.contains("<noscript>"));
+    assert!(html.contains("<th>NBD export</th><td>disk0 on port 10809</td>"));
+    assert!(html.contains("data-refreshes=\"0\" data-errors=\"0\""));
+    // Every family the script reads is one the guest exports.
+    use crate::metrics::{Format, GuestConfig, GuestMetrics};
+    let families = GuestMetrics::new(&GuestConfig {
+        disk: "disk0",
+        device: "vda",
+        interface: "eth0",
+        version: "0.1.0",
+        mirage: false,
+        clock: || 0,
+    });
+    let mut exposition = Vec::new();
+    families.render_into(Format::Text, &mut exposition);
+    let exposition = String::from_utf8(exposition).unwrap();
+    let mut read = 0;
+    for (i, _) in html.match_indices("\"qcow_metal_") {
+        let name = &html[i + 1..];
+        let name = &name[..name.find('"').unwrap()];
+        assert!(
+            ["{", " ", "_bucket{"]
+                .iter()
+                .any(|next| exposition.contains(&format!("\n{name}{next}"))),
+            "the page reads {name}, which the guest does not export"
+        );
+        read += 1;
+    }
+    assert!(read >= 20, "the page reads {read} families");
+
+    // Compressed when asked (the page is well above gzip_min_bytes).
+    let (_, gz, _) = one("GET / HTTP/1.1\r\nHost: g\r\nAccept-Encoding: gzip\r\n\r\n");
+    assert_eq!(gz.header("Content-Encoding"), Some("gzip"));
+    assert_eq!(gzip::decompress(&gz.body).unwrap(), html.as_bytes());
+    assert!(
+        gz.body.len() < html.len() / 2,
+        "{} bytes gzip'd",
+        gz.body.len()
+    );
+}
+
 #[test]
 fn not_found_and_method_not_allowed_keep_the_connection() {
     let (conn, r, _) = one("GET /nope HTTP/1.1\r\nHost: g\r\n\r\n");
