@@ -63,6 +63,8 @@ pub enum Error {
     Qmp(String),
     /// A command-line value is invalid.
     Usage(String),
+    /// The guest's network (a tap device) cannot be set up; the message says what to run.
+    Network(String),
     /// An I/O error with context.
     Io {
         /// What was being done.
@@ -127,7 +129,7 @@ impl fmt::Display for Error {
                 write!(f, "timed out waiting for {waiting_for}\n{tail}")
             }
             Error::Qmp(msg) => write!(f, "QMP: {msg}"),
-            Error::Usage(msg) => f.write_str(msg),
+            Error::Usage(msg) | Error::Network(msg) => f.write_str(msg),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }

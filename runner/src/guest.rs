@@ -16,11 +16,13 @@
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use qcow_metal::config::IpConfig;
 use tempfile::TempDir;
 
 use crate::console::{Console, Echo, Wait};
@@ -29,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::exit::GuestOutcome;
 use crate::guard;
 use crate::kernel;
+use crate::net::{self, NetMode, Tap, TapPlan};
 use crate::ports;
 use crate::qemu::{self, Accel, AccelKind, QemuConfig};
 use crate::qmp::Qmp;
@@ -110,6 +113,11 @@ pub struct GuestBuilder {
     shutdown_timeout: Duration,
     extra_qemu_args: Vec<OsString>,
     force_kvm_trial: bool,
+    net: NetMode,
+    tap: Option<String>,
+    guest_ip: Option<IpConfig>,
+    /// Kernel arguments of the network plan (`ip=`, `gw=`), before the user's own.
+    net_args: Vec<String>,
 }
 
 impl Default for GuestBuilder {
@@ -134,6 +142,10 @@ impl Default for GuestBuilder {
             shutdown_timeout: Duration::from_secs(30),
             extra_qemu_args: Vec::new(),
             force_kvm_trial: false,
+            net: NetMode::User,
+            tap: None,
+            guest_ip: None,
+            net_args: Vec::new(),
         }
     }
 }
@@ -249,6 +261,29 @@ impl GuestBuilder {
         self
     }
 
+    /// The guest's network: [`NetMode::User`] (default; ports forwarded to 127.0.0.1) or
+    /// [`NetMode::Tap`] (its own address on a tap device, [`net::DEFAULT_TAP`] unless
+    /// [`tap`](Self::tap) names one).
+    pub fn net(mut self, net: NetMode) -> Self {
+        self.net = net;
+        self
+    }
+
+    /// Attaches the guest to tap device `name` ([`NetMode::Tap`]): used as it is when it
+    /// exists; else created, addressed and brought up here, and removed with the guest.
+    pub fn tap(mut self, name: impl Into<String>) -> Self {
+        self.net = NetMode::Tap;
+        self.tap = Some(name.into());
+        self
+    }
+
+    /// The guest's address on a tap (`ip=` on the kernel command line; an `ip=` of
+    /// [`append`](Self::append) still wins). Default: see [`TapPlan::new`].
+    pub fn guest_ip(mut self, ip: IpConfig) -> Self {
+        self.guest_ip = Some(ip);
+        self
+    }
+
     /// Appends raw arguments to QEMU's command line.
     pub fn qemu_arg(mut self, arg: impl Into<OsString>) -> Self {
         self.extra_qemu_args.push(arg.into());
@@ -264,6 +299,7 @@ impl GuestBuilder {
         if self.read_only {
             parts.push("ro=1".into());
         }
+        parts.extend(self.net_args.iter().cloned());
         parts.extend(self.append.iter().cloned());
         parts.join(" ")
     }
@@ -271,7 +307,7 @@ impl GuestBuilder {
     /// Starts QEMU. Returns once QMP is connected (or QEMU has already stopped: a guest
     /// that exits at once is a result, not an error). With [`Accel::Auto`] it also waits
     /// for the banner under KVM, and falls back to TCG when KVM fails.
-    pub fn start(self) -> Result<Guest> {
+    pub fn start(mut self) -> Result<Guest> {
         let qemu = qemu::find_qemu()?;
         let kernel = match &self.kernel {
             Some(k) => k.clone(),
@@ -280,11 +316,23 @@ impl GuestBuilder {
         spawn::find_setpriv()?;
         let dir = rundir::create()?;
         let (disk, lock) = self.prepare_disk(dir.path())?;
+        let tap = match self.net {
+            NetMode::User => None,
+            NetMode::Tap => {
+                let name = self.tap.clone().unwrap_or_else(|| net::DEFAULT_TAP.into());
+                let user_args = self.kernel_cmdline();
+                let plan = TapPlan::new(&name, net::probe_tap(&name)?, self.guest_ip, &user_args)?;
+                self.net_args = plan.kernel_args.clone();
+                Some(Tap::setup(plan)?)
+            }
+        };
         for (port, flag) in [
             (self.metrics_port, "--metrics-port"),
             (self.nbd_port, "--nbd-port"),
         ] {
-            if let Some(port) = port {
+            if let Some(port) = port
+                && tap.is_none()
+            {
                 ports::ensure_free(port, flag)?;
             }
         }
@@ -335,6 +383,8 @@ impl GuestBuilder {
             }
         }
         guest.dir = Some(dir);
+        guest.guest_ip = tap.as_ref().and_then(|t| t.plan().guest_addr());
+        guest.tap = tap;
         if guest.outcome.is_none() {
             guest.disk_lock = Some(lock);
         }
@@ -401,11 +451,18 @@ impl GuestBuilder {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // On a tap nothing is forwarded: the ports are the guest's own.
+            let guest_config = qcow_metal::config::Config::parse(&self.kernel_cmdline())
+                .map(|(c, _)| c)
+                .unwrap_or_default();
+            let tap = self.net == NetMode::Tap;
             let metrics_port = match self.metrics_port {
+                _ if tap => guest_config.metrics_port,
                 Some(p) => p,
                 None => ports::pick_free()?,
             };
             let nbd_port = match self.nbd_port {
+                _ if tap => guest_config.nbd_port,
                 Some(p) => p,
                 None => loop {
                     let p = ports::pick_free()?;
@@ -432,6 +489,12 @@ impl GuestBuilder {
                 continue;
             }
             if outcome == GuestOutcome::Other(1) {
+                if let Some(name) = &guest.config.tap {
+                    let plan = TapPlan::new(name, Some(None), None, "")?;
+                    if let Some(why) = net::qemu_tap_error(&plan, &stderr) {
+                        return Err(Error::Network(why));
+                    }
+                }
                 if hostfwd {
                     let metrics_rule = format!("127.0.0.1:{metrics_port}-");
                     let (port, flag) = if stderr.contains(&metrics_rule) {
@@ -491,6 +554,10 @@ impl GuestBuilder {
             read_only: self.read_only,
             metrics_port,
             nbd_port,
+            tap: match self.net {
+                NetMode::Tap => Some(self.tap.clone().unwrap_or_else(|| net::DEFAULT_TAP.into())),
+                NetMode::User => None,
+            },
             qmp_socket: qmp_socket.clone(),
             user_qmp_socket: self.user_qmp_socket.clone(),
             extra_args: self.extra_qemu_args.clone(),
@@ -546,6 +613,8 @@ impl GuestBuilder {
             started,
             outcome: None,
             shutdown_timeout: self.shutdown_timeout,
+            tap: None,
+            guest_ip: None,
         })
     }
 }
@@ -566,6 +635,10 @@ pub struct Guest {
     started: Instant,
     outcome: Option<GuestOutcome>,
     shutdown_timeout: Duration,
+    /// The tap the guest is attached to (one the runner created goes after QEMU).
+    tap: Option<Tap>,
+    /// The guest's own address on the tap (static, or learnt from its DHCP lease).
+    guest_ip: Option<Ipv4Addr>,
 }
 
 impl Guest {
@@ -574,24 +647,44 @@ impl Guest {
         GuestBuilder::default()
     }
 
-    /// The host port forwarded to the guest's metrics port (9090).
+    /// The port to reach the guest's metrics on: the host port forwarded to it (user-mode
+    /// network), or the guest's own port (9090) on a tap.
     pub fn metrics_port(&self) -> u16 {
         self.config.metrics_port
     }
 
-    /// The host port forwarded to the guest's NBD port (10809).
+    /// The port to reach the guest's NBD export on (forwarded, or the guest's own on a tap).
     pub fn nbd_port(&self) -> u16 {
         self.config.nbd_port
     }
 
-    /// `http://127.0.0.1:<port>/metrics`.
-    pub fn metrics_url(&self) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.metrics_port())
+    /// Where the guest is reached: 127.0.0.1 (forwarded ports), or its own address on a tap
+    /// (unspecified, 0.0.0.0, while a DHCP guest has no lease yet).
+    pub fn host(&self) -> Ipv4Addr {
+        match (&self.tap, self.guest_ip) {
+            (None, _) => Ipv4Addr::LOCALHOST,
+            (Some(_), ip) => ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+        }
     }
 
-    /// `nbd://127.0.0.1:<port>/disk`.
+    /// The guest's own address on its tap, once known.
+    pub fn guest_ip(&self) -> Option<Ipv4Addr> {
+        self.guest_ip
+    }
+
+    /// The tap the guest is attached to, with its address plan.
+    pub fn tap(&self) -> Option<&Tap> {
+        self.tap.as_ref()
+    }
+
+    /// `http://<host>:<port>/metrics` ([`host`](Self::host), [`metrics_port`](Self::metrics_port)).
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}:{}/metrics", self.host(), self.metrics_port())
+    }
+
+    /// `nbd://<host>:<port>/disk`.
     pub fn nbd_url(&self) -> String {
-        format!("nbd://127.0.0.1:{}/disk", self.nbd_port())
+        format!("nbd://{}:{}/disk", self.host(), self.nbd_port())
     }
 
     /// The disk image file the guest runs on.
@@ -728,23 +821,33 @@ impl Guest {
         })
     }
 
-    /// Waits until the guest's `/metrics` answers `200 OK` through the forwarded port (the
-    /// network comes up shortly after the banner), giving up after `timeout` or when `stop()`.
+    /// Waits until the guest's `/metrics` answers `200 OK` through the forwarded port, or on
+    /// its own address on a tap (learnt from the console's `DHCP lease` line for a DHCP
+    /// guest); the network comes up shortly after the banner. Gives up after `timeout` or
+    /// when `stop()`.
     pub fn wait_for_metrics(
         &mut self,
         timeout: Duration,
         mut stop: impl FnMut() -> bool,
     ) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port()));
+        let mut addr = std::net::SocketAddr::from((self.host(), self.metrics_port()));
         // Until the guest listens, user-mode networking accepts the connection and then
         // holds it silently: start with short read timeouts and lengthen them.
         let mut wait = Duration::from_millis(250);
         loop {
-            let last = match http_status_line(addr, wait) {
-                Ok(line) if line.contains(" 200") => return Ok(()),
-                Ok(line) => format!("answered `{line}`"),
-                Err(e) => e.to_string(),
+            if self.tap.is_some() && self.guest_ip.is_none() {
+                self.guest_ip = dhcp_lease(&self.console.text());
+                addr = std::net::SocketAddr::from((self.host(), self.metrics_port()));
+            }
+            let last = if addr.ip().is_unspecified() {
+                "the guest has no DHCP lease yet".to_string()
+            } else {
+                match http_status_line(addr, wait) {
+                    Ok(line) if line.contains(" 200") => return Ok(()),
+                    Ok(line) => format!("answered `{line}`"),
+                    Err(e) => e.to_string(),
+                }
             };
             if let Some(outcome) = self.try_outcome()? {
                 return Err(Error::GuestExited {
@@ -961,6 +1064,16 @@ fn kvm_failure(stderr: &Console) -> Option<String> {
         .map(|s| s.to_string())
 }
 
+/// The address of the guest's last `DHCP lease A.B.C.D/len` console line, if any.
+pub fn dhcp_lease(console: &str) -> Option<Ipv4Addr> {
+    let line = console.lines().rev().find(|l| l.contains("DHCP lease "))?;
+    let (_, rest) = line.split_once("DHCP lease ")?;
+    let cidr = rest
+        .split(|c: char| c == '/' || c == ',' || c.is_whitespace())
+        .next()?;
+    cidr.parse().ok()
+}
+
 /// Sends `GET /metrics` and returns the response's status line.
 fn http_status_line(addr: std::net::SocketAddr, wait: Duration) -> std::io::Result<String> {
     use std::io::{Read, Write};
@@ -1012,6 +1125,28 @@ mod tests {
         assert!(parse_banner("[ 0.1] qcow-metal ready in 3 ms").is_none());
         assert!(parse_banner("qcow-metal 0.1.0 ready in soon ms").is_none());
         assert!(parse_banner("qcow-metal 0.1.0 booting").is_none());
+    }
+
+    #[test]
+    fn dhcp_leases_are_read_from_the_console() {
+        let console = "[    0.4] INFO  net: MAC 52:54:00:12:34:56\n\
+                       [    0.430075] INFO  net: DHCP lease 10.0.2.15/24, gateway 10.0.2.2\n";
+        assert_eq!(dhcp_lease(console), Some(Ipv4Addr::new(10, 0, 2, 15)));
+        assert_eq!(
+            dhcp_lease("[ 0.1] INFO  net: static address 10.1.1.1/24\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn tap_addresses_go_before_the_users_kernel_arguments() {
+        let mut b = Guest::builder()
+            .tap("qm0")
+            .guest_ip(IpConfig::Dhcp)
+            .append("log=debug");
+        b.net_args = vec!["ip=10.0.0.2/24".into(), "gw=10.0.0.1".into()];
+        assert_eq!(b.net, NetMode::Tap);
+        assert_eq!(b.kernel_cmdline(), "ip=10.0.0.2/24 gw=10.0.0.1 log=debug");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //!   file creation.
 //! - [`spawn`]: QEMU under `setpriv --pdeathsig KILL`, so it dies with the runner.
 //! - [`rundir`]: per-guest private directories, and those of killed runners removed.
+//! - [`net`]: user-mode or tap networking; the host side of a tap.
 //! - [`qmp`]: a small typed QMP client.
+//! - [`scrape`]: `qcow-metal scrape`, a summary of a guest's metrics.
 //! - [`console`]: capture and tee of the serial console.
 //! - [`exit`]: the guest's exit statuses in words.
 //! - [`image`]: `image create|info|check|map`.
@@ -26,10 +28,12 @@ pub mod guard;
 pub mod guest;
 pub mod image;
 pub mod kernel;
+pub mod net;
 pub mod ports;
 pub mod qemu;
 pub mod qmp;
 pub mod rundir;
+pub mod scrape;
 pub mod spawn;
 pub mod units;
 

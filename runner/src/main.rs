@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use qcow_metal::config::IpConfig;
 use qcow_metal_runner::disk::{self, GuestFormat};
 use qcow_metal_runner::image::{self, CreateOptions};
 use qcow_metal_runner::kernel::{self, BuildOutput};
+use qcow_metal_runner::net::{self, NetMode};
 use qcow_metal_runner::qemu::{self, Accel, GUEST_METRICS_PORT, GUEST_NBD_PORT};
+use qcow_metal_runner::scrape;
 use qcow_metal_runner::units::{format_size, parse_size};
 use qcow_metal_runner::{Error, Guest, GuestOutcome, guard, ports, spawn};
 
@@ -37,6 +40,16 @@ enum Command {
     /// Create, inspect, check and map qcow2 images with the project's own engine.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Summarise a running guest's metrics: rates, space, errors and health, from two
+    /// scrapes a few seconds apart.
+    Scrape {
+        /// The guest's metrics URL (`http://HOST:PORT/metrics`, or `HOST[:PORT]`)
+        #[arg(default_value = scrape::DEFAULT_URL)]
+        url: String,
+        /// Time between the two scrapes (seconds, or e.g. 500ms, 5s)
+        #[arg(long, value_name = "TIME", default_value = "2", value_parser = scrape::parse_interval)]
+        interval: Duration,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -61,6 +74,20 @@ struct RunArgs {
     /// Host port (127.0.0.1) forwarded to the guest's NBD export (guest port 10809)
     #[arg(long, value_name = "PORT", default_value_t = GUEST_NBD_PORT)]
     nbd_port: u16,
+    /// Network: user (QEMU's user-mode network, ports forwarded to 127.0.0.1) or tap (the
+    /// guest has its own IP address on a tap device; see --tap and --ip)
+    #[arg(long, value_name = "user|tap", default_value = "user")]
+    net: NetMode,
+    /// Tap device for --net tap (implies it): attached as it is when it exists; otherwise
+    /// created (needs root), given the host's address, and removed at exit [default:
+    /// qcow-metal0]
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+    /// The guest's address on the tap: A.B.C.D/len, or dhcp [default: 10.213.0.2/24 with the
+    /// host at 10.213.0.1 on a tap the runner creates; the address after the host's on a
+    /// ready-made tap]
+    #[arg(long, value_name = "A.B.C.D/len|dhcp", value_parser = net::parse_guest_ip)]
+    ip: Option<IpConfig>,
     /// Also write the serial console to this file [default: target/qcow-metal/serial.log]
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
@@ -139,6 +166,7 @@ fn main() -> ExitCode {
         None => run(cli.run),
         Some(Command::Run(args)) => run(args),
         Some(Command::Image(cmd)) => image_command(cmd),
+        Some(Command::Scrape { url, interval }) => scrape_command(&url, interval),
     };
     match result {
         Ok(code) => code,
@@ -208,7 +236,30 @@ fn out(text: &str) -> Result<ExitCode, Error> {
     }
 }
 
+fn scrape_command(url: &str, interval: Duration) -> Result<ExitCode, Error> {
+    let url = scrape::Url::parse(url).map_err(Error::Usage)?;
+    let summary = scrape::run(&url, interval)?;
+    print!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(args: RunArgs) -> Result<ExitCode, Error> {
+    let tap = args.net == NetMode::Tap || args.tap.is_some();
+    if !tap && args.ip.is_some() {
+        return Err(Error::Usage(
+            "--ip is the guest's address on a tap: use it with --net tap or --tap NAME \
+             (on the user-mode network the guest gets 10.0.2.15 from QEMU's DHCP)"
+                .into(),
+        ));
+    }
+    if tap && (args.metrics_port != GUEST_METRICS_PORT || args.nbd_port != GUEST_NBD_PORT) {
+        return Err(Error::Usage(
+            "--metrics-port and --nbd-port choose forwarded host ports of --net user; on a \
+             tap the guest is reached on its own address (its ports are the kernel arguments \
+             metrics_port= and nbd_port=)"
+                .into(),
+        ));
+    }
     // First, so Ctrl-C and SIGTERM are never ignored: each phase below checks them.
     let interrupts = interrupt_counter()?;
     let interrupted = || interrupts.load(Ordering::SeqCst) > 0;
@@ -222,8 +273,10 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
     qemu::find_qemu()?;
     spawn::find_setpriv()?;
     guard::ensure_regular(&disk_path)?;
-    ports::ensure_free(args.metrics_port, "--metrics-port")?;
-    ports::ensure_free(args.nbd_port, "--nbd-port")?;
+    if !tap {
+        ports::ensure_free(args.metrics_port, "--metrics-port")?;
+        ports::ensure_free(args.nbd_port, "--nbd-port")?;
+    }
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
         None => kernel::build_kernel(&root, BuildOutput::Show)?,
@@ -284,8 +337,33 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
     for a in &args.append {
         builder = builder.append(a.clone());
     }
+    if tap {
+        builder = builder.tap(args.tap.as_deref().unwrap_or(net::DEFAULT_TAP));
+        if let Some(ip) = args.ip {
+            builder = builder.guest_ip(ip);
+        }
+    }
     // A Ctrl-C from here on powers the guest down cleanly (below).
     let mut guest = builder.start()?;
+    if let Some(tap) = guest.tap() {
+        let plan = tap.plan();
+        eprintln!(
+            "qcow-metal: network: tap {} ({}), host side {}; guest ip={}",
+            tap.name(),
+            if tap.created() {
+                "created by the runner, removed at exit"
+            } else {
+                "ready-made, attached as it is"
+            },
+            plan.host
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| "without an IPv4 address".into()),
+            net::ip_arg(plan.guest),
+        );
+        for note in &plan.notes {
+            eprintln!("qcow-metal: {note}");
+        }
+    }
 
     let stop = {
         let interrupts = interrupts.clone();
@@ -430,6 +508,62 @@ mod tests {
         assert_eq!(cli.run.format, GuestFormat::Raw);
         assert!(Cli::try_parse_from(["qcow-metal", "--accel", "hvf"]).is_err());
         assert!(Cli::try_parse_from(["qcow-metal", "--memory", "1"]).is_err());
+    }
+
+    #[test]
+    fn network_options_and_scrape_parse() {
+        let cli = Cli::try_parse_from([
+            "qcow-metal",
+            "--net",
+            "tap",
+            "--tap",
+            "qm0",
+            "--ip",
+            "10.9.0.2/24",
+        ])
+        .unwrap();
+        assert_eq!(cli.run.net, NetMode::Tap);
+        assert_eq!(cli.run.tap.as_deref(), Some("qm0"));
+        assert_eq!(
+            cli.run.ip,
+            Some(IpConfig::Static {
+                addr: std::net::Ipv4Addr::new(10, 9, 0, 2),
+                prefix_len: 24
+            })
+        );
+        let cli = Cli::try_parse_from(["qcow-metal", "--ip", "dhcp"]).unwrap();
+        assert_eq!(
+            (cli.run.net, cli.run.ip),
+            (NetMode::User, Some(IpConfig::Dhcp))
+        );
+        assert!(Cli::try_parse_from(["qcow-metal", "--net", "bridge"]).is_err());
+        assert!(Cli::try_parse_from(["qcow-metal", "--ip", "10.9.0.2"]).is_err());
+        // --ip without a tap, and forwarded ports with one, are refused before anything runs.
+        let cli = Cli::try_parse_from(["qcow-metal", "--ip", "10.9.0.2/24"]).unwrap();
+        let e = run(cli.run).expect_err("--ip without a tap is refused");
+        assert!(e.to_string().contains("--net tap"), "{e}");
+        let cli = Cli::try_parse_from(["qcow-metal", "--tap", "t0", "--metrics-port", "1"]);
+        let e = run(cli.unwrap().run).expect_err("ports on a tap are refused");
+        assert!(e.to_string().contains("--metrics-port"), "{e}");
+
+        let cli = Cli::try_parse_from(["qcow-metal", "scrape"]).unwrap();
+        let Some(Command::Scrape { url, interval }) = cli.command else {
+            panic!("not parsed as scrape");
+        };
+        assert_eq!(url, scrape::DEFAULT_URL);
+        assert_eq!(interval, Duration::from_secs(2));
+        let cli = Cli::try_parse_from([
+            "qcow-metal",
+            "scrape",
+            "http://10.213.0.2:9090/metrics",
+            "--interval",
+            "500ms",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Scrape { interval, .. }) if interval == Duration::from_millis(500)
+        ));
     }
 
     #[test]

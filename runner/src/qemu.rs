@@ -140,6 +140,9 @@ pub struct QemuConfig {
     pub metrics_port: u16,
     /// Host port forwarded to the guest's NBD port.
     pub nbd_port: u16,
+    /// Attach the guest's network card to this tap device instead of QEMU's user-mode
+    /// network (then nothing is forwarded and the ports above are the guest's own).
+    pub tap: Option<String>,
     /// The QMP socket.
     pub qmp_socket: PathBuf,
     /// A second QMP socket for the user's own tools (the runner holds the first).
@@ -191,10 +194,17 @@ impl QemuConfig {
         push("-device");
         push("virtio-blk-pci,drive=disk0,id=vblk0");
         push("-netdev");
-        push(&format!(
-            "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_METRICS_PORT},hostfwd=tcp:127.0.0.1:{}-:{GUEST_NBD_PORT}",
-            self.metrics_port, self.nbd_port
-        ));
+        match &self.tap {
+            // script=no: the runner (or the user) has set the host side up already.
+            Some(tap) => push(&format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                escape_option(tap)
+            )),
+            None => push(&format!(
+                "user,id=net0,hostfwd=tcp:127.0.0.1:{}-:{GUEST_METRICS_PORT},hostfwd=tcp:127.0.0.1:{}-:{GUEST_NBD_PORT}",
+                self.metrics_port, self.nbd_port
+            )),
+        }
         push("-device");
         push("virtio-net-pci,netdev=net0,id=vnet0");
         push("-qmp");
@@ -240,6 +250,7 @@ mod tests {
             read_only: false,
             metrics_port: 19090,
             nbd_port: 20809,
+            tap: None,
             qmp_socket: "/s/qmp.sock".into(),
             user_qmp_socket: None,
             extra_args: vec![],
@@ -290,6 +301,19 @@ mod tests {
         assert!(s.contains("format=qcow2"), "{s}");
         assert!(s.contains(",readonly=on"), "{s}");
         assert!(!s.contains("-append"), "{s}");
+    }
+
+    #[test]
+    fn a_tap_replaces_the_forwards() {
+        let mut c = config();
+        c.tap = Some("qm-tap0".into());
+        let s = joined(&c);
+        assert!(
+            s.contains("-netdev tap,id=net0,ifname=qm-tap0,script=no,downscript=no "),
+            "{s}"
+        );
+        assert!(s.contains("virtio-net-pci,netdev=net0"), "{s}");
+        assert!(!s.contains("hostfwd"), "{s}");
     }
 
     #[test]

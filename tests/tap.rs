@@ -1,0 +1,388 @@
+//! The guest on its own IP address: each test creates a network namespace, runs itself
+//! again inside it (`ip netns exec`), and there boots a guest on a tap device with a static
+//! address, reaches `/metrics` and the NBD export on that address, summarises the metrics
+//! like `qcow-metal scrape`, and has a real Prometheus scrape the guest's address.
+//!
+//! Creating a namespace needs root (CI runs as root): without it the tests fail, saying so.
+//! The namespace, and every process left in it, is removed when a test ends, failed or not.
+
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use qcow_metal::config::IpConfig;
+use qcow_metal::metrics::Format;
+use qcow_metal::metrics::parse::parse;
+use qcow_metal_e2e::{
+    BOOT_TIMEOUT, ScratchDir, guest, qemu_io, require_tool, run_tool_output, shut_down_cleanly,
+};
+use qcow_metal_runner::kernel;
+use qcow_metal_runner::net::NetMode;
+use qcow_metal_runner::scrape::{self, Health, Url};
+use serde_json::Value;
+
+/// Set in the copy of the test that runs inside the namespace: the namespace's name.
+const INNER_ENV: &str = "QCOW_METAL_TAP_NETNS";
+
+/// How long the copy inside the namespace may run (a guard against hangs, not a timing
+/// assertion: a test takes a few seconds under TCG).
+const INNER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The tap the test makes itself, and the addresses on it.
+const READY_TAP: &str = "qmtap0";
+const HOST: &str = "10.213.0.1/24";
+const GUEST: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 2);
+
+/// Runs `ip ARGS` and fails the test unless it succeeds; returns its stdout.
+fn ip(args: &[&str]) -> String {
+    let out = run_tool_output("ip", "iproute2", args);
+    assert!(
+        out.success,
+        "`ip {}` failed: {}{}",
+        args.join(" "),
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// A network namespace `qm-<pid>-<n>`; dropping it kills the processes still inside and
+/// deletes it.
+struct NetNs(String);
+
+impl NetNs {
+    fn create(tag: &str) -> NetNs {
+        require_tool("ip", "iproute2");
+        let name = format!("qm-{}-{tag}", std::process::id());
+        let out = run_tool_output("ip", "iproute2", &["netns", "add", &name]);
+        assert!(
+            out.success,
+            "`ip netns add {name}` failed: {}\nthis test needs root (or CAP_SYS_ADMIN and \
+             CAP_NET_ADMIN) to create a network namespace and a tap device in it; CI runs \
+             it as root: run `sudo -E cargo test -p qcow-metal-e2e --test tap`",
+            out.stderr.trim()
+        );
+        let ns = NetNs(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Whatever a failed test left in the namespace (QEMU, Prometheus): these are the
+        // processes of this namespace only, which this test started.
+        let pids = run_tool_output("ip", "iproute2", &["netns", "pids", &self.0]).stdout;
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        let _ = run_tool_output("ip", "iproute2", &["netns", "del", &self.0]);
+    }
+}
+
+/// Runs `body` in a network namespace of its own: outside one, creates it and runs this
+/// test (`name`) again inside it, failing with the inner run's output if that fails.
+fn in_namespace(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(INNER_ENV).is_some() {
+        body();
+        return;
+    }
+    // Built once here, outside: the copy inside boots this kernel.
+    let kernel = kernel::shared_kernel().unwrap_or_else(|e| panic!("building the kernel: {e}"));
+    let ns = NetNs::create(name.split('_').next().unwrap_or("t"));
+    // This process's own executable, even if cargo has replaced the file since it started.
+    let exe = format!("/proc/{}/exe", std::process::id());
+    let mut child = Command::new(require_tool("ip", "iproute2"))
+        .args(["netns", "exec", &ns.0])
+        .arg(&exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INNER_ENV, &ns.0)
+        .env(kernel::KERNEL_ENV, &kernel)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the test again inside the namespace");
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let status = wait_or_kill(&mut child, INNER_TIMEOUT);
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let report = format!("--- inside {} ---\n{stdout}\n{stderr}", ns.0);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the test failed inside its namespace ({status:?}):\n{report}"
+    );
+    // The copy must really have run this test (not filtered everything out).
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "the test did not run inside its namespace:\n{report}"
+    );
+    drop(ns);
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Waits for `child`; kills it after `timeout` (then `None`).
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return Some(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// GET `url`; status and body.
+fn http_get(url: &str) -> (u16, String) {
+    let url = Url::parse(url).unwrap();
+    scrape::get(&url).unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// A real Prometheus inside the namespace, scraping `target` every second; killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: ScratchDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let binary = require_tool("prometheus", "prometheus");
+        let dir = ScratchDir::new("tap-prometheus");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
+                 scrape_configs:\n  - job_name: qcow-metal\n    static_configs:\n      \
+                 - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let port = qcow_metal_runner::ports::pick_free().unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting prometheus (Debian package prometheus)");
+        Prometheus { child, port, dir }
+    }
+
+    fn api(&self, path: &str) -> Option<Value> {
+        let url = Url::parse(&format!("http://127.0.0.1:{}{path}", self.port)).ok()?;
+        let (code, body) = scrape::get(&url).ok()?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
+    /// Polls `path` until `done` accepts the answer.
+    fn wait_for(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < BOOT_TIMEOUT {
+            last = self.api(path);
+            if let Some(v) = &last
+                && done(v)
+            {
+                return v.clone();
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "Prometheus never showed {what} ({path}); last answer: {last:?}\nlog:\n{}",
+            std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_guest_on_its_own_ip() {
+    in_namespace("prometheus_scrapes_the_guest_on_its_own_ip", || {
+        // A ready-made tap with the host's address: the runner only attaches to it.
+        ip(&["tuntap", "add", "dev", READY_TAP, "mode", "tap"]);
+        ip(&["addr", "add", HOST, "dev", READY_TAP]);
+        ip(&["link", "set", READY_TAP, "up"]);
+        let mut guest = guest()
+            .tap(READY_TAP)
+            .guest_ip(IpConfig::Static {
+                addr: GUEST,
+                prefix_len: 24,
+            })
+            .start()
+            .unwrap_or_else(|e| panic!("starting the guest on {READY_TAP}: {e}"));
+        let tap = guest.tap().expect("the guest is on a tap");
+        assert!(!tap.created(), "a ready-made tap is attached, not created");
+        assert!(
+            guest
+                .kernel_cmdline()
+                .contains("ip=10.213.0.2/24 gw=10.213.0.1"),
+            "{}",
+            guest.kernel_cmdline()
+        );
+        guest
+            .wait_for_banner(BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("boot: {e}"));
+        guest
+            .wait_for_metrics(BOOT_TIMEOUT, || false)
+            .unwrap_or_else(|e| panic!("/metrics on the guest's address: {e}"));
+        let metrics_url = guest.metrics_url();
+        assert_eq!(metrics_url, "http://10.213.0.2:9090/metrics");
+        assert_eq!(guest.nbd_url(), "nbd://10.213.0.2:10809/disk");
+        assert!(
+            guest.serial_log().contains("static address 10.213.0.2/24"),
+            "{}",
+            guest.tail()
+        );
+
+        // curl, as a user would, on the guest's own address.
+        let curl = run_tool_output("curl", "curl", &["-sfS", "--max-time", "30", &metrics_url]);
+        assert!(curl.success, "curl {metrics_url}: {}", curl.stderr);
+        let exp = parse(&curl.stdout, Format::Text).expect("the guest's exposition parses");
+        assert_eq!(
+            exp.value("qcow_metal_disk_up", &[("disk", "disk")]),
+            Some(1.0)
+        );
+
+        // An NBD write on the guest's address, seen between two scrapes.
+        let url = Url::parse(&metrics_url).unwrap();
+        let before = scrape::scrape(&url).unwrap();
+        qemu_io(
+            &guest.nbd_url(),
+            &["write -P 0x5a 0 1M", "read -P 0x5a 0 1M", "flush"],
+        );
+        let after = scrape::scrape(&url).unwrap();
+        let s = scrape::summarize(&before, &after, 1.0);
+        assert!(s.guest_clock, "the guest's clock times the interval");
+        let disk = &s.disks[0];
+        assert_eq!(disk.up, Some(true));
+        let rate = |op: &str| disk.rates.iter().find(|r| r.op == op).unwrap().clone();
+        let written = rate("write").bytes.unwrap() * s.interval;
+        assert!(
+            (written - 1048576.0).abs() < 1.0,
+            "{written} bytes written\n{s}"
+        );
+        let read = rate("read").bytes.unwrap() * s.interval;
+        assert!((read - 1048576.0).abs() < 1.0, "{read} bytes read\n{s}");
+        assert!(
+            disk.space.iter().any(|&(n, v)| n == "data" && v >= 1 << 20),
+            "{s}"
+        );
+        assert!(s.errors.iter().all(|&(_, total, _)| total == 0), "{s}");
+
+        // The scrape command's own path: two scrapes and /healthz.
+        let s = scrape::run(&url, Duration::from_millis(500)).unwrap();
+        assert_eq!(s.health, Health::Ok("ok".into()), "{s}");
+        let text = s.to_string();
+        for want in [
+            "qcow-metal 0.1.0 at http://10.213.0.2:9090/metrics",
+            "health:  ok",
+            "disk: up (image open)",
+            "(guest clock)",
+            "space of the disk: virtual 64 MiB, data 1 MiB",
+            "errors since boot: disk 0, device 0, NBD 0",
+        ] {
+            assert!(text.contains(want), "missing `{want}` in\n{text}");
+        }
+
+        // A real Prometheus, in the same namespace, scraping the guest's address.
+        let prom = Prometheus::start("10.213.0.2:9090");
+        prom.wait_for("/api/v1/targets", "the guest's target up", |v| {
+            v["data"]["activeTargets"].as_array().is_some_and(|t| {
+                t.len() == 1
+                    && t[0]["health"] == "up"
+                    && t[0]["scrapeUrl"] == "http://10.213.0.2:9090/metrics"
+            })
+        });
+        let up = prom.wait_for(
+            "/api/v1/query?query=up%7Binstance%3D%2210.213.0.2%3A9090%22%7D",
+            "up = 1",
+            |v| v["data"]["result"][0]["value"][1] == "1",
+        );
+        assert_eq!(up["data"]["result"].as_array().map(Vec::len), Some(1));
+        prom.wait_for(
+            "/api/v1/query?query=qcow_metal_disk_data_bytes",
+            "the guest's data bytes",
+            |v| {
+                v["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .is_some_and(|b| b >= 1048576.0)
+            },
+        );
+        drop(prom);
+
+        shut_down_cleanly(&mut guest);
+        drop(guest);
+        assert!(
+            Path::new("/sys/class/net").join(READY_TAP).exists(),
+            "a ready-made tap stays after the guest"
+        );
+    });
+}
+
+#[test]
+fn the_runner_creates_its_tap_and_removes_it() {
+    in_namespace("the_runner_creates_its_tap_and_removes_it", || {
+        let default_tap = qcow_metal_runner::net::DEFAULT_TAP;
+        assert!(!Path::new("/sys/class/net").join(default_tap).exists());
+        // No name, no address: the defaults.
+        let mut guest = guest()
+            .net(NetMode::Tap)
+            .start()
+            .unwrap_or_else(|e| panic!("starting the guest on a new tap: {e}"));
+        let tap = guest.tap().expect("the guest is on a tap");
+        assert!(tap.created() && tap.name() == default_tap);
+        let addrs = ip(&["-4", "-o", "addr", "show", "dev", default_tap]);
+        assert!(addrs.contains("inet 10.213.0.1/24"), "{addrs}");
+        assert!(ip(&["link", "show", default_tap]).contains("UP"));
+        guest
+            .wait_for_banner(BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("boot: {e}"));
+        guest
+            .wait_for_metrics(BOOT_TIMEOUT, || false)
+            .unwrap_or_else(|e| panic!("/metrics on the guest's address: {e}"));
+        assert_eq!(guest.metrics_url(), "http://10.213.0.2:9090/metrics");
+        let (code, body) = http_get("http://10.213.0.2:9090/healthz");
+        assert_eq!((code, body.trim()), (200, "ok"));
+        let (code, body) = http_get(&guest.metrics_url());
+        assert_eq!(code, 200);
+        assert!(body.contains("qcow_metal_net_packets_total"), "{body}");
+        shut_down_cleanly(&mut guest);
+        drop(guest);
+        assert!(
+            !Path::new("/sys/class/net").join(default_tap).exists(),
+            "the runner removes the tap it created"
+        );
+    });
+}
