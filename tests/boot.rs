@@ -135,3 +135,82 @@ fn a_busy_port_and_an_unopenable_disk_say_what_to_do() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_damaged_qcow2_magic_is_never_exported_raw_unless_asked_and_empty_disks_are_refused() {
+    use qcow_metal::nbd::client::{Client, ClientOptions};
+    use qcow_metal_e2e::{NBD_EXPORT, ScratchDir, nbd_client, shut_down_cleanly};
+    use qcow_metal_runner::disk::{GuestFormat, create_qcow2};
+    let dir = ScratchDir::new("damaged-magic");
+    let image = dir.path().join("damaged.qcow2");
+    create_qcow2(&image, 8 << 20, 65536, 16).expect("creating the image");
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[3] ^= 0x04; // QFI\xfb -> QFI\xff
+    std::fs::write(&image, &bytes).unwrap();
+
+    // The runner's --format auto refuses it before boot.
+    let err = guest()
+        .disk(&image)
+        .start()
+        .err()
+        .expect("a damaged qcow2 image must not boot under --format auto")
+        .to_string();
+    assert!(
+        err.contains("damaged magic") && err.contains("--format raw"),
+        "{err}"
+    );
+
+    // The guest's own format=auto (the last format= on its command line wins) does not
+    // export it either: NBD clients are turned away, the reason is on the console.
+    let (mut g, _) = boot(
+        guest()
+            .disk(&image)
+            .format(GuestFormat::Raw)
+            .append("format=auto"),
+    );
+    let line = g
+        .wait_for_line("disk:", qcow_metal_e2e::BOOT_TIMEOUT)
+        .expect("the guest's disk line");
+    assert!(
+        line.contains("unavailable") && line.contains("damaged magic"),
+        "{line}"
+    );
+    let opts = ClientOptions {
+        timeout: Some(std::time::Duration::from_secs(60)),
+        ..ClientOptions::new(NBD_EXPORT)
+    };
+    assert!(
+        Client::connect_with(("127.0.0.1", g.nbd_port()), &opts).is_err(),
+        "the damaged image was exported"
+    );
+    shut_down_cleanly(&mut g);
+    drop(g);
+    assert!(std::fs::read(&image).unwrap() == bytes, "the image changed");
+
+    // --format raw exports its bytes as they are.
+    let (mut g, _) = boot(guest().disk(&image).format(GuestFormat::Raw));
+    let mut c = nbd_client(g.nbd_port());
+    assert_eq!(c.size(), bytes.len() as u64);
+    let mut first = vec![0u8; 4096];
+    assert_eq!(c.read(0, &mut first).unwrap(), 0);
+    assert!(
+        first == bytes[..4096],
+        "the raw export is not the file's bytes"
+    );
+    c.disconnect().unwrap();
+    shut_down_cleanly(&mut g);
+
+    // A 0-byte disk (say, left by an old failed create) is refused in every format.
+    let empty = dir.path().join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    for format in [GuestFormat::Auto, GuestFormat::Raw] {
+        let err = guest()
+            .disk(&empty)
+            .format(format)
+            .start()
+            .err()
+            .expect("a 0-byte disk must be refused")
+            .to_string();
+        assert!(err.contains("empty (0 bytes)"), "{err}");
+    }
+}
