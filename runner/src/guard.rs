@@ -49,7 +49,8 @@ pub fn ensure_regular(path: &Path) -> Result<()> {
 /// image is refused here, before it touches the first one's QMP socket or serial log.
 /// The lock lasts as long as the returned file is open; QEMU does not inherit it.
 pub fn lock_disk(path: &Path, read_only: bool) -> Result<File> {
-    // Read access is enough for either lock; ensure_regular ran first (no FIFO to block on).
+    // Read access is enough for either lock; no FIFO to block on.
+    ensure_regular(path)?;
     let file = File::open(path).map_err(|e| Error::disk(path, "open", e))?;
     if !file
         .metadata()

@@ -78,6 +78,8 @@ fn open_with(path: &Path, writable: bool, repair: bool) -> Result<Qcow2<FileDisk
         action,
         reason,
     };
+    // A FIFO would block the open forever.
+    crate::guard::ensure_regular(path)?;
     let dev = FileDisk::open(path, !writable).map_err(|e| err("open", e.to_string()))?;
     let opts = OpenOptions {
         read_only: !writable,
@@ -179,6 +181,12 @@ pub fn info(path: &Path) -> Result<String> {
 /// Without `repair` the image is opened read-only; with it, writable for repair (also when
 /// it is marked corrupt: a repair that leaves it clean lifts the mark).
 pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
+    // Repairing an image a running guest writes would corrupt it: the guest's lock refuses.
+    let _lock = if repair {
+        Some(crate::guard::lock_disk(path, false)?)
+    } else {
+        None
+    };
     let mut image = open_with(path, repair, repair)?;
     if repair {
         let report = image.repair().map_err(engine_err(path, "repair"))?;

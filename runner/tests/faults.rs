@@ -316,6 +316,53 @@ fn a_fifo_as_disk_is_refused_at_once() {
 }
 
 #[test]
+fn image_tools_refuse_a_fifo_and_repair_refuses_a_busy_image() {
+    let scratch = tempfile::tempdir().unwrap();
+    let fifo = scratch.path().join("image.fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo is missing: install the Debian package coreutils");
+    assert!(made.success());
+    for args in [&["check"][..], &["check", "--repair"], &["info"], &["map"]] {
+        let mut r = Runner::start(
+            &[&["image"][..], args, &[fifo.to_str().unwrap()]].concat(),
+            scratch.path(),
+        );
+        let status = r.wait_exit(Duration::from_secs(30));
+        let err = r.stderr();
+        assert_eq!(status.code(), Some(1), "image {args:?}: {err}");
+        assert!(err.contains("FIFO"), "image {args:?}: {err}");
+    }
+    // A guest holds the image (its runner's lock): --repair is refused, check still reads.
+    let image = scratch.path().join("busy.qcow2");
+    qcow_metal_runner::disk::create_qcow2(&image, 8 << 20, 65536, 16).unwrap();
+    let lock = qcow_metal_runner::guard::lock_disk(&image, false).unwrap();
+    let image_s = image.to_str().unwrap();
+    let out = Command::new(RUNNER)
+        .args(["image", "check", "--repair", image_s])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("lock") && err.contains("another qcow-metal"),
+        "{err}"
+    );
+    let out = Command::new(RUNNER)
+        .args(["image", "check", image_s])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    drop(lock);
+    let out = Command::new(RUNNER)
+        .args(["image", "check", "--repair", image_s])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
 fn a_failed_create_leaves_no_file() {
     let scratch = tempfile::tempdir().unwrap();
     let path = scratch.path().join("huge.qcow2");
