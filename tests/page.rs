@@ -11,7 +11,8 @@
 //! rates from the guest's own uptime, so they stay true.
 
 use qcow_metal_e2e::{
-    ScratchDir, TOOL_TIMEOUT, boot, guest, nbd_client, run_tool_output, shut_down_cleanly,
+    ScratchDir, TOOL_TIMEOUT, boot, guest, nbd_client, require_tool, run_tool_output,
+    shut_down_cleanly,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -118,6 +119,8 @@ fn screenshot_path(scratch: &Path) -> PathBuf {
 
 #[test]
 fn live_page_draws_charts_in_chromium() {
+    // Before booting anything: a missing browser fails at once, naming its package.
+    require_tool("chromium", "chromium");
     let scratch = ScratchDir::new("page");
     let (mut g, _) = boot(guest());
     let url = format!("http://127.0.0.1:{}/", g.metrics_port());
