@@ -90,9 +90,9 @@ fn in_namespace(name: &str, body: impl FnOnce()) {
         body();
         return;
     }
+    let ns = NetNs::create(name.split('_').next().unwrap_or("t"));
     // Built once here, outside: the copy inside boots this kernel.
     let kernel = kernel::shared_kernel().unwrap_or_else(|e| panic!("building the kernel: {e}"));
-    let ns = NetNs::create(name.split('_').next().unwrap_or("t"));
     // This process's own executable, even if cargo has replaced the file since it started.
     let exe = format!("/proc/{}/exe", std::process::id());
     let mut child = Command::new(require_tool("ip", "iproute2"))
@@ -154,7 +154,7 @@ fn http_get(url: &str) -> (u16, String) {
     scrape::get(&url).unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
 
-/// A real Prometheus inside the namespace, scraping `target` every second; killed on drop.
+/// A real Prometheus inside the namespace; killed on drop.
 struct Prometheus {
     child: Child,
     port: u16,
@@ -162,19 +162,21 @@ struct Prometheus {
 }
 
 impl Prometheus {
+    /// Scraping `target` every second.
     fn start(target: &str) -> Prometheus {
+        Prometheus::with_config(&format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
+             scrape_configs:\n  - job_name: qcow-metal\n    static_configs:\n      \
+             - targets: [\"{target}\"]\n"
+        ))
+    }
+
+    /// With this configuration.
+    fn with_config(text: &str) -> Prometheus {
         let binary = require_tool("prometheus", "prometheus");
         let dir = ScratchDir::new("tap-prometheus");
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n\
-                 scrape_configs:\n  - job_name: qcow-metal\n    static_configs:\n      \
-                 - targets: [\"{target}\"]\n"
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, text).unwrap();
         let port = qcow_metal_runner::ports::pick_free().unwrap();
         let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
         let child = Command::new(binary)
@@ -378,6 +380,28 @@ fn the_runner_creates_its_tap_and_removes_it() {
         let (code, body) = http_get(&guest.metrics_url());
         assert_eq!(code, 200);
         assert!(body.contains("qcow_metal_net_packets_total"), "{body}");
+
+        // doc/prometheus.yml as it is: its tap target is this guest (the defaults).
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../doc/prometheus.yml"
+        ))
+        .expect("doc/prometheus.yml");
+        let prom = Prometheus::with_config(&doc);
+        prom.wait_for(
+            "/api/v1/targets",
+            "doc/prometheus.yml's tap target up",
+            |v| {
+                v["data"]["activeTargets"].as_array().is_some_and(|t| {
+                    t.iter().any(|t| {
+                        t["labels"]["network"] == "tap"
+                            && t["health"] == "up"
+                            && t["scrapeUrl"] == "http://10.213.0.2:9090/metrics"
+                    })
+                })
+            },
+        );
+        drop(prom);
         shut_down_cleanly(&mut guest);
         drop(guest);
         assert!(

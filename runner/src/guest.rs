@@ -118,6 +118,8 @@ pub struct GuestBuilder {
     guest_ip: Option<IpConfig>,
     /// Kernel arguments of the network plan (`ip=`, `gw=`), before the user's own.
     net_args: Vec<String>,
+    /// The tap's address plan, once made (for QEMU's error messages).
+    tap_plan: Option<TapPlan>,
 }
 
 impl Default for GuestBuilder {
@@ -146,6 +148,7 @@ impl Default for GuestBuilder {
             tap: None,
             guest_ip: None,
             net_args: Vec::new(),
+            tap_plan: None,
         }
     }
 }
@@ -314,8 +317,7 @@ impl GuestBuilder {
             None => kernel::shared_kernel()?,
         };
         spawn::find_setpriv()?;
-        let dir = rundir::create()?;
-        let (disk, lock) = self.prepare_disk(dir.path())?;
+        // The tap first: without the rights to create it, fail before the disk is touched.
         let tap = match self.net {
             NetMode::User => None,
             NetMode::Tap => {
@@ -323,9 +325,12 @@ impl GuestBuilder {
                 let user_args = self.kernel_cmdline();
                 let plan = TapPlan::new(&name, net::probe_tap(&name)?, self.guest_ip, &user_args)?;
                 self.net_args = plan.kernel_args.clone();
+                self.tap_plan = Some(plan.clone());
                 Some(Tap::setup(plan)?)
             }
         };
+        let dir = rundir::create()?;
+        let (disk, lock) = self.prepare_disk(dir.path())?;
         for (port, flag) in [
             (self.metrics_port, "--metrics-port"),
             (self.nbd_port, "--nbd-port"),
@@ -489,11 +494,10 @@ impl GuestBuilder {
                 continue;
             }
             if outcome == GuestOutcome::Other(1) {
-                if let Some(name) = &guest.config.tap {
-                    let plan = TapPlan::new(name, Some(None), None, "")?;
-                    if let Some(why) = net::qemu_tap_error(&plan, &stderr) {
-                        return Err(Error::Network(why));
-                    }
+                if let Some(plan) = &self.tap_plan
+                    && let Some(why) = net::qemu_tap_error(plan, &stderr)
+                {
+                    return Err(Error::Network(why));
                 }
                 if hostfwd {
                     let metrics_rule = format!("127.0.0.1:{metrics_port}-");

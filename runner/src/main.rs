@@ -348,7 +348,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
     if let Some(tap) = guest.tap() {
         let plan = tap.plan();
         eprintln!(
-            "qcow-metal: network: tap {} ({}), host side {}; guest ip={}",
+            "qcow-metal: network: tap {} ({}), host side {}; guest {}",
             tap.name(),
             if tap.created() {
                 "created by the runner, removed at exit"
@@ -358,7 +358,11 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
             plan.host
                 .map(|h| h.to_string())
                 .unwrap_or_else(|| "without an IPv4 address".into()),
-            net::ip_arg(plan.guest),
+            if plan.kernel_args.is_empty() {
+                format!("ip={} (from --append)", net::ip_arg(plan.guest))
+            } else {
+                plan.kernel_args.join(" ")
+            },
         );
         for note in &plan.notes {
             eprintln!("qcow-metal: {note}");

@@ -486,7 +486,15 @@ pub fn qemu_tap_error(plan: &TapPlan, stderr: &str) -> Option<String> {
         .lines()
         .find(|l| l.contains("tun") || l.contains("tap"))?;
     let name = &plan.name;
-    if is_permission_error(first) {
+    if first.contains("could not open /dev/net/tun") && is_permission_error(first) {
+        Some(format!(
+            "QEMU may not open /dev/net/tun ({}): on this host only root may use tap devices; \
+             run as root, or let users have them (Debian's default) as root:\n    \
+             sudo chmod 0666 /dev/net/tun\nand have a tap of your own:\n    {}",
+            first.trim(),
+            plan.root_commands(&user_name())
+        ))
+    } else if is_permission_error(first) {
         Some(format!(
             "QEMU may not open the tap {name} ({}): the tap must belong to your user, or run \
              as root; as root:\n    sudo ip tuntap del dev {name} mode tap\n    {}",
@@ -631,6 +639,13 @@ mod tests {
         )
         .unwrap();
         assert!(q.contains("sudo ip tuntap add"), "{q}");
+        let q = qemu_tap_error(
+            &p,
+            "qemu-system-x86_64: -netdev tap,id=net0,ifname=qcow-metal0,script=no,downscript=no: \
+             could not open /dev/net/tun: Permission denied",
+        )
+        .unwrap();
+        assert!(q.contains("sudo chmod 0666 /dev/net/tun"), "{q}");
         let q = qemu_tap_error(
             &p,
             "qemu-system-x86_64: could not configure /dev/net/tun (qcow-metal0): Device or \
