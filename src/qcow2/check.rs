@@ -270,7 +270,34 @@ impl<D: BlockDevice> Qcow2<D> {
             return Err(Qcow2Error::ReadOnly);
         }
         self.repairing = true;
-        let r = self.repair_inner();
+        let mut r = self.repair_inner();
+        // A pass that made the file longer (a refcount block that lay outside it) can bring
+        // tables that were past the end back in: their refcounts need another pass.
+        for _ in 0..2 {
+            let prev = match r {
+                Ok(p) if p.corruptions > 0 && p.corruptions_fixed > 0 => p,
+                other => {
+                    r = other;
+                    break;
+                }
+            };
+            r = match self.repair_inner() {
+                Ok(next) if next.corruptions_fixed == 0 && next.leaks_fixed == 0 => {
+                    r = Ok(prev);
+                    break;
+                }
+                Ok(mut next) => {
+                    next.corruptions_fixed += prev.corruptions_fixed;
+                    next.leaks_fixed += prev.leaks_fixed;
+                    let mut messages = prev.messages;
+                    messages.append(&mut next.messages);
+                    messages.truncate(MAX_MESSAGES);
+                    next.messages = messages;
+                    Ok(next)
+                }
+                Err(e) => Err(e),
+            };
+        }
         self.repairing = false;
         let after = r?;
         if after.corruptions == 0 && after.check_errors == 0 && self.corrupt {
@@ -385,6 +412,13 @@ impl<D: BlockDevice> Qcow2<D> {
                     if fix { "Repairing" } else { "ERROR" }
                 ));
                 if !fix {
+                    continue;
+                }
+                if e / cs >= refs.dense_cap {
+                    // Far past anything in use (hostile): the entry is cleared instead of
+                    // growing the file that far; the refcount pass allocates a new block.
+                    let s = self.load(Pool::Rc, page, TableKind::RefTable, true)?;
+                    set_u64(self.rcc.data_mut(s), i, 0);
                     continue;
                 }
                 super::write_dev(&mut self.dev, e, &vec![0u8; cs as usize])?;

@@ -325,3 +325,70 @@ fn cut_64k_clusters_v2_snapshot() {
         &["write -P 0xee 64k 64k"],
     );
 }
+
+/// Entries pointing far past the end of a growable device (a refcount block, an L2 table, a
+/// data cluster at petabyte offsets): reported, and the repair neither grows the device
+/// there nor allocates memory for it.
+#[test]
+fn entries_far_past_the_end_of_a_growable_device() {
+    use crate::block::MemDisk;
+    use crate::disk::VirtualDisk;
+    let cs = 4096u64;
+    let mut q = mem_image(4 << 20, cs, 16);
+    q.write(0, &[0x11; 10000]).unwrap();
+    q.write(3 << 20, &[0x22; 5000]).unwrap();
+    let mut b = q.close().unwrap().into_bytes();
+    let be64 = |b: &[u8], at: u64| u64::from_be_bytes(b[at as usize..][..8].try_into().unwrap());
+    let put64 = |b: &mut Vec<u8>, at: u64, v: u64| {
+        b[at as usize..][..8].copy_from_slice(&v.to_be_bytes());
+    };
+    let rt = be64(&b, 48);
+    let l1 = be64(&b, 40);
+    let l2 = be64(&b, l1) & 0x00ff_ffff_ffff_fe00;
+    put64(&mut b, rt + 8, 1 << 50); // refcount block 1
+    put64(&mut b, l1 + 8, 1 << 52); // the L2 table of guest 2..4 MiB (refcount 0: no COPIED)
+    put64(&mut b, l2 + 8, 1 << 55); // a data cluster (guest 4 KiB)
+    let len = b.len() as u64;
+    let opts = |repair: bool| OpenOptions {
+        read_only: !repair,
+        repair,
+        check_memory_limit: 1 << 20,
+        ..OpenOptions::default()
+    };
+    let mut q = Qcow2::open(MemDisk::from_bytes(b.clone(), false), opts(false)).unwrap();
+    let r = q.check().unwrap();
+    assert_eq!(r.corruptions, 3, "{r}");
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| m == "ERROR refcount block 1 is outside image"),
+        "{r}"
+    );
+    for off in [1u64 << 52, 1 << 55] {
+        let line = format!(
+            "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {cs:#x}"
+        );
+        assert!(r.messages.contains(&line), "{r}");
+    }
+    let mut q = Qcow2::open(MemDisk::from_bytes(b, false), opts(true)).unwrap();
+    let r = q.repair().unwrap();
+    // The refcount block entry is cleared; the references past the end stay (as QEMU
+    // leaves them).
+    assert_eq!((r.corruptions, r.corruptions_fixed), (2, 1), "{r}");
+    let after = q.close().unwrap().into_bytes();
+    assert!(
+        (after.len() as u64) < len + 64 * cs,
+        "the repair grew the device to {} bytes",
+        after.len()
+    );
+    let mut q = Qcow2::open(MemDisk::from_bytes(after, false), opts(false)).unwrap();
+    let r2 = q.check().unwrap();
+    assert_eq!(
+        (r2.corruptions, r2.leaks, r2.check_errors),
+        (2, 0, 0),
+        "{r2}"
+    );
+    let mut buf = [0u8; 16];
+    q.read(8192, &mut buf).unwrap();
+    assert_eq!(buf, [0x11; 16], "data the damage did not touch survives");
+}
