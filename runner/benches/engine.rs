@@ -4,7 +4,8 @@
 //! Run: `cargo bench -p qcow-metal-runner --bench engine` (about a minute and a half), or
 //! `cargo bench -p qcow-metal-runner --bench engine -- --quick` (a few seconds; also
 //! `QCOW_METAL_BENCH_QUICK=1`). More options after `--`: `--repeat N` (runs per contender and
-//! row, the fastest counts), `--only NAME,...` (contenders), `--rows 1,3` (rows).
+//! row, the fastest counts), `--only NAME,...` (contenders), `--rows 1,3` (rows), `--json FILE`
+//! (also write the results as JSON, read by `qcow-metal bench`).
 //! `QCOW_METAL_BENCH_DIR` picks the scratch directory (default: the system temporary
 //! directory), the same for every contender.
 //!
@@ -13,7 +14,9 @@
 //! - imago (feature `sync`): `FormatAccess<Qcow2<imago::file::File>>`, in-process;
 //! - qcow2-rs: `Qcow2Dev<Qcow2IoSync>` (plain pread/pwrite), in-process, each call driven to
 //!   completion by `futures_executor::block_on` on the calling thread;
-//! - `qemu-img bench` (QEMU's block layer, aio=threads), one process per run.
+//! - `qemu-img bench` (QEMU's block layer, aio=threads), one process per run;
+//! - raw-file: no qcow2 at all, plain positioned reads and writes (`pread`/`pwrite`) of the
+//!   same offsets on a raw file of the same virtual size: the floor under every engine.
 //!
 //! All use buffered I/O (no `O_DIRECT`, QEMU's `-t writeback`), queue depth 1. Write runs end
 //! with a flush that makes data and metadata durable (fdatasync), and that flush is inside the
@@ -240,6 +243,8 @@ fn expected_fold(w: &Workload) -> u64 {
 
 /// A qcow2 engine driven in-process, one request at a time.
 trait Engine: Sized {
+    /// Whether the engine's images are qcow2 (checked with `qemu-img check` after writes).
+    const QCOW2: bool = true;
     /// Opens the image at `path`, read-write if `write`.
     fn open(path: &Path, write: bool) -> Result<Self, String>;
     /// Reads `buf.len()` bytes at virtual `offset`.
@@ -294,6 +299,43 @@ mod ours {
                 .close()
                 .map(drop)
                 .map_err(|e| format!("qcow-metal close: {e}"))
+        }
+    }
+}
+
+mod raw {
+    use super::Engine;
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    /// The floor: a raw file, each request one positioned read or write, flush = fdatasync.
+    pub struct RawFile(File);
+
+    impl Engine for RawFile {
+        const QCOW2: bool = false;
+        fn open(path: &Path, write: bool) -> Result<Self, String> {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)
+                .map(RawFile)
+                .map_err(|e| format!("open {path:?}: {e}"))
+        }
+        fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+            self.0
+                .read_exact_at(buf, offset)
+                .map_err(|e| format!("raw read: {e}"))
+        }
+        fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), String> {
+            self.0
+                .write_all_at(buf, offset)
+                .map_err(|e| format!("raw write: {e}"))
+        }
+        fn flush(&mut self) -> Result<(), String> {
+            self.0
+                .sync_data()
+                .map_err(|e| format!("raw fdatasync: {e}"))
         }
     }
 }
@@ -429,7 +471,8 @@ fn check_image(path: &Path) -> Result<(), String> {
 
 /// The image every read row reads: `virtual_size` bytes, every 4 KiB block stamped, all of it
 /// allocated (made by `qemu-img convert` from a raw file), then read once so it is in the page
-/// cache for every contender alike.
+/// cache for every contender alike. The raw file stays, next to it ([`raw_twin`]), for the
+/// raw-file contender.
 fn make_read_image(dir: &Path, size: u64) -> Result<PathBuf, String> {
     let raw = dir.join("read.raw");
     let img = dir.join("read.qcow2");
@@ -449,9 +492,14 @@ fn make_read_image(dir: &Path, size: u64) -> Result<PathBuf, String> {
             .arg(&raw)
             .arg(&img),
     )?;
-    fs::remove_file(&raw).map_err(|e| format!("remove {raw:?}: {e}"))?;
+    warm(&raw)?;
     warm(&img)?;
     Ok(img)
+}
+
+/// The raw file with the same bytes as a qcow2 image made by [`make_read_image`].
+fn raw_twin(qcow2: &Path) -> PathBuf {
+    qcow2.with_extension("raw")
 }
 
 /// Reads a file once so it sits in the page cache.
@@ -478,7 +526,9 @@ fn run_engine<E: Engine>(name: &'static str, path: &Path, w: &Workload) -> Resul
         engine.close()?;
         note = space_note(path)?;
         verify_written::<E>(path, w)?;
-        check_image(path)?;
+        if E::QCOW2 {
+            check_image(path)?;
+        }
         time
     } else {
         let mut acc = 0u64;
@@ -667,6 +717,28 @@ fn run_in_process<E: Engine>(
     out
 }
 
+/// Runs the raw-file contender on a row: a fresh sparse raw file for writes, the read image's
+/// raw twin for reads.
+fn run_raw(
+    name: &'static str,
+    dir: &Path,
+    read_image: &Path,
+    w: &Workload,
+    size: u64,
+) -> Result<Outcome, String> {
+    if !w.write {
+        return run_engine::<raw::RawFile>(name, &raw_twin(read_image), w);
+    }
+    let img = dir.join("fresh.raw");
+    let _ = fs::remove_file(&img);
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| format!("create {img:?}: {e}"))?;
+    let out = run_engine::<raw::RawFile>(name, &img, w);
+    let _ = fs::remove_file(&img);
+    out
+}
+
 /// Throughput in MiB/s.
 fn mib_s(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / MIB as f64 / t.as_secs_f64()
@@ -687,6 +759,8 @@ struct Options {
     rows: Vec<usize>,
     /// Runs per contender and row, the fastest counts (`--repeat N`; default 3).
     repeat: u32,
+    /// Also write the results as JSON to this file (`--json FILE`).
+    json: Option<PathBuf>,
 }
 
 impl Options {
@@ -696,6 +770,7 @@ impl Options {
             only: Vec::new(),
             rows: Vec::new(),
             repeat: 0,
+            json: None,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -712,6 +787,10 @@ impl Options {
                             .push(r.parse().map_err(|_| format!("bad row number {r:?}"))?);
                     }
                 }
+                "--json" => {
+                    let v = args.next().ok_or("--json needs a file name")?;
+                    o.json = Some(PathBuf::from(v));
+                }
                 "--repeat" => {
                     let v = args.next().ok_or("--repeat needs a count")?;
                     o.repeat = v.parse().map_err(|_| format!("bad repeat count {v:?}"))?;
@@ -719,7 +798,7 @@ impl Options {
                 // `cargo bench` passes `--bench`; libtest-style filters are not used.
                 "--bench" => {}
                 "--help" | "-h" => {
-                    return Err("usage: engine [--quick] [--repeat N] [--only qcow-metal,imago,qcow2-rs,qemu-img] [--rows 1,2,3,4]".into());
+                    return Err("usage: engine [--quick] [--repeat N] [--only qcow-metal,imago,qcow2-rs,raw-file,qemu-img] [--rows 1,2,3,4] [--json FILE]".into());
                 }
                 other => return Err(format!("unknown argument {other:?} (try --help)")),
             }
@@ -758,11 +837,12 @@ fn best_of(n: u32, mut f: impl FnMut() -> Result<Outcome, String>) -> Result<Out
 /// A contender run in-process on one row.
 type Runner = fn(&'static str, &Path, &Path, &Workload, u64) -> Result<Outcome, String>;
 
-/// The in-process contenders, ours first.
-const IN_PROCESS: [(&str, Runner); 3] = [
+/// The in-process contenders, ours first, the raw floor last.
+const IN_PROCESS: [(&str, Runner); 4] = [
     ("qcow-metal", run_in_process::<ours::Ours>),
     ("imago", run_in_process::<peers::Imago>),
     ("qcow2-rs", run_in_process::<peers::Qcow2Rs>),
+    ("raw-file", run_raw),
 ];
 
 /// Runs every selected contender on every selected row and prints the table and ratios.
@@ -843,6 +923,10 @@ fn run(opts: &Options) -> Result<(), String> {
     );
     print!("{}", table(&rows, &results));
     println!();
+    if let Some(path) = &opts.json {
+        let text = json_report(opts, sizes, &version, &rows, &results);
+        fs::write(path, text).map_err(|e| format!("write {path:?}: {e}"))?;
+    }
     for &ri in &selected {
         let w = &rows[ri];
         println!("{}:", w.name);
@@ -850,6 +934,45 @@ fn run(opts: &Options) -> Result<(), String> {
         println!("  qemu-img:   {}", w.qemu_pattern);
     }
     Ok(())
+}
+
+/// The results as JSON (what `qcow-metal bench` reads): the sizes, and per row its request size,
+/// bytes and request count, and each contender's time in seconds.
+fn json_report(
+    opts: &Options,
+    sizes: Sizes,
+    version: &str,
+    rows: &[Workload],
+    results: &[(usize, Vec<Outcome>)],
+) -> String {
+    let rows: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(ri, outs)| {
+            let w = &rows[*ri];
+            serde_json::json!({
+                "row": w.name,
+                "write": w.write,
+                "request": w.request,
+                "requests": w.offsets.len(),
+                "bytes": w.bytes(),
+                "pattern": w.pattern,
+                "results": outs.iter().map(|o| serde_json::json!({
+                    "contender": o.contender,
+                    "seconds": o.time.as_secs_f64(),
+                    "note": o.note,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "bench": "engine",
+        "quick": opts.quick,
+        "repeat": opts.repeat,
+        "virtual_size": sizes.virtual_size,
+        "qemu": version.lines().next().unwrap_or_default(),
+        "rows": rows,
+    });
+    format!("{doc:#}\n")
 }
 
 /// Prints one timed run on stderr as it finishes.
