@@ -1,8 +1,11 @@
 //! Truncated images: our check finds what `qemu-img check` finds when a qcow2 file is cut
 //! short (tables and data clusters past the end of the file, refcount blocks outside the
 //! image, the snapshot table cut), with the same exit status, counts, summary and message
-//! lines; and after our repair both checkers agree on what is left. Where QEMU's own repair
-//! (`qemu-img check -r all`) succeeds, our repair leaves what it leaves.
+//! lines; after our repair both checkers agree on what is left and the guest data reads as
+//! before. Where QEMU's own repair (`qemu-img check -r all`) succeeds, ours leaves what it
+//! leaves, or less where QEMU's rebuild allocates over clusters it did not count; the known
+//! differences (a cut snapshot table, a cut L1 table QEMU discards) are named below and in
+//! doc/status.md.
 //!
 //! The images are made by qemu-img and written by qemu-io (several cluster sizes, compat
 //! 1.1 and 0.10, with and without a snapshot, compressed clusters) and cut at every cluster
@@ -158,6 +161,13 @@ fn qemu_repair(path: &Path) -> bool {
     o.status.code() != Some(1)
 }
 
+/// Whether QEMU opens the image at all (`qemu-img info`).
+fn opens_in_qemu(path: &Path) -> bool {
+    qemu("qemu-img", &["info", "-f", "qcow2", path.to_str().unwrap()])
+        .status
+        .success()
+}
+
 /// Makes an image with qemu-img and writes it with qemu-io: `create` options, qemu-io
 /// commands before and after an optional snapshot.
 fn make(path: &Path, options: &str, before: &[&str], snapshot: bool, after: &[&str]) {
@@ -203,6 +213,7 @@ fn sweep(name: &str, options: &str, before: &[&str], snapshot: bool, after: &[&s
     let mut qemu_repair_failed = 0;
     let mut snapshot_table_cut = 0;
     let mut l1_discarded = 0;
+    let mut qemu_left_more = 0;
     let mut failures = Vec::new();
     for cut in cuts {
         let what = format!("{name} cut at {cut} of {len} (cluster {cs})");
@@ -215,6 +226,28 @@ fn sweep(name: &str, options: &str, before: &[&str], snapshot: bool, after: &[&s
         std::fs::copy(&cut_path, &mine).unwrap();
         our_repair(&mine);
         failures.extend(disagreement(&mine, &format!("{what}, after our repair")));
+        // Data is sacred: the repaired image reads as the cut one did.
+        if opens_in_qemu(&cut_path) {
+            let o = qemu(
+                "qemu-img",
+                &[
+                    "compare",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "qcow2",
+                    cut_path.to_str().unwrap(),
+                    mine.to_str().unwrap(),
+                ],
+            );
+            if !o.status.success() {
+                failures.push(format!(
+                    "{what}: our repair changed the guest data: {}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+        }
 
         // QEMU's repair, where it succeeds: qemu-img check finds the same after ours.
         let theirs_path = dir.path().join("theirs.qcow2");
@@ -237,6 +270,15 @@ fn sweep(name: &str, options: &str, before: &[&str], snapshot: bool, after: &[&s
         let (a, _) = theirs(&mine);
         let (b, _) = theirs(&theirs_path);
         if a == b {
+            continue;
+        }
+        // QEMU's refcount rebuild can allocate over clusters it did not count (tables and
+        // data past the end of the file come back into it as the file grows), leaving more
+        // than it found: ours must then leave a part of what QEMU leaves, and less.
+        if a.lines.iter().all(|l| b.lines.contains(l))
+            && a.corruptions + a.leaks < b.corruptions + b.leaks
+        {
+            qemu_left_more += 1;
             continue;
         }
         // QEMU's leak repair discards the freed clusters: where the active L1 table was
@@ -268,7 +310,8 @@ fn sweep(name: &str, options: &str, before: &[&str], snapshot: bool, after: &[&s
     eprintln!(
         "{name}: qemu-img check -r all failed on {qemu_repair_failed} cuts; \
          a cut snapshot table it rewrote on {snapshot_table_cut}; \
-         a cut L1 table it discarded on {l1_discarded}"
+         a cut L1 table it discarded on {l1_discarded}; \
+         it left more than ours on {qemu_left_more}"
     );
     assert!(
         failures.is_empty(),
@@ -323,6 +366,30 @@ fn cut_64k_clusters_v2_snapshot() {
         &["write -P 0xab 0 200k", "write -P 0xcd 20M 64k"],
         true,
         &["write -P 0xee 64k 64k"],
+    );
+}
+
+#[test]
+fn cut_512_clusters_64_bit_refcounts() {
+    // A refcount block covers 64 clusters here: later blocks lie past the L1 table, so
+    // cuts leave refcount blocks outside the file with the tables before them intact.
+    sweep(
+        "v3-512-rc64",
+        "cluster_size=512,refcount_bits=64",
+        &["write -P 0xab 0 24k", "write -P 0xcd 5M 4k"],
+        false,
+        &[],
+    );
+}
+
+#[test]
+fn cut_2m_clusters() {
+    sweep(
+        "v3-2m",
+        "cluster_size=2M",
+        &["write -P 0xab 0 3M", "write -P 0xcd 40M 4k"],
+        false,
+        &[],
     );
 }
 
