@@ -364,13 +364,29 @@ fn run_ip(args: &[&str]) -> Result<std::result::Result<String, String>> {
 }
 
 /// Whether the network interface `name` exists, and its first IPv4 address on the host.
+/// An interface that exists and is not a tap (an Ethernet card, a bridge, a tun) is an error.
 pub fn probe_tap(name: &str) -> Result<Option<Option<Cidr>>> {
-    if !std::path::Path::new("/sys/class/net").join(name).exists() {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    if !dir.exists() {
         return Ok(None);
+    }
+    let flags = std::fs::read_to_string(dir.join("tun_flags")).ok();
+    if !flags.as_deref().is_some_and(is_tap_flags) {
+        return Err(Error::Network(format!(
+            "the network interface {name} exists and is not a tap device: pick another name \
+             with --tap NAME (the runner creates it), or attach a tap to a bridge yourself"
+        )));
     }
     let out = run_ip(&["-4", "-o", "addr", "show", "dev", name])?
         .map_err(|e| Error::Network(format!("reading the addresses of {name}: {e}")))?;
     Ok(Some(first_inet(&out)))
+}
+
+/// Whether a `tun_flags` sysfs value (`0x1002`) has IFF_TAP (a tun has IFF_TUN instead).
+pub fn is_tap_flags(text: &str) -> bool {
+    const IFF_TAP: u32 = 0x0002;
+    let t = text.trim();
+    u32::from_str_radix(t.strip_prefix("0x").unwrap_or(t), 16).is_ok_and(|f| f & IFF_TAP != 0)
 }
 
 /// The first `inet A.B.C.D/len` of `ip -4 -o addr show` output.
@@ -662,5 +678,13 @@ mod tests {
                    preferred_lft forever\n";
         assert_eq!(first_inet(out), Some(cidr("10.213.0.1/24")));
         assert_eq!(first_inet(""), None);
+        assert!(is_tap_flags("0x1802\n"));
+        assert!(is_tap_flags("0x1002"));
+        assert!(!is_tap_flags("0x1001"), "a tun");
+        assert!(!is_tap_flags("garbage"));
+        // Loopback exists and is no tap.
+        let e = probe_tap("lo").unwrap_err();
+        assert!(e.to_string().contains("not a tap device"), "{e}");
+        assert_eq!(probe_tap("qm-no-such-if").unwrap(), None);
     }
 }
