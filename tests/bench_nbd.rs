@@ -19,6 +19,10 @@
 //! Environment: `NBD_BENCH_MIB` (region size, default 32), `NBD_BENCH_REPS` (repetitions,
 //! default 3), `NBD_BENCH_OPS` (4 KiB requests per random run, default 4000),
 //! `NBD_BENCH_DEPTH` (default 8), `NBD_BENCH_ACCEL` (`tcg`, `kvm` or `auto`; default `tcg`).
+//!
+//! Options after `--`: `--quick` (defaults of 8 MiB regions, 2 repetitions and 1000 random
+//! ops, for `qcow-metal bench --quick`; the variables still win) and `--json FILE` (also
+//! write the results as JSON, read by `qcow-metal bench`).
 
 use qcow_metal::nbd::client::Client;
 use qcow_metal::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_WRITE};
@@ -28,6 +32,37 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
+
+/// Options after `--` on the `cargo bench` line.
+struct Options {
+    quick: bool,
+    json: Option<PathBuf>,
+}
+
+impl Options {
+    fn parse() -> Options {
+        let mut o = Options {
+            quick: false,
+            json: None,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--quick" => o.quick = true,
+                "--json" => {
+                    let v = args
+                        .next()
+                        .unwrap_or_else(|| panic!("--json needs a file name"));
+                    o.json = Some(PathBuf::from(v));
+                }
+                // `cargo bench` passes `--bench`.
+                "--bench" => {}
+                other => panic!("unknown argument {other:?} (known: --quick, --json FILE)"),
+            }
+        }
+        o
+    }
+}
 
 /// The number in environment variable `name`, or `default` when it is not set.
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -157,13 +192,18 @@ const SETUPS: [Setup; 3] = [
 ];
 
 fn main() {
-    // `cargo bench` passes `--bench`; nothing else is understood.
+    let opts = Options::parse();
     require_tool("qemu-system-x86_64", "qemu-system-x86");
     require_tool("qemu-img", "qemu-utils");
+    let (mib, reps, ops) = if opts.quick {
+        (8, 2, 1000)
+    } else {
+        (32, 3, 4000)
+    };
     let p = Params {
-        region: env_u64("NBD_BENCH_MIB", 32).max(1) * MIB,
-        reps: env_u64("NBD_BENCH_REPS", 3).max(1),
-        ops: env_u64("NBD_BENCH_OPS", 4000).max(1),
+        region: env_u64("NBD_BENCH_MIB", mib).max(1) * MIB,
+        reps: env_u64("NBD_BENCH_REPS", reps).max(1),
+        ops: env_u64("NBD_BENCH_OPS", ops).max(1),
         depth: env_u64("NBD_BENCH_DEPTH", 8).max(1) as usize,
     };
     let accel: Accel = match std::env::var("NBD_BENCH_ACCEL") {
@@ -202,6 +242,8 @@ fn main() {
         guests.push((g, c));
     }
 
+    // The accelerator the guests really run on (`auto` resolves to one of them).
+    let used_accel = guests[0].0.accel().as_str();
     // best[row][setup]
     let mut best = vec![[Duration::MAX; 3]; ROWS.len()];
     for (r, row) in ROWS.iter().enumerate() {
@@ -246,9 +288,20 @@ fn main() {
         "workload", "(a) engine", "(b) qemu-qcow2", "(c) raw-file", "a/b", "a/c"
     );
     let mut worst = f64::INFINITY;
+    let mut json_rows = Vec::new();
     for (r, row) in ROWS.iter().enumerate() {
         let reqs = row.requests(p, 0);
         let bytes: u64 = reqs.iter().map(|q| u64::from(q.1)).sum();
+        json_rows.push(serde_json::json!({
+            "row": row.name(),
+            "unit": match row {
+                Row::SeqWrite1M | Row::SeqRead1M => "MiB/s",
+                _ => "IOPS",
+            },
+            "bytes": bytes,
+            "requests": reqs.len(),
+            "seconds": { "a": best[r][0].as_secs_f64(), "b": best[r][1].as_secs_f64(), "c": best[r][2].as_secs_f64() },
+        }));
         let rate = |t: Duration| match row {
             Row::SeqWrite1M | Row::SeqRead1M => {
                 format!("{:.1} MiB/s", bytes as f64 / MIB as f64 / t.as_secs_f64())
@@ -274,4 +327,18 @@ fn main() {
         "lowest ratio {worst:.2} (target 0.90): {}",
         if worst >= 0.9 { "met" } else { "NOT met" }
     );
+    if let Some(path) = &opts.json {
+        let doc = serde_json::json!({
+            "bench": "nbd",
+            "accel": used_accel,
+            "region_mib": p.region / MIB,
+            "reps": p.reps,
+            "ops": p.ops,
+            "depth": p.depth,
+            "setups": SETUPS.iter().map(|s| serde_json::json!({"label": s.label, "what": s.what})).collect::<Vec<_>>(),
+            "rows": json_rows,
+        });
+        std::fs::write(path, format!("{doc:#}\n"))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
 }
