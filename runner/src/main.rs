@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
+
 use qcow_metal::config::IpConfig;
 use qcow_metal_runner::disk::{self, GuestFormat};
 use qcow_metal_runner::image::{self, CreateOptions};
@@ -37,6 +39,9 @@ struct Cli {
 enum Command {
     /// Boot the guest (the default).
     Run(RunArgs),
+    /// Run every benchmark comparison and write one report: a table of ratios (report.md)
+    /// and a chart (report.png)
+    Bench(bench::BenchArgs),
     /// Create, inspect, check and map qcow2 images with the project's own engine.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -165,6 +170,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run(cli.run),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Bench(args)) => Ok(bench::run(&args)),
         Some(Command::Image(cmd)) => image_command(cmd),
         Some(Command::Scrape { url, interval }) => scrape_command(&url, interval),
     };
