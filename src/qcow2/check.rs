@@ -810,11 +810,93 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 c += 1;
             }
-            Ok(())
+            // With the guard still in place, so the new table lands on no referenced cluster.
+            self.fix_snapshot_table()
         })();
         self.guard = None;
         self.cursor = 1;
         r
+    }
+
+    /// Rewrites a version 3 snapshot table with entries that lack the 16 bytes of extra data
+    /// every entry needs (a table cut by the end of the file reads as zeros), as QEMU's repair
+    /// does: each entry gets 24 bytes of extra data (what it had, then the VM state size, the
+    /// virtual size and an unknown instruction count for what it lacked), in new clusters;
+    /// the old table is freed. A table that cannot be read whole is left to the check.
+    fn fix_snapshot_table(&mut self) -> Result<()> {
+        let n = self.hdr.nb_snapshots;
+        if self.hdr.version < 3 || n == 0 || n > MAX_SNAPSHOTS {
+            return Ok(());
+        }
+        let cs = self.geo.cluster_size();
+        let cap = self.dev.capacity();
+        let old_off = self.hdr.snapshots_offset;
+        let mut pos = old_off;
+        let mut table = Vec::new();
+        let mut incomplete = false;
+        for _ in 0..n {
+            let mut fixed = [0u8; 40];
+            if pos.checked_add(40).is_none_or(|e| e > cap) {
+                return Ok(());
+            }
+            self.dev.read_at(pos, &mut fixed)?;
+            let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+            let extra = be32(&fixed[36..40]);
+            let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
+            let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+            // QEMU's limits: 1 KiB of extra data, 64 MiB of table (and the check's memory).
+            let max_table = (64 << 20).min(self.opts.check_memory_limit / 4) as usize;
+            if extra > 1024 || table.len() > max_table {
+                return Ok(());
+            }
+            let mut rest = vec![0u8; extra + id_len + name_len];
+            if (pos + 40)
+                .checked_add(rest.len() as u64)
+                .is_none_or(|e| e > cap)
+            {
+                return Ok(());
+            }
+            self.dev.read_at(pos + 40, &mut rest)?;
+            pos += (40 + rest.len() as u64).div_ceil(8) * 8;
+            incomplete |= extra < 16;
+            let mut ex = vec![0u8; extra.max(24)];
+            ex[..extra].copy_from_slice(&rest[..extra]);
+            if extra < 8 {
+                let vm_state = be32(&fixed[32..36]) as u64;
+                ex[0..8].copy_from_slice(&vm_state.to_be_bytes());
+            }
+            if extra < 16 {
+                ex[8..16].copy_from_slice(&self.hdr.size.to_be_bytes());
+            }
+            if extra < 24 {
+                ex[16..24].copy_from_slice(&u64::MAX.to_be_bytes());
+            }
+            fixed[36..40].copy_from_slice(&(ex.len() as u32).to_be_bytes());
+            table.extend_from_slice(&fixed);
+            table.extend_from_slice(&ex);
+            table.extend_from_slice(&rest[extra..]);
+            table.resize(table.len().next_multiple_of(8), 0);
+        }
+        if !incomplete {
+            return Ok(());
+        }
+        let clusters = (table.len() as u64).div_ceil(cs);
+        let (first, _) = self.alloc_contiguous(clusters)?;
+        super::write_dev(&mut self.dev, first * cs, &table)?;
+        self.stats.metadata_bytes_written += table.len() as u64;
+        // Barrier: the new table is durable before the header points at it.
+        self.flush_metadata()?;
+        self.barrier()?;
+        self.hdr.snapshots_offset = first * cs;
+        self.write_header()?;
+        self.barrier()?;
+        for c in old_off / cs..pos.div_ceil(cs) {
+            let r = self.refcount(c)?;
+            if r > 0 {
+                self.set_refcount(c, r - 1)?;
+            }
+        }
+        Ok(())
     }
 
     /// Length of the device's stored data, QEMU's "end of the file": a file's length, a

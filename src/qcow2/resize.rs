@@ -79,7 +79,7 @@ impl<D: BlockDevice> Qcow2<D> {
     }
 
     /// Allocates exactly `n` contiguous clusters.
-    fn alloc_contiguous(&mut self, n: u64) -> Result<(u64, u64)> {
+    pub(crate) fn alloc_contiguous(&mut self, n: u64) -> Result<(u64, u64)> {
         let saved = self.cursor;
         loop {
             let (first, got) = self.alloc_run(n)?;
