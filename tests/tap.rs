@@ -312,6 +312,7 @@ fn prometheus_scrapes_the_guest_on_its_own_ip() {
             "disk: up (image open)",
             "(guest clock)",
             "space of the disk: virtual 64 MiB, data 1 MiB",
+            ", host file ",
             "errors since boot: disk 0, device 0, NBD 0",
         ] {
             assert!(text.contains(want), "missing `{want}` in\n{text}");

@@ -249,8 +249,7 @@ pub struct DiskSummary {
     pub up: Option<bool>,
     /// Request rates by operation.
     pub rates: Vec<Rate>,
-    /// Space gauges, name and bytes, in order: virtual, data, metadata, image extent, and
-    /// the host file when a family reports it.
+    /// Space gauges, name and bytes, in order: virtual, data, metadata, image extent.
     pub space: Vec<(&'static str, u64)>,
     /// Failed requests since boot, and in the interval.
     pub errors: (u64, u64),
@@ -277,6 +276,9 @@ pub struct Summary {
     pub nbd_rate: (f64, f64),
     /// Open NBD connections.
     pub nbd_connections: u64,
+    /// The block devices' sizes (for the disk, the host file as the guest sees it), by
+    /// `device`, when the guest reports them.
+    pub host_files: Vec<(String, u64)>,
     /// Errors since boot and in the interval: (name, total, new).
     pub errors: Vec<(&'static str, u64, u64)>,
     /// `/healthz`.
@@ -342,7 +344,6 @@ pub fn summarize(before: &Exposition, after: &Exposition, host_secs: f64) -> Sum
                 ("data", "qcow_metal_disk_data_bytes"),
                 ("metadata", "qcow_metal_disk_metadata_bytes"),
                 ("image extent", "qcow_metal_disk_image_extent_bytes"),
-                ("host file", "qcow_metal_disk_host_file_bytes"),
             ] {
                 if let Some(v) = after.value(family, &disk) {
                     space.push((label, v.max(0.0) as u64));
@@ -414,6 +415,13 @@ pub fn summarize(before: &Exposition, after: &Exposition, host_secs: f64) -> Sum
             per_sec(delta("qcow_metal_nbd_bytes_total", &[])),
         ),
         nbd_connections: sum(after, "qcow_metal_nbd_connections_active", &[]) as u64,
+        host_files: after
+            .find("qcow_metal_blockdev_capacity_bytes", &[])
+            .map(|s| {
+                let device = s.label("device").unwrap_or_default().to_string();
+                (device, s.value.max(0.0) as u64)
+            })
+            .collect(),
         errors,
         health: Health::NotAsked,
     }
@@ -520,12 +528,24 @@ impl fmt::Display for Summary {
             if d.space.is_empty() {
                 continue;
             }
-            let parts: Vec<String> = d
+            let mut parts: Vec<String> = d
                 .space
                 .iter()
                 .map(|(name, v)| format!("{name} {}", format_size(*v)))
                 .collect();
+            // One disk on one device: the device is its host file.
+            if let ([(device, size)], 1) = (self.host_files.as_slice(), self.disks.len()) {
+                parts.push(format!("host file {} ({device})", format_size(*size)));
+            }
             writeln!(f, "space of the {}: {}", disk(d), parts.join(", "))?;
+        }
+        if self.host_files.len() > 1 || (self.disks.len() != 1 && !self.host_files.is_empty()) {
+            let parts: Vec<String> = self
+                .host_files
+                .iter()
+                .map(|(device, size)| format!("{device} {}", format_size(*size)))
+                .collect();
+            writeln!(f, "block devices: {}", parts.join(", "))?;
         }
         let mut parts: Vec<String> = self
             .disks
@@ -710,7 +730,9 @@ mod tests {
             .replace(
                 "qcow_metal_disk_up{disk=\"disk\"} 1",
                 "qcow_metal_disk_up{disk=\"disk\"} 0",
-            );
+            )
+            + "# TYPE qcow_metal_blockdev_capacity_bytes gauge\n\
+               qcow_metal_blockdev_capacity_bytes{device=\"vda\"} 69206016\n";
         let s = summarize(&exp(BEFORE), &exp(&after), 2.0);
         let text = s.to_string();
         assert!(text.contains("device 3 (+3 in the interval)"), "{text}");
@@ -719,6 +741,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("disk: DOWN"), "{text}");
+        assert_eq!(s.host_files, [("vda".to_string(), 66 << 20)]);
+        assert!(
+            text.contains("image extent 1.3 MiB, host file 66 MiB (vda)\n"),
+            "{text}"
+        );
         let s = summarize(&exp(AFTER), &exp(BEFORE), 2.0);
         assert!(s.restarted, "uptime went backwards");
         assert!((s.interval - 3.506195932).abs() < 1e-9);

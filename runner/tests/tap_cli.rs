@@ -201,6 +201,7 @@ fn the_command_on_a_tap_it_creates() {
         "disk: up (image open)\n",
         "(guest clock):\n",
         "space of the disk: virtual 64 MiB, ",
+        ", host file ",
         "errors since boot: disk 0, device 0, NBD 0",
     ] {
         assert!(text.contains(want), "missing `{want}` in\n{text}");
