@@ -404,8 +404,18 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
                     eprintln!("qcow-metal: warning: {first}");
                 }
             }
-            eprintln!("qcow-metal: metrics: {}", guest.metrics_url());
-            eprintln!("qcow-metal: NBD:     {}", guest.nbd_url());
+            if guest.tap().is_some() && guest.guest_ip().is_none() {
+                // A DHCP guest whose lease has not shown on its console.
+                eprintln!(
+                    "qcow-metal: the guest's address is not known yet (no DHCP lease on its \
+                     console); metrics on port {}, NBD on port {}",
+                    guest.metrics_port(),
+                    guest.nbd_port()
+                );
+            } else {
+                eprintln!("qcow-metal: metrics: {}", guest.metrics_url());
+                eprintln!("qcow-metal: NBD:     {}", guest.nbd_url());
+            }
             if let Some(sock) = guest.user_qmp_socket() {
                 eprintln!(
                     "qcow-metal: QMP:     {} (e.g. socat - UNIX-CONNECT:{})",
