@@ -677,6 +677,10 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             refs.set_flag(bc, F_SCANNED);
             covered[ti as usize] = true;
+            if ti << rb_bits >= nb {
+                // Counts only clusters past the end of the file: nothing to judge or read.
+                continue;
+            }
             let s = match self.load(Pool::Rc, block, TableKind::RefBlock, true) {
                 Ok(s) => s,
                 Err(_) => {
@@ -782,6 +786,9 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 covered[ti as usize] = true;
                 let base = ti << rb_bits;
+                if base >= nb {
+                    continue;
+                }
                 for i in 0..self.geo.rb_entries() {
                     let c = base + i;
                     // Like QEMU, refcounts past the end of the file are left alone.
