@@ -93,6 +93,11 @@ fn truncated_image_exits_like_qemu_img() {
         "{oout}"
     );
     assert!(oout.contains("Image end offset: 327680"), "{oout}");
+    // Line for line: qemu-img's messages (stderr) then its summary (stdout).
+    let o = run("qemu-img", &["check", "-f", "qcow2", cut.to_str().unwrap()]);
+    let qemu_text =
+        String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+    assert_eq!(oout, qemu_text);
 
     // --repair keeps the references past the end, as `qemu-img check -r all` does: both
     // exit 2 afterwards, and both checkers agree on the repaired file.

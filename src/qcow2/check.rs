@@ -53,6 +53,8 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// What was found, one line each (the first 100).
     pub messages: Vec<String>,
+    /// Lines past the first 100, not kept.
+    pub messages_dropped: u64,
 }
 
 impl CheckReport {
@@ -64,19 +66,29 @@ impl CheckReport {
     fn note(&mut self, msg: String) {
         if self.messages.len() < MAX_MESSAGES {
             self.messages.push(msg);
+        } else {
+            self.messages_dropped += 1;
         }
     }
 }
 
 impl fmt::Display for CheckReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// The lines `qemu-img check` prints (its messages go to stderr, the rest to stdout).
+    /// The last line has no line break.
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use core::fmt::Write;
+        let mut text = String::new();
+        let f = &mut text;
         for m in &self.messages {
             writeln!(f, "{m}")?;
+        }
+        if self.messages_dropped > 0 {
+            writeln!(f, "({} more lines not shown)", self.messages_dropped)?;
         }
         if self.corruptions_fixed > 0 || self.leaks_fixed > 0 {
             writeln!(
                 f,
-                "The following inconsistencies were found and repaired:\n    {} leaked clusters\n    {} corruptions",
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
                 self.leaks_fixed, self.corruptions_fixed
             )?;
         }
@@ -86,35 +98,42 @@ impl fmt::Display for CheckReport {
             if self.corruptions > 0 {
                 writeln!(
                     f,
-                    "{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
+                    "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
                     self.corruptions
                 )?;
             }
             if self.leaks > 0 {
                 writeln!(
                     f,
-                    "{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
+                    "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
                     self.leaks
                 )?;
             }
             if self.check_errors > 0 {
                 writeln!(
                     f,
-                    "{} internal errors have occurred during the check.",
+                    "\n{} internal errors have occurred during the check.",
                     self.check_errors
                 )?;
             }
         }
-        writeln!(
-            f,
-            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
-            self.allocated_clusters,
-            self.total_clusters,
-            pct(self.allocated_clusters, self.total_clusters),
-            pct(self.fragmented_clusters, self.allocated_clusters),
-            pct(self.compressed_clusters, self.allocated_clusters)
-        )?;
-        write!(f, "Image end offset: {}", self.image_end_offset)
+        // Like qemu-img: no fragmentation line without allocated clusters, no end offset
+        // when it is unknown.
+        if self.total_clusters != 0 && self.allocated_clusters != 0 {
+            writeln!(
+                f,
+                "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+                self.allocated_clusters,
+                self.total_clusters,
+                pct(self.allocated_clusters, self.total_clusters),
+                pct(self.fragmented_clusters, self.allocated_clusters),
+                pct(self.compressed_clusters, self.allocated_clusters)
+            )?;
+        }
+        if self.image_end_offset != 0 {
+            writeln!(f, "Image end offset: {}", self.image_end_offset)?;
+        }
+        out.write_str(text.trim_end_matches('\n'))
     }
 }
 
@@ -291,6 +310,8 @@ impl<D: BlockDevice> Qcow2<D> {
                     next.leaks_fixed += prev.leaks_fixed;
                     let mut messages = prev.messages;
                     messages.append(&mut next.messages);
+                    next.messages_dropped +=
+                        prev.messages_dropped + messages.len().saturating_sub(MAX_MESSAGES) as u64;
                     messages.truncate(MAX_MESSAGES);
                     next.messages = messages;
                     Ok(next)
@@ -331,6 +352,8 @@ impl<D: BlockDevice> Qcow2<D> {
         after.leaks_fixed = before.leaks.saturating_sub(after.leaks);
         let mut messages = before.messages;
         messages.append(&mut after.messages);
+        after.messages_dropped +=
+            before.messages_dropped + messages.len().saturating_sub(MAX_MESSAGES) as u64;
         messages.truncate(MAX_MESSAGES);
         after.messages = messages;
         Ok(after)
@@ -799,6 +822,9 @@ impl<D: BlockDevice> Qcow2<D> {
                     let have = self.refcount(c)?;
                     if have != want {
                         count_fix(rep, have, want);
+                        rep.note(format!(
+                            "Repairing cluster {c} refcount={have} reference={want}"
+                        ));
                         self.set_refcount(c, want)?;
                     }
                 }
@@ -811,6 +837,9 @@ impl<D: BlockDevice> Qcow2<D> {
                     let have = self.refcount(c)?;
                     if have != want {
                         count_fix(rep, have, want);
+                        rep.note(format!(
+                            "Repairing cluster {c} refcount={have} reference={want}"
+                        ));
                         self.ensure_blocks(c, 1)?;
                         self.set_refcount(c, want)?;
                     }
