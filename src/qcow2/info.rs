@@ -57,6 +57,13 @@ pub struct Stats {
     /// Writes refused because they would have overwritten metadata (each marks the image
     /// corrupt; see [`super::Qcow2Error::Overlap`]).
     pub overlaps_refused: u64,
+    /// Space reclaim now: clusters whose references are gone, waiting for their refcount
+    /// to drop at the next metadata write-back (junk not yet available).
+    pub reclaim_junk_now: u64,
+    /// Compaction: where it stands.
+    pub compaction_state: super::CompactionState,
+    /// Compaction steps run since open.
+    pub compaction_steps: u64,
 }
 
 /// How the image uses its space.

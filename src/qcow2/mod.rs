@@ -12,6 +12,7 @@
 //! - `allocator`: first-free cluster allocation with a cursor; deferred frees.
 //! - `io`: read, write, discard, write-zeroes, block status.
 //! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
+//! - `compact`: compaction (moving clusters from the tail into free space below).
 //! - `compress`: inflating compressed clusters (deflate, compression type 0).
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
 //! - `faults`: what a failing device turns into (`NoSpace` or a device error) and leaves.
@@ -37,6 +38,7 @@ pub mod probe;
 
 mod allocator;
 mod check;
+mod compact;
 mod compress;
 mod create;
 mod faults;
@@ -52,6 +54,7 @@ mod tables;
 mod tests;
 
 pub use check::CheckReport;
+pub use compact::{CompactProgress, CompactionState};
 pub use entry::{ClusterKind, Mapping};
 pub use error::Qcow2Error;
 pub use info::{ImageInfo, MapEntry, SpaceInfo, Stats};
