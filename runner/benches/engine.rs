@@ -70,9 +70,9 @@ impl Sizes {
         Sizes {
             virtual_size: 256 * MIB,
             random_writes: 4096,
-            random_reads: 8192,
+            random_reads: 32768,
             sequential_write_bytes: 64 * MIB,
-            sequential_read_bytes: 256 * MIB,
+            sequential_read_bytes: 1024 * MIB,
         }
     }
 }

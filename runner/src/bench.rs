@@ -79,6 +79,8 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
         .clone()
         .unwrap_or_else(|| root.join("target").join("qcow-metal").join("bench"));
     fs::create_dir_all(&out).map_err(|e| format!("create {}: {e}", out.display()))?;
+    // Absolute: the benchmarks run in other directories (cargo runs them in their package's).
+    let out = fs::canonicalize(&out).map_err(|e| format!("resolve {}: {e}", out.display()))?;
     let started = Instant::now();
     let machine = Machine::probe();
     let load_before = load_average();
