@@ -18,6 +18,10 @@
 //! | `l2_cache`       | bytes, with an optional `K`/`M`/`G` suffix | 1 MiB  |
 //! | `refcount_cache` | bytes, with an optional `K`/`M`/`G` suffix | 256 KiB|
 //! | `mirage_metrics` | `0` or `1`                               | `0`      |
+//! | `compact`        | `on`, `off`: online compaction in idle time | `on`  |
+//! | `compact_after`  | bytes freed since the last pass that start one (`K`/`M`/`G`) | 16 MiB |
+//! | `compact_rate`   | bytes moved per second at most (`K`/`M`/`G`), above 0 | 32 MiB |
+//! | `compact_idle`   | NBD silence before a step, `MS`, `MSms` or `Ss` | `1s` |
 //! | `debug_fault`    | `none`, `ud`, `pf`, `gp`                 | `none`   |
 //!
 //! An unknown key, or a word without `=`, is a [`ConfigWarning`]: the guest logs it and goes
@@ -170,6 +174,43 @@ pub struct Config {
     pub mirage_metrics: bool,
     /// A CPU exception to raise right after the banner.
     pub debug_fault: DebugFault,
+    /// When the guest compacts its image in idle time.
+    pub compaction: CompactionPolicy,
+}
+
+/// The online compaction policy (`compact`, `compact_after`, `compact_rate`, `compact_idle`):
+/// the guest moves clusters from the image's tail into free space below once enough was
+/// freed, only while no NBD request came for a while, and at a bounded rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Compaction runs at all.
+    pub enabled: bool,
+    /// Bytes freed since the last pass (or found compactable at boot) that start a pass.
+    pub after_bytes: u64,
+    /// Most bytes moved per second (above 0).
+    pub rate_bytes_per_sec: u64,
+    /// Milliseconds without an NBD request before compaction moves anything.
+    pub idle_ms: u64,
+}
+
+impl CompactionPolicy {
+    /// Default `compact_after`: 16 MiB (a large trim starts a pass, a few small ones do not).
+    pub const DEFAULT_AFTER: u64 = 16 << 20;
+    /// Default `compact_rate`: 32 MiB/s (a 64 MiB tail moves in seconds, host I/O stays light).
+    pub const DEFAULT_RATE: u64 = 32 << 20;
+    /// Default `compact_idle`: one second without NBD requests.
+    pub const DEFAULT_IDLE_MS: u64 = 1000;
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> CompactionPolicy {
+        CompactionPolicy {
+            enabled: true,
+            after_bytes: CompactionPolicy::DEFAULT_AFTER,
+            rate_bytes_per_sec: CompactionPolicy::DEFAULT_RATE,
+            idle_ms: CompactionPolicy::DEFAULT_IDLE_MS,
+        }
+    }
 }
 
 impl Config {
@@ -254,6 +295,26 @@ impl Config {
                 "mirage_metrics" => {
                     config.mirage_metrics = parse_bool(value).ok_or_else(|| err("0 or 1"))?;
                 }
+                "compact" => {
+                    config.compaction.enabled = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(err("on or off")),
+                    }
+                }
+                "compact_after" => {
+                    config.compaction.after_bytes =
+                        parse_size(value).ok_or_else(|| err(SIZE_EXPECTED))?;
+                }
+                "compact_rate" => {
+                    config.compaction.rate_bytes_per_sec = parse_size(value)
+                        .filter(|&r| r > 0)
+                        .ok_or_else(|| err(RATE_EXPECTED))?;
+                }
+                "compact_idle" => {
+                    config.compaction.idle_ms =
+                        parse_duration_ms(value).ok_or_else(|| err(DURATION_EXPECTED))?;
+                }
                 "debug_fault" => {
                     config.debug_fault = match value {
                         "none" => DebugFault::None,
@@ -285,12 +346,16 @@ impl Default for Config {
             refcount_cache: Config::DEFAULT_REFCOUNT_CACHE,
             mirage_metrics: false,
             debug_fault: DebugFault::None,
+            compaction: CompactionPolicy::default(),
         }
     }
 }
 
 const PORT_EXPECTED: &str = "a TCP port number from 1 to 65535";
 const SIZE_EXPECTED: &str = "a byte count, optionally with a K, M or G suffix (e.g. 4M)";
+const RATE_EXPECTED: &str =
+    "bytes per second above 0, optionally with a K, M or G suffix (e.g. 32M)";
+const DURATION_EXPECTED: &str = "milliseconds, or a number with an ms or s suffix (e.g. 1s)";
 
 /// Something on the command line the guest ignores.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,6 +434,17 @@ fn parse_size(value: &str) -> Option<u64> {
     parse_decimal(digits)?.checked_mul(1u64 << shift)
 }
 
+/// `250`, `250ms` (milliseconds) or `2s` (seconds).
+fn parse_duration_ms(value: &str) -> Option<u64> {
+    if let Some(ms) = value.strip_suffix("ms") {
+        parse_decimal(ms)
+    } else if let Some(s) = value.strip_suffix('s') {
+        parse_decimal(s)?.checked_mul(1000)
+    } else {
+        parse_decimal(value)
+    }
+}
+
 fn parse_ip(value: &str) -> Option<IpConfig> {
     if value == "dhcp" {
         return Some(IpConfig::Dhcp);
@@ -415,6 +491,10 @@ mod tests {
         assert_eq!(config.refcount_cache, 256 << 10);
         assert!(!config.mirage_metrics);
         assert_eq!(config.debug_fault, DebugFault::None);
+        assert!(config.compaction.enabled);
+        assert_eq!(config.compaction.after_bytes, 16 << 20);
+        assert_eq!(config.compaction.rate_bytes_per_sec, 32 << 20);
+        assert_eq!(config.compaction.idle_ms, 1000);
         assert_eq!(ok("   \t "), Config::default());
     }
 
@@ -422,7 +502,8 @@ mod tests {
     fn every_key_is_parsed() {
         let config = ok("log=trace ip=192.168.7.2/24 gw=192.168.7.1 dns=1.1.1.1 \
              metrics_port=19090 nbd_port=20809 export=vm1 ro=1 format=qcow2 \
-             l2_cache=4M refcount_cache=64k mirage_metrics=1 debug_fault=pf");
+             l2_cache=4M refcount_cache=64k mirage_metrics=1 debug_fault=pf \
+             compact=off compact_after=1G compact_rate=8M compact_idle=250ms");
         assert_eq!(
             config,
             Config {
@@ -441,6 +522,12 @@ mod tests {
                 refcount_cache: 64 << 10,
                 mirage_metrics: true,
                 debug_fault: DebugFault::Pf,
+                compaction: CompactionPolicy {
+                    enabled: false,
+                    after_bytes: 1 << 30,
+                    rate_bytes_per_sec: 8 << 20,
+                    idle_ms: 250,
+                },
             }
         );
     }
@@ -496,6 +583,34 @@ mod tests {
             ok("l2_cache=18446744073709551615").l2_cache,
             u64::MAX,
             "the largest plain number fits"
+        );
+    }
+
+    #[test]
+    fn compaction_policy_keys() {
+        assert!(ok("compact=on").compaction.enabled);
+        assert!(!ok("compact=off").compaction.enabled);
+        assert_eq!(ok("compact_after=0").compaction.after_bytes, 0);
+        assert_eq!(ok("compact_after=64K").compaction.after_bytes, 64 << 10);
+        assert_eq!(ok("compact_rate=1").compaction.rate_bytes_per_sec, 1);
+        assert_eq!(ok("compact_rate=2G").compaction.rate_bytes_per_sec, 2 << 30);
+        assert_eq!(ok("compact_idle=0").compaction.idle_ms, 0);
+        assert_eq!(ok("compact_idle=1500").compaction.idle_ms, 1500);
+        assert_eq!(ok("compact_idle=40ms").compaction.idle_ms, 40);
+        assert_eq!(ok("compact_idle=3s").compaction.idle_ms, 3000);
+        // The other keys of the policy keep their defaults.
+        let c = ok("compact_rate=4M").compaction;
+        assert_eq!(
+            c,
+            CompactionPolicy {
+                rate_bytes_per_sec: 4 << 20,
+                ..CompactionPolicy::default()
+            }
+        );
+        assert_eq!(
+            bad("compact_rate=0").to_string(),
+            "invalid value \"0\" for kernel argument compact_rate: expected bytes per \
+             second above 0, optionally with a K, M or G suffix (e.g. 32M)"
         );
     }
 
@@ -567,6 +682,19 @@ mod tests {
             "refcount_cache=lots",
             "mirage_metrics=true",
             "debug_fault=de",
+            "compact=1",
+            "compact=ON",
+            "compact=",
+            "compact_after=lots",
+            "compact_after=-1M",
+            "compact_rate=0",
+            "compact_rate=0M",
+            "compact_rate=1T",
+            "compact_idle=1m",
+            "compact_idle=1.5s",
+            "compact_idle=s",
+            "compact_idle=ms",
+            "compact_idle=18446744073709552s",
         ] {
             let e = bad(cmdline);
             let (key, value) = cmdline.split_once('=').unwrap();

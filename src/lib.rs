@@ -10,11 +10,13 @@
 //! - [`http`]: the sans-I/O HTTP/1.1 responder that serves `/metrics`.
 //! - [`nbd`]: the sans-I/O NBD server.
 //! - [`config`]: the kernel command line, parsed into a typed configuration.
+//! - [`compaction`]: when the guest compacts its image online (the policy at work).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 extern crate alloc;
 
 pub mod block;
+pub mod compaction;
 pub mod config;
 pub mod disk;
 pub mod http;
