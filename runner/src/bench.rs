@@ -663,6 +663,33 @@ mod tests {
     }
 
     #[test]
+    fn the_subcommand_parses() {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from([
+            "qcow-metal",
+            "bench",
+            "--quick",
+            "--out",
+            "x",
+            "--accel",
+            "tcg",
+        ])
+        .unwrap();
+        let Some(crate::Command::Bench(a)) = cli.command else {
+            panic!("not parsed as bench");
+        };
+        assert!(a.quick);
+        assert_eq!(a.out.as_deref(), Some(Path::new("x")));
+        assert_eq!(a.accel, Accel::Tcg);
+        let cli = crate::Cli::try_parse_from(["qcow-metal", "bench"]).unwrap();
+        let Some(crate::Command::Bench(a)) = cli.command else {
+            panic!("not parsed as bench");
+        };
+        assert!(!a.quick && a.out.is_none() && a.accel == Accel::Auto);
+        assert!(crate::Cli::try_parse_from(["qcow-metal", "bench", "--accel", "hvf"]).is_err());
+    }
+
+    #[test]
     fn cpu_model_comes_from_cpuinfo() {
         let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC  7B13 64-Core Processor\n\nprocessor\t: 1\nmodel name\t: other\n";
         assert_eq!(
