@@ -202,6 +202,14 @@ impl<D: BlockDevice> Qcow2<D> {
                     ));
                     break 'outer;
                 }
+                if r == 1
+                    && let Some(e) = self.refuse_free(c)
+                {
+                    // A data reference into live metadata went away: the metadata stays
+                    // allocated (the rest of the frees leak, which is safe).
+                    result = Err(e);
+                    break 'outer;
+                }
                 if let Err(e) = self.set_refcount(c, r - 1) {
                     result = Err(e);
                     break 'outer;

@@ -228,6 +228,35 @@ impl<D: BlockDevice> Qcow2<D> {
         })
     }
 
+    /// Before host cluster `c`'s last reference is dropped: if it holds metadata still in use
+    /// (a corrupt data entry pointed at it), its refcount must not reach zero (the allocator
+    /// would hand the live table out for data). Returns the [`Qcow2Error::Overlap`] to
+    /// report, after marking the image corrupt, logging and counting it.
+    pub(crate) fn refuse_free(&mut self, c: u64) -> Option<Qcow2Error> {
+        if self.repairing {
+            return None;
+        }
+        let cs = self.geo.cluster_size();
+        let fixed = self.fixed_overlap(c * cs, cs);
+        let bits = if fixed != 0 {
+            fixed
+        } else {
+            self.meta.as_ref()?.find(c, c, 0)?.1
+        };
+        let what = kind_name(bits);
+        self.stats.overlaps_refused += 1;
+        log::error!(
+            "qcow2: preventing the free of host cluster {:#x}: it holds {what}; the image is \
+             corrupt",
+            c * cs
+        );
+        self.mark_corrupt();
+        Some(Qcow2Error::Overlap {
+            offset: c * cs,
+            what,
+        })
+    }
+
     /// Records that host cluster `c` now holds metadata of kind `bits`.
     pub(crate) fn meta_insert(&mut self, c: u64, bits: u16) {
         if let Some(m) = &mut self.meta {

@@ -149,6 +149,39 @@ fn data_write_through_an_l2_entry_pointing_at_its_own_l2_table_is_refused() {
 }
 
 #[test]
+fn discarding_a_data_entry_that_points_at_its_l2_table_does_not_free_the_table() {
+    // The discard itself only clears the entry; dropping the reference would take the live
+    // L2 table's refcount to zero (and hand it out for data next): refused at write-back.
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_image(dir.path());
+    put64(&img, L2, COPIED | L2);
+    let mut q = open_rw(&img);
+    q.discard(0, CS).unwrap();
+    assert_eq!(
+        q.flush_metadata().unwrap_err(),
+        Qcow2Error::Overlap {
+            offset: L2,
+            what: "an active L2 table"
+        }
+    );
+    assert_eq!(q.stats().overlaps_refused, 1);
+    drop(q);
+    let refcount = |c: u64| {
+        let b = bytes(&img, REFBLOCK + 2 * c, 2);
+        u16::from_be_bytes([b[0], b[1]])
+    };
+    assert_eq!(refcount(L2 / CS), 1, "the L2 table stays allocated");
+    assert_ne!(incompatible(&img) & INCOMPAT_CORRUPT, 0);
+    let mut q = open_file(&img, read_only());
+    let mut buf = vec![0u8; 65536];
+    q.read(CS, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 0x22),
+        "guest cluster 1 reads as before"
+    );
+}
+
+#[test]
 fn data_write_onto_a_refcount_block_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = qemu_image(dir.path());
