@@ -15,9 +15,10 @@
 use crate::config::CompactionPolicy;
 
 /// What online compaction is doing, as the metrics show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum CompactionState {
     /// Switched off on the command line (`compact=off`), or no qcow2 image.
+    #[default]
     Off,
     /// Nothing to do: not enough freed since the last pass.
     Idle,

@@ -441,9 +441,13 @@ fn populated_registry() -> Arc<GuestMetrics> {
         refcount_cache_hits: 10,
         refcount_cache_misses: 1,
         metadata_written_bytes: 3 * 65536,
-        reclaim: [65536, 65536, 65536, 0, 0, 0],
+        reclaim: [65536, 65536, 65536, 65536, 65536, 65536],
         reclaim_roots: 0,
         overlaps_refused: 0,
+        junk_bytes: 65536,
+        available_bytes: 65536,
+        compaction: qcow_metal::compaction::CompactionState::Idle,
+        compaction_passes: 1,
     });
     for op in IoOp::ALL {
         m.blockdev.record(op, 4096, 250_000, true);

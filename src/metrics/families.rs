@@ -12,6 +12,8 @@
 //! | engine | `qcow_metal_disk_metadata_overlaps_total` | `disk` |
 //! | engine | `qcow_metal_disk_cache_hits_total`, `_cache_misses_total` | `disk`, `cache` (`l2`, `refcount`) |
 //! | engine | `qcow_metal_disk_reclaim_bytes_total` | `disk`, `stage` |
+//! | engine | `qcow_metal_disk_reclaim_junk_bytes`, `_reclaim_available_bytes`, `_compaction_passes_total` | `disk` |
+//! | engine | `qcow_metal_disk_compaction_state` | `disk`, `state` |
 //! | block device | `qcow_metal_blockdev_requests_total`, `_errors_total`, `_bytes_total`, `_request_duration_seconds` | `device`, `op` |
 //! | block device | `qcow_metal_blockdev_in_flight`, `qcow_metal_blockdev_capacity_bytes` | `device` |
 //! | NBD | `qcow_metal_nbd_connections_active`, `_connections_total`, `_sessions_total`, `_protocol_errors_total` | `export` |
@@ -28,11 +30,13 @@
 //! bytes), `junk`, `erased`, `available`, `roots`, `copied`, `flushed`, `referenced`
 //! (reclaim), `used` (= data bytes) and `size` (= image extent). Their counters have no
 //! `_total`, as ocaml-qcow exposes them, so `promtool check metrics` warns about them; they
-//! are off by default.
+//! are off by default. Three gauges in the same style go with them: `junk_now` and
+//! `available_now` (bytes now) and `compacting` (1 while a compaction pass is on).
 
 use super::encode::Format;
 use super::primitives::{Counter, FloatGauge, Gauge, Histogram};
 use super::registry::{Family, InfoValue, LegacyCounter, Metric, Registry};
+use crate::compaction::CompactionState;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -282,6 +286,14 @@ pub struct EngineSnapshot {
     pub reclaim_roots: u64,
     /// Writes refused because they would have overwritten metadata (image corrupt).
     pub overlaps_refused: u64,
+    /// Bytes of junk now: clusters freed whose refcounts have not dropped yet.
+    pub junk_bytes: u64,
+    /// Bytes available now: free clusters inside the image extent, reusable.
+    pub available_bytes: u64,
+    /// What online compaction is doing.
+    pub compaction: crate::compaction::CompactionState,
+    /// Compaction passes finished since boot.
+    pub compaction_passes: u64,
 }
 
 /// The metrics of one virtual disk (the qcow2 engine, or the raw disk), label `disk`.
@@ -305,6 +317,11 @@ pub struct DiskMetrics {
     overlaps: Arc<Counter>,
     reclaim: [Arc<Counter>; 6],
     roots: Arc<Counter>,
+    junk_now: Arc<Gauge>,
+    available_now: Arc<Gauge>,
+    compaction_state: [Arc<Gauge>; 4],
+    compacting: Arc<Gauge>,
+    compaction_passes: Arc<Counter>,
 }
 
 impl DiskMetrics {
@@ -329,6 +346,17 @@ impl DiskMetrics {
             c.mirror(v);
         }
         self.roots.mirror(s.reclaim_roots);
+        self.junk_now.set_u64(s.junk_bytes);
+        self.available_now.set_u64(s.available_bytes);
+        for (g, state) in self.compaction_state.iter().zip(CompactionState::ALL) {
+            g.set(i64::from(state == s.compaction));
+        }
+        let compacting = matches!(
+            s.compaction,
+            CompactionState::Waiting | CompactionState::Running
+        );
+        self.compacting.set(i64::from(compacting));
+        self.compaction_passes.mirror(s.compaction_passes);
     }
 
     /// Says whether the image is open and served (`qcow_metal_disk_up` 1 or 0).
@@ -785,6 +813,37 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
     .unit("bytes");
     let reclaim = RECLAIM_STAGES.map(|stage| reclaim_f.child(&[d, stage]));
     reg.register(reclaim_f);
+    let junk_now = single_series::<Gauge>(
+        reg,
+        "qcow_metal_disk_reclaim_junk_bytes",
+        "Bytes of junk now: clusters freed by trims and overwrites whose refcounts have not dropped yet.",
+        Some("bytes"),
+        DISK,
+        &[d],
+    );
+    let available_now = single_series::<Gauge>(
+        reg,
+        "qcow_metal_disk_reclaim_available_bytes",
+        "Bytes available now: free clusters inside the image extent, reusable by writes and by compaction.",
+        Some("bytes"),
+        DISK,
+        &[d],
+    );
+    let mut state_f: Family<Gauge> = Family::new(
+        "qcow_metal_disk_compaction_state",
+        "What online compaction is doing: 1 for the current state (off, idle, waiting: a pass paused by NBD requests or the rate limit, running), 0 for the others.",
+        &["disk", "state"],
+    );
+    let compaction_state = CompactionState::ALL.map(|st| state_f.child(&[d, st.name()]));
+    reg.register(state_f);
+    let compaction_passes = single_series::<Counter>(
+        reg,
+        "qcow_metal_disk_compaction_passes",
+        "Online compaction passes finished (each moves what it can from the image's tail into free space below).",
+        None,
+        DISK,
+        &[d],
+    );
     DiskMetrics {
         requests,
         virtual_size,
@@ -803,6 +862,11 @@ fn build_disk(reg: &mut Registry, cfg: &GuestConfig<'_>) -> DiskMetrics {
         overlaps,
         reclaim,
         roots: Arc::new(Counter::new()),
+        junk_now,
+        available_now,
+        compaction_state,
+        compacting: Arc::new(Gauge::new()),
+        compaction_passes,
     }
 }
 
@@ -1100,7 +1164,7 @@ fn build_mirage(reg: &mut Registry, id: &str, disk: &DiskMetrics) {
         f.add(&[id], Arc::new(LegacyCounter(counter)));
         reg.register(f);
     }
-    let gauges: [(&'static str, &'static str, &Arc<Gauge>); 2] = [
+    let gauges: [(&'static str, &'static str, &Arc<Gauge>); 5] = [
         (
             "Mirage_qcow_used",
             "Bytes of clusters holding guest data.",
@@ -1111,9 +1175,27 @@ fn build_mirage(reg: &mut Registry, id: &str, disk: &DiskMetrics) {
             "Size of the image file in bytes.",
             &disk.image_extent,
         ),
+        (
+            "Mirage_qcow_junk_now",
+            "Bytes of junk clusters now.",
+            &disk.junk_now,
+        ),
+        (
+            "Mirage_qcow_available_now",
+            "Bytes of clusters available for reuse now.",
+            &disk.available_now,
+        ),
+        (
+            "Mirage_qcow_compacting",
+            "1 while a compaction pass is on, 0 otherwise.",
+            &disk.compacting,
+        ),
     ];
     for (name, help, g) in gauges {
-        let mut f: Family<Gauge> = Family::new(name, help, &["id"]).unit("bytes");
+        let mut f: Family<Gauge> = Family::new(name, help, &["id"]);
+        if name != "Mirage_qcow_compacting" {
+            f = f.unit("bytes");
+        }
         f.add(&[id], g.clone());
         reg.register(f);
     }
@@ -1169,7 +1251,9 @@ impl From<&crate::nbd::NbdStats> for NbdSnapshot {
 
 impl EngineSnapshot {
     /// The snapshot of a qcow2 engine from its space accounting and statistics. The
-    /// engine counts reclaim stages in clusters; the metrics count them in bytes.
+    /// engine counts reclaim stages in clusters; the metrics count them in bytes. The
+    /// compaction state is the engine's own (running while its last step left work); the
+    /// guest replaces it with its scheduler's.
     pub fn from_qcow2(space: &crate::qcow2::SpaceInfo, stats: &crate::qcow2::Stats) -> Self {
         let bytes = |clusters: u64| clusters.saturating_mul(space.cluster_size);
         EngineSnapshot {
@@ -1197,6 +1281,13 @@ impl EngineSnapshot {
             ],
             reclaim_roots: 0,
             overlaps_refused: stats.overlaps_refused,
+            junk_bytes: bytes(stats.reclaim_junk_now),
+            available_bytes: bytes(space.free_clusters),
+            compaction: match stats.compaction_state {
+                crate::qcow2::CompactionState::Running => CompactionState::Running,
+                _ => CompactionState::Idle,
+            },
+            compaction_passes: 0,
         }
     }
 }

@@ -196,6 +196,10 @@ pub(crate) fn populated_guest(mirage: bool) -> GuestMetrics {
         reclaim: [131072, 131072, 65536, 65536, 65536, 65536],
         reclaim_roots: 65536,
         overlaps_refused: 1,
+        junk_bytes: 3 * 65536,
+        available_bytes: 2 * 65536,
+        compaction: crate::compaction::CompactionState::Running,
+        compaction_passes: 2,
     });
     m.blockdev.submitted();
     m.blockdev.record(IoOp::Read, 4096, 80_000, true);
@@ -269,6 +273,13 @@ fn guest_registry_counts_requests_exactly() {
         "qcow_metal_disk_bytes_total{disk=\"disk0\",op=\"write_zeroes\"} 4096\n",
         "qcow_metal_disk_image_extent_bytes{disk=\"disk0\"} 458752\n",
         "qcow_metal_disk_reclaim_bytes_total{disk=\"disk0\",stage=\"referenced\"} 65536\n",
+        "qcow_metal_disk_reclaim_junk_bytes{disk=\"disk0\"} 196608\n",
+        "qcow_metal_disk_reclaim_available_bytes{disk=\"disk0\"} 131072\n",
+        "qcow_metal_disk_compaction_state{disk=\"disk0\",state=\"off\"} 0\n",
+        "qcow_metal_disk_compaction_state{disk=\"disk0\",state=\"idle\"} 0\n",
+        "qcow_metal_disk_compaction_state{disk=\"disk0\",state=\"waiting\"} 0\n",
+        "qcow_metal_disk_compaction_state{disk=\"disk0\",state=\"running\"} 1\n",
+        "qcow_metal_disk_compaction_passes_total{disk=\"disk0\"} 2\n",
         "qcow_metal_disk_cache_misses_total{disk=\"disk0\",cache=\"refcount\"} 1\n",
         "qcow_metal_disk_up{disk=\"disk0\"} 1\n",
         "qcow_metal_blockdev_request_duration_seconds_bucket{device=\"vda\",op=\"flush\",le=\"0.01\"} 1\n",
@@ -311,10 +322,13 @@ fn mirage_families_share_our_counts() {
         "Mirage_qcow_referenced{id=\"disk0\"} 65536\n",
         "# TYPE Mirage_qcow_used gauge\nMirage_qcow_used{id=\"disk0\"} 196608\n",
         "# TYPE Mirage_qcow_size gauge\nMirage_qcow_size{id=\"disk0\"} 458752\n",
+        "# TYPE Mirage_qcow_junk_now gauge\nMirage_qcow_junk_now{id=\"disk0\"} 196608\n",
+        "Mirage_qcow_available_now{id=\"disk0\"} 131072\n",
+        "# TYPE Mirage_qcow_compacting gauge\nMirage_qcow_compacting{id=\"disk0\"} 1\n",
     ] {
         assert!(t.contains(line), "missing {line:?}");
     }
-    assert_eq!(t.matches("# TYPE Mirage_qcow_").count(), 12);
+    assert_eq!(t.matches("# TYPE Mirage_qcow_").count(), 15);
     let om = String::from_utf8(m.render(Format::OpenMetrics)).unwrap();
     assert!(om.contains("# TYPE Mirage_qcow_reads unknown\n"));
     assert!(om.contains("Mirage_qcow_reads{id=\"disk0\"} 512\n"));
@@ -455,9 +469,17 @@ fn engine_snapshot_from_qcow2_counts_reclaim_in_bytes() {
         metadata_bytes_written: 8192,
         reclaim_junk: 3,
         reclaim_referenced: 1,
+        reclaim_junk_now: 2,
+        compaction_state: crate::qcow2::CompactionState::Running,
         ..crate::qcow2::Stats::default()
     };
     let s = EngineSnapshot::from_qcow2(&space, &stats);
+    assert_eq!(s.junk_bytes, 2 * 65536, "junk now, in bytes");
+    assert_eq!(
+        s.available_bytes, 65536,
+        "free clusters inside the extent, in bytes"
+    );
+    assert_eq!(s.compaction, crate::compaction::CompactionState::Running);
     assert_eq!(s.image_extent, 7 * 65536);
     assert_eq!(s.free_clusters, 1);
     assert_eq!(s.clusters_allocated, 6);
