@@ -185,7 +185,8 @@ pub struct Config {
 pub struct CompactionPolicy {
     /// Compaction runs at all.
     pub enabled: bool,
-    /// Bytes freed since the last pass (or found compactable at boot) that start a pass.
+    /// Bytes freed since the last pass that start a pass (at boot, anything compactable
+    /// starts one).
     pub after_bytes: u64,
     /// Most bytes moved per second (above 0).
     pub rate_bytes_per_sec: u64,

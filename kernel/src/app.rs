@@ -19,9 +19,11 @@
 //!    ([`Guest::power_off`]: NBD clients told to go, replies drained, disk closed clean,
 //!    power off);
 //! 5. when nothing moved: every [`BACKGROUND_INTERVAL_MS`] the engine writes dirty metadata
-//!    back; then [`Guest::idle_until`] halts the CPU until the earliest deadline (smoltcp's
-//!    `poll_delay`, the HTTP idle timeouts, the engine timer, at most [`MAX_IDLE_MS`]) or
-//!    until virtio-net's interrupt says a frame arrived.
+//!    back; online compaction takes a step when its [`Scheduler`] allows one (a pass is on,
+//!    no NBD request for `compact_idle`, the rate limit has room); then
+//!    [`Guest::idle_until`] halts the CPU until the earliest deadline (smoltcp's
+//!    `poll_delay`, the HTTP idle timeouts, the engine timer, the next compaction step, at
+//!    most [`MAX_IDLE_MS`]) or until virtio-net's interrupt says a frame arrived.
 //!
 //! Metrics: the block-device counters are updated by the virtio-blk driver itself, the
 //! request counters of the virtual disk by the `Instrumented` wrapper, and everything else
@@ -35,6 +37,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use log::{error, info, warn};
 use qcow_metal::block::{BlockDevice, Sectored};
+use qcow_metal::compaction::Scheduler;
 use qcow_metal::config::{Config, DiskFormat, GuestExit};
 use qcow_metal::disk::{RawDisk, VirtualDisk};
 use qcow_metal::http::{Health, HttpStats};
@@ -302,6 +305,10 @@ struct Guest {
     space_cache: Option<SpaceCache>,
     /// The power button was pressed: NBD clients are being sent away.
     stopping: bool,
+    /// Online compaction: when to take a step.
+    compaction: Scheduler,
+    /// The image's cluster size (the unit of compaction; 0 without a qcow2 image).
+    cluster_size: u64,
 }
 
 /// Runs the guest's services forever (or until the power button powers it off).
@@ -336,7 +343,7 @@ pub fn run(platform: Platform) -> ! {
             }
         }
     });
-    let disk = open_disk(blk, &config, &metrics);
+    let mut disk = open_disk(blk, &config, &metrics);
     match &disk {
         Disk::Unavailable(why) => {
             error!("disk: unavailable: {why}; serving metrics only");
@@ -399,6 +406,7 @@ pub fn run(platform: Platform) -> ! {
         ..ServerConfig::default()
     };
     let sessions = (0..net.listeners.len()).map(|_| None).collect();
+    let (compaction, cluster_size) = compaction_scheduler(&mut disk, &config, read_only);
     let mut guest = Guest {
         config,
         metrics,
@@ -414,12 +422,44 @@ pub fn run(platform: Platform) -> ! {
         net_wakes,
         space_cache: None,
         stopping: false,
+        compaction,
+        cluster_size,
     };
     info!(
         "main loop: serving metrics on :{} and NBD on :{}",
         guest.config.metrics_port, guest.config.nbd_port
     );
     guest.main_loop()
+}
+
+/// The compaction scheduler for `disk` (off without a writable qcow2 image), and the
+/// image's cluster size. A pass starts at once when anything is compactable at boot: a
+/// pass cut short by a crash or a power-off finishes, and what earlier boots freed counts.
+fn compaction_scheduler(disk: &mut Disk, config: &Config, read_only: bool) -> (Scheduler, u64) {
+    let now_ms = time::now_ms();
+    let mut policy = config.compaction;
+    let Disk::Qcow2(d) = disk else {
+        policy.enabled = false;
+        return (Scheduler::new(policy, now_ms, 0, 0), 0);
+    };
+    let engine = d.inner_mut();
+    let cs = engine.cluster_size();
+    if read_only {
+        policy.enabled = false;
+    }
+    let freed = engine.stats().clusters_freed.saturating_mul(cs);
+    let mut scheduler = Scheduler::new(policy, now_ms, freed, 0);
+    if policy.enabled {
+        match engine.compactable_bytes() {
+            Ok(bytes) if bytes > 0 => {
+                info!("compaction: {bytes} bytes compactable at boot; starting a pass");
+                scheduler.arm();
+            }
+            Ok(_) => {}
+            Err(e) => warn!("compaction: cannot tell what is compactable: {e}"),
+        }
+    }
+    (scheduler, cs)
 }
 
 /// smoltcp's clock: the kernel's monotonic clock.
@@ -483,16 +523,60 @@ impl Guest {
                     self.disk.background();
                     next_background = now_ms + BACKGROUND_INTERVAL_MS;
                 }
+                busy |= self.compact(now_ms);
                 profile.report(now_ms);
             }
             if busy {
                 // Replies wait in the socket buffers: poll the interface again at once.
                 continue;
             }
-            let deadline = self.next_deadline_ms(now).min(next_background);
+            let deadline = self.next_deadline_ms(now).min(next_background).min(
+                self.compaction
+                    .next_deadline_ms(now_ms, self.cluster_size)
+                    .unwrap_or(u64::MAX),
+            );
             let t3 = time::now_ns();
             self.idle_until(deadline);
             profile.idle_ns += time::now_ns() - t3;
+        }
+    }
+
+    /// Online compaction: takes in the engine's and the NBD server's counts, and moves one
+    /// step's worth of clusters when the scheduler allows it. Returns whether it moved any.
+    fn compact(&mut self, now_ms: u64) -> bool {
+        let Disk::Qcow2(d) = &mut self.disk else {
+            return false;
+        };
+        let engine = d.inner_mut();
+        let cs = self.cluster_size;
+        let freed = || engine.stats().clusters_freed.saturating_mul(cs);
+        let requests = self.nbd_stats.requests.iter().sum();
+        self.compaction.observe(now_ms, freed(), requests);
+        let Some(budget) = self.compaction.next_step(now_ms, cs) else {
+            return false;
+        };
+        let passes = self.compaction.passes();
+        match engine.compact_step((budget / cs).max(1)) {
+            Ok(p) => {
+                let freed = engine.stats().clusters_freed.saturating_mul(cs);
+                self.compaction
+                    .step_done(p.moved_clusters * cs, cs, p.done, freed);
+                if p.done {
+                    info!(
+                        "compaction: pass {} done ({} bytes moved since boot); image extent {} bytes",
+                        passes + 1,
+                        self.compaction.moved_bytes(),
+                        p.extent_after,
+                    );
+                }
+                p.moved_clusters > 0
+            }
+            Err(e) => {
+                warn!("compaction: step failed: {e}; the pass ends");
+                let freed = engine.stats().clusters_freed.saturating_mul(cs);
+                self.compaction.step_failed(freed);
+                false
+            }
         }
     }
 
@@ -608,8 +692,10 @@ impl Guest {
                         Disk::Unavailable(why) => Health::Unavailable(why.clone()),
                         _ => Health::Ok,
                     };
+                    let compaction = (self.compaction.state(), self.compaction.passes());
                     let mut render = |format: Format, out: &mut Vec<u8>| {
-                        let engine = self.disk.snapshot(&mut self.space_cache);
+                        let mut engine = self.disk.snapshot(&mut self.space_cache);
+                        (engine.compaction, engine.compaction_passes) = compaction;
                         update_metrics(
                             &self.metrics,
                             &engine,
