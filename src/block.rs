@@ -104,6 +104,17 @@ pub trait BlockDevice {
     fn zeroes_from(&self) -> Option<u64> {
         None
     }
+
+    /// Asks for a longer device (one whose host file grows on demand, see
+    /// [`crate::hostfile`]): at least `need` bytes, `want` if it can. With `wait`, returns
+    /// once the capacity reaches `need`, the host refused, or a bounded time passed;
+    /// without, only sends the request (or looks for the answer to an earlier one) and
+    /// returns at once. Either way new bytes read as zeros. Returns whether the capacity is
+    /// now at least `need`. The default (a device of fixed size) asks nothing.
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        let _ = (want, wait);
+        self.capacity() >= need
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
@@ -130,6 +141,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
     }
     fn zeroes_from(&self) -> Option<u64> {
         (**self).zeroes_from()
+    }
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        (**self).grow(need, want, wait)
     }
 }
 
@@ -162,6 +176,13 @@ pub trait SectorDevice {
         _count: u64,
     ) -> Option<Result<(), BlockError>> {
         None
+    }
+    /// As [`BlockDevice::grow`], in bytes. The default (a fixed device) asks nothing.
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        let _ = (want, wait);
+        self.sector_count()
+            .saturating_mul(u64::from(self.sector_size()))
+            >= need
     }
 }
 
@@ -303,6 +324,10 @@ impl<S: SectorDevice> BlockDevice for Sectored<S> {
             return zero_by_writing(self, tail_start, offset + len - tail_start);
         }
         zero_by_writing(self, offset, len)
+    }
+
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        self.inner.grow(need, want, wait)
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`http`]: the sans-I/O HTTP/1.1 responder that serves `/metrics`.
 //! - [`nbd`]: the sans-I/O NBD server.
 //! - [`config`]: the kernel command line, parsed into a typed configuration.
+//! - [`hostfile`]: how the guest asks the runner to grow its disk's host file.
 //! - [`compaction`]: when the guest compacts its image online (the policy at work).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
 
@@ -19,6 +20,7 @@ pub mod block;
 pub mod compaction;
 pub mod config;
 pub mod disk;
+pub mod hostfile;
 pub mod http;
 pub mod metrics;
 pub mod nbd;

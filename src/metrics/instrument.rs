@@ -189,4 +189,8 @@ impl<D: BlockDevice, H: HasRequests> BlockDevice for InstrumentedDevice<D, H> {
             self.inner.write_zeroes(offset, len)
         })
     }
+
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        self.inner.grow(need, want, wait)
+    }
 }

@@ -73,7 +73,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let mut full = [u64::MAX; 8];
         let mut nfull = 0usize;
         loop {
-            if c >= self.dev_clusters {
+            if c >= self.dev_clusters && !self.grow_to(c + 1) {
                 return Err(Qcow2Error::NoSpace);
             }
             if c >= self.end {
@@ -107,7 +107,9 @@ impl<D: BlockDevice> Qcow2<D> {
                     }
                     match found {
                         // The block may count clusters past the device end.
-                        Some(f) if f >= self.dev_clusters => return Err(Qcow2Error::NoSpace),
+                        Some(f) if f >= self.dev_clusters && !self.grow_to(f + 1) => {
+                            return Err(Qcow2Error::NoSpace);
+                        }
                         Some(f) => {
                             if !self.reserved(f)? {
                                 return Ok(f);

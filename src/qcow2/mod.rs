@@ -15,6 +15,7 @@
 //! - `compact`: compaction (moving clusters from the tail into free space below).
 //! - `compress`: inflating compressed clusters (deflate, compression type 0).
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
+//! - `grow`: asking a device that grows on demand for room, ahead of need.
 //! - `faults`: what a failing device turns into (`NoSpace` or a device error) and leaves.
 //! - `overlap`: the metadata map and the overlap check before every write.
 //! - `info`: statistics, space accounting, image information and the cluster map.
@@ -42,6 +43,7 @@ mod compact;
 mod compress;
 mod create;
 mod faults;
+mod grow;
 mod info;
 mod io;
 mod open;

@@ -210,7 +210,7 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         let bc = missing.len() as u64;
         let total_end = e + new_clusters + bc;
-        if total_end > self.dev_clusters {
+        if total_end > self.dev_clusters && !self.grow_to(total_end) {
             return Err(Qcow2Error::NoSpace);
         }
         for c in e..total_end {
