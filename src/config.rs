@@ -18,6 +18,7 @@
 //! | `l2_cache`       | bytes, with an optional `K`/`M`/`G` suffix | 1 MiB  |
 //! | `refcount_cache` | bytes, with an optional `K`/`M`/`G` suffix | 256 KiB|
 //! | `mirage_metrics` | `0` or `1`                               | `0`      |
+//! | `grow`           | `0` or `1`: ask the runner to grow the disk's host file (see [`crate::hostfile`]) | `0` |
 //! | `compact`        | `on`, `off`: online compaction in idle time | `on`  |
 //! | `compact_after`  | bytes freed since the last pass that start one (`K`/`M`/`G`) | 16 MiB |
 //! | `compact_rate`   | bytes moved per second at most (`K`/`M`/`G`), above 0 | 32 MiB |
@@ -174,6 +175,9 @@ pub struct Config {
     pub mirage_metrics: bool,
     /// A CPU exception to raise right after the banner.
     pub debug_fault: DebugFault,
+    /// The disk's host file grows on demand: the guest asks the runner for room on its
+    /// console (the runner sets `grow=1`); otherwise the device's size is all there is.
+    pub grow: bool,
     /// When the guest compacts its image in idle time.
     pub compaction: CompactionPolicy,
 }
@@ -296,6 +300,7 @@ impl Config {
                 "mirage_metrics" => {
                     config.mirage_metrics = parse_bool(value).ok_or_else(|| err("0 or 1"))?;
                 }
+                "grow" => config.grow = parse_bool(value).ok_or_else(|| err("0 or 1"))?,
                 "compact" => {
                     config.compaction.enabled = match value {
                         "on" => true,
@@ -347,6 +352,7 @@ impl Default for Config {
             refcount_cache: Config::DEFAULT_REFCOUNT_CACHE,
             mirage_metrics: false,
             debug_fault: DebugFault::None,
+            grow: false,
             compaction: CompactionPolicy::default(),
         }
     }
@@ -492,6 +498,7 @@ mod tests {
         assert_eq!(config.refcount_cache, 256 << 10);
         assert!(!config.mirage_metrics);
         assert_eq!(config.debug_fault, DebugFault::None);
+        assert!(!config.grow);
         assert!(config.compaction.enabled);
         assert_eq!(config.compaction.after_bytes, 16 << 20);
         assert_eq!(config.compaction.rate_bytes_per_sec, 32 << 20);
@@ -504,7 +511,7 @@ mod tests {
         let config = ok("log=trace ip=192.168.7.2/24 gw=192.168.7.1 dns=1.1.1.1 \
              metrics_port=19090 nbd_port=20809 export=vm1 ro=1 format=qcow2 \
              l2_cache=4M refcount_cache=64k mirage_metrics=1 debug_fault=pf \
-             compact=off compact_after=1G compact_rate=8M compact_idle=250ms");
+             compact=off compact_after=1G compact_rate=8M compact_idle=250ms grow=1");
         assert_eq!(
             config,
             Config {
@@ -523,6 +530,7 @@ mod tests {
                 refcount_cache: 64 << 10,
                 mirage_metrics: true,
                 debug_fault: DebugFault::Pf,
+                grow: true,
                 compaction: CompactionPolicy {
                     enabled: false,
                     after_bytes: 1 << 30,
@@ -682,6 +690,7 @@ mod tests {
             "l2_cache=17179869184G",
             "refcount_cache=lots",
             "mirage_metrics=true",
+            "grow=yes",
             "debug_fault=de",
             "compact=1",
             "compact=ON",
