@@ -168,10 +168,12 @@ impl<D: BlockDevice> Qcow2<D> {
         {
             last.1 += n;
             self.pending_count += n;
+            self.stats.reclaim_junk_now = self.pending_count;
             return self.maybe_flush_pending();
         }
         self.pending.push((first, n));
         self.pending_count += n;
+        self.stats.reclaim_junk_now = self.pending_count;
         self.maybe_flush_pending()
     }
 
@@ -182,11 +184,21 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(())
     }
 
+    /// Discards freed clusters `[first, first+n)` on the device (a hint: failures do not
+    /// matter); counts them erased when the device took it.
+    fn erase(&mut self, first: u64, n: u64) {
+        let cs = self.geo.cluster_size();
+        if self.dev.discard(first * cs, n * cs).is_ok() {
+            self.stats.reclaim_erased += n;
+        }
+    }
+
     /// Decrements the refcounts of the deferred frees (their references are on disk now).
     pub(crate) fn apply_frees(&mut self) -> Result<()> {
         let cs = self.geo.cluster_size();
         let pending = core::mem::take(&mut self.pending);
         self.pending_count = 0;
+        self.stats.reclaim_junk_now = 0;
         let mut result = Ok(());
         'outer: for &(first, n) in pending.iter() {
             let mut discard_start = None;
@@ -218,17 +230,18 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 if r == 1 {
                     self.stats.clusters_freed += 1;
+                    self.stats.reclaim_junk += 1;
+                    self.freed_top = self.freed_top.max(c + 1);
                     self.cursor = self.cursor.min(c);
                     self.l2c.forget(c * cs);
                     self.meta_freed(c);
                     discard_start.get_or_insert(c);
                 } else if let Some(d) = discard_start.take() {
-                    let _ = self.dev.discard(d * cs, (c - d) * cs);
+                    self.erase(d, c - d);
                 }
             }
             if let Some(d) = discard_start {
-                // A hint to the device; failures do not matter.
-                let _ = self.dev.discard(d * cs, (first + n - d) * cs);
+                self.erase(d, first + n - d);
             }
         }
         let mut pending = pending;

@@ -186,6 +186,11 @@ pub struct Qcow2<D: BlockDevice> {
     /// refcounts are decremented only after the next metadata write-back.
     pending: Vec<(u64, u64)>,
     pending_count: u64,
+    /// One past the highest cluster the last deferred frees freed (0: none).
+    freed_top: u64,
+    /// `Stats::clusters_freed` when the last compaction step found nothing to move: until
+    /// more is freed, nothing is compactable.
+    compact_done_at: Option<u64>,
     /// One cluster of scratch space (copy-on-write, table copies).
     scratch: Vec<u8>,
     /// Reused list of dirty slots during write-back.

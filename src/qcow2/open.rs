@@ -113,6 +113,8 @@ impl<D: BlockDevice> Qcow2<D> {
             dev_span: cap.div_ceil(cs),
             pending: Vec::new(),
             pending_count: 0,
+            freed_top: 0,
+            compact_done_at: None,
             scratch: vec![0u8; cs as usize],
             dirty_list: Vec::new(),
             header_dirty: false,

@@ -42,7 +42,7 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(Some(e))
     }
 
-    fn set_rt_entry(&mut self, ti: u64, v: u64) -> Result<()> {
+    pub(crate) fn set_rt_entry(&mut self, ti: u64, v: u64) -> Result<()> {
         let (page, i) = self.rt_page(ti);
         let s = self.load(Pool::Rc, page, TableKind::RefTable, true)?;
         set_u64(self.rcc.data_mut_range(s, i * 8, i * 8 + 8), i, v);
@@ -307,6 +307,9 @@ impl<D: BlockDevice> Qcow2<D> {
                 self.set_refcount(c, r - 1)?;
                 if r == 1 {
                     self.stats.clusters_freed += 1;
+                    // Reclaim: junk, and reusable at once (the header no longer points here).
+                    self.stats.reclaim_junk += 1;
+                    self.stats.reclaim_available += 1;
                     self.cursor = self.cursor.min(c);
                 }
             }

@@ -221,6 +221,7 @@ impl<D: BlockDevice> Qcow2<D> {
         self.barrier()?;
         // 5. Only now drop the refcounts of clusters whose references were removed.
         if !self.pending.is_empty() {
+            let freed_before = self.stats.clusters_freed;
             self.in_free_phase = true;
             let r = self.apply_frees();
             self.in_free_phase = false;
@@ -229,6 +230,14 @@ impl<D: BlockDevice> Qcow2<D> {
                 self.write_refcounts()?;
                 self.barrier()?;
             }
+            // Reclaim: the freed clusters' zero refcounts are durable (or covered by the
+            // dirty bit): they are available for reuse.
+            self.stats.reclaim_available += self.stats.clusters_freed - freed_before;
+            // The last cluster in use was freed: the image extent shrinks.
+            if self.freed_top >= self.end && !self.repairing {
+                self.end = self.compute_end_below(self.end)?;
+            }
+            self.freed_top = 0;
         }
         Ok(true)
     }

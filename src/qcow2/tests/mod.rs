@@ -3,6 +3,7 @@
 
 mod basic;
 mod check_vs_qemu;
+mod compact;
 mod device_full;
 mod hostile;
 mod interop;
