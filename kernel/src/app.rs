@@ -209,6 +209,14 @@ impl Disk {
         }
     }
 
+    /// Growth of the host file ahead of need (qcow2 on a device that grows on demand): asks
+    /// for room when the image nears the device's end, and takes a capacity that grew.
+    fn keep_headroom(&mut self) {
+        if let Disk::Qcow2(d) = self {
+            d.inner_mut().keep_headroom();
+        }
+    }
+
     /// Makes everything durable and leaves the image clean (qcow2: metadata and refcounts
     /// written, dirty bit cleared; then the device's cache flushed).
     fn close(self) -> Result<(), String> {
@@ -334,6 +342,10 @@ pub fn run(platform: Platform) -> ! {
                 if pci.and_then(apic::enable_wake).is_some() {
                     // Long waits for the device halt the CPU instead of spinning.
                     blk.set_waiter(apic::idle_until);
+                }
+                if config.grow && !config.read_only {
+                    // The host file grows on demand: ask the runner (`crate::hostfile`).
+                    blk.enable_growth();
                 }
                 Some(Sectored::new(blk))
             }
@@ -519,6 +531,7 @@ impl Guest {
                 if power::power_button_pressed() {
                     self.power_off();
                 }
+                self.disk.keep_headroom();
                 if now_ms >= next_background && !busy {
                     self.disk.background();
                     next_background = now_ms + BACKGROUND_INTERVAL_MS;

@@ -21,6 +21,7 @@ pub mod boot;
 pub mod cpu;
 pub mod gdt;
 pub mod heap;
+pub mod hostfile;
 pub mod interrupts;
 pub mod logger;
 pub mod mem_builtins;

@@ -1,7 +1,8 @@
 //! The console: a 16550 UART at COM1 (I/O port `0x3F8`), polled, 115200 8N1.
 //!
-//! QEMU connects it to the host with `-serial stdio` or `-serial file:PATH`. Output only; the
-//! guest reads nothing from the console. Writes take no lock, so the exception and panic paths
+//! QEMU connects it to the host with `-serial stdio` or `-serial file:PATH`. The guest reads
+//! its input only for the runner's answers to grow requests ([`crate::hostfile`], polled with
+//! [`read_byte`]). Writes take no lock, so the exception and panic paths
 //! can always print (the guest runs on one CPU and prints nothing from interrupt handlers).
 //! `\n` goes out as `\r\n`, as serial terminals expect.
 
@@ -20,6 +21,8 @@ const MODEM_CTRL: u16 = COM1 + 4;
 const LINE_STATUS: u16 = COM1 + 5;
 /// LSR bit 5: the transmit holding register is empty.
 const THR_EMPTY: u8 = 1 << 5;
+/// LSR bit 0: a received byte is waiting.
+const DATA_READY: u8 = 1;
 
 /// Programs COM1: no interrupts, 115200 baud (divisor 1), 8N1, FIFOs on, DTR/RTS set.
 pub fn init() {
@@ -43,6 +46,11 @@ pub fn write_byte(byte: u8) {
         core::hint::spin_loop();
     }
     outb(DATA, byte);
+}
+
+/// The next received byte, if one is waiting (polled, never blocks).
+pub fn read_byte() -> Option<u8> {
+    (inb(LINE_STATUS) & DATA_READY != 0).then(|| inb(DATA))
 }
 
 /// Sends bytes, turning `\n` into `\r\n`.

@@ -21,6 +21,11 @@
 //!   new space, `EIO` otherwise).
 //!
 //! Calls block (by polling the used ring) until every request they submitted has completed.
+//!
+//! The capacity can grow while the guest runs (the runner resizes the host file with QMP
+//! `block_resize` when the guest asks, see [`crate::hostfile`]): QEMU then bumps the
+//! configuration generation and raises the configuration-change interrupt (ISR bit 1);
+//! [`VirtioBlk::refresh_capacity`] re-reads the capacity when either says so.
 
 use alloc::sync::Arc;
 use log::{info, warn};
@@ -28,9 +33,10 @@ use qcow_metal::block::{BlockError, SectorDevice};
 use qcow_metal::metrics::families::{BlockDeviceMetrics, IoOp};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::pci::PciTransport;
-use virtio_drivers::transport::{DeviceStatus, Transport};
+use virtio_drivers::transport::{DeviceStatus, InterruptStatus, Transport};
 
 use super::KernelHal;
+use crate::hostfile::{ANSWER_MS, Answer, Grower};
 
 /// Descriptors in the request queue (QEMU offers 256; 128 leaves room for every chunk).
 pub const QUEUE_SIZE: usize = 128;
@@ -183,6 +189,12 @@ pub struct VirtioBlk {
     clock_ns: fn() -> u64,
     /// Halts the CPU until an interrupt or a deadline, if the device can wake it.
     waiter: Option<fn(u64)>,
+    /// The configuration generation the capacity was read at.
+    config_generation: u32,
+    /// The device raised its configuration-change interrupt since the capacity was read.
+    config_changed: bool,
+    /// Asks the runner to grow the host file (`grow=1`), if enabled.
+    grower: Option<Grower>,
 }
 
 fn read_cfg<T: config::Cfg>(t: &PciTransport, offset: usize) -> Result<T, BlkInitError> {
@@ -239,6 +251,7 @@ impl VirtioBlk {
             return Err(BlkInitError::FeaturesRefused);
         }
 
+        let config_generation = transport.read_config_generation();
         let capacity: u64 = read_cfg(&transport, CFG_CAPACITY)?;
         let mut block_size = 512u32;
         if features & F_BLK_SIZE != 0 {
@@ -307,6 +320,9 @@ impl VirtioBlk {
             stats,
             clock_ns,
             waiter: None,
+            config_generation,
+            config_changed: false,
+            grower: None,
         };
         dev.queue.set_dev_notify(false);
         dev.transport.finish_init();
@@ -463,7 +479,7 @@ impl VirtioBlk {
                 Some(wait) if (self.clock_ns)().saturating_sub(start) > SPIN_NS => {
                     // Deassert the interrupt line, then look again: a completion after this
                     // read raises the line anew and ends the halt at once.
-                    let _ = self.transport.ack_interrupt();
+                    self.ack();
                     if let Some(t) = self.queue.peek_used() {
                         return t;
                     }
@@ -480,6 +496,116 @@ impl VirtioBlk {
     pub fn set_waiter(&mut self, waiter: fn(u64)) {
         self.queue.set_dev_notify(true);
         self.waiter = Some(waiter);
+    }
+
+    /// Reads (and so clears) the interrupt status, keeping a configuration change in mind.
+    fn ack(&mut self) {
+        let isr = self.transport.ack_interrupt();
+        if isr.contains(InterruptStatus::DEVICE_CONFIGURATION_INTERRUPT) {
+            self.config_changed = true;
+        }
+    }
+
+    /// Lets the device ask the runner for a longer host file (the kernel's `grow=1`).
+    pub fn enable_growth(&mut self) {
+        self.grower = Some(Grower::new());
+    }
+
+    /// Re-reads the capacity when the device said its configuration changed (interrupt or
+    /// generation); updates the capacity metric. Returns whether the capacity changed.
+    pub fn refresh_capacity(&mut self) -> bool {
+        if self.waiter.is_some() {
+            // Also lowers a configuration-change interrupt (nothing is in flight here).
+            self.ack();
+        }
+        let generation = self.transport.read_config_generation();
+        if !self.config_changed && generation == self.config_generation {
+            return false;
+        }
+        self.config_changed = false;
+        self.config_generation = generation;
+        match read_cfg::<u64>(&self.transport, CFG_CAPACITY) {
+            Ok(sectors) if sectors != self.capacity => {
+                info!(
+                    "capacity now {} bytes (was {})",
+                    sectors * VIRTIO_SECTOR,
+                    self.capacity * VIRTIO_SECTOR
+                );
+                self.capacity = sectors;
+                self.stats
+                    .set_capacity(sectors.saturating_mul(VIRTIO_SECTOR));
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                warn!("cannot re-read the capacity: {e:?}");
+                false
+            }
+        }
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.capacity.saturating_mul(VIRTIO_SECTOR)
+    }
+
+    /// [`SectorDevice::grow`]: asks the runner (see [`crate::hostfile`]) and, with `wait`,
+    /// polls for the new capacity and the answer for at most [`ANSWER_MS`], halting the CPU
+    /// in between (the configuration-change interrupt ends a halt).
+    fn grow_host_file(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        self.refresh_capacity();
+        let clock = self.clock_ns;
+        let now_ms = move || clock() / 1_000_000;
+        let Some(mut g) = self.grower.take() else {
+            return self.capacity_bytes() >= need;
+        };
+        if g.poll(now_ms()) != Answer::None {
+            // The answer may come before QEMU's configuration-change notice: read anyway.
+            self.config_changed = true;
+            self.refresh_capacity();
+        }
+        let cap = self.capacity_bytes();
+        let ok = if !wait {
+            if want > cap && g.may_ask_ahead(now_ms()) {
+                g.send(need, want, now_ms());
+            }
+            cap >= need
+        } else if cap >= need {
+            true
+        } else if g.silent(now_ms()) {
+            false
+        } else {
+            if !g.pending_covers(need) {
+                g.send(need, want, now_ms());
+            }
+            let deadline = now_ms() + ANSWER_MS + 100;
+            loop {
+                self.refresh_capacity();
+                if self.capacity_bytes() >= need {
+                    break true;
+                }
+                if now_ms() >= deadline {
+                    break false;
+                }
+                match g.poll(now_ms()) {
+                    Answer::Failed => break false,
+                    // An answer that left the device short (to a request ahead of need):
+                    // ask for what this write needs.
+                    Answer::Grown(_) => {
+                        self.config_changed = true;
+                        self.refresh_capacity();
+                        if self.capacity_bytes() < need {
+                            g.send(need, want, now_ms());
+                        }
+                    }
+                    Answer::None => match self.waiter {
+                        Some(wait) => wait(clock() + WAIT_SLICE_NS),
+                        None => core::hint::spin_loop(),
+                    },
+                }
+            }
+        };
+        self.grower = Some(g);
+        ok
     }
 
     /// Takes the next completed request off the used ring; returns its slot and status.
@@ -608,7 +734,7 @@ impl VirtioBlk {
                 if self.waiter.is_some() {
                     // Every completion raised the interrupt line; lower it, or it would end
                     // the main loop's halts at once.
-                    let _ = self.transport.ack_interrupt();
+                    self.ack();
                 }
                 break;
             }
@@ -825,6 +951,10 @@ impl SectorDevice for VirtioBlk {
         let first = self.check_blocks(sector, count)?;
         let n = self.blocks_to_virtio(count);
         self.ranges(IoOp::Discard, first, n, self.max_discard_sectors)
+    }
+
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        self.grow_host_file(need, want, wait)
     }
 
     fn write_zeroes_sectors(&mut self, sector: u64, count: u64) -> Option<Result<(), BlockError>> {
