@@ -99,6 +99,7 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
         "engine: qcow-metal, imago, qcow2-rs, qemu-img bench, raw file",
     );
     let json = out.join("engine.json");
+    let _ = fs::remove_file(&json);
     let mut flags = vec!["--json".to_string(), json.display().to_string()];
     if args.quick {
         flags.push("--quick".into());
@@ -116,6 +117,7 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
 
     step(2, "guest NBD a/b/c: three guests, the same NBD workload");
     let json = out.join("nbd.json");
+    let _ = fs::remove_file(&json);
     let mut flags = vec!["--json".to_string(), json.display().to_string()];
     if args.quick {
         flags.push("--quick".into());
@@ -193,10 +195,7 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
 
     accels.dedup();
     let ctx = Context {
-        command: format!(
-            "cargo run --release -- bench{}",
-            if args.quick { " --quick" } else { "" }
-        ),
+        command: command_of(args),
         machine,
         load_before,
         load_after: load_average(),
@@ -243,6 +242,25 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
         }
     }
     Ok(failed.is_empty())
+}
+
+/// The command line that makes this report (a debug build shows as `cargo run --`).
+fn command_of(args: &BenchArgs) -> String {
+    let mut s = String::from(if cfg!(debug_assertions) {
+        "cargo run -- bench"
+    } else {
+        "cargo run --release -- bench"
+    });
+    if args.quick {
+        s.push_str(" --quick");
+    }
+    if args.accel != Accel::Auto {
+        let _ = write!(s, " --accel {}", args.accel.as_str());
+    }
+    if let Some(out) = &args.out {
+        let _ = write!(s, " --out {}", out.display());
+    }
+    s
 }
 
 /// Prints a progress line for step `i`.
@@ -687,6 +705,26 @@ mod tests {
         };
         assert!(!a.quick && a.out.is_none() && a.accel == Accel::Auto);
         assert!(crate::Cli::try_parse_from(["qcow-metal", "bench", "--accel", "hvf"]).is_err());
+    }
+
+    #[test]
+    fn the_report_names_the_command_that_made_it() {
+        let args = BenchArgs {
+            quick: true,
+            out: Some(PathBuf::from("/tmp/x")),
+            accel: Accel::Tcg,
+        };
+        // Tests are debug builds.
+        assert_eq!(
+            command_of(&args),
+            "cargo run -- bench --quick --accel tcg --out /tmp/x"
+        );
+        let args = BenchArgs {
+            quick: false,
+            out: None,
+            accel: Accel::Auto,
+        };
+        assert_eq!(command_of(&args), "cargo run -- bench");
     }
 
     #[test]
