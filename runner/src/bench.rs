@@ -299,7 +299,9 @@ fn cargo_bench(
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
         return Err(format!(
-            "`cargo bench -p {package} --bench {bench}` exited with {status} (its output is above)"
+            "`cargo bench -p {package} --bench {bench}` exited with {status} (its errors went \
+             to the terminal, its standard output to {})",
+            log.display()
         ));
     }
     eprintln!(
@@ -464,6 +466,14 @@ fn scrape_details(o: &scrape::Outcome, p: scrape::Params) -> String {
         o.loaded.ms.len()
     );
     for (name, l) in [("idle", &o.idle), ("loaded", &o.loaded)] {
+        let slow = l.ms.iter().filter(|&&ms| ms >= 500.0).count();
+        if let Some(max) = l.ms.last() {
+            let _ = write!(
+                s,
+                "; {name}: slowest {max:.0} ms, {slow} of {} took 500 ms or more",
+                l.ms.len()
+            );
+        }
         if l.errors > 0 {
             let _ = write!(
                 s,
@@ -725,6 +735,41 @@ mod tests {
             accel: Accel::Auto,
         };
         assert_eq!(command_of(&args), "cargo run -- bench");
+    }
+
+    #[test]
+    fn scrape_details_name_the_slow_scrapes_and_failures() {
+        let o = scrape::Outcome {
+            accel: "tcg",
+            idle: scrape::Latencies {
+                ms: vec![1.0, 2.0],
+                ..Default::default()
+            },
+            loaded: scrape::Latencies {
+                ms: vec![3.0, 4.0, 600.0, 1044.4],
+                errors: 2,
+                first_error: Some("connection reset".into()),
+            },
+            nbd_iops: 857.0,
+        };
+        let p = scrape::Params {
+            scrapers: 4,
+            phase: Duration::from_secs(3),
+        };
+        let d = scrape_details(&o, p);
+        assert!(d.contains("(857 writes/s meanwhile); 2 + 4 scrapes"), "{d}");
+        assert!(
+            d.contains("idle: slowest 2 ms, 0 of 2 took 500 ms or more"),
+            "{d}"
+        );
+        assert!(
+            d.contains("loaded: slowest 1044 ms, 2 of 4 took 500 ms"),
+            "{d}"
+        );
+        assert!(
+            d.contains("2 failed scrapes loaded (first: connection reset)"),
+            "{d}"
+        );
     }
 
     #[test]
