@@ -39,6 +39,8 @@ pub struct Grower {
     ahead_after_ms: u64,
     /// No answer came to the last request: fail at once until this time.
     silent_until_ms: u64,
+    /// The last answer was a refusal (logged once until a growth succeeds).
+    refused: bool,
 }
 
 /// What became of a request.
@@ -127,8 +129,21 @@ impl Grower {
         let p = self.pending.filter(|p| p.seq == reply.seq())?;
         self.pending = None;
         let (answer, complete) = match reply {
-            GrowReply::Grown { len, .. } => (Answer::Grown(len), len >= p.want),
-            GrowReply::Failed { .. } => (Answer::Failed, false),
+            GrowReply::Grown { len, .. } => {
+                self.refused = false;
+                (Answer::Grown(len), len >= p.want)
+            }
+            GrowReply::Failed { .. } => {
+                if !self.refused {
+                    warn!(
+                        "disk: the host could not grow the disk's file (request {}); writes \
+                         that need new space fail with ENOSPC until it can",
+                        p.seq
+                    );
+                }
+                self.refused = true;
+                (Answer::Failed, false)
+            }
         };
         self.ahead_after_ms = now_ms
             + if complete {

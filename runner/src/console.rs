@@ -168,6 +168,32 @@ impl Console {
         self.lock().closed
     }
 
+    /// Waits up to `timeout` for the complete line number `index` (from 0) and returns it;
+    /// [`Wait::Closed`] when the stream ended before it, [`Wait::TimedOut`] otherwise. Lets a
+    /// reader go through every line once, as they come.
+    pub fn line_at(&self, index: usize, timeout: Duration) -> Wait {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            if let Some((at, line)) = st.lines.get(index) {
+                return Wait::Found(*at, line.clone());
+            }
+            if st.closed {
+                return Wait::Closed;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Wait::TimedOut;
+            }
+            st = self
+                .shared
+                .1
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Waits until a complete line satisfies `matches` (lines already received count), the
     /// stream ends, `timeout` passes or `stop()` returns true (checked every 100 ms).
     pub fn wait_for(

@@ -1,10 +1,11 @@
 //! The guest's disk on the host: creating the default image, checking it can be opened, and
-//! sizing the file so the guest can grow the qcow2 image inside it.
+//! warning when its filesystem cannot hold the image's growth.
 //!
 //! QEMU gives the guest the file's bytes (`-drive format=raw`), so the virtio-blk capacity is
-//! the file's length. The guest allocates clusters past the image's current end as it writes,
-//! so before boot the file is extended (sparsely) to the largest length the image can reach,
-//! with a warning when the filesystem has less free space than that growth may need.
+//! the file's length. The file is not extended before boot: it grows when the guest asks
+//! (see [`crate::hostfile`]) and is cut back to the image's end at a clean shutdown. Before
+//! boot the runner warns when the filesystem has less free space than the image may grow
+//! to.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
@@ -92,7 +93,7 @@ pub struct PreparedDisk {
     pub path: PathBuf,
     /// What it holds.
     pub kind: DiskKind,
-    /// Its length after preparation (the guest's virtio-blk capacity).
+    /// Its length at boot (the guest's first virtio-blk capacity).
     pub file_len: u64,
 }
 
@@ -142,8 +143,9 @@ pub fn probe(file: &mut File) -> std::io::Result<DiskKind> {
     }))
 }
 
-/// Opens `path` as the guest will use it, reads what it holds and, for a writable qcow2
-/// image, extends the file sparsely to [`max_image_len`].
+/// Opens `path` as the guest will use it and reads what it holds; for a writable qcow2
+/// image, warns when the filesystem cannot hold its growth to [`max_image_len`]. The file
+/// is left as it is (it grows on demand).
 pub fn prepare(path: &Path, read_only: bool) -> Result<PreparedDisk> {
     let mut file = OpenOptions::new()
         .read(true)
@@ -153,19 +155,14 @@ pub fn prepare(path: &Path, read_only: bool) -> Result<PreparedDisk> {
     let kind = probe(&mut file)
         .and_then(|kind| file.rewind().map(|()| kind))
         .map_err(|e| Error::disk(path, "read", e))?;
-    let mut file_len = file
+    let file_len = file
         .metadata()
         .map_err(|e| Error::disk(path, "read", e))?
         .len();
     if let (DiskKind::Qcow2(g), false) = (kind, read_only) {
-        let want = max_image_len(g.virtual_size, g.cluster_size, g.refcount_bits);
-        if let Some(warning) = space_warning(path, &file, want) {
+        let reachable = max_image_len(g.virtual_size, g.cluster_size, g.refcount_bits);
+        if let Some(warning) = space_warning(path, &file, reachable) {
             eprintln!("qcow-metal: warning: {warning}");
-        }
-        if file_len < want {
-            file.set_len(want)
-                .map_err(|e| Error::disk(path, "extend", e))?;
-            file_len = want;
         }
     }
     Ok(PreparedDisk {
@@ -199,9 +196,10 @@ impl SpaceCheck {
         }
         Some(format!(
             "{} may grow to {} but the filesystem at {} has {} free ({} more may be needed): \
-             when it fills, the guest's disk writes fail (NBD clients get ENOSPC or EIO, the \
-             guest keeps running and counts them in qcow_metal_blockdev_errors_total); free \
-             space there, put the disk on a bigger filesystem (--disk) or use a smaller --size",
+             the file grows as the guest writes, and once the filesystem is full the guest's \
+             writes that need new space fail (NBD clients get ENOSPC or EIO, the guest keeps \
+             running and counts them); free space there, put the disk on a bigger filesystem \
+             (--disk) or use a smaller --size",
             self.path.display(),
             crate::units::format_size(self.reachable),
             self.filesystem,
@@ -306,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn created_images_are_probed_and_extended_for_the_guest() {
+    fn created_images_are_probed_and_left_small_for_the_guest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("d.qcow2");
         create_qcow2(&path, 8 << 20, 4096, 64).unwrap();
@@ -323,9 +321,11 @@ mod tests {
                 refcount_bits: 64
             }
         );
-        assert_eq!(d.file_len, max_image_len(8 << 20, 4096, 64));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), d.file_len);
-        // QEMU agrees the image (extended file included) is sound.
+        // Not extended: the file ends where the image does, and grows on demand.
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(d.file_len, len);
+        assert!(len < 64 << 10, "a fresh 8 MiB image takes {len} bytes");
+        // QEMU agrees the image is sound.
         let out = std::process::Command::new("qemu-img")
             .args(["check", "-f", "qcow2"])
             .arg(&path)

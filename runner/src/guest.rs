@@ -30,6 +30,7 @@ use crate::disk::{self, GuestFormat, PreparedDisk};
 use crate::error::{Error, Result};
 use crate::exit::GuestOutcome;
 use crate::guard;
+use crate::hostfile::{self, Cut, GrowerConfig};
 use crate::kernel;
 use crate::net::{self, NetMode, Tap, TapPlan};
 use crate::ports;
@@ -301,6 +302,9 @@ impl GuestBuilder {
         }
         if self.read_only {
             parts.push("ro=1".into());
+        } else if self.drive_format == "raw" {
+            // The host file grows when the guest asks (a raw drive the guest writes).
+            parts.push("grow=1".into());
         }
         parts.extend(self.net_args.iter().cloned());
         parts.extend(self.append.iter().cloned());
@@ -545,6 +549,17 @@ impl GuestBuilder {
     ) -> Result<Guest> {
         let qmp_socket = dir.join(format!("qmp-{}.sock", accel.as_str()));
         let _ = std::fs::remove_file(&qmp_socket);
+        // A writable qcow2 image the guest runs: its file grows on demand (crate::hostfile).
+        let grows = match disk.kind {
+            disk::DiskKind::Qcow2(g) if !self.read_only && self.drive_format == "raw" => Some(
+                qcow_metal::qcow2::max_image_len(g.virtual_size, g.cluster_size, g.refcount_bits),
+            ),
+            _ => None,
+        };
+        let grow_qmp_socket = grows.map(|_| dir.join(format!("grow-{}.sock", accel.as_str())));
+        if let Some(s) = &grow_qmp_socket {
+            let _ = std::fs::remove_file(s);
+        }
         if let Some(user) = &self.user_qmp_socket {
             prepare_user_socket(user)?;
         }
@@ -564,6 +579,7 @@ impl GuestBuilder {
             },
             qmp_socket: qmp_socket.clone(),
             user_qmp_socket: self.user_qmp_socket.clone(),
+            grow_qmp_socket: grow_qmp_socket.clone(),
             extra_args: self.extra_qemu_args.clone(),
         };
         let serial_file = match &self.serial_log {
@@ -581,8 +597,13 @@ impl GuestBuilder {
         };
         // Under setpriv: QEMU dies with the runner, even a SIGKILLed one.
         let mut cmd = spawn::dies_with_parent(&spawn::find_setpriv()?, qemu);
+        // The guest's serial input carries the answers to its grow requests.
         cmd.args(config.args())
-            .stdin(Stdio::null())
+            .stdin(if grows.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // Its own process group: Ctrl-C in the terminal goes to the runner, which then
@@ -604,6 +625,19 @@ impl GuestBuilder {
             serial_file,
         );
         let stderr = Console::capture(stderr, if echo { Echo::Stderr } else { Echo::Off }, None);
+        if let (Some(max_len), Some(socket), Some(stdin)) =
+            (grows, grow_qmp_socket, child.stdin.take())
+        {
+            hostfile::spawn_grower(
+                console.clone(),
+                stdin,
+                GrowerConfig {
+                    disk: disk.path.clone(),
+                    qmp_socket: socket,
+                    max_len,
+                },
+            );
+        }
         Ok(Guest {
             child,
             dir: None,
@@ -619,6 +653,9 @@ impl GuestBuilder {
             shutdown_timeout: self.shutdown_timeout,
             tap: None,
             guest_ip: None,
+            cut_at_exit: grows.is_some(),
+            echo,
+            host_file_cut: None,
         })
     }
 }
@@ -643,6 +680,12 @@ pub struct Guest {
     tap: Option<Tap>,
     /// The guest's own address on the tap (static, or learnt from its DHCP lease).
     guest_ip: Option<Ipv4Addr>,
+    /// The disk's file grows on demand: after a clean exit it is cut to the image's end.
+    cut_at_exit: bool,
+    /// The console is echoed (the command line): say what the cut did.
+    echo: bool,
+    /// What the cut after a clean exit did (or why it failed).
+    host_file_cut: Option<std::result::Result<Cut, String>>,
 }
 
 impl Guest {
@@ -889,11 +932,47 @@ impl Guest {
                 .try_wait()
                 .map_err(|e| Error::io("waiting for QEMU", e))?
         {
-            self.outcome = Some(GuestOutcome::from_status(status));
+            let outcome = GuestOutcome::from_status(status);
+            self.outcome = Some(outcome);
+            if outcome == GuestOutcome::Clean && self.cut_at_exit {
+                self.cut_host_file();
+            }
             self.disk_lock = None;
             self.drain_output();
         }
         Ok(self.outcome)
+    }
+
+    /// After a clean exit, with the disk still locked: cuts its file to the image's end
+    /// ([`hostfile::cut_to_extent`]).
+    fn cut_host_file(&mut self) {
+        let path = &self.disk.path;
+        let result = hostfile::cut_to_extent(path).map_err(|e| e.to_string());
+        match &result {
+            Ok(Cut::Cut { from, to }) if self.echo => eprintln!(
+                "qcow-metal: {} cut to the image's end: {} (was {})",
+                path.display(),
+                crate::units::format_size(*to),
+                crate::units::format_size(*from)
+            ),
+            Ok(Cut::Kept(why)) => eprintln!(
+                "qcow-metal: warning: {} not cut to the image's end: {why}",
+                path.display()
+            ),
+            Err(e) => eprintln!(
+                "qcow-metal: warning: cannot cut {} to the image's end: {e}",
+                path.display()
+            ),
+            _ => {}
+        }
+        self.host_file_cut = Some(result);
+    }
+
+    /// What cutting the disk's file to the image's end after a clean exit did: `None`
+    /// before that (or when the file does not grow on demand: read-only, raw, or QEMU's
+    /// own qcow2 driver).
+    pub fn host_file_cut(&self) -> Option<&std::result::Result<Cut, String>> {
+        self.host_file_cut.as_ref()
     }
 
     /// Waits up to `timeout` for QEMU to exit on its own and says how it ended.
@@ -1150,12 +1229,18 @@ mod tests {
             .append("log=debug");
         b.net_args = vec!["ip=10.0.0.2/24".into(), "gw=10.0.0.1".into()];
         assert_eq!(b.net, NetMode::Tap);
-        assert_eq!(b.kernel_cmdline(), "ip=10.0.0.2/24 gw=10.0.0.1 log=debug");
+        assert_eq!(
+            b.kernel_cmdline(),
+            "grow=1 ip=10.0.0.2/24 gw=10.0.0.1 log=debug"
+        );
     }
 
     #[test]
     fn kernel_cmdline_carries_format_read_only_and_extras() {
+        // A writable disk the guest does qcow2 on grows on demand.
         let b = Guest::builder();
+        assert_eq!(b.kernel_cmdline(), "grow=1");
+        let b = Guest::builder().qemu_drive_format("qcow2");
         assert_eq!(b.kernel_cmdline(), "");
         let b = Guest::builder()
             .format(GuestFormat::Raw)

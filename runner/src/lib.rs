@@ -17,6 +17,7 @@
 //! - [`scrape`]: `qcow-metal scrape`, a summary of a guest's metrics.
 //! - [`console`]: capture and tee of the serial console.
 //! - [`exit`]: the guest's exit statuses in words.
+//! - [`hostfile`]: the disk's file grows when the guest asks and is cut to the image's end.
 //! - [`image`]: `image create|info|check|map`.
 //! - [`ports`], [`units`]: host ports and byte sizes.
 
@@ -26,6 +27,7 @@ pub mod error;
 pub mod exit;
 pub mod guard;
 pub mod guest;
+pub mod hostfile;
 pub mod image;
 pub mod kernel;
 pub mod net;

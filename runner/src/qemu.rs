@@ -147,6 +147,8 @@ pub struct QemuConfig {
     pub qmp_socket: PathBuf,
     /// A second QMP socket for the user's own tools (the runner holds the first).
     pub user_qmp_socket: Option<PathBuf>,
+    /// A QMP socket for the runner's host-file grower ([`crate::hostfile`]), if any.
+    pub grow_qmp_socket: Option<PathBuf>,
     /// More arguments, appended as they are.
     pub extra_args: Vec<OsString>,
 }
@@ -212,6 +214,13 @@ impl QemuConfig {
             "unix:{},server=on,wait=off",
             escape_option(&self.qmp_socket.to_string_lossy())
         ));
+        if let Some(grow) = &self.grow_qmp_socket {
+            push("-qmp");
+            push(&format!(
+                "unix:{},server=on,wait=off",
+                escape_option(&grow.to_string_lossy())
+            ));
+        }
         if let Some(user) = &self.user_qmp_socket {
             push("-qmp");
             push(&format!(
@@ -253,6 +262,7 @@ mod tests {
             tap: None,
             qmp_socket: "/s/qmp.sock".into(),
             user_qmp_socket: None,
+            grow_qmp_socket: None,
             extra_args: vec![],
         }
     }

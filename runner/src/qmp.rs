@@ -230,6 +230,13 @@ impl Qmp {
         self.execute_as("query-blockstats", Value::Null)
     }
 
+    /// `block_resize`: makes the drive `device` (the `-drive` id) `size` bytes long (QEMU
+    /// truncates or extends its file; the guest's virtio-blk sees a new capacity).
+    pub fn block_resize(&mut self, device: &str, size: u64) -> Result<()> {
+        self.execute("block_resize", json!({ "device": device, "size": size }))
+            .map(drop)
+    }
+
     /// `system_powerdown`: presses the ACPI power button (the guest flushes and exits).
     pub fn system_powerdown(&mut self) -> Result<()> {
         self.execute("system_powerdown", Value::Null).map(drop)
