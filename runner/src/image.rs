@@ -211,6 +211,101 @@ pub fn check_exit_code(report: &CheckReport) -> u8 {
     }
 }
 
+/// What [`compact`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactSummary {
+    /// Clusters moved (data, L2 tables, refcount blocks).
+    pub moved_clusters: u64,
+    /// Bytes moved.
+    pub moved_bytes: u64,
+    /// Compaction steps run.
+    pub steps: u64,
+    /// Image extent before and after, in bytes.
+    pub extent_before: u64,
+    /// Image extent after.
+    pub extent_after: u64,
+    /// File length before and after (cut to the extent).
+    pub old_file_len: u64,
+    /// File length after.
+    pub new_file_len: u64,
+}
+
+/// Clusters one compaction step of `image compact` moves at most (bounds the memory of a
+/// step: its list of tail clusters).
+const OFFLINE_STEP_CLUSTERS: u64 = 4096;
+
+/// `image compact`: moves clusters from the end of the image into free space nearer the
+/// start (the engine's [`Qcow2::compact_step`], as the guest does online), then cuts the
+/// file to the new image extent. `progress(done, total)` is called after every step with
+/// the bytes given back so far and the estimate of all that can be. The image must not be
+/// in use (the disk lock is taken).
+pub fn compact(path: &Path, mut progress: impl FnMut(u64, u64)) -> Result<CompactSummary> {
+    let _lock = crate::guard::lock_disk(path, false)?;
+    let old_file_len = file_len(path)?;
+    let mut image = open(path, true)?;
+    let cs = image.cluster_size();
+    let total = image
+        .compactable_bytes()
+        .map_err(engine_err(path, "read"))?;
+    let mut summary = CompactSummary {
+        moved_clusters: 0,
+        moved_bytes: 0,
+        steps: 0,
+        extent_before: 0,
+        extent_after: 0,
+        old_file_len,
+        new_file_len: old_file_len,
+    };
+    let mut first = true;
+    loop {
+        let p = image
+            .compact_step(OFFLINE_STEP_CLUSTERS)
+            .map_err(engine_err(path, "compact"))?;
+        if first {
+            summary.extent_before = p.extent_before;
+            first = false;
+        }
+        summary.steps += 1;
+        summary.moved_clusters += p.moved_clusters;
+        summary.extent_after = p.extent_after;
+        progress(
+            summary
+                .extent_before
+                .saturating_sub(p.extent_after)
+                .min(total),
+            total,
+        );
+        if p.done {
+            break;
+        }
+    }
+    summary.moved_bytes = summary.moved_clusters * cs;
+    let extent = image.image_extent();
+    let dev = image.close().map_err(engine_err(path, "write"))?;
+    // Nothing the closed image references lies at or past its extent: cut the file there.
+    if extent < old_file_len {
+        let cut = |e: std::io::Error| Error::Disk {
+            path: path.to_path_buf(),
+            action: "truncate",
+            reason: e.to_string(),
+        };
+        dev.set_len(extent).map_err(cut)?;
+        dev.file().sync_all().map_err(cut)?;
+    }
+    summary.new_file_len = file_len(path)?;
+    Ok(summary)
+}
+
+fn file_len(path: &Path) -> Result<u64> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|e| Error::Disk {
+            path: path.to_path_buf(),
+            action: "open",
+            reason: e.to_string(),
+        })
+}
+
 /// `image map`: the guest disk as runs of data, zeros, unallocated and compressed clusters,
 /// with the host offset of each data run.
 pub fn map(path: &Path) -> Result<String> {

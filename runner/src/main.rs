@@ -148,6 +148,12 @@ enum ImageCommand {
         /// The image file
         path: PathBuf,
     },
+    /// Move clusters from the end of the image into free space nearer the start and cut
+    /// the file to the new image end (the image must not be in use)
+    Compact {
+        /// The image file
+        path: PathBuf,
+    },
 }
 
 fn parse_memory_mib(text: &str) -> Result<u32, String> {
@@ -218,6 +224,33 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
             })
         }
         ImageCommand::Map { path } => out(&image::map(&path)?),
+        ImageCommand::Compact { path } => {
+            // A bar on stderr when it is a terminal (hidden otherwise): bytes given back.
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "compacting {bar:40} {bytes}/{total_bytes} given back ({elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let r = image::compact(&path, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let s = r?;
+            out(&format!(
+                "compacted {}: moved {} ({} clusters) in {} step{}; image end {} -> {}; file {} -> {}\n",
+                path.display(),
+                format_size(s.moved_bytes),
+                s.moved_clusters,
+                s.steps,
+                if s.steps == 1 { "" } else { "s" },
+                format_size(s.extent_before),
+                format_size(s.extent_after),
+                format_size(s.old_file_len),
+                format_size(s.new_file_len),
+            ))
+        }
     }
 }
 

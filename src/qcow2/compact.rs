@@ -154,6 +154,14 @@ impl<D: BlockDevice> Qcow2<D> {
             lo = f + 1;
             moves.push((t, f, holds[i]));
         }
+        // Sources were taken top down and targets bottom up: pair them in the same order
+        // so that clusters keep their order on the host (sequential guest data stays
+        // sequential). Every target is below every source.
+        let n = moves.len();
+        let targets: Vec<u64> = moves.iter().map(|m| m.1).collect();
+        for (i, m) in moves.iter_mut().enumerate() {
+            m.1 = targets[n - 1 - i];
+        }
         let cs = self.geo.cluster_size();
         // Data first: copies, then a barrier so they are durable before any reference.
         let mut scratch = core::mem::take(&mut self.scratch);
