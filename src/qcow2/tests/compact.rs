@@ -155,3 +155,93 @@ fn compaction_on_read_only_or_packed_images() {
     let mut q = Qcow2::open(dev, read_only()).unwrap();
     assert!(q.compact_step(8).is_err());
 }
+
+/// Runs qemu-io commands on a qcow2 file.
+fn qemu_io(img: &std::path::Path, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(img.to_str().unwrap());
+    qemu_ok("qemu-io", &args);
+}
+
+/// Compacts a file image until done and cuts the file to the extent; returns the extent
+/// before and after.
+fn compact_file(img: &std::path::Path) -> (u64, u64) {
+    let mut q = open_file(img, OpenOptions::default());
+    let before = q.image_extent();
+    let mut n = 0;
+    while !q.compact_step(100).unwrap().done {
+        n += 1;
+        assert!(n < 1000);
+    }
+    let after = q.image_extent();
+    let dev = q.close().unwrap();
+    dev.set_len(after).unwrap();
+    (before, after)
+}
+
+/// Clusters an internal snapshot shares (refcount 2) are not moved: compaction stops above
+/// them; what lies above moves. Check is clean, the guest disk unchanged, and the snapshot
+/// still reverts to its own data.
+#[test]
+fn compaction_leaves_snapshot_shared_clusters_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("s.qcow2");
+    qemu_create(&img, "cluster_size=65536", 64 << 20);
+    qemu_io(&img, &["write -P 0x11 0 4M"]);
+    qemu_ok("qemu-img", &["snapshot", "-c", "s1", img.to_str().unwrap()]);
+    qemu_io(&img, &["write -P 0x22 8M 8M", "write -P 0x33 20M 2M"]);
+    qemu_io(&img, &["discard 8M 8M", "discard 0 2M"]);
+    let model = qemu_raw(dir.path(), &img);
+    let (before, after) = compact_file(&img);
+    assert!(after < before, "nothing moved: {before} -> {after}");
+    assert_qemu_clean(&img);
+    assert_qemu_compare(dir.path(), &img, &model, "after compaction with a snapshot");
+    // The snapshot's data is where it was.
+    qemu_ok("qemu-img", &["snapshot", "-a", "s1", img.to_str().unwrap()]);
+    let mut snap = vec![0u8; 64 << 20];
+    snap[..4 << 20].fill(0x11);
+    assert_qemu_compare(dir.path(), &img, &snap, "the snapshot after compaction");
+    assert_qemu_clean(&img);
+}
+
+/// Compressed clusters are not moved (compaction stops above them); data written after
+/// them moves below when room is freed. Check clean, guest disk unchanged.
+#[test]
+fn compaction_leaves_compressed_clusters_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    let img = dir.path().join("c.qcow2");
+    qemu_create(&src, "cluster_size=65536", 32 << 20);
+    qemu_io(&src, &["write -P 0x44 0 2M", "write -P 0x55 4M 1M"]);
+    qemu_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    // Uncompressed data after the compressed clusters, then part of it trimmed.
+    qemu_io(&img, &["write -P 0x66 8M 4M", "discard 8M 3M"]);
+    let model = qemu_raw(dir.path(), &img);
+    let (before, after) = compact_file(&img);
+    assert!(after < before, "nothing moved: {before} -> {after}");
+    assert_qemu_clean(&img);
+    assert_qemu_compare(
+        dir.path(),
+        &img,
+        &model,
+        "after compaction with compressed clusters",
+    );
+    let mut q = open_file(&img, read_only());
+    let mut buf = vec![0u8; 1 << 20];
+    q.read(4 << 20, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x55));
+}
