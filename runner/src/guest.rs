@@ -302,8 +302,8 @@ impl GuestBuilder {
         }
         if self.read_only {
             parts.push("ro=1".into());
-        } else if self.drive_format == "raw" {
-            // The host file grows when the guest asks (a raw drive the guest writes).
+        } else if self.drive_format == "raw" && self.format != GuestFormat::Raw {
+            // The host file grows when the guest asks (a raw drive the guest's engine writes).
             parts.push("grow=1".into());
         }
         parts.extend(self.net_args.iter().cloned());
@@ -536,6 +536,29 @@ impl GuestBuilder {
         }
     }
 
+    /// The most the image can need, when its file is to grow on demand and be cut at a clean
+    /// exit ([`crate::hostfile`]): a writable qcow2 image the guest runs its engine on. Never
+    /// for a guest that serves the file's bytes raw (a cut to the image's end would drop what
+    /// clients wrote past it), nor with the user's `grow=0`.
+    fn host_file_grows(&self, kind: disk::DiskKind) -> Option<u64> {
+        let config = qcow_metal::config::Config::parse(&self.kernel_cmdline())
+            .map(|(c, _)| c)
+            .unwrap_or_default();
+        let engine_writes = config.grow
+            && !config.read_only
+            && config.format != qcow_metal::config::DiskFormat::Raw
+            && !self.read_only
+            && self.drive_format == "raw";
+        match kind {
+            disk::DiskKind::Qcow2(g) if engine_writes => Some(qcow_metal::qcow2::max_image_len(
+                g.virtual_size,
+                g.cluster_size,
+                g.refcount_bits,
+            )),
+            _ => None,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn spawn(
         &self,
@@ -549,13 +572,7 @@ impl GuestBuilder {
     ) -> Result<Guest> {
         let qmp_socket = dir.join(format!("qmp-{}.sock", accel.as_str()));
         let _ = std::fs::remove_file(&qmp_socket);
-        // A writable qcow2 image the guest runs: its file grows on demand (crate::hostfile).
-        let grows = match disk.kind {
-            disk::DiskKind::Qcow2(g) if !self.read_only && self.drive_format == "raw" => Some(
-                qcow_metal::qcow2::max_image_len(g.virtual_size, g.cluster_size, g.refcount_bits),
-            ),
-            _ => None,
-        };
+        let grows = self.host_file_grows(disk.kind);
         let grow_qmp_socket = grows.map(|_| dir.join(format!("grow-{}.sock", accel.as_str())));
         if let Some(s) = &grow_qmp_socket {
             let _ = std::fs::remove_file(s);
@@ -1242,6 +1259,27 @@ mod tests {
         assert_eq!(b.kernel_cmdline(), "grow=1");
         let b = Guest::builder().qemu_drive_format("qcow2");
         assert_eq!(b.kernel_cmdline(), "");
+        // Only a qcow2 image the guest's engine writes grows (and is cut at exit): never
+        // one served raw, read-only, on QEMU's driver or with the user's grow=0.
+        let qcow2 = disk::DiskKind::Qcow2(disk::Qcow2Geometry {
+            version: 3,
+            virtual_size: 1 << 30,
+            cluster_size: 65536,
+            refcount_bits: 16,
+        });
+        let max = qcow_metal::qcow2::max_image_len(1 << 30, 65536, 16);
+        assert_eq!(Guest::builder().host_file_grows(qcow2), Some(max));
+        assert_eq!(Guest::builder().host_file_grows(disk::DiskKind::Raw), None);
+        for b in [
+            Guest::builder().format(GuestFormat::Raw),
+            Guest::builder().append("format=raw"),
+            Guest::builder().append("grow=0"),
+            Guest::builder().append("ro=1"),
+            Guest::builder().read_only(true),
+            Guest::builder().qemu_drive_format("qcow2"),
+        ] {
+            assert_eq!(b.host_file_grows(qcow2), None, "{}", b.kernel_cmdline());
+        }
         let b = Guest::builder()
             .format(GuestFormat::Raw)
             .read_only(true)
