@@ -1,10 +1,11 @@
 //! Space comes back, end to end under TCG: the guest's online compaction after a large trim.
 //!
 //! - [`an_idle_guest_compacts_after_a_large_trim`]: 256 MiB written over NBD to a 512 MiB
-//!   disk, flushed, the first 192 MiB trimmed and flushed; then the client goes quiet.
-//!   Within 60 s the image extent (`qcow_metal_disk_image_extent_bytes`) is under 80 MiB and
+//!   disk, flushed, the first 192 MiB trimmed and flushed; NBD reads every 300 ms for 5 s
+//!   keep the pass waiting (nothing copied); then the client goes quiet. Within 60 s the image extent (`qcow_metal_disk_image_extent_bytes`) is under 80 MiB and
 //!   all six reclaim stages have moved; the live 64 MiB read back over NBD, the trimmed part
-//!   reads as zeros. After a clean shutdown `qemu-img check` is clean, the host file is cut
+//!   reads as zeros; the pass ends (state `idle`, a pass counted, the `Mirage_qcow_*`
+//!   families agree). After a clean shutdown `qemu-img check` is clean, the host file is cut
 //!   to the image end offset it reports, and `qemu-img compare` finds the image equal to a
 //!   model raw file.
 //! - [`sigkill_during_compaction_loses_nothing_flushed`]: the same workload with a slow
@@ -162,14 +163,10 @@ fn wait_for_compaction(guest: &mut Guest, all_stages: bool) -> Exposition {
             return exp;
         }
         if started.elapsed() > COMPACT_WITHIN {
-            let states: Vec<_> = exp
-                .find("qcow_metal_disk_compaction_state", &[])
-                .filter(|s| s.value == 1.0)
-                .map(|s| s.label("state").unwrap_or("?").to_string())
-                .collect();
             panic!(
                 "after {COMPACT_WITHIN:?} of idle the image extent is {extent} bytes (goal: under \
-                 {EXTENT_GOAL}); stages {st:?}; compaction state {states:?}\n{}",
+                 {EXTENT_GOAL}); stages {st:?}; compaction state {}\n{}",
+                compaction_state(&exp),
                 guest.tail()
             );
         }
@@ -247,12 +244,47 @@ fn assert_clean_and_cut(image: &Path, allow_leaks: bool) {
     );
 }
 
+/// The state `qcow_metal_disk_compaction_state` says compaction is in.
+fn compaction_state(exp: &Exposition) -> String {
+    let on: Vec<_> = exp
+        .find("qcow_metal_disk_compaction_state", &[])
+        .filter(|s| s.value == 1.0)
+        .map(|s| s.label("state").unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(on.len(), 1, "exactly one compaction state is 1: {on:?}");
+    on.into_iter().next().unwrap()
+}
+
+/// NBD reads every 300 ms for 5 s keep a pass waiting: nothing is copied meanwhile.
+fn requests_hold_compaction_back(guest: &Guest) {
+    let mut nbd = nbd_client(guest.nbd_port());
+    let mut buf = vec![0u8; 4096];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        assert_eq!(nbd.read(TRIMMED, &mut buf).expect("NBD read"), 0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let exp = metrics(guest);
+    assert_eq!(
+        value(
+            &exp,
+            "qcow_metal_disk_reclaim_bytes_total",
+            &[("stage", "copied")]
+        ),
+        0,
+        "compaction moved clusters while NBD requests kept coming"
+    );
+    assert_eq!(compaction_state(&exp), "waiting");
+    nbd.disconnect().expect("NBD disconnect");
+}
+
 #[test]
 fn an_idle_guest_compacts_after_a_large_trim() {
     let dir = ScratchDir::new("reclaim");
     let image = dir.path().join("disk.qcow2");
-    let (mut g, _) = boot(guest().size(SIZE).disk(&image));
+    let (mut g, _) = boot(guest().size(SIZE).disk(&image).append("mirage_metrics=1"));
     fill_and_trim(&g);
+    requests_hold_compaction_back(&g);
     let exp = wait_for_compaction(&mut g, true);
     let available = value(&exp, "qcow_metal_disk_reclaim_available_bytes", &[]);
     let extent = value(&exp, "qcow_metal_disk_image_extent_bytes", &[]);
@@ -260,6 +292,34 @@ fn an_idle_guest_compacts_after_a_large_trim() {
         available < extent,
         "available {available} >= extent {extent}"
     );
+    // The pass ends (nothing left to move): the state goes back to idle, a pass is counted,
+    // and ocaml-qcow's families say the same as ours.
+    let started = Instant::now();
+    let exp = loop {
+        let exp = metrics(&g);
+        if compaction_state(&exp) == "idle" {
+            break exp;
+        }
+        assert!(
+            started.elapsed() < COMPACT_WITHIN,
+            "the compaction pass did not end: {}",
+            compaction_state(&exp)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(value(&exp, "qcow_metal_disk_compaction_passes_total", &[]) >= 1);
+    assert_eq!(value(&exp, "Mirage_qcow_compacting", &[]), 0);
+    for stage in ["junk", "copied", "referenced"] {
+        assert_eq!(
+            value(&exp, &format!("Mirage_qcow_{stage}"), &[]),
+            value(
+                &exp,
+                "qcow_metal_disk_reclaim_bytes_total",
+                &[("stage", stage)]
+            ),
+            "{stage}"
+        );
+    }
     read_back(&g);
     shut_down_cleanly(&mut g);
     drop(g);
