@@ -122,8 +122,12 @@ pub fn write_png(rows: &[Row], title: &str, path: &Path) -> Result<(), String> {
             )])
             .map_err(|e| err(&e))?;
         let (px, py) = chart.backend_coord(&(t, 0.0));
-        root.draw(&Text::new(format!("{t}"), (px, py + 6), tick_style.clone()))
-            .map_err(|e| err(&e))?;
+        root.draw(&Text::new(
+            format!("{t}"),
+            (px, py + 10),
+            tick_style.clone(),
+        ))
+        .map_err(|e| err(&e))?;
     }
 
     for (i, row) in rows.iter().enumerate() {
