@@ -383,6 +383,78 @@ mod tests {
         assert_eq!(s.next_deadline_ms(1000, CLUSTER), Some(2000));
     }
 
+    /// The scheduler driving the engine as the guest's loop does, on simulated time: 64
+    /// clusters written, the first 48 trimmed (3 MiB freed, `compact_after=1M`), NBD
+    /// requests until 2 s, 512 KiB/s: the pass waits for the silence, then moves the 16 live
+    /// clusters no faster than the rate, ends, and the extent falls by the trimmed part.
+    #[test]
+    fn the_scheduler_drives_the_engine_within_its_policy() {
+        use crate::block::MemDisk;
+        use crate::disk::VirtualDisk;
+        use crate::qcow2::{CreateOptions, Qcow2};
+        let mut q = Qcow2::create(
+            MemDisk::growable(),
+            &CreateOptions {
+                virtual_size: 8 * MIB,
+                cluster_size: CLUSTER,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        let data: Vec<u8> = (0..64 * CLUSTER).map(|i| (i % 251) as u8 | 1).collect();
+        q.write(0, &data).unwrap();
+        q.flush().unwrap();
+        let full = q.image_extent();
+        let rate = 512 << 10;
+        let policy = CompactionPolicy {
+            after_bytes: MIB,
+            rate_bytes_per_sec: rate,
+            idle_ms: 1000,
+            ..policy()
+        };
+        let freed = |q: &Qcow2<MemDisk>| q.stats().clusters_freed * CLUSTER;
+        let mut s = Scheduler::new(policy, 0, freed(&q), 0);
+        q.discard(0, 48 * CLUSTER).unwrap();
+        q.flush().unwrap();
+        let mut requests = 0;
+        let mut first_move = None;
+        let mut moved = 0;
+        for now in 0..20_000u64 {
+            if now < 2000 && now % 100 == 0 {
+                requests += 1;
+            }
+            s.observe(now, freed(&q), requests);
+            let Some(budget) = s.next_step(now, CLUSTER) else {
+                continue;
+            };
+            let p = q.compact_step(budget / CLUSTER).unwrap();
+            if p.moved_clusters > 0 {
+                first_move.get_or_insert(now);
+                moved += p.moved_clusters * CLUSTER;
+                let allowed = rate * (now - first_move.unwrap()) / 1000 + Scheduler::MAX_STEP_BYTES;
+                assert!(moved <= allowed, "{moved} bytes moved by {now} ms");
+            }
+            s.step_done(p.moved_clusters * CLUSTER, CLUSTER, p.done, freed(&q));
+            if p.done {
+                break;
+            }
+        }
+        let first = first_move.expect("the pass moved clusters");
+        assert!(first >= 2900, "moved at {first} ms, before 1 s of silence");
+        assert_eq!(s.state(), CompactionState::Idle);
+        assert_eq!(s.passes(), 1);
+        assert_eq!(moved, 16 * CLUSTER);
+        assert_eq!(s.moved_bytes(), moved);
+        assert_eq!(q.image_extent(), full - 48 * CLUSTER);
+        let mut back = vec![0u8; (64 * CLUSTER) as usize];
+        q.read(0, &mut back).unwrap();
+        assert!(back[..(48 * CLUSTER) as usize].iter().all(|&b| b == 0));
+        assert!(back[(48 * CLUSTER) as usize..] == data[(48 * CLUSTER) as usize..]);
+        // The pass's own frees (the old copies) do not start another pass.
+        s.observe(30_000, freed(&q), requests);
+        assert_eq!(s.state(), CompactionState::Idle);
+    }
+
     #[test]
     fn state_names_are_distinct() {
         for (i, st) in CompactionState::ALL.iter().enumerate() {
