@@ -109,8 +109,9 @@ pub trait BlockDevice {
     /// [`crate::hostfile`]): at least `need` bytes, `want` if it can. With `wait`, returns
     /// once the capacity reaches `need`, the host refused, or a bounded time passed;
     /// without, only sends the request (or looks for the answer to an earlier one) and
-    /// returns at once. Either way new bytes read as zeros. Returns whether the capacity is
-    /// now at least `need`. The default (a device of fixed size) asks nothing.
+    /// returns at once (`grow(0, 0, false)` only takes a capacity that changed). Either way
+    /// new bytes read as zeros. Returns whether the capacity is now at least `need`. The
+    /// default (a device of fixed size) asks nothing.
     fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
         let _ = (want, wait);
         self.capacity() >= need

@@ -48,23 +48,22 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Growth ahead of need, for idle time: once this session has allocated clusters (an
     /// image that is not written to keeps its file as it is) and less than half a growth
     /// step is left past the image's end, asks the device for a step more without waiting;
-    /// takes a capacity that grew meanwhile. Cheap: nothing is read.
+    /// either way takes a capacity that changed (`grow(0, 0, false)`). Cheap: nothing is read.
     pub fn keep_headroom(&mut self) {
-        self.refresh_capacity();
-        if self.read_only || self.corrupt || self.stats.clusters_allocated == 0 {
-            return;
-        }
         let cs = self.geo.cluster_size();
-        let capacity = self.dev.capacity();
-        if let Some((need, want)) = headroom_request(
-            self.image_extent(),
-            capacity,
-            growth_step(self.hdr.size, cs),
-            self.max_len(),
-        ) {
-            self.dev.grow(need, want, false);
-            self.refresh_capacity();
-        }
+        let ask = if self.read_only || self.corrupt || self.stats.clusters_allocated == 0 {
+            None
+        } else {
+            headroom_request(
+                self.image_extent(),
+                self.dev.capacity(),
+                growth_step(self.hdr.size, cs),
+                self.max_len(),
+            )
+        };
+        let (need, want) = ask.unwrap_or((0, 0));
+        self.dev.grow(need, want, false);
+        self.refresh_capacity();
     }
 }
 
@@ -84,6 +83,8 @@ mod tests {
         cap: u64,
         limit: Rc<Cell<u64>>,
         asked: Vec<(u64, u64, bool)>,
+        /// `grow(0, 0, false)` calls: looks at the capacity.
+        looks: usize,
     }
 
     impl BlockDevice for Growing {
@@ -102,6 +103,10 @@ mod tests {
             Ok(())
         }
         fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+            if (need, want, wait) == (0, 0, false) {
+                self.looks += 1;
+                return true;
+            }
             self.asked.push((need, want, wait));
             let room = self.limit.get().min(want);
             if room >= need.max(self.cap) {
@@ -129,6 +134,7 @@ mod tests {
             cap: len,
             limit,
             asked: Vec::new(),
+            looks: 0,
         };
         Qcow2::open(dev, OpenOptions::default()).unwrap()
     }
@@ -138,9 +144,10 @@ mod tests {
         let mut q = image(Rc::new(Cell::new(u64::MAX)));
         let start = q.device().capacity();
         assert!(start < MIB, "a fresh image is small: {start}");
-        // Idle and unwritten: no growth asked for.
+        // Idle and unwritten: no growth asked for, only a look at the capacity.
         q.keep_headroom();
         assert!(q.device().asked.is_empty());
+        assert_eq!(q.device().looks, 1);
         let data = vec![0x5au8; 4 * MIB as usize];
         q.write(0, &data).unwrap();
         let asked = q.device().asked.clone();
