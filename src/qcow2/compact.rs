@@ -11,9 +11,10 @@
 //!
 //! What blocks (compaction stops below it, documented in doc/status.md): the header, the
 //! L1 table and the refcount table (their offsets live in the header), clusters shared
-//! with internal snapshots (refcount above 1), snapshot tables, compressed clusters,
-//! bitmap tables, and clusters in use that nothing active references (leaks: `image check
-//! --repair` frees them).
+//! with internal snapshots (refcount above 1), snapshot tables, compressed clusters and
+//! bitmap tables. Clusters in use that nothing references (leaks, such as the old copy of
+//! a move a crash cut short) are freed instead, when the image has no snapshots and no
+//! bitmaps (whose tables this engine does not follow); otherwise they block too.
 //!
 //! Crash safety, per move: the new cluster gets refcount 1 and the copy; a barrier makes
 //! the copies durable (copied → flushed); then the references are rewritten in the cache
@@ -28,6 +29,7 @@
 use super::cache::{TableKind, get_u64, set_u64};
 use super::entry::{COMPRESSED, COPIED, Mapping, OFFSET_MASK, decode_l1};
 use super::error::{Qcow2Error, Result};
+use super::header::EXT_BITMAPS;
 use super::overlap::kind;
 use super::{Pool, Qcow2};
 use crate::block::BlockDevice;
@@ -93,6 +95,9 @@ enum Holds {
     L2 { l1i: u64 },
     /// The refcount block of refcount-table index `ti`.
     RefBlock { ti: u64 },
+    /// In use by nothing (a leak, e.g. the old copy of a move a crash cut short): freed,
+    /// not moved.
+    Leak,
     /// Cannot move.
     Blocked,
 }
@@ -147,6 +152,10 @@ impl<D: BlockDevice> Qcow2<D> {
                 done = true;
                 break;
             }
+            if holds[i] == Holds::Leak {
+                moves.push((t, 0, Holds::Leak));
+                continue;
+            }
             let Some(f) = self.alloc_below(lo, t)? else {
                 done = true;
                 break;
@@ -154,6 +163,13 @@ impl<D: BlockDevice> Qcow2<D> {
             lo = f + 1;
             moves.push((t, f, holds[i]));
         }
+        // Leaks go without a copy; the others move.
+        let leaks: Vec<u64> = moves
+            .iter()
+            .filter(|m| m.2 == Holds::Leak)
+            .map(|m| m.0)
+            .collect();
+        moves.retain(|m| m.2 != Holds::Leak);
         // Sources were taken top down and targets bottom up: pair them in the same order
         // so that clusters keep their order on the host (sequential guest data stays
         // sequential). Every target is below every source.
@@ -204,6 +220,9 @@ impl<D: BlockDevice> Qcow2<D> {
         for &(t, _, _) in &moves {
             self.queue_free(t, 1)?;
         }
+        for &t in &leaks {
+            self.queue_free(t, 1)?;
+        }
         self.flush_metadata()?;
         if self.lazy && moves.iter().any(|m| matches!(m.2, Holds::RefBlock { .. })) {
             // The refcount table must not name a freed block: write it now, not at close.
@@ -214,6 +233,7 @@ impl<D: BlockDevice> Qcow2<D> {
         self.stats.reclaim_flushed += tables;
         self.stats.reclaim_referenced += moves.len() as u64;
         self.end = self.compute_end_below(self.end)?;
+        self.stats.compaction_leaks_freed += leaks.len() as u64;
         let moved = moves.len() as u64;
         if done {
             self.compact_done_at = Some(self.stats.clusters_freed);
@@ -329,7 +349,10 @@ impl<D: BlockDevice> Qcow2<D> {
                 };
             }
         }
-        if holds.contains(&Holds::RefBlockExpected) {
+        if holds
+            .iter()
+            .any(|h| matches!(h, Holds::RefBlockExpected | Holds::Unknown))
+        {
             for ti in 0..self.rt_entries {
                 let Some(b) = self.rt_entry(ti)? else {
                     continue;
@@ -340,6 +363,20 @@ impl<D: BlockDevice> Qcow2<D> {
                         _ => Holds::Blocked,
                     };
                 }
+            }
+        }
+        // What nothing references is a leak, if nothing this engine does not read could
+        // reference it: no snapshots (their tables and data), no bitmaps.
+        let may_free_leaks = self.hdr.nb_snapshots == 0
+            && !self.hdr.extensions.iter().any(|e| e.kind == EXT_BITMAPS)
+            && self.meta.is_some();
+        for h in holds.iter_mut() {
+            if *h == Holds::Unknown {
+                *h = if may_free_leaks {
+                    Holds::Leak
+                } else {
+                    Holds::Blocked
+                };
             }
         }
         Ok(())

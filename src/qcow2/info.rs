@@ -64,6 +64,8 @@ pub struct Stats {
     pub compaction_state: super::CompactionState,
     /// Compaction steps run since open.
     pub compaction_steps: u64,
+    /// Leaked clusters (in use by nothing) that compaction found at the tail and freed.
+    pub compaction_leaks_freed: u64,
 }
 
 /// How the image uses its space.

@@ -234,8 +234,12 @@ impl<D: BlockDevice> Qcow2<D> {
             // dirty bit): they are available for reuse.
             self.stats.reclaim_available += self.stats.clusters_freed - freed_before;
             // The last cluster in use was freed: the image extent shrinks.
-            if self.freed_top >= self.end && !self.repairing {
-                self.end = self.compute_end_below(self.end)?;
+            // (An error there leaves the old, larger end: safe.)
+            if self.freed_top >= self.end
+                && !self.repairing
+                && let Ok(end) = self.compute_end_below(self.end)
+            {
+                self.end = end;
             }
             self.freed_top = 0;
         }
