@@ -116,6 +116,14 @@ pub trait BlockDevice {
         let _ = (want, wait);
         self.capacity() >= need
     }
+
+    /// Asks for a shorter device (its host file cut to `len` bytes), waiting a bounded time
+    /// for the answer. The caller uses nothing at or past `len` and writes nothing there
+    /// from now on. Returns whether the capacity is now at most `len`. The default (a device
+    /// of fixed size) asks nothing.
+    fn cut(&mut self, len: u64) -> bool {
+        self.capacity() <= len
+    }
 }
 
 impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
@@ -145,6 +153,9 @@ impl<D: BlockDevice + ?Sized> BlockDevice for &mut D {
     }
     fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
         (**self).grow(need, want, wait)
+    }
+    fn cut(&mut self, len: u64) -> bool {
+        (**self).cut(len)
     }
 }
 
@@ -184,6 +195,12 @@ pub trait SectorDevice {
         self.sector_count()
             .saturating_mul(u64::from(self.sector_size()))
             >= need
+    }
+    /// As [`BlockDevice::cut`], in bytes. The default (a fixed device) asks nothing.
+    fn cut(&mut self, len: u64) -> bool {
+        self.sector_count()
+            .saturating_mul(u64::from(self.sector_size()))
+            <= len
     }
 }
 
@@ -329,6 +346,10 @@ impl<S: SectorDevice> BlockDevice for Sectored<S> {
 
     fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
         self.inner.grow(need, want, wait)
+    }
+
+    fn cut(&mut self, len: u64) -> bool {
+        self.inner.cut(len)
     }
 }
 

@@ -8,8 +8,10 @@
 //! raises virtio-blk's configuration-change interrupt and the capacity reads larger) and
 //! answers on the console's input with a [`GrowReply`]: `ok` with the new length, or
 //! `failed` (a filesystem without room for it, a resize QEMU refused), which the engine
-//! turns into `NoSpace` (NBD `ENOSPC`). At a clean shutdown the runner cuts the file back
-//! to the image's end.
+//! turns into `NoSpace` (NBD `ENOSPC`). When the image's end has fallen far below the
+//! device's (compaction, or a file extended by an older runner), the guest asks for a cut
+//! with a [`CutRequest`] (after it stopped allocating past the new length), answered the same
+//! way. At a clean shutdown the runner cuts the file back to the image's end.
 //!
 //! The policy ([`growth_step`], [`headroom_request`]): the guest asks ahead of need, in
 //! steps of `max(64 MiB, virtual size / 8)`, when less than half a step is left past the
@@ -20,6 +22,8 @@ use core::fmt;
 
 /// The start of a grow request on the guest's console.
 pub const REQUEST_PREFIX: &str = "qcow-metal: grow-device ";
+/// The start of a cut request on the guest's console.
+pub const CUT_PREFIX: &str = "qcow-metal: cut-device ";
 /// The start of the runner's answer on the console's input.
 pub const REPLY_PREFIX: &str = "grow ";
 /// The smallest growth step: 64 MiB.
@@ -62,7 +66,36 @@ impl fmt::Display for GrowRequest {
     }
 }
 
-/// The runner's answer to a [`GrowRequest`], a line on the console's input.
+/// A guest's request to make its device shorter: `qcow-metal: cut-device SEQ LEN`. Nothing
+/// the image uses lies at or past `LEN`, and the guest allocates nothing there any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutRequest {
+    /// Numbers requests (shared with [`GrowRequest`]); the reply carries it.
+    pub seq: u64,
+    /// The length to cut the device to (bytes).
+    pub len: u64,
+}
+
+impl CutRequest {
+    /// Parses a console line; `None` for any other line or a malformed request.
+    pub fn parse(line: &str) -> Option<CutRequest> {
+        let rest = line.trim_end().strip_prefix(CUT_PREFIX)?;
+        let (seq, len) = rest.split_once(' ')?;
+        Some(CutRequest {
+            seq: seq.parse().ok()?,
+            len: len.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for CutRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{CUT_PREFIX}{} {}", self.seq, self.len)
+    }
+}
+
+/// The runner's answer to a [`GrowRequest`] or a [`CutRequest`], a line on the console's
+/// input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrowReply {
     /// `grow SEQ ok LEN`: the file is now `LEN` bytes long.
@@ -140,6 +173,13 @@ pub fn headroom_request(extent: u64, capacity: u64, step: u64, max_len: u64) -> 
     (want > capacity).then_some((0, want))
 }
 
+/// A cut while running: with the image ending at `extent` on a device of `capacity` bytes,
+/// `Some(len)` (the end plus a step) when more than two steps lie past the end.
+pub fn cut_request(extent: u64, capacity: u64, step: u64) -> Option<u64> {
+    let len = extent.saturating_add(step);
+    (capacity > len.saturating_add(step)).then_some(len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +214,18 @@ mod tests {
             assert_eq!(GrowReply::parse(&reply.to_string()), Some(reply));
         }
         assert_eq!(GrowReply::Failed { seq: 4 }.to_string(), "grow 4 failed");
+        let cut = CutRequest { seq: 9, len: 65536 };
+        assert_eq!(cut.to_string(), "qcow-metal: cut-device 9 65536");
+        assert_eq!(CutRequest::parse(&cut.to_string()), Some(cut));
+        for bad in [
+            "qcow-metal: cut-device 9",
+            "qcow-metal: cut-device 9 1 2",
+            "qcow-metal: cut-device x 1",
+            "qcow-metal: grow-device 9 1 2",
+        ] {
+            assert_eq!(CutRequest::parse(bad), None, "{bad}");
+            assert!(GrowRequest::parse(bad).is_none() || bad.contains("grow"));
+        }
         assert_eq!(GrowReply::Grown { seq: 3, len: 9 }.seq(), 3);
         for bad in [
             "grow 1 ok",
@@ -204,6 +256,10 @@ mod tests {
             headroom_request(100 * MIB, 138 * MIB, 128 * MIB, max),
             Some((0, 228 * MIB))
         );
+        // Cuts: only when more than two steps lie past the end, to the end plus a step.
+        assert_eq!(cut_request(10 * MIB, 138 * MIB, 128 * MIB), None);
+        assert_eq!(cut_request(10 * MIB, 266 * MIB, 128 * MIB), None);
+        assert_eq!(cut_request(MIB, 1300 * MIB, 128 * MIB), Some(129 * MIB));
         // Already at the largest size: nothing more to ask.
         assert_eq!(headroom_request(1299 * MIB, max, 128 * MIB, max), None);
         assert_eq!(

@@ -8,6 +8,11 @@
 //! of the image's end, and `qcow_metal_blockdev_capacity_bytes` follows it. After a clean
 //! shutdown the runner cuts the file to the image's end: `qemu-img check` reports an image
 //! end offset equal to the file's length, exits 0, and the image holds every byte written.
+//!
+//! A file far longer than its image (as older runners left them, extended to the most the
+//! image can reach) is cut while the guest runs: the guest asks (`qcow-metal: cut-device`)
+//! once it sees more than two growth steps past the image's end, and the runner shrinks the
+//! file to the end plus a step; writes go on, and the clean shutdown cuts it to the end.
 //! (A filesystem too small for the growth: `tests/device_errors.rs`.)
 
 use qcow_metal::hostfile::growth_step;
@@ -22,7 +27,7 @@ use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const IMAGE_SIZE: u64 = 1 << 30;
@@ -185,4 +190,82 @@ fn the_host_file_grows_with_the_image_and_is_cut_to_its_end_at_shutdown() {
         f.read_exact(&mut buf).unwrap();
         assert!(buf == pattern(i), "block {i} of the converted image");
     }
+}
+
+#[test]
+fn a_file_far_longer_than_its_image_is_cut_while_the_guest_runs() {
+    require_tool("qemu-img", "qemu-utils");
+    let scratch = ScratchDir::new("hostfile-cut");
+    let image = scratch.path().join("disk.qcow2");
+    qcow_metal_runner::disk::create_qcow2(&image, IMAGE_SIZE, 65536, 16).expect("creating");
+    let long = qcow_metal::qcow2::max_image_len(IMAGE_SIZE, 65536, 16);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .and_then(|f| f.set_len(long))
+        .expect("extending the file as older runners did");
+    let (mut guest, _) = boot(guest().disk(&image).size(IMAGE_SIZE));
+
+    let step = growth_step(IMAGE_SIZE, 65536);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while file_len(&image) > 2 * step {
+        assert!(
+            Instant::now() < deadline,
+            "the {long}-byte file was not cut within 60 s ({} bytes)\n{}",
+            file_len(&image),
+            guest.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let cut = file_len(&image);
+    assert!(
+        cut >= step,
+        "cut to {cut} bytes, less than a step past the image"
+    );
+    assert!(
+        guest.serial_log().contains("qcow-metal: cut-device "),
+        "no cut request on the console"
+    );
+
+    // The guest goes on: writes, reads, and its capacity is the file's.
+    let mut client = Client::connect_with(("127.0.0.1", guest.nbd_port()), &{
+        ClientOptions {
+            timeout: Some(Duration::from_secs(60)),
+            ..ClientOptions::new(NBD_EXPORT)
+        }
+    })
+    .unwrap_or_else(|e| panic!("NBD handshake: {e}"));
+    for i in 0..8 {
+        assert_eq!(client.write(i * MIB, &pattern(i), false).unwrap(), 0);
+    }
+    assert_eq!(client.flush().unwrap(), 0);
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..8 {
+        assert_eq!(client.read(i * MIB, &mut buf).unwrap(), 0);
+        assert!(buf == pattern(i), "block {i} after the cut");
+    }
+    client.disconnect().expect("NBD disconnect");
+    assert_eq!(
+        capacity_metric(guest.metrics_port()) as u64,
+        file_len(&image)
+    );
+
+    shut_down_cleanly(&mut guest);
+    drop(guest);
+    let end = file_len(&image);
+    assert!(end < 16 * MIB, "{end} bytes after a clean shutdown");
+    let out = run_tool_output(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "check",
+            "-f",
+            "qcow2",
+            "--output=json",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(out.success, "qemu-img check: {}{}", out.stdout, out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).expect("qemu-img check JSON");
+    assert_eq!(v["image-end-offset"].as_u64(), Some(end), "{}", out.stdout);
 }

@@ -8,7 +8,7 @@
 
 use alloc::vec::Vec;
 use log::warn;
-use qcow_metal::hostfile::{GrowReply, GrowRequest};
+use qcow_metal::hostfile::{CutRequest, GrowReply, GrowRequest};
 
 /// Longest wait for an answer to a request (a write waits this long at most).
 pub const ANSWER_MS: u64 = 5_000;
@@ -68,6 +68,19 @@ impl Grower {
         self.pending = Some(Pending {
             seq,
             want,
+            sent_ms: now_ms,
+        });
+        seq
+    }
+
+    /// Prints a cut request on the console and remembers it; returns its number.
+    pub fn send_cut(&mut self, len: u64, now_ms: u64) -> u64 {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        crate::println!("{}", CutRequest { seq, len });
+        self.pending = Some(Pending {
+            seq,
+            want: len,
             sent_ms: now_ms,
         });
         seq

@@ -8,7 +8,10 @@
 //! the guest wants, never past what the image can ever need, never past the free space of
 //! the filesystem), resizes it with QMP `block_resize` on a QMP socket of its own, and
 //! answers on QEMU's stdin, which is the guest's serial input (`grow SEQ ok LEN` or
-//! `grow SEQ failed`: the guest's write then gets `ENOSPC`).
+//! `grow SEQ failed`: the guest's write then gets `ENOSPC`). When the image's end has fallen
+//! far below the file's (compaction in the guest, or a file extended by an older runner), the
+//! guest asks for a cut (`qcow-metal: cut-device SEQ LEN`, having stopped allocating past
+//! `LEN`), and the grower shrinks the file the same way.
 //!
 //! After QEMU exits cleanly, [`cut_to_extent`] opens the image with the project's engine,
 //! checks it, and truncates the file to the image's end (`qemu-img check`'s image end
@@ -21,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qcow_metal::block::FileDisk;
-use qcow_metal::hostfile::{GrowReply, GrowRequest};
+use qcow_metal::hostfile::{CutRequest, GrowReply, GrowRequest};
 use qcow_metal::qcow2::{OpenOptions, Qcow2};
 
 use crate::console::{Console, Wait};
@@ -113,8 +116,12 @@ impl Grower {
             match console.line_at(index, Duration::from_secs(3600)) {
                 Wait::Found(_, line) => {
                     index += 1;
-                    if let Some(req) = GrowRequest::parse(&line) {
-                        let reply = self.answer(&req);
+                    let reply = if let Some(req) = GrowRequest::parse(&line) {
+                        Some(self.answer(&req))
+                    } else {
+                        CutRequest::parse(&line).map(|req| self.answer_cut(&req))
+                    };
+                    if let Some(reply) = reply {
                         let sent =
                             writeln!(self.stdin, "{reply}").and_then(|()| self.stdin.flush());
                         if sent.is_err() {
@@ -152,6 +159,28 @@ impl Grower {
             return failed;
         }
         let len = std::fs::metadata(&path).map_or(target, |m| m.len());
+        GrowReply::Grown { seq: req.seq, len }
+    }
+
+    /// A cut: the guest uses nothing at or past `req.len` (it owns the image); the length
+    /// must be whole sectors.
+    fn answer_cut(&mut self, req: &CutRequest) -> GrowReply {
+        let failed = GrowReply::Failed { seq: req.seq };
+        let path = self.config.disk.clone();
+        let Ok(current) = std::fs::metadata(&path).map(|m| m.len()) else {
+            return failed;
+        };
+        if req.len == 0 || !req.len.is_multiple_of(512) {
+            self.warn(format!("the guest asked for a cut to {} bytes", req.len));
+            return failed;
+        }
+        if req.len < current
+            && let Err(e) = self.resize(req.len)
+        {
+            self.warn(format!("QMP block_resize to {} bytes failed: {e}", req.len));
+            return failed;
+        }
+        let len = std::fs::metadata(&path).map_or(req.len, |m| m.len());
         GrowReply::Grown { seq: req.seq, len }
     }
 

@@ -193,4 +193,8 @@ impl<D: BlockDevice, H: HasRequests> BlockDevice for InstrumentedDevice<D, H> {
     fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
         self.inner.grow(need, want, wait)
     }
+
+    fn cut(&mut self, len: u64) -> bool {
+        self.inner.cut(len)
+    }
 }

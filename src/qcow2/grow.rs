@@ -1,24 +1,28 @@
 //! A device that grows on demand (a host file the runner resizes, see [`crate::hostfile`]):
 //! the allocator asks it for room when a new cluster would lie past its end, and the guest
-//! asks for room ahead of need in idle time ([`Qcow2::keep_headroom`]).
+//! asks for room ahead of need in idle time ([`Qcow2::keep_headroom`]), or for a cut when
+//! far more than a step lies past the image's end (after compaction, or a file extended by
+//! an older runner).
 
 use super::Qcow2;
 use super::layout::max_image_len;
 use crate::block::BlockDevice;
-use crate::hostfile::{growth_step, headroom_request, want_for};
+use crate::hostfile::{cut_request, growth_step, headroom_request, want_for};
 
 impl<D: BlockDevice> Qcow2<D> {
     /// Takes the device's capacity as it is now: a device that grew lets the allocator use
-    /// the new clusters. Returns whether it grew.
+    /// the new clusters, one that was cut keeps it below its end. Returns whether it grew.
     pub(crate) fn refresh_capacity(&mut self) -> bool {
         let cap = self.dev.capacity();
         let cs = self.geo.cluster_size();
-        if cap / cs <= self.dev_clusters {
+        if cap / cs == self.dev_clusters {
             return false;
         }
+        let grew = cap / cs > self.dev_clusters;
         self.dev_clusters = cap / cs;
+        // Reads past the device's end read zeros: a span past it is harmless.
         self.dev_span = self.dev_span.max(cap.div_ceil(cs));
-        true
+        grew
     }
 
     /// The most host bytes this image can ever need.
@@ -48,21 +52,51 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Growth ahead of need, for idle time: once this session has allocated clusters (an
     /// image that is not written to keeps its file as it is) and less than half a growth
     /// step is left past the image's end, asks the device for a step more without waiting;
-    /// either way takes a capacity that changed (`grow(0, 0, false)`). Cheap: nothing is read.
+    /// either way takes a capacity that changed (`grow(0, 0, false)`). When more than two
+    /// steps lie past the image's end, asks for a cut to the end plus a step (waiting for
+    /// the answer). Cheap unless it cuts: nothing is read.
     pub fn keep_headroom(&mut self) {
         let cs = self.geo.cluster_size();
-        let ask = if self.read_only || self.corrupt || self.stats.clusters_allocated == 0 {
+        let step = growth_step(self.hdr.size, cs);
+        let writable = !self.read_only && !self.corrupt && !self.repairing;
+        let ask = if !writable || self.stats.clusters_allocated == 0 {
             None
         } else {
             headroom_request(
                 self.image_extent(),
                 self.dev.capacity(),
-                growth_step(self.hdr.size, cs),
+                step,
                 self.max_len(),
             )
         };
         let (need, want) = ask.unwrap_or((0, 0));
         self.dev.grow(need, want, false);
+        self.refresh_capacity();
+        if writable && ask.is_none() {
+            self.cut_tail(step);
+        }
+    }
+
+    /// Cuts the device to the image's end plus `step` when more than two steps lie past the
+    /// end. The end comes from the refcounts (every cluster in use, pending frees included,
+    /// has a nonzero refcount in the cache); the allocator stops below the new length before
+    /// the device is asked, so nothing is written past it.
+    fn cut_tail(&mut self, step: u64) {
+        let cs = self.geo.cluster_size();
+        let cap = self.dev.capacity();
+        // The allocator's end may only be high: check it first, it costs nothing.
+        if cut_request(self.image_extent(), cap, step).is_none() {
+            return;
+        }
+        let Ok(end) = self.compute_end() else {
+            return;
+        };
+        let Some(len) = cut_request(end.saturating_mul(cs), cap, step) else {
+            return;
+        };
+        self.end = end;
+        self.dev_clusters = self.dev_clusters.min(len / cs);
+        self.dev.cut(len);
         self.refresh_capacity();
     }
 }
@@ -85,6 +119,8 @@ mod tests {
         asked: Vec<(u64, u64, bool)>,
         /// `grow(0, 0, false)` calls: looks at the capacity.
         looks: usize,
+        /// Lengths the device was cut to.
+        cuts: Vec<u64>,
     }
 
     impl BlockDevice for Growing {
@@ -101,6 +137,11 @@ mod tests {
         }
         fn flush(&mut self) -> Result<(), BlockError> {
             Ok(())
+        }
+        fn cut(&mut self, len: u64) -> bool {
+            self.cuts.push(len);
+            self.cap = self.cap.min(len);
+            true
         }
         fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
             if (need, want, wait) == (0, 0, false) {
@@ -135,6 +176,7 @@ mod tests {
             limit,
             asked: Vec::new(),
             looks: 0,
+            cuts: Vec::new(),
         };
         Qcow2::open(dev, OpenOptions::default()).unwrap()
     }
@@ -176,6 +218,34 @@ mod tests {
         assert!(!asked[1].2);
         assert!(q.device().capacity() > cap);
         // The image stays sound and closes clean.
+        let report = q.check().unwrap();
+        assert!(report.is_clean(), "{report}");
+        q.close().unwrap();
+    }
+
+    #[test]
+    fn a_device_far_longer_than_the_image_is_cut_to_its_end_plus_a_step() {
+        let mut q = image(Rc::new(Cell::new(u64::MAX)));
+        let step = growth_step(1 << 30, 65536);
+        let data = vec![0x3cu8; 4 * MIB as usize];
+        q.write(0, &data).unwrap();
+        // As an older runner left it: the file extended to the most the image can need.
+        let long = super::max_image_len(1 << 30, 65536, 16);
+        q.dev.cap = long;
+        q.keep_headroom();
+        let extent = q.image_extent();
+        assert_eq!(q.device().cuts, [extent + step]);
+        assert_eq!(q.device().capacity(), extent + step);
+        // Nothing more to cut; writes go on below the new end.
+        q.keep_headroom();
+        assert_eq!(q.device().cuts.len(), 1);
+        q.write(200 * MIB, &data).unwrap();
+        assert_eq!(q.device().capacity(), extent + step);
+        let mut back = vec![0u8; data.len()];
+        for off in [0, 200 * MIB] {
+            q.read(off, &mut back).unwrap();
+            assert_eq!(back, data, "at {off}");
+        }
         let report = q.check().unwrap();
         assert!(report.is_clean(), "{report}");
         q.close().unwrap();

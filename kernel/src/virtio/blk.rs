@@ -608,6 +608,32 @@ impl VirtioBlk {
         ok
     }
 
+    /// [`SectorDevice::cut`]: asks the runner to cut the host file to `len` bytes (at most
+    /// one request ahead of need at a time) and waits for the answer for at most
+    /// [`ANSWER_MS`].
+    fn cut_host_file(&mut self, len: u64) -> bool {
+        self.refresh_capacity();
+        let clock = self.clock_ns;
+        let now_ms = move || clock() / 1_000_000;
+        let Some(mut g) = self.grower.take() else {
+            return self.capacity_bytes() <= len;
+        };
+        if self.capacity_bytes() > len && g.may_ask_ahead(now_ms()) {
+            g.send_cut(len, now_ms());
+            // `poll` gives up on the request after ANSWER_MS.
+            while g.poll(now_ms()) == Answer::None {
+                match self.waiter {
+                    Some(wait) => wait(clock() + WAIT_SLICE_NS),
+                    None => core::hint::spin_loop(),
+                }
+            }
+            self.config_changed = true;
+            self.refresh_capacity();
+        }
+        self.grower = Some(g);
+        self.capacity_bytes() <= len
+    }
+
     /// Takes the next completed request off the used ring; returns its slot and status.
     fn complete_one(&mut self) -> Result<(usize, u8), BlockError> {
         let token = self.wait_used();
@@ -955,6 +981,10 @@ impl SectorDevice for VirtioBlk {
 
     fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
         self.grow_host_file(need, want, wait)
+    }
+
+    fn cut(&mut self, len: u64) -> bool {
+        self.cut_host_file(len)
     }
 
     fn write_zeroes_sectors(&mut self, sector: u64, count: u64) -> Option<Result<(), BlockError>> {
