@@ -91,10 +91,11 @@ impl<D: BlockDevice> Qcow2<D> {
         let Ok(end) = self.compute_end() else {
             return;
         };
+        // Exact or high, as the allocator's end must be; next time the cheap check agrees.
+        self.end = end;
         let Some(len) = cut_request(end.saturating_mul(cs), cap, step) else {
             return;
         };
-        self.end = end;
         self.dev_clusters = self.dev_clusters.min(len / cs);
         self.dev.cut(len);
         self.refresh_capacity();
