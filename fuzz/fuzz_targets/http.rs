@@ -52,8 +52,13 @@ fn run(data: &[u8]) {
         body,
     };
     let config = Config::default();
-    // One response: the largest body (uncompressed) plus headers.
-    let bound = config.output_high_water + site.body.len() + 4096;
+    // One response: the largest body (the index page or the metrics, uncompressed) plus
+    // headers.
+    let mut page = IndexPage::new();
+    site.index(&mut page);
+    let mut index = Vec::new();
+    page.render(&mut index);
+    let bound = config.output_high_water + index.len().max(site.body.len()) + 4096;
     let mut conn = Connection::new(config, 0);
     let mut now = 0u64;
     let mut rest = input;

@@ -5,6 +5,7 @@ mod basic;
 mod check_vs_qemu;
 mod compact;
 mod device_full;
+mod fuzz_found;
 mod hostile;
 mod interop;
 mod model;
