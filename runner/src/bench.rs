@@ -5,8 +5,10 @@
 //!   against imago, qcow2-rs, `qemu-img bench` and a raw file), read back from its JSON;
 //! - guest NBD: `cargo bench -p qcow-metal-e2e --bench nbd -- --json FILE` (the guest's
 //!   export on our engine against QEMU's qcow2 driver and a raw file);
-//! - `serve` against qemu-nbd, convert and compact against qemu-img: rows that say which
-//!   issue brings them until the features exist;
+//! - compact and trim: `cargo bench -p qcow-metal-runner --bench compact -- --json FILE`
+//!   (`image compact` against `qemu-img convert`, the engine's discard against `qemu-io`);
+//! - `serve` against qemu-nbd, convert against qemu-img: rows that say which issue brings
+//!   them until the features exist;
 //! - scrape latency under load ([`scrape`]), measured here.
 //!
 //! The benchmarks run as subprocesses so their peers stay dev-dependencies; their own output
@@ -157,14 +159,29 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
         "qemu-img convert",
         14,
     ));
-    step(5, "compact against qemu-img");
-    rows.push(Row::not_yet(
-        "compact",
-        "compacting an image with freed clusters",
-        "qcow-metal compact",
-        "qemu-img convert",
-        15,
-    ));
+    step(5, "compact and trim: against qemu-img convert and qemu-io");
+    let json = out.join("compact.json");
+    let _ = fs::remove_file(&json);
+    let mut flags = vec!["--json".to_string(), json.display().to_string()];
+    if args.quick {
+        flags.push("--quick".into());
+    }
+    match cargo_bench(&root, "qcow-metal-runner", "compact", &flags, &[], &out)
+        .and_then(|()| read(&json))
+        .and_then(|text| compact_rows(&text))
+    {
+        Ok((r, d)) => {
+            rows.extend(r);
+            details.push(d);
+        }
+        Err(e) => rows.push(Row::failed(
+            "compact",
+            "compact and trim",
+            "qcow-metal",
+            "qemu-img, qemu-io",
+            &e,
+        )),
+    }
 
     step(6, "scrape latency under NBD load");
     let params = scrape::Params {
@@ -310,6 +327,60 @@ fn cargo_bench(
         log.display()
     );
     Ok(())
+}
+
+/// The compaction benchmark's JSON (`runner/benches/compact.rs`).
+#[derive(Deserialize)]
+struct CompactJson {
+    quick: bool,
+    repeat: u32,
+    qemu: String,
+    rows: Vec<CompactRow>,
+}
+
+#[derive(Deserialize)]
+struct CompactRow {
+    area: String,
+    row: String,
+    note: String,
+    results: Vec<EngineResult>,
+}
+
+/// Rows of the compaction benchmark (times: ours against the peer), and a line for the
+/// report's details.
+fn compact_rows(text: &str) -> Result<(Vec<Row>, String), String> {
+    let doc: CompactJson =
+        serde_json::from_str(text).map_err(|e| format!("compact bench JSON: {e}"))?;
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for r in &doc.rows {
+        let [ours, peer] = r.results.as_slice() else {
+            return Err(format!("compact bench row `{}` has not two results", r.row));
+        };
+        rows.push(Row::measured(
+            &r.area,
+            &r.row,
+            &ours.contender,
+            &peer.contender,
+            Value::seconds(ours.seconds),
+            Value::seconds(peer.seconds),
+        ));
+        if !r.note.is_empty() {
+            notes.push(format!("{}: {}", r.area, r.note));
+        }
+    }
+    if rows.is_empty() {
+        return Err("the compact bench reported no rows".into());
+    }
+    let detail = format!(
+        "compact, trim: `cargo bench -p qcow-metal-runner --bench compact --{}` — each \
+         contender on its own synced copy of the image, best of {}; {}; {}",
+        if doc.quick { " --quick" } else { "" },
+        doc.repeat,
+        notes.join("; "),
+        doc.qemu
+    );
+    Ok((rows, detail))
 }
 
 /// The engine benchmark's JSON (`runner/benches/engine.rs`).
@@ -582,8 +653,8 @@ fn markdown(ctx: &Context, rows: &[Row]) -> String {
     }
     let _ = writeln!(
         s,
-        "- serve, convert, compact: the features are not there yet (issues 16, 14, 15); \
-         their rows are placeholders."
+        "- serve, convert: the features are not there yet (issues 16, 14); their rows are \
+         placeholders."
     );
     s
 }
@@ -633,6 +704,43 @@ mod tests {
         assert_eq!(rows[2].ratio_text(), "0.50");
         assert!(detail.contains("256 MiB images"), "{detail}");
         assert!(detail.contains("--quick"), "{detail}");
+    }
+
+    #[test]
+    fn compact_json_becomes_time_rows_of_ours_against_the_peer() {
+        let json = r#"{"quick": true, "repeat": 2, "qemu": "qemu-img version 7.2.22",
+          "rows": [
+            {"area": "compact", "row": "compact a 256.0 MiB image with half its clusters free",
+             "bytes": 268435456, "note": "ours moved 64.0 MiB",
+             "results": [{"contender": "qcow-metal image compact", "seconds": 0.1},
+                         {"contender": "qemu-img convert -O qcow2", "seconds": 0.2}]},
+            {"area": "trim", "row": "trim a fully written 1 GiB image", "bytes": 1073741824,
+             "note": "", "results": [{"contender": "qcow-metal engine discard", "seconds": 0.05},
+                                     {"contender": "qemu-io discard", "seconds": 0.4}]}
+          ]}"#;
+        let (rows, detail) = compact_rows(json).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].area, "compact");
+        assert_eq!(rows[0].peer, "qemu-img convert -O qcow2");
+        assert!((rows[0].ratio().unwrap() - 2.0).abs() < 1e-9);
+        assert!((rows[1].ratio().unwrap() - 8.0).abs() < 1e-9);
+        assert!(
+            detail.contains("--quick") && detail.contains("best of 2"),
+            "{detail}"
+        );
+        assert!(detail.contains("ours moved 64.0 MiB"), "{detail}");
+        assert!(
+            compact_rows("{}")
+                .unwrap_err()
+                .contains("compact bench JSON")
+        );
+        let one = json.replacen(r#"{"contender": "qemu-io discard", "seconds": 0.4}"#, "", 1);
+        let one = one.replacen(r#"0.05},"#, "0.05}", 1);
+        assert!(
+            compact_rows(&one)
+                .unwrap_err()
+                .contains("has not two results")
+        );
     }
 
     #[test]

@@ -35,6 +35,10 @@ use super::{Pool, Qcow2};
 use crate::block::BlockDevice;
 use alloc::vec::Vec;
 
+/// Most bytes a compaction step copies with one read and one write (a run of clusters
+/// contiguous at both ends).
+const COPY_RUN_BYTES: u64 = 1 << 20;
+
 /// What one [`Qcow2::compact_step`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CompactProgress {
@@ -180,19 +184,41 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         let cs = self.geo.cluster_size();
         // Data first: copies, then a barrier so they are durable before any reference.
+        // Runs contiguous at both ends are copied in one read and one write (up to
+        // `COPY_RUN_BYTES`); a single cluster goes through the scratch cluster.
+        let data: Vec<(u64, u64)> = moves
+            .iter()
+            .rev()
+            .filter(|m| matches!(m.2, Holds::Data { .. }))
+            .map(|m| (m.0, m.1))
+            .collect();
+        let run_max = (COPY_RUN_BYTES / cs).max(1) as usize;
+        let mut buf: Vec<u8> = Vec::new();
         let mut scratch = core::mem::take(&mut self.scratch);
         let r = (|| -> Result<u64> {
-            let mut n = 0;
-            for &(t, f, h) in &moves {
-                if let Holds::Data { .. } = h {
-                    super::read_dev(&mut self.dev, t * cs, &mut scratch)?;
-                    self.check_overlap(f * cs, cs, 0)?;
-                    super::write_dev(&mut self.dev, f * cs, &scratch)?;
-                    self.stats.reclaim_copied += 1;
+            let mut i = 0;
+            while i < data.len() {
+                let (t, f) = data[i];
+                let mut n = 1;
+                while n < run_max
+                    && i + n < data.len()
+                    && data[i + n] == (t + n as u64, f + n as u64)
+                {
                     n += 1;
                 }
+                let b: &mut [u8] = if n == 1 {
+                    &mut scratch
+                } else {
+                    buf.resize(n * cs as usize, 0);
+                    &mut buf[..n * cs as usize]
+                };
+                super::read_dev(&mut self.dev, t * cs, b)?;
+                self.check_overlap(f * cs, n as u64 * cs, 0)?;
+                super::write_dev(&mut self.dev, f * cs, b)?;
+                self.stats.reclaim_copied += n as u64;
+                i += n;
             }
-            Ok(n)
+            Ok(data.len() as u64)
         })();
         self.scratch = scratch;
         let data_moved = r?;

@@ -56,7 +56,6 @@ impl Value {
     }
 
     /// A duration in seconds.
-    #[cfg(test)]
     pub fn seconds(amount: f64) -> Value {
         Value {
             amount,
