@@ -19,7 +19,7 @@ const FONT: &str = "sans-serif";
 /// Pixel height of one row.
 const ROW_PX: u32 = 26;
 /// Chart width.
-const WIDTH: u32 = 1600;
+const WIDTH: u32 = 1800;
 
 /// Registers the embedded font with plotters (once per process).
 fn register() -> Result<(), String> {
