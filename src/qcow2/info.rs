@@ -42,17 +42,22 @@ pub struct Stats {
     pub metadata_flushes: u64,
     /// Device flushes (write barriers).
     pub device_flushes: u64,
-    /// Space reclaim: clusters found to hold junk (reclaim wave; 0 until then).
+    /// Space reclaim: clusters whose refcount reached 0 (their last reference is gone on
+    /// disk; counted at the metadata write-back that drops the refcount).
     pub reclaim_junk: u64,
-    /// Space reclaim: clusters erased.
+    /// Space reclaim: freed clusters the device accepted a discard for (the host punches
+    /// holes; a device without discard that still answers success counts too).
     pub reclaim_erased: u64,
-    /// Space reclaim: clusters made available.
+    /// Space reclaim: freed clusters whose zero refcount is durable: reusable.
     pub reclaim_available: u64,
-    /// Space reclaim: clusters copied.
+    /// Space reclaim: clusters compaction copied to a new place (data, L2 tables, refcount
+    /// blocks).
     pub reclaim_copied: u64,
-    /// Space reclaim: flushes done by reclaim.
+    /// Space reclaim: compaction copies made durable by a device flush (the old copy still
+    /// referenced).
     pub reclaim_flushed: u64,
-    /// Space reclaim: references rewritten.
+    /// Space reclaim: compaction moves whose new references are durable (the old cluster
+    /// then goes to junk).
     pub reclaim_referenced: u64,
     /// Writes refused because they would have overwritten metadata (each marks the image
     /// corrupt; see [`super::Qcow2Error::Overlap`]).
