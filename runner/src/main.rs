@@ -649,6 +649,12 @@ mod tests {
             cli.command,
             Some(Command::Image(ImageCommand::Check { repair: true, .. }))
         ));
+        let cli = Cli::try_parse_from(["qcow-metal", "image", "compact", "x.qcow2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Image(ImageCommand::Compact { path })) if path == std::path::Path::new("x.qcow2")
+        ));
+        assert!(Cli::try_parse_from(["qcow-metal", "image", "compact"]).is_err());
     }
 
     #[test]
