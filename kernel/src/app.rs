@@ -403,7 +403,7 @@ pub fn run(platform: Platform) -> ! {
         ("version", String::from(VERSION)),
         ("export", config.export.clone()),
         ("format", String::from(disk.format_name())),
-        ("virtual size", format!("{size} bytes")),
+        ("virtual size", human_size(size)),
         ("NBD port", format!("{}", config.nbd_port)),
         ("metrics port", format!("{}", config.metrics_port)),
         ("read-only", format!("{read_only}")),
@@ -795,4 +795,25 @@ fn update_metrics(
         rx_bytes: net.rx_bytes.load(Relaxed),
         tx_bytes: net.tx_bytes.load(Relaxed),
     });
+}
+
+/// A byte count for people: `64 MiB (67108864 bytes)`, one decimal where the unit does not
+/// divide it.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let Some((i, _)) = UNITS
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(i, _)| bytes >> (10 * (i + 1)) > 0)
+    else {
+        return format!("{bytes} bytes");
+    };
+    let unit = 1u64 << (10 * (i + 1));
+    let tenths = (bytes % unit) * 10 / unit;
+    if bytes.is_multiple_of(unit) {
+        format!("{} {} ({bytes} bytes)", bytes / unit, UNITS[i])
+    } else {
+        format!("{}.{tenths} {} ({bytes} bytes)", bytes / unit, UNITS[i])
+    }
 }
