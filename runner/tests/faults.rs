@@ -4,89 +4,28 @@
 //! serial log; a FIFO as `--disk` is refused at once; a failed `image create` leaves no
 //! file; the image tools end quietly when their reader goes away (`| head -1`).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qcow_metal_runner::qmp::Qmp;
 use qcow_metal_runner::rundir::alive;
 use qcow_metal_runner::{kernel, ports};
 
-/// The binary under test.
-const RUNNER: &str = env!("CARGO_BIN_EXE_qcow-metal");
-
 /// Guard against hangs (never a timed assert): a TCG boot takes about a second.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// A runner started in the background, its stderr collected as it arrives.
-struct Runner {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-}
+mod common;
+use common::{RUNNER, Runner};
 
 impl Runner {
+    /// Runs the runner with `args` and `TMPDIR` set to `tmpdir`.
     fn start(args: &[&str], tmpdir: &Path) -> Runner {
-        let mut child = Command::new(RUNNER)
-            .args(args)
-            .env("TMPDIR", tmpdir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting qcow-metal");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Runner { child, stderr }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits for `text` on the runner's stderr; fails if the runner exits first.
-    fn wait_for(&mut self, text: &str) {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        while !self.stderr().contains(text) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the runner exited ({status}) before `{text}`:\n{}",
-                    self.stderr()
-                );
-            }
-            assert!(Instant::now() < deadline, "no `{text}`:\n{}", self.stderr());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader thread take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "the runner did not exit within {timeout:?}:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut cmd = Command::new(RUNNER);
+        cmd.args(args).env("TMPDIR", tmpdir);
+        Runner::spawn(cmd)
     }
 
     /// The QEMU process this runner started (its child).
@@ -117,13 +56,6 @@ impl Runner {
             }
         }
         panic!("no QEMU child of the runner (pid {me}):\n{}", self.stderr());
-    }
-}
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -205,7 +137,7 @@ fn a_killed_runner_takes_qemu_along_and_a_refused_one_leaves_the_first_alone() {
 
     let ports_a = free_ports();
     let mut a = Runner::start(&run_args(kernel, disk_s, qmp_s, log_s, &ports_a), &tmpdir);
-    a.wait_for("press Ctrl-C");
+    a.wait_for("press Ctrl-C", BOOT_TIMEOUT);
     let qemu_a = a.qemu_pid();
     let log_before = std::fs::read_to_string(&log).unwrap();
     assert!(log_before.contains("ready in"), "{log_before}");
@@ -258,7 +190,7 @@ fn a_killed_runner_takes_qemu_along_and_a_refused_one_leaves_the_first_alone() {
     // down cleanly on SIGTERM (leaving nothing behind).
     let ports_c = free_ports();
     let mut c = Runner::start(&run_args(kernel, disk_s, qmp_s, log_s, &ports_c), &tmpdir);
-    c.wait_for("press Ctrl-C");
+    c.wait_for("press Ctrl-C", BOOT_TIMEOUT);
     assert!(
         !dir_a[0].exists(),
         "the killed runner's directory survived the next run"

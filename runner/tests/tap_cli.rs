@@ -5,15 +5,13 @@
 //!
 //! Creating a namespace needs root (CI runs as root): without it the test fails, saying so.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use qcow_metal_runner::kernel;
 
-/// The binary under test.
-const RUNNER: &str = env!("CARGO_BIN_EXE_qcow-metal");
+mod common;
+use common::{RUNNER, Runner};
 
 /// Guard against hangs (never a timed assert): a TCG boot takes about a second.
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -72,76 +70,6 @@ impl Drop for NetNs {
     }
 }
 
-/// The runner in the background, its stderr collected as it arrives.
-struct Runner {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Runner {
-    fn start(mut cmd: Command) -> Runner {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting qcow-metal");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Runner { child, stderr }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn wait_for(&mut self, text: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.stderr().contains(text) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "the runner exited ({status}) before `{text}`:\n{}",
-                    self.stderr()
-                );
-            }
-            assert!(Instant::now() < deadline, "no `{text}`:\n{}", self.stderr());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the runner did not exit:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn the_command_on_a_tap_it_creates() {
     let ns = NetNs::create();
@@ -171,8 +99,8 @@ fn the_command_on_a_tap_it_creates() {
     );
     cmd.env("TMPDIR", dir.path());
     // `ip netns exec` execs the runner: this pid is the runner's.
-    let mut runner = Runner::start(cmd);
-    runner.wait_for("press Ctrl-C");
+    let mut runner = Runner::spawn(cmd);
+    runner.wait_for("press Ctrl-C", TIMEOUT);
     let err = runner.stderr();
     for want in [
         "qcow-metal: network: tap qcow-metal0 (created by the runner, removed at exit), host \
@@ -221,7 +149,7 @@ fn the_command_on_a_tap_it_creates() {
         .status()
         .unwrap();
     assert!(status.success());
-    let status = runner.wait_exit();
+    let status = runner.wait_exit(TIMEOUT);
     assert!(status.success(), "{status}\n{}", runner.stderr());
     assert!(
         runner.stderr().contains("the guest shut down cleanly"),

@@ -1,0 +1,89 @@
+//! Shared by the runner's integration tests: the `qcow-metal` binary started in the
+//! background, its stderr collected as it arrives.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const RUNNER: &str = env!("CARGO_BIN_EXE_qcow-metal");
+
+/// A runner started in the background, its stderr collected as it arrives; dropping it
+/// kills it.
+pub struct Runner {
+    pub child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Runner {
+    /// Spawns `cmd` with stdin and stdout null and stderr collected.
+    pub fn spawn(mut cmd: Command) -> Runner {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting qcow-metal");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Runner { child, stderr }
+    }
+
+    /// The stderr collected so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for `text` on the runner's stderr; fails if the runner exits first or
+    /// `timeout` (a guard against hangs) passes.
+    pub fn wait_for(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "the runner exited ({status}) before `{text}`:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(Instant::now() < deadline, "no `{text}`:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the runner to exit; fails (killing it) if it has not within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "the runner did not exit within {timeout:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Runner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
