@@ -37,7 +37,7 @@
 use qcow_metal::nbd::client::Client;
 use qcow_metal::nbd::proto::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_WRITE};
 use qcow_metal_e2e::{
-    BOOT_TIMEOUT, Guest, GuestBuilder, boot, guest, require_tool, run_tool_output,
+    BOOT_TIMEOUT, Guest, GuestBuilder, boot, guest, qemu_img_to_raw, require_tool, run_tool_output,
 };
 use serde_json::Value;
 use std::fmt::Write as _;
@@ -353,15 +353,7 @@ fn qemu_img_check(image: &Path, extra: &[&str]) -> Check {
 /// The image's virtual disk as QEMU reads it.
 fn virtual_disk(image: &Path, scratch: &Path) -> Vec<u8> {
     let raw = scratch.with_extension("raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    qemu_img_to_raw(image, &raw);
     let bytes = std::fs::read(&raw).unwrap();
     let _ = std::fs::remove_file(&raw);
     assert_eq!(

@@ -23,7 +23,8 @@ use qcow_metal::metrics::Format;
 use qcow_metal::metrics::parse::{Exposition, parse};
 use qcow_metal::nbd::client::{Client, ClientOptions};
 use qcow_metal_e2e::{
-    NBD_EXPORT, ScratchDir, boot, guest, require_tool, run_tool, run_tool_output, shut_down_cleanly,
+    NBD_EXPORT, ScratchDir, boot, guest, qemu_img_check_json, qemu_img_to_raw, require_tool,
+    run_tool, shut_down_cleanly,
 };
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -160,17 +161,7 @@ fn read_back(client: &mut Client, blocks: u64, when: &str) {
 
 /// What `qemu-img check --output=json` found: (corruptions, leaks, check errors, report).
 fn qemu_img_check(image: &Path) -> (u64, u64, u64, String) {
-    let out = run_tool_output(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "check",
-            "-f",
-            "qcow2",
-            "--output=json",
-            image.to_str().unwrap(),
-        ],
-    );
+    let out = qemu_img_check_json(image);
     let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "qemu-img check gave no JSON report ({e}):\n{}{}",
@@ -360,19 +351,7 @@ fn a_full_host_filesystem_gives_errors_not_a_paused_guest() {
 
     // Off the tmpfs: the virtual disk as QEMU reads it holds every flushed block.
     let raw = scratch.path().join("disk.raw");
-    run_tool(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            image.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
+    qemu_img_to_raw(&image, &raw);
     let mut f = std::fs::File::open(&raw).unwrap();
     let mut buf = vec![0u8; BLOCK as usize];
     for i in 0..flushed {

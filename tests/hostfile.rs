@@ -20,7 +20,8 @@ use qcow_metal::metrics::Format;
 use qcow_metal::metrics::parse::parse;
 use qcow_metal::nbd::client::{Client, ClientOptions};
 use qcow_metal_e2e::{
-    NBD_EXPORT, ScratchDir, boot, guest, require_tool, run_tool, run_tool_output, shut_down_cleanly,
+    NBD_EXPORT, ScratchDir, boot, guest, qemu_img_check_json, qemu_img_to_raw, require_tool,
+    shut_down_cleanly,
 };
 use qcow_metal_runner::hostfile::Cut;
 use serde_json::Value;
@@ -146,17 +147,7 @@ fn the_host_file_grows_with_the_image_and_is_cut_to_its_end_at_shutdown() {
         other => panic!("the file was not cut at shutdown: {other:?}"),
     }
 
-    let out = run_tool_output(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "check",
-            "-f",
-            "qcow2",
-            "--output=json",
-            image.to_str().unwrap(),
-        ],
-    );
+    let out = qemu_img_check_json(&image);
     assert!(out.success, "qemu-img check: {}{}", out.stdout, out.stderr);
     let v: Value = serde_json::from_str(&out.stdout).expect("qemu-img check JSON");
     assert_eq!(
@@ -172,19 +163,7 @@ fn the_host_file_grows_with_the_image_and_is_cut_to_its_end_at_shutdown() {
 
     // The image, as QEMU reads it, holds every block.
     let raw = scratch.path().join("disk.raw");
-    run_tool(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            image.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
+    qemu_img_to_raw(&image, &raw);
     let mut f = std::fs::File::open(&raw).unwrap();
     for i in 0..WRITTEN_MIB {
         f.read_exact(&mut buf).unwrap();
@@ -254,17 +233,7 @@ fn a_file_far_longer_than_its_image_is_cut_while_the_guest_runs() {
     drop(guest);
     let end = file_len(&image);
     assert!(end < 16 * MIB, "{end} bytes after a clean shutdown");
-    let out = run_tool_output(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "check",
-            "-f",
-            "qcow2",
-            "--output=json",
-            image.to_str().unwrap(),
-        ],
-    );
+    let out = qemu_img_check_json(&image);
     assert!(out.success, "qemu-img check: {}{}", out.stdout, out.stderr);
     let v: Value = serde_json::from_str(&out.stdout).expect("qemu-img check JSON");
     assert_eq!(v["image-end-offset"].as_u64(), Some(end), "{}", out.stdout);

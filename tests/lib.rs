@@ -6,6 +6,7 @@
 //!
 //! - Guests: [`guest`] (the test defaults), [`boot`], [`run_to_exit`], [`shut_down_cleanly`].
 //! - Host tools: [`require_tool`], [`run_tool`], [`run_tool_output`], [`qemu_io`].
+//! - Images: [`qemu_img_check_json`], [`qemu_img_to_raw`].
 //! - NBD: [`nbd_client`] on a guest's export.
 //! - Scratch space: [`ScratchDir`].
 
@@ -163,6 +164,40 @@ pub fn qemu_io(uri: &str, cmds: &[impl AsRef<str>]) -> String {
         out.stderr
     );
     out.stdout
+}
+
+/// Runs `qemu-img check -f qcow2 --output=json` on `image` and returns what it printed;
+/// the caller judges the exit status (it is non-zero when the check finds problems).
+pub fn qemu_img_check_json(image: &Path) -> ToolOutput {
+    run_tool_output(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "check",
+            "-f",
+            "qcow2",
+            "--output=json",
+            image.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Converts the qcow2 `image` to the raw file `raw` with `qemu-img convert` (the virtual
+/// disk as QEMU reads it); fails unless it succeeds.
+pub fn qemu_img_to_raw(image: &Path, raw: &Path) {
+    run_tool(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
 }
 
 /// This crate's NBD client on the guest's export at loopback `port`, with
