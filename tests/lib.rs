@@ -7,13 +7,14 @@
 //! - Guests: [`guest`] (the test defaults), [`boot`], [`run_to_exit`], [`shut_down_cleanly`].
 //! - Host tools: [`require_tool`], [`run_tool`], [`run_tool_output`], [`qemu_io`].
 //! - Images: [`qemu_img_check_json`], [`qemu_img_to_raw`].
+//! - Prometheus: [`spawn_prometheus`].
 //! - NBD: [`nbd_client`] on a guest's export.
 //! - Scratch space: [`ScratchDir`].
 
 use qcow_metal::nbd::client::{Client, ClientOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use qcow_metal_runner::guest::{Banner, Guest, GuestBuilder};
@@ -198,6 +199,26 @@ pub fn qemu_img_to_raw(image: &Path, raw: &Path) {
             raw.to_str().unwrap(),
         ],
     );
+}
+
+/// Starts a Prometheus server (Debian package prometheus) with the configuration file
+/// `config`, its data and log (`prometheus.log`) in `dir`, listening on loopback `port`.
+pub fn spawn_prometheus(config: &Path, dir: &Path, port: u16) -> Child {
+    let binary = require_tool("prometheus", "prometheus");
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    Command::new(binary)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting prometheus (Debian package prometheus)")
 }
 
 /// This crate's NBD client on the guest's export at loopback `port`, with

@@ -17,6 +17,7 @@ use qcow_metal::metrics::{
 };
 use qcow_metal_e2e::{
     Guest, ScratchDir, boot, guest, qemu_io, require_tool, run_tool, shut_down_cleanly,
+    spawn_prometheus,
 };
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -186,7 +187,6 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target: &str) -> Prometheus {
-        let binary = require_tool("prometheus", "prometheus");
         let dir = ScratchDir::new("prometheus");
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
@@ -198,20 +198,7 @@ impl Prometheus {
         )
         .unwrap();
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting prometheus (Debian package prometheus)");
+        let child = spawn_prometheus(&config, dir.path(), port);
         Prometheus { child, port, dir }
     }
 

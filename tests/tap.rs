@@ -17,7 +17,8 @@ use qcow_metal::config::IpConfig;
 use qcow_metal::metrics::Format;
 use qcow_metal::metrics::parse::parse;
 use qcow_metal_e2e::{
-    BOOT_TIMEOUT, ScratchDir, guest, qemu_io, require_tool, run_tool_output, shut_down_cleanly,
+    BOOT_TIMEOUT, Guest, ScratchDir, guest, qemu_io, require_tool, run_tool_output,
+    shut_down_cleanly, spawn_prometheus,
 };
 use qcow_metal_runner::kernel;
 use qcow_metal_runner::net::NetMode;
@@ -173,25 +174,11 @@ impl Prometheus {
 
     /// With this configuration.
     fn with_config(text: &str) -> Prometheus {
-        let binary = require_tool("prometheus", "prometheus");
         let dir = ScratchDir::new("tap-prometheus");
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, text).unwrap();
         let port = qcow_metal_runner::ports::pick_free().unwrap();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(binary)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting prometheus (Debian package prometheus)");
+        let child = spawn_prometheus(&config, dir.path(), port);
         Prometheus { child, port, dir }
     }
 
@@ -228,6 +215,16 @@ impl Drop for Prometheus {
     }
 }
 
+/// Waits for the guest's banner, then for `/metrics` to answer on the guest's address.
+fn wait_until_serving(guest: &mut Guest) {
+    guest
+        .wait_for_banner(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("boot: {e}"));
+    guest
+        .wait_for_metrics(BOOT_TIMEOUT, || false)
+        .unwrap_or_else(|e| panic!("/metrics on the guest's address: {e}"));
+}
+
 #[test]
 fn prometheus_scrapes_the_guest_on_its_own_ip() {
     in_namespace("prometheus_scrapes_the_guest_on_its_own_ip", || {
@@ -252,12 +249,7 @@ fn prometheus_scrapes_the_guest_on_its_own_ip() {
             "{}",
             guest.kernel_cmdline()
         );
-        guest
-            .wait_for_banner(BOOT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("boot: {e}"));
-        guest
-            .wait_for_metrics(BOOT_TIMEOUT, || false)
-            .unwrap_or_else(|e| panic!("/metrics on the guest's address: {e}"));
+        wait_until_serving(&mut guest);
         let metrics_url = guest.metrics_url();
         assert_eq!(metrics_url, "http://10.213.0.2:9090/metrics");
         assert_eq!(guest.nbd_url(), "nbd://10.213.0.2:10809/disk");
@@ -369,12 +361,7 @@ fn the_runner_creates_its_tap_and_removes_it() {
         let addrs = ip(&["-4", "-o", "addr", "show", "dev", default_tap]);
         assert!(addrs.contains("inet 10.213.0.1/24"), "{addrs}");
         assert!(ip(&["link", "show", default_tap]).contains("UP"));
-        guest
-            .wait_for_banner(BOOT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("boot: {e}"));
-        guest
-            .wait_for_metrics(BOOT_TIMEOUT, || false)
-            .unwrap_or_else(|e| panic!("/metrics on the guest's address: {e}"));
+        wait_until_serving(&mut guest);
         assert_eq!(guest.metrics_url(), "http://10.213.0.2:9090/metrics");
         let (code, body) = http_get("http://10.213.0.2:9090/healthz");
         assert_eq!((code, body.trim()), (200, "ok"));
