@@ -44,6 +44,16 @@ fn assert_unchanged(path: &Path, at: u64, before: &[u8], what: &str) {
     assert!(now == before, "{what} at {at:#x} changed");
 }
 
+/// Runs qemu-io on the qcow2 image `img`, one `-c` per command; fails unless it succeeds.
+fn qemu_io_ok(img: &Path, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(img.to_str().unwrap());
+    qemu_ok("qemu-io", &args);
+}
+
 fn incompatible(path: &Path) -> u64 {
     get64(&std::fs::read(path).unwrap(), 72)
 }
@@ -53,18 +63,7 @@ fn incompatible(path: &Path) -> u64 {
 fn qemu_image(dir: &Path) -> PathBuf {
     let img = dir.join("o.qcow2");
     qemu_create(&img, "cluster_size=65536", 64 << 20);
-    qemu_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x11 0 64k",
-            "-c",
-            "write -P 0x22 64k 64k",
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_io_ok(&img, &["write -P 0x11 0 64k", "write -P 0x22 64k 64k"]);
     let b = std::fs::read(&img).unwrap();
     assert_eq!(get64(&b, 40), L1, "QEMU 7.2 layout: L1 table at 0x30000");
     assert_eq!(get64(&b, L1) & !COPIED, L2, "first L2 table at 0x40000");
@@ -350,16 +349,7 @@ fn valid_images_write_without_refusals() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("v.qcow2");
     qemu_create(&img, "cluster_size=512", 8 << 20);
-    qemu_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x11 0 1M",
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_io_ok(&img, &["write -P 0x11 0 1M"]);
     qemu_ok("qemu-img", &["snapshot", "-c", "s1", img.to_str().unwrap()]);
     let mut q = open_rw(&img);
     let mut model = vec![0u8; 8 << 20];
@@ -405,18 +395,7 @@ fn compressed_descriptor_running_into_its_neighbour_frees_only_its_own_cluster()
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.qcow2");
     qemu_create(&img, "cluster_size=65536", 64 << 20);
-    qemu_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -c -P 0xaa 0 64k",
-            "-c",
-            "write -P 0xbb 64k 64k",
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_io_ok(&img, &["write -c -P 0xaa 0 64k", "write -P 0xbb 64k 64k"]);
     let b = std::fs::read(&img).unwrap();
     let l2 = get64(&b, L1) & !COPIED;
     let e0 = get64(&b, l2);
@@ -465,18 +444,7 @@ fn compressed_descriptor_running_into_its_neighbour_frees_only_its_own_cluster()
     assert_eq!(json_u64(&json, "corruptions"), 0, "{json}");
 
     // QEMU keeps guest cluster 1's data as well.
-    qemu_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x77 0 4k",
-            "-c",
-            "read -P 0xbb 64k 64k",
-            qemu_copy.to_str().unwrap(),
-        ],
-    );
+    qemu_io_ok(&qemu_copy, &["write -P 0x77 0 4k", "read -P 0xbb 64k 64k"]);
     let raw = qemu_raw(dir.path(), &qemu_copy);
     assert!(raw[CS as usize..2 * CS as usize].iter().all(|&b| b == 0xbb));
 }
