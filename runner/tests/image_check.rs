@@ -3,14 +3,10 @@
 //! after `--repair` both checkers agree.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-/// Runs a tool, failing with the Debian package that provides it when it is missing.
-fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} ({e}): install the Debian package qemu-utils")
-    })
-}
+mod common;
+use common::run;
 
 /// `qemu-img check -f qcow2`: exit status and stdout + stderr.
 fn qemu_check(path: &Path) -> (i32, String) {

@@ -5,23 +5,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// Runs a tool, failing with the Debian package that provides it when it is missing.
-fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} ({e}): install the Debian package qemu-utils")
-    })
-}
-
-fn ok(tool: &str, args: &[&str]) -> String {
-    let o = run(tool, args);
-    assert!(
-        o.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod common;
+use common::{ok, run};
 
 fn ours(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qcow-metal"))

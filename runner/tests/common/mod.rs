@@ -1,8 +1,11 @@
 //! Shared by the runner's integration tests: the `qcow-metal` binary started in the
-//! background, its stderr collected as it arrives.
+//! background, its stderr collected as it arrives; QEMU's tools run to completion.
+
+// Each test crate includes this module and uses only part of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,4 +89,23 @@ impl Drop for Runner {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs a tool, failing with the Debian package that provides it when it is missing.
+pub fn run(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {tool} ({e}): install the Debian package qemu-utils")
+    })
+}
+
+/// Runs a tool like [`run`] and fails unless it succeeds; returns its standard output.
+pub fn ok(tool: &str, args: &[&str]) -> String {
+    let o = run(tool, args);
+    assert!(
+        o.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
