@@ -1145,7 +1145,16 @@ fn prepare_user_socket(path: &Path) -> Result<()> {
     if std::fs::symlink_metadata(path).is_err() {
         return Ok(());
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    // A QEMU that was just killed can still accept for a moment: its main thread shows as a
+    // zombie while its other threads, which share the socket, are still exiting. Refuse only
+    // a socket that is still served after a short wait.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut served = std::os::unix::net::UnixStream::connect(path).is_ok();
+    while served && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        served = std::os::unix::net::UnixStream::connect(path).is_ok();
+    }
+    if served {
         return Err(Error::Qemu(format!(
             "the QMP socket {} is served by another running QEMU (another qcow-metal?); stop \
              that one first",
