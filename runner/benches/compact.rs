@@ -5,7 +5,9 @@
 //! 1. compacting an image with half its clusters free (every other MiB trimmed): `qcow-metal
 //!    image compact` (the library function the command runs: compaction steps, close, the
 //!    file cut to the image end) against `qemu-img convert -O qcow2` (the usual way to
-//!    shrink an image: a full copy). Ours moves only the live clusters of the tail.
+//!    shrink an image: a full copy), timed until its output is durable (an fsync after it:
+//!    convert writes with cache=unsafe by default, ours ends with its data synced). Ours
+//!    moves only the live clusters of the tail.
 //! 2. trimming a fully written image: the engine's discard over the whole disk, then a
 //!    flush and close, against one `qemu-io` run discarding the whole disk on the same image
 //!    (`-c 'discard OFF 1G'` per GiB: its discard takes at most 2 GiB - 512 bytes).
@@ -230,6 +232,12 @@ fn compact_row(dir: &Path, size: u64, repeat: usize) -> Row {
             "qemu-img",
             &["convert", "-f", "qcow2", "-O", "qcow2", s(&work), s(&out)],
         );
+        // `qemu-img convert` writes with cache=unsafe unless told otherwise: its output is
+        // still in the page cache when it exits. Ours ends durable (barriers, then an fsync
+        // of the cut file), so the peer's time includes making its output durable too.
+        std::fs::File::open(&out)
+            .and_then(|f| f.sync_all())
+            .expect("sync the converted image");
         let d = t.elapsed();
         peer_len = file_len(&out);
         qemu_clean(&out);
