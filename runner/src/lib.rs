@@ -15,6 +15,7 @@
 //! - [`net`]: user-mode or tap networking; the host side of a tap.
 //! - [`qmp`]: a small typed QMP client.
 //! - [`scrape`]: `qcow-metal scrape`, a summary of a guest's metrics.
+//! - [`serve`]: `qcow-metal serve`, the engine as a native NBD server with `/metrics`.
 //! - [`console`]: capture and tee of the serial console.
 //! - [`exit`]: the guest's exit statuses in words.
 //! - [`hostfile`]: the disk's file grows when the guest asks and is cut to the image's end.
@@ -36,6 +37,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod rundir;
 pub mod scrape;
+pub mod serve;
 pub mod spawn;
 pub mod units;
 

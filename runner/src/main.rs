@@ -19,6 +19,7 @@ use qcow_metal_runner::kernel::{self, BuildOutput};
 use qcow_metal_runner::net::{self, NetMode};
 use qcow_metal_runner::qemu::{self, Accel, GUEST_METRICS_PORT, GUEST_NBD_PORT};
 use qcow_metal_runner::scrape;
+use qcow_metal_runner::serve;
 use qcow_metal_runner::units::{format_size, parse_size};
 use qcow_metal_runner::{Error, Guest, GuestOutcome, guard, ports, spawn};
 
@@ -55,6 +56,30 @@ enum Command {
         #[arg(long, value_name = "TIME", default_value = "2", value_parser = scrape::parse_interval)]
         interval: Duration,
     },
+    /// Serve a qcow2 image over NBD with the project's engine on the host (no guest), with
+    /// the guest's Prometheus metrics; Ctrl-C closes the image clean
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// The qcow2 image to export
+    image: PathBuf,
+    /// NBD port (0: any free port, printed at start)
+    #[arg(long, value_name = "PORT", default_value_t = GUEST_NBD_PORT)]
+    nbd_port: u16,
+    /// Metrics port: /metrics, / and /healthz (0: any free port, printed at start)
+    #[arg(long, value_name = "PORT", default_value_t = GUEST_METRICS_PORT)]
+    metrics_port: u16,
+    /// NBD export name (the empty name selects it too)
+    #[arg(long, value_name = "NAME", default_value = "disk")]
+    export: String,
+    /// Open the image read-only and export it read-only
+    #[arg(long)]
+    read_only: bool,
+    /// Address both ports listen on (e.g. 0.0.0.0 for every interface)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    bind: std::net::IpAddr,
 }
 
 #[derive(Args, Clone)]
@@ -179,6 +204,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => Ok(bench::run(&args)),
         Some(Command::Image(cmd)) => image_command(cmd),
         Some(Command::Scrape { url, interval }) => scrape_command(&url, interval),
+        Some(Command::Serve(args)) => serve_command(&args),
     };
     match result {
         Ok(code) => code,
@@ -279,6 +305,47 @@ fn scrape_command(url: &str, interval: Duration) -> Result<ExitCode, Error> {
     let url = scrape::Url::parse(url).map_err(Error::Usage)?;
     let summary = scrape::run(&url, interval)?;
     print!("{summary}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve_command(args: &ServeArgs) -> Result<ExitCode, Error> {
+    if args.export.is_empty() || args.export.len() > 4096 {
+        return Err(Error::Usage(
+            "--export: an NBD export name is 1 to 4096 bytes long".into(),
+        ));
+    }
+    // First, so Ctrl-C and SIGTERM are never ignored.
+    let interrupts = interrupt_counter()?;
+    let server = serve::Server::start(&serve::ServeOptions {
+        image: args.image.clone(),
+        nbd: (args.bind, args.nbd_port).into(),
+        metrics: (args.bind, args.metrics_port).into(),
+        export: args.export.clone(),
+        read_only: args.read_only,
+    })?;
+    eprintln!(
+        "qcow-metal: serving {}{}",
+        args.image.display(),
+        if args.read_only { " read-only" } else { "" }
+    );
+    eprintln!("qcow-metal: NBD:     {}", server.nbd_uri());
+    eprintln!("qcow-metal: metrics: {}", server.metrics_url());
+    eprintln!("qcow-metal: press Ctrl-C to stop (the image is closed clean)");
+    while interrupts.load(Ordering::SeqCst) == 0 {
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "\nqcow-metal: stopping: NBD clients told to go (up to {} s), then the image is closed",
+        serve::DRAIN.as_secs()
+    );
+    let report = server.stop()?;
+    if report.nbd_closed > 0 {
+        eprintln!(
+            "qcow-metal: closed {} NBD connection(s) that did not leave",
+            report.nbd_closed
+        );
+    }
+    eprintln!("qcow-metal: {} closed clean", args.image.display());
     Ok(ExitCode::SUCCESS)
 }
 
