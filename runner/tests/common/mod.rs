@@ -93,9 +93,16 @@ impl Drop for Runner {
 
 /// Runs a tool, failing with the Debian package that provides it when it is missing.
 pub fn run(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {tool} ({e}): install the Debian package qemu-utils")
-    })
+    let package = match tool {
+        "nbdinfo" | "nbdcopy" => "libnbd-bin",
+        "promtool" => "prometheus",
+        "kill" => "procps",
+        _ => "qemu-utils",
+    };
+    Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool} ({e}): install the Debian package {package}"))
 }
 
 /// Runs a tool like [`run`] and fails unless it succeeds; returns its standard output.

@@ -1,0 +1,358 @@
+//! `qcow-metal serve` against real peers: qemu-io, qemu-img convert/compare over `nbd://`,
+//! nbdinfo --list/--map, nbdcopy, several clients at once, promtool on `/metrics`; SIGINT
+//! and SIGTERM leave `qemu-img check` clean, the dirty bit cleared and every write there.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use qcow_metal::nbd::client::Client;
+
+mod common;
+use common::{RUNNER, Runner, ok, run};
+
+/// How long the server may take to come up or to stop (guards against hangs only).
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A `qemu-img create`d qcow2 image of `size`.
+fn qcow2(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let p = dir.join(name);
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), size],
+    );
+    p
+}
+
+/// `qcow-metal serve IMAGE` on free ports; returns it with its NBD URI and metrics URL.
+fn serve(image: &Path, extra: &[&str]) -> (Runner, String, String) {
+    let mut cmd = Command::new(RUNNER);
+    cmd.args(["serve", image.to_str().unwrap()])
+        .args(["--nbd-port", "0", "--metrics-port", "0"])
+        .args(extra);
+    let mut r = Runner::spawn(cmd);
+    r.wait_for("press Ctrl-C", WAIT);
+    let err = r.stderr();
+    let field = |prefix: &str| {
+        err.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line:\n{err}"))
+            .trim()
+            .to_string()
+    };
+    let nbd = field("qcow-metal: NBD:");
+    let metrics = field("qcow-metal: metrics:");
+    (r, nbd, metrics)
+}
+
+/// Sends `signal` (INT or TERM) to the server, waits for it, and checks it exited 0 having
+/// closed the image clean.
+fn stop(mut r: Runner, signal: &str) -> String {
+    let pid = r.child.id().to_string();
+    ok("kill", &[&format!("-{signal}"), &pid]);
+    let status = r.wait_exit(WAIT);
+    let err = r.stderr();
+    assert!(
+        status.success(),
+        "serve exited {status} on SIG{signal}:\n{err}"
+    );
+    assert!(err.contains("closed clean"), "{err}");
+    err
+}
+
+/// `qemu-img check` finds nothing, and the header's dirty bit is clear.
+fn assert_clean(image: &Path) {
+    let o = run(
+        "qemu-img",
+        &["check", "-f", "qcow2", image.to_str().unwrap()],
+    );
+    assert!(
+        o.status.success(),
+        "qemu-img check: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let header = std::fs::read(image).unwrap();
+    let incompatible = u64::from_be_bytes(header[72..80].try_into().unwrap());
+    assert_eq!(incompatible & 1, 0, "the dirty bit is still set");
+}
+
+/// GET `path` on the metrics server; returns the body.
+fn http_get(url: &str, path: &str) -> String {
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut s = TcpStream::connect(&host).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+fn promtool_check(body: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): install the Debian package prometheus")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The value of the one series of `name` in a text exposition.
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn qemus_tools_and_nbd_tools_work_against_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = qcow2(dir.path(), "disk.qcow2", "64M");
+    let (r, uri, metrics) = serve(&image, &[]);
+
+    // Listing: the export, its size, base:allocation.
+    let list = ok("nbdinfo", &["--list", &uri]);
+    assert!(list.contains("export=\"disk\""), "{list}");
+    assert!(list.contains("export-size: 67108864"), "{list}");
+    assert!(list.contains("base:allocation"), "{list}");
+
+    // qemu-io writes and reads back a pattern.
+    let io = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1M 2M",
+            "-c",
+            "read -P 0x5a 1M 2M",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    assert!(io.contains("read 2097152/2097152"), "{io}");
+
+    // qemu-img convert a raw file into the export and compare.
+    let raw = dir.path().join("data.raw");
+    let mut data = pseudo_random(8 << 20, 7);
+    data[..64 << 10].fill(0); // a zero run at the start
+    std::fs::write(&raw, &data).unwrap();
+    let raw_s = raw.to_str().unwrap();
+    ok(
+        "qemu-img",
+        &["convert", "-n", "-f", "raw", "-O", "raw", raw_s, &uri],
+    );
+    let cmp = ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", raw_s, &uri],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+
+    // nbdinfo --map: data at the start, a hole past the written 8 MiB.
+    let map = ok("nbdinfo", &["--map", &uri]);
+    assert!(
+        map.lines().any(|l| l.contains("data")),
+        "no data extent:\n{map}"
+    );
+    let last = map.lines().last().unwrap();
+    assert!(last.contains("hole"), "the tail is not a hole:\n{map}");
+
+    // nbdcopy the whole export out; it holds what was converted in.
+    let copy = dir.path().join("copy.raw");
+    ok("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+    let copied = std::fs::read(&copy).unwrap();
+    assert_eq!(copied.len(), 64 << 20);
+    assert!(copied[..data.len()] == data[..], "nbdcopy read other data");
+
+    // Four qemu-io clients at once, each writing and verifying its own 4 MiB.
+    let clients: Vec<_> = (0..4u32)
+        .map(|i| {
+            let uri = uri.clone();
+            thread::spawn(move || {
+                let off = format!("{}M", 16 + 4 * i);
+                let pattern = format!("0x{:x}", 0x10 + i);
+                ok(
+                    "qemu-io",
+                    &[
+                        "-f",
+                        "raw",
+                        "-c",
+                        &format!("write -P {pattern} {off} 4M"),
+                        "-c",
+                        &format!("read -P {pattern} {off} 4M"),
+                        &uri,
+                    ],
+                )
+            })
+        })
+        .collect();
+    for c in clients {
+        let out = c.join().unwrap();
+        assert!(out.contains("read 4194304/4194304"), "{out}");
+    }
+
+    // /metrics: valid for promtool, and it counted the clients.
+    let body = http_get(&metrics, "/metrics");
+    promtool_check(&body);
+    assert!(
+        metric(&body, "qcow_metal_nbd_sessions_total") >= 8.0,
+        "{body}"
+    );
+    assert_eq!(metric(&body, "qcow_metal_disk_up"), 1.0);
+    assert!(http_get(&metrics, "/healthz").starts_with("ok"));
+
+    stop(r, "INT");
+    assert_clean(&image);
+    // Durable: what the clients wrote is in the image file after the server is gone.
+    let after = dir.path().join("after.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            after.to_str().unwrap(),
+        ],
+    );
+    let after = std::fs::read(&after).unwrap();
+    assert!(after[..data.len()] == data[..], "converted data lost");
+    for i in 0..4u8 {
+        let at = (16 + 4 * i as usize) << 20;
+        assert!(
+            after[at..at + (4 << 20)].iter().all(|&b| b == 0x10 + i),
+            "client {i}'s data lost"
+        );
+    }
+}
+
+#[test]
+fn sigterm_with_a_client_connected_drains_and_closes_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = qcow2(dir.path(), "disk.qcow2", "32M");
+    let (r, uri, _) = serve(&image, &[]);
+    let addr = uri
+        .trim_start_matches("nbd://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // A client writes without flushing and stays connected, silent.
+    let mut client = Client::connect(&addr, "disk").unwrap();
+    let data = pseudo_random(1 << 20, 3);
+    assert_eq!(client.write(5 << 20, &data, false).unwrap(), 0);
+    // A second server on the same image is refused by the disk lock.
+    let o = Command::new(RUNNER)
+        .args(["serve", image.to_str().unwrap()])
+        .args(["--nbd-port", "0", "--metrics-port", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("lock"), "{err}");
+
+    let err = stop(r, "TERM");
+    assert!(err.contains("closed 1 NBD connection"), "{err}");
+    drop(client);
+    assert_clean(&image);
+    let after = dir.path().join("after.raw");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            after.to_str().unwrap(),
+        ],
+    );
+    let after = std::fs::read(&after).unwrap();
+    assert!(
+        after[5 << 20..6 << 20] == data[..],
+        "an unflushed write was lost at close"
+    );
+}
+
+#[test]
+fn read_only_and_bad_images_are_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = qcow2(dir.path(), "disk.qcow2", "16M");
+    let (r, uri, _) = serve(&image, &["--read-only", "--export", "ro"]);
+    assert!(uri.ends_with("/ro"), "{uri}");
+    let info = ok("nbdinfo", &[&uri]);
+    assert!(info.contains("is_read_only: true"), "{info}");
+    let o = run("qemu-io", &["-f", "raw", "-c", "write 0 64k", &uri]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !out.contains("wrote 65536"),
+        "a read-only export took a write: {out}"
+    );
+    stop(r, "INT");
+    assert_clean(&image);
+
+    // A file that is not qcow2 is refused with what to do instead.
+    let raw = dir.path().join("plain.raw");
+    std::fs::write(&raw, vec![1u8; 1 << 20]).unwrap();
+    let o = Command::new(RUNNER)
+        .args([
+            "serve",
+            raw.to_str().unwrap(),
+            "--nbd-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a qcow2 image"),
+        "{err}"
+    );
+}
