@@ -4,6 +4,7 @@
 //! (`kernel/`) binds it to virtio devices; the runner (`runner/`) uses it on host files.
 //!
 //! - [`block`]: the byte-addressed [`block::BlockDevice`] the engine sits on.
+//! - [`blkqueue`]: block requests on a queue device (virtio-blk planning).
 //! - [`disk`]: the [`disk::VirtualDisk`] a client sees (qcow2 or raw) and its errors.
 //! - [`qcow2`]: the qcow2 engine.
 //! - [`metrics`]: counters, gauges, histograms and the Prometheus/OpenMetrics encoders.
@@ -16,6 +17,7 @@
 
 extern crate alloc;
 
+pub mod blkqueue;
 pub mod block;
 pub mod compaction;
 pub mod config;

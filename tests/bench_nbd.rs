@@ -12,7 +12,8 @@
 //! Workload (in this order, same offsets everywhere): 1 MiB sequential writes (repetition `i`
 //! writes region `i`, allocating it), 1 MiB sequential reads of the same regions, then 4 KiB
 //! random reads and 4 KiB random writes over all regions, each with `DEPTH` requests in
-//! flight through this crate's NBD client, writes followed by a flush. Each row keeps the
+//! flight through this crate's NBD client, writes followed by a flush, and the two random rows
+//! again at depth 32 (the `QD32` rows). Each row keeps the
 //! best of its repetitions. It prints MiB/s or IOPS per row and the ratios a/b and a/c
 //! (target: at least 0.9).
 //!
@@ -90,15 +91,22 @@ enum Row {
     SeqRead1M,
     RandRead4K,
     RandWrite4K,
+    RandRead4KDeep,
+    RandWrite4KDeep,
 }
 
 /// The rows, in the order they run (the reads read what the sequential writes wrote).
-const ROWS: [Row; 4] = [
+const ROWS: [Row; 6] = [
     Row::SeqWrite1M,
     Row::SeqRead1M,
     Row::RandRead4K,
     Row::RandWrite4K,
+    Row::RandRead4KDeep,
+    Row::RandWrite4KDeep,
 ];
+
+/// Requests in flight in the deep rows.
+const DEEP: usize = 32;
 
 impl Row {
     fn name(self) -> &'static str {
@@ -107,6 +115,16 @@ impl Row {
             Row::SeqRead1M => "1 MiB sequential read",
             Row::RandRead4K => "4 KiB random read",
             Row::RandWrite4K => "4 KiB random write",
+            Row::RandRead4KDeep => "4 KiB random read QD32",
+            Row::RandWrite4KDeep => "4 KiB random write QD32",
+        }
+    }
+
+    /// Requests in flight: `NBD_BENCH_DEPTH` except in the deep rows.
+    fn depth(self, p: Params) -> usize {
+        match self {
+            Row::RandRead4KDeep | Row::RandWrite4KDeep => DEEP,
+            _ => p.depth,
         }
     }
 
@@ -128,17 +146,17 @@ impl Row {
             Row::SeqRead1M => (0..p.region / MIB)
                 .map(|i| (base + i * MIB, MIB as u32, false))
                 .collect(),
-            Row::RandRead4K => (0..p.ops)
+            Row::RandRead4K | Row::RandRead4KDeep => (0..p.ops)
                 .map(|_| (rand() % blocks * 4096, 4096, false))
                 .collect(),
-            Row::RandWrite4K => (0..p.ops)
+            Row::RandWrite4K | Row::RandWrite4KDeep => (0..p.ops)
                 .map(|_| (rand() % blocks * 4096, 4096, true))
                 .collect(),
         }
     }
 }
 
-/// Runs one row with `depth` requests in flight; returns the elapsed time (a final flush of
+/// Runs one row with [`Row::depth`] requests in flight; returns the elapsed time (a final flush of
 /// the writes included).
 fn run_row(c: &mut Client, row: Row, p: Params, rep: u64) -> Duration {
     let reqs = row.requests(p, rep);
@@ -148,7 +166,7 @@ fn run_row(c: &mut Client, row: Row, p: Params, rep: u64) -> Duration {
     let mut next = 0;
     let mut done = 0;
     while done < reqs.len() {
-        while next < reqs.len() && c.in_flight() < p.depth {
+        while next < reqs.len() && c.in_flight() < row.depth(p) {
             let (off, len, write) = reqs[next];
             let r = if write {
                 c.send(CMD_WRITE, 0, off, len, &payload[..len as usize])
@@ -273,7 +291,7 @@ fn main() {
 
     println!();
     println!(
-        "NBD throughput ({accel:?}; {} x {} MiB regions, {} random ops, depth {}; best of {})",
+        "NBD throughput ({accel:?}; {} x {} MiB regions, {} random ops, depth {} (QD32 rows {DEEP}); best of {})",
         p.reps,
         p.region / MIB,
         p.ops,
@@ -300,6 +318,7 @@ fn main() {
             },
             "bytes": bytes,
             "requests": reqs.len(),
+            "depth": row.depth(p),
             "seconds": { "a": best[r][0].as_secs_f64(), "b": best[r][1].as_secs_f64(), "c": best[r][2].as_secs_f64() },
         }));
         let rate = |t: Duration| match row {

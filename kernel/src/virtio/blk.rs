@@ -8,7 +8,7 @@
 //!   write-zeroes (`VIRTIO_BLK_F_WRITE_ZEROES`); the read-only flag (`VIRTIO_BLK_F_RO`) makes
 //!   every changing request fail with [`BlockError::ReadOnly`] before it reaches the device;
 //! - a caller's buffer goes to the device in place (no copy): big requests are cut into
-//!   chunks of at most [`MAX_REQUEST_BYTES`] (and `seg_max` x `size_max` when the device sets
+//!   chunks of at most [`plan::MAX_REQUEST_BYTES`] (and `seg_max` x `size_max` when the device sets
 //!   them), and up to [`MAX_IN_FLIGHT`] chunks are queued before the device is notified once,
 //!   so the host can work on them together;
 //! - every virtio request submitted is counted exactly once in the [`BlockDeviceMetrics`]
@@ -29,6 +29,9 @@
 
 use alloc::sync::Arc;
 use log::{info, warn};
+use qcow_metal::blkqueue::plan::{
+    self, DeviceConfig, Limits, MAX_SEGMENTS, RequestType, Slots, VIRTIO_SECTOR,
+};
 use qcow_metal::block::{BlockError, SectorDevice};
 use qcow_metal::metrics::families::{BlockDeviceMetrics, IoOp};
 use virtio_drivers::queue::VirtQueue;
@@ -42,10 +45,6 @@ use crate::hostfile::{ANSWER_MS, Answer, Grower};
 pub const QUEUE_SIZE: usize = 128;
 /// Requests queued at once by one call.
 pub const MAX_IN_FLIGHT: usize = 32;
-/// Largest data transfer of one virtio request when the device sets no limit.
-pub const MAX_REQUEST_BYTES: usize = 4 << 20;
-/// Largest number of data segments this driver puts in one request.
-const MAX_SEGMENTS: usize = 32;
 
 const QUEUE: u16 = 0;
 /// How long a wait for a completion spins before it halts the CPU. Under TCG a halted CPU
@@ -55,8 +54,6 @@ const QUEUE: u16 = 0;
 const SPIN_NS: u64 = 1_000_000;
 /// Longest halt while waiting for a completion (a lost interrupt costs at most this).
 const WAIT_SLICE_NS: u64 = 1_000_000;
-/// virtio-blk addresses the disk in 512-byte units whatever its logical block size.
-const VIRTIO_SECTOR: u64 = 512;
 
 // Feature bits (virtio 1.x, 5.2.3 and 6).
 const F_SIZE_MAX: u64 = 1 << 1;
@@ -80,19 +77,8 @@ const WANTED: u64 = F_SIZE_MAX
     | F_INDIRECT_DESC
     | F_VERSION_1;
 
-// Request types (5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-/// `flags` bit of a write-zeroes range: the device may deallocate the sectors.
-const WRITE_ZEROES_UNMAP: u32 = 1;
-
-// Status values.
-const S_OK: u8 = 0;
+/// Status value of a request the host failed (`VIRTIO_BLK_S_IOERR`), for the log.
 const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
 
 // Offsets in the device configuration (5.2.4).
 const CFG_CAPACITY: usize = 0;
@@ -123,29 +109,18 @@ struct Chunk {
     len: usize,
 }
 
-/// A request the device holds: the header and status buffers live here until it completes.
+/// A request the device holds: the header and status buffers live here until it completes
+/// (which slots are free, prepared or on the queue is kept in [`Slots`]).
 struct Slot {
     header: [u8; 16],
     /// Discard/write-zeroes segment (sector, count, flags).
     range: [u8; 16],
     status: [u8; 1],
-    token: u16,
     op: IoOp,
     chunk: Chunk,
     /// Bytes the request covers, for statistics.
     bytes: u64,
     start_ns: u64,
-    state: SlotState,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum SlotState {
-    /// Unused.
-    Free,
-    /// Filled in, not on the queue yet (the queue was full).
-    Prepared,
-    /// On the queue: the device owns its buffers.
-    Busy,
 }
 
 impl Slot {
@@ -154,7 +129,6 @@ impl Slot {
             header: [0; 16],
             range: [0; 16],
             status: [0xff],
-            token: 0,
             op: IoOp::Read,
             chunk: Chunk {
                 sector: 0,
@@ -163,8 +137,29 @@ impl Slot {
             },
             bytes: 0,
             start_ns: 0,
-            state: SlotState::Free,
         }
+    }
+
+    /// A data-less request (flush, discard, write-zeroes).
+    fn no_data(&mut self, op: IoOp, bytes: u64) {
+        self.op = op;
+        self.chunk = Chunk {
+            sector: 0,
+            ptr: core::ptr::null_mut(),
+            len: 0,
+        };
+        self.bytes = bytes;
+    }
+}
+
+/// The virtio request type of an operation.
+fn request_type(op: IoOp) -> RequestType {
+    match op {
+        IoOp::Read => RequestType::Read,
+        IoOp::Write => RequestType::Write,
+        IoOp::Flush => RequestType::Flush,
+        IoOp::Discard => RequestType::Discard,
+        IoOp::WriteZeroes => RequestType::WriteZeroes,
     }
 }
 
@@ -175,16 +170,12 @@ pub struct VirtioBlk {
     features: u64,
     /// Capacity in 512-byte virtio sectors.
     capacity: u64,
-    /// Logical block size: the unit of every request.
-    block_size: u32,
-    /// Largest data segment (`size_max`), or unlimited.
-    segment_max: usize,
-    /// Largest data transfer per request, a multiple of the block size.
-    request_max: usize,
-    max_discard_sectors: u64,
-    max_write_zeroes_sectors: u64,
+    /// What one request may carry (block size, segment and request sizes, range limits).
+    limits: Limits,
     indirect: bool,
     slots: alloc::boxed::Box<[Slot; MAX_IN_FLIGHT]>,
+    /// Which of `slots` are free, prepared or on the queue (and under which token).
+    slot_states: Slots<MAX_IN_FLIGHT>,
     stats: Arc<BlockDeviceMetrics>,
     clock_ns: fn() -> u64,
     /// Halts the CPU until an interrupt or a deadline, if the device can wake it.
@@ -253,53 +244,20 @@ impl VirtioBlk {
 
         let config_generation = transport.read_config_generation();
         let capacity: u64 = read_cfg(&transport, CFG_CAPACITY)?;
-        let mut block_size = 512u32;
-        if features & F_BLK_SIZE != 0 {
-            let bs: u32 = read_cfg(&transport, CFG_BLK_SIZE)?;
-            if bs.is_power_of_two() && (512..=65536).contains(&bs) {
-                block_size = bs;
-            }
-        }
-        let mut segment_max = usize::MAX;
-        if features & F_SIZE_MAX != 0 {
-            let v: u32 = read_cfg(&transport, CFG_SIZE_MAX)?;
-            if v >= block_size {
-                segment_max = v as usize;
-            }
-        }
-        let mut segments = MAX_SEGMENTS;
-        if features & F_SEG_MAX != 0 {
-            let v: u32 = read_cfg(&transport, CFG_SEG_MAX)?;
-            if v >= 1 {
-                segments = segments.min(v as usize);
-            }
-        }
-        // Segments of `segment_max` bytes, but whole blocks per request.
-        let per_request = segment_max.saturating_mul(segments).min(MAX_REQUEST_BYTES);
-        let request_max = (per_request / block_size as usize * block_size as usize).max(
-            // A device whose size_max is below a block still takes one block per request.
-            block_size as usize,
-        );
-        if segment_max < block_size as usize {
-            segment_max = block_size as usize;
-        }
-        let sectors_cap = |v: u32| {
-            if v == 0 {
-                u64::from(u32::MAX >> 1)
+        let field = |bit: u64, offset: usize| -> Result<Option<u32>, BlkInitError> {
+            if features & bit != 0 {
+                read_cfg::<u32>(&transport, offset).map(Some)
             } else {
-                u64::from(v)
+                Ok(None)
             }
         };
-        let max_discard_sectors = if features & F_DISCARD != 0 {
-            sectors_cap(read_cfg(&transport, CFG_MAX_DISCARD_SECTORS)?)
-        } else {
-            0
-        };
-        let max_write_zeroes_sectors = if features & F_WRITE_ZEROES != 0 {
-            sectors_cap(read_cfg(&transport, CFG_MAX_WRITE_ZEROES_SECTORS)?)
-        } else {
-            0
-        };
+        let limits = Limits::negotiate(DeviceConfig {
+            blk_size: field(F_BLK_SIZE, CFG_BLK_SIZE)?,
+            size_max: field(F_SIZE_MAX, CFG_SIZE_MAX)?,
+            seg_max: field(F_SEG_MAX, CFG_SEG_MAX)?,
+            max_discard_sectors: field(F_DISCARD, CFG_MAX_DISCARD_SECTORS)?,
+            max_write_zeroes_sectors: field(F_WRITE_ZEROES, CFG_MAX_WRITE_ZEROES_SECTORS)?,
+        });
 
         let indirect = features & F_INDIRECT_DESC != 0;
         let queue =
@@ -310,13 +268,10 @@ impl VirtioBlk {
             queue,
             features,
             capacity,
-            block_size,
-            segment_max,
-            request_max,
-            max_discard_sectors,
-            max_write_zeroes_sectors,
+            limits,
             indirect,
             slots: alloc::boxed::Box::new([const { Slot::empty() }; MAX_IN_FLIGHT]),
+            slot_states: Slots::default(),
             stats,
             clock_ns,
             waiter: None,
@@ -331,7 +286,7 @@ impl VirtioBlk {
         info!(
             "{} bytes, block {} B, {}{}{}{}, up to {} KiB per request",
             capacity * VIRTIO_SECTOR,
-            block_size,
+            limits.block_size,
             if features & F_RO != 0 {
                 "read-only"
             } else {
@@ -352,7 +307,7 @@ impl VirtioBlk {
             } else {
                 ""
             },
-            dev.request_max / 1024,
+            dev.limits.request_max / 1024,
         );
         Ok(dev)
     }
@@ -368,48 +323,24 @@ impl VirtioBlk {
     }
 
     fn blocks_to_virtio(&self, block: u64) -> u64 {
-        block * (u64::from(self.block_size) / VIRTIO_SECTOR)
+        block * self.limits.sectors_per_block()
     }
 
     fn check_blocks(&self, block: u64, count: u64) -> Result<u64, BlockError> {
-        let first = self.blocks_to_virtio(block);
-        let total = self.capacity / (u64::from(self.block_size) / VIRTIO_SECTOR);
-        match block.checked_add(count) {
-            Some(end) if end <= total => Ok(first),
-            _ => Err(BlockError::OutOfRange {
-                offset: block * u64::from(self.block_size),
-                len: count * u64::from(self.block_size),
-                capacity: total * u64::from(self.block_size),
-            }),
-        }
+        self.limits.check_blocks(block, count, self.capacity)
     }
 
     /// Puts the request in `slots[i]` on the queue. Returns `false` when the queue is full.
     fn submit(&mut self, i: usize) -> Result<bool, BlockError> {
-        let segs_max = self.segment_max;
+        let segs_max = self.limits.segment_max;
         let slot = &mut self.slots[i];
-        let (type_, sector) = match slot.op {
-            IoOp::Read => (T_IN, slot.chunk.sector),
-            IoOp::Write => (T_OUT, slot.chunk.sector),
-            IoOp::Flush => (T_FLUSH, 0),
-            IoOp::Discard => (T_DISCARD, 0),
-            IoOp::WriteZeroes => (T_WRITE_ZEROES, 0),
-        };
-        slot.header[0..4].copy_from_slice(&type_.to_le_bytes());
-        slot.header[4..8].fill(0);
-        slot.header[8..16].copy_from_slice(&sector.to_le_bytes());
+        let kind = request_type(slot.op);
+        slot.header = plan::header(kind, slot.chunk.sector);
         slot.status[0] = 0xff;
         let chunk = slot.chunk;
-        let descriptors_needed = match slot.op {
-            IoOp::Read | IoOp::Write => 2 + chunk.len.div_ceil(segs_max),
-            IoOp::Flush => 2,
-            IoOp::Discard | IoOp::WriteZeroes => 3,
-        };
-        if self.indirect {
-            if self.queue.available_desc() == 0 {
-                return Ok(false);
-            }
-        } else if self.queue.available_desc() < descriptors_needed {
+        if self.queue.available_desc()
+            < plan::descriptors_needed(kind, chunk.len, segs_max, self.indirect)
+        {
             return Ok(false);
         }
         let slot = &mut self.slots[i];
@@ -459,8 +390,7 @@ impl VirtioBlk {
                 return Err(BlockError::Io);
             }
         };
-        slot.token = token;
-        slot.state = SlotState::Busy;
+        self.slot_states.submitted(i, token);
         slot.start_ns = (self.clock_ns)();
         self.stats.submitted();
         Ok(true)
@@ -637,15 +567,11 @@ impl VirtioBlk {
     /// Takes the next completed request off the used ring; returns its slot and status.
     fn complete_one(&mut self) -> Result<(usize, u8), BlockError> {
         let token = self.wait_used();
-        let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| s.state == SlotState::Busy && s.token == token)
-        else {
+        let Some(i) = self.slot_states.find(token) else {
             warn!("the device completed an unknown request {token}");
             return Err(BlockError::Io);
         };
-        let segs_max = self.segment_max;
+        let segs_max = self.limits.segment_max;
         let slot = &mut self.slots[i];
         let chunk = slot.chunk;
         let op = slot.op;
@@ -699,11 +625,10 @@ impl VirtioBlk {
             }
         };
         let latency = (self.clock_ns)().saturating_sub(slot.start_ns);
-        slot.state = SlotState::Free;
+        self.slot_states.release(i);
         self.stats.completed();
         let status = if popped.is_ok() { slot.status[0] } else { 0xff };
-        self.stats
-            .record(slot.op, slot.bytes, latency, status == S_OK);
+        self.stats.record(slot.op, slot.bytes, latency, status == 0);
         if let Err(e) = popped {
             warn!("bad completion: {e}");
         }
@@ -720,20 +645,16 @@ impl VirtioBlk {
             // Queue as many as fit, then notify the device once.
             let mut queued = 0;
             while in_flight < MAX_IN_FLIGHT {
-                let i = if let Some(i) = self
-                    .slots
-                    .iter()
-                    .position(|s| s.state == SlotState::Prepared)
-                {
+                let i = if let Some(i) = self.slot_states.next_prepared() {
                     i
                 } else if !more {
                     break;
-                } else if let Some(i) = self.slots.iter().position(|s| s.state == SlotState::Free) {
+                } else if let Some(i) = self.slot_states.prepare() {
                     if !next(&mut self.slots[i]) {
+                        self.slot_states.release(i);
                         more = false;
                         break;
                     }
-                    self.slots[i].state = SlotState::Prepared;
                     i
                 } else {
                     break;
@@ -746,7 +667,7 @@ impl VirtioBlk {
                     Ok(false) if in_flight > 0 => break,
                     Ok(false) | Err(_) => {
                         // Nothing is on the queue, yet this request does not fit: give up.
-                        self.slots[i].state = SlotState::Free;
+                        self.slot_states.release(i);
                         result = Err(BlockError::Io);
                         more = false;
                         break;
@@ -766,28 +687,22 @@ impl VirtioBlk {
             }
             let (i, status) = self.complete_one()?;
             in_flight -= 1;
-            if status != S_OK && result.is_ok() {
+            if let Err(e) = plan::status_result(status)
+                && result.is_ok()
+            {
                 let op = self.slots[i].op;
-                result = Err(if status == S_UNSUPP {
-                    BlockError::Unsupported
-                } else {
-                    if status == S_IOERR {
-                        warn!(
-                            "{} request failed: the host reported an I/O error (a full or failing host disk?)",
-                            op.name()
-                        );
-                    } else {
-                        warn!("{} request failed (status {status})", op.name());
-                    }
-                    BlockError::Io
-                });
+                if status == S_IOERR {
+                    warn!(
+                        "{} request failed: the host reported an I/O error (a full or failing host disk?)",
+                        op.name()
+                    );
+                } else if e == BlockError::Io {
+                    warn!("{} request failed (status {status})", op.name());
+                }
+                result = Err(e);
                 // Queue nothing more; wait for what the device holds.
                 more = false;
-                for s in self.slots.iter_mut() {
-                    if s.state == SlotState::Prepared {
-                        s.state = SlotState::Free;
-                    }
-                }
+                self.slot_states.drop_prepared();
             }
         }
         result
@@ -801,56 +716,34 @@ impl VirtioBlk {
         ptr: *mut u8,
         len: usize,
     ) -> Result<(), BlockError> {
-        let step = self.request_max;
-        let mut done = 0usize;
+        let mut pieces = plan::transfer_pieces(sector, len, self.limits.request_max);
         self.run(|slot| {
-            if done >= len {
+            let Some(piece) = pieces.next() else {
                 return false;
-            }
-            let n = step.min(len - done);
+            };
             slot.op = op;
             slot.chunk = Chunk {
-                sector: sector + (done as u64) / VIRTIO_SECTOR,
-                // SAFETY: `done < len`, so the pointer stays inside the caller's buffer.
-                ptr: unsafe { ptr.add(done) },
-                len: n,
+                sector: piece.sector,
+                // SAFETY: `piece.offset < len`, so the pointer stays inside the caller's
+                // buffer.
+                ptr: unsafe { ptr.add(piece.offset) },
+                len: piece.len,
             };
-            slot.bytes = n as u64;
-            done += n;
+            slot.bytes = piece.len as u64;
             true
         })
     }
 
     /// Discards or zeroes `count` virtio sectors from `sector`, one range per request.
     fn ranges(&mut self, op: IoOp, sector: u64, count: u64, max: u64) -> Result<(), BlockError> {
-        // Keep each request a whole number of logical blocks.
-        let per_block = u64::from(self.block_size) / VIRTIO_SECTOR;
-        let step = (max / per_block * per_block).max(per_block);
-        let mut done = 0u64;
+        let kind = request_type(op);
+        let mut pieces = plan::range_pieces(sector, count, max, self.limits.sectors_per_block());
         self.run(|slot| {
-            if done >= count {
+            let Some((first, n)) = pieces.next() else {
                 return false;
-            }
-            let n = step.min(count - done);
-            slot.op = op;
-            slot.chunk = Chunk {
-                sector: 0,
-                ptr: core::ptr::null_mut(),
-                len: 0,
             };
-            slot.range[0..8].copy_from_slice(&(sector + done).to_le_bytes());
-            slot.range[8..12].copy_from_slice(&(n as u32).to_le_bytes());
-            // Write-zeroes sets the `unmap` flag: the device may deallocate the range (QEMU
-            // with `discard=unmap` punches a hole in its file instead of allocating it), and
-            // it reads as zeros either way. Discard requests must leave it clear.
-            let flags = if op == IoOp::WriteZeroes {
-                WRITE_ZEROES_UNMAP
-            } else {
-                0
-            };
-            slot.range[12..16].copy_from_slice(&flags.to_le_bytes());
-            slot.bytes = n * VIRTIO_SECTOR;
-            done += n;
+            slot.no_data(op, n * VIRTIO_SECTOR);
+            slot.range = plan::range_segment(kind, first, n as u32);
             true
         })
     }
@@ -866,17 +759,16 @@ unsafe fn chunk_segments(
     seg_max: usize,
     out: &mut heapless::Vec<&mut [u8], { MAX_SEGMENTS + 2 }>,
 ) -> usize {
-    let mut off = 0;
-    while off < chunk.len {
-        let n = seg_max.min(chunk.len - off);
-        // SAFETY: `off + n <= len`; the caller guarantees exclusive access to the range.
-        let seg = unsafe { core::slice::from_raw_parts_mut(chunk.ptr.add(off), n) };
-        if out.push(seg).is_err() {
+    let mut covered = 0;
+    for seg in plan::segments(chunk.len, seg_max) {
+        // SAFETY: `seg.end <= len`; the caller guarantees exclusive access to the range.
+        let slice = unsafe { core::slice::from_raw_parts_mut(chunk.ptr.add(seg.start), seg.len()) };
+        if out.push(slice).is_err() {
             break;
         }
-        off += n;
+        covered = seg.end;
     }
-    off
+    covered
 }
 
 /// Cuts `chunk` into read-only data segments of at most `seg_max` bytes, after what `out`
@@ -889,25 +781,24 @@ unsafe fn chunk_segments_ro(
     seg_max: usize,
     out: &mut heapless::Vec<&[u8], { MAX_SEGMENTS + 1 }>,
 ) {
-    let mut off = 0;
-    while off < chunk.len {
-        let n = seg_max.min(chunk.len - off);
-        // SAFETY: `off + n <= len`; the caller guarantees the range is not written meanwhile.
-        let seg = unsafe { core::slice::from_raw_parts(chunk.ptr.add(off).cast_const(), n) };
-        if out.push(seg).is_err() {
+    for seg in plan::segments(chunk.len, seg_max) {
+        // SAFETY: `seg.end <= len`; the caller guarantees the range is not written meanwhile.
+        let slice = unsafe {
+            core::slice::from_raw_parts(chunk.ptr.add(seg.start).cast_const(), seg.len())
+        };
+        if out.push(slice).is_err() {
             break;
         }
-        off += n;
     }
 }
 
 impl SectorDevice for VirtioBlk {
     fn sector_size(&self) -> u32 {
-        self.block_size
+        self.limits.block_size
     }
 
     fn sector_count(&self) -> u64 {
-        self.capacity / (u64::from(self.block_size) / VIRTIO_SECTOR)
+        self.capacity / self.limits.sectors_per_block()
     }
 
     fn is_read_only(&self) -> bool {
@@ -918,7 +809,7 @@ impl SectorDevice for VirtioBlk {
         if buf.is_empty() {
             return Ok(());
         }
-        let bs = self.block_size as usize;
+        let bs = self.limits.block_size as usize;
         if !buf.len().is_multiple_of(bs) {
             return Err(BlockError::Unsupported);
         }
@@ -935,7 +826,7 @@ impl SectorDevice for VirtioBlk {
         if buf.is_empty() {
             return Ok(());
         }
-        let bs = self.block_size as usize;
+        let bs = self.limits.block_size as usize;
         if !buf.len().is_multiple_of(bs) {
             return Err(BlockError::Unsupported);
         }
@@ -956,13 +847,7 @@ impl SectorDevice for VirtioBlk {
                 return false;
             }
             sent = true;
-            slot.op = IoOp::Flush;
-            slot.chunk = Chunk {
-                sector: 0,
-                ptr: core::ptr::null_mut(),
-                len: 0,
-            };
-            slot.bytes = 0;
+            slot.no_data(IoOp::Flush, 0);
             true
         })
     }
@@ -976,7 +861,7 @@ impl SectorDevice for VirtioBlk {
         }
         let first = self.check_blocks(sector, count)?;
         let n = self.blocks_to_virtio(count);
-        self.ranges(IoOp::Discard, first, n, self.max_discard_sectors)
+        self.ranges(IoOp::Discard, first, n, self.limits.max_discard_sectors)
     }
 
     fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
@@ -999,7 +884,12 @@ impl SectorDevice for VirtioBlk {
         }
         Some(self.check_blocks(sector, count).and_then(|first| {
             let n = self.blocks_to_virtio(count);
-            self.ranges(IoOp::WriteZeroes, first, n, self.max_write_zeroes_sectors)
+            self.ranges(
+                IoOp::WriteZeroes,
+                first,
+                n,
+                self.limits.max_write_zeroes_sectors,
+            )
         }))
     }
 }

@@ -1,0 +1,2 @@
+//! Block requests on a queue device: how they are planned for virtio-blk ([`plan`]).
+pub mod plan;
