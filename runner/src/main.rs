@@ -173,6 +173,24 @@ enum ImageCommand {
         /// The image file
         path: PathBuf,
     },
+    /// List, create, apply or delete internal snapshots, like `qemu-img snapshot`
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["list", "create", "apply", "delete"])))]
+    Snapshot {
+        /// List the snapshots
+        #[arg(short = 'l')]
+        list: bool,
+        /// Create a snapshot of the current state
+        #[arg(short = 'c', value_name = "NAME")]
+        create: Option<String>,
+        /// Revert the current state to a snapshot (ID or name)
+        #[arg(short = 'a', value_name = "NAME")]
+        apply: Option<String>,
+        /// Delete a snapshot (ID or name)
+        #[arg(short = 'd', value_name = "NAME")]
+        delete: Option<String>,
+        /// The image file
+        path: PathBuf,
+    },
     /// Move clusters from the end of the image into free space nearer the start and cut
     /// the file to the new image end (the image must not be in use)
     Compact {
@@ -250,6 +268,21 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
             })
         }
         ImageCommand::Map { path } => out(&image::map(&path)?),
+        ImageCommand::Snapshot {
+            create,
+            apply,
+            delete,
+            path,
+            ..
+        } => {
+            let action = match (create, apply, delete) {
+                (Some(n), _, _) => image::SnapshotAction::Create(n),
+                (_, Some(n), _) => image::SnapshotAction::Apply(n),
+                (_, _, Some(n)) => image::SnapshotAction::Delete(n),
+                _ => image::SnapshotAction::List,
+            };
+            out(&image::snapshot(&path, &action)?)
+        }
         ImageCommand::Compact { path } => {
             // A bar on stderr when it is a terminal (hidden otherwise): bytes given back.
             let bar = indicatif::ProgressBar::new(0).with_style(
@@ -722,6 +755,16 @@ mod tests {
             Some(Command::Image(ImageCommand::Compact { path })) if path == std::path::Path::new("x.qcow2")
         ));
         assert!(Cli::try_parse_from(["qcow-metal", "image", "compact"]).is_err());
+        let cli =
+            Cli::try_parse_from(["qcow-metal", "image", "snapshot", "-c", "s1", "x"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Image(ImageCommand::Snapshot { create: Some(n), .. })) if n == "s1"
+        ));
+        assert!(Cli::try_parse_from(["qcow-metal", "image", "snapshot", "x"]).is_err());
+        assert!(
+            Cli::try_parse_from(["qcow-metal", "image", "snapshot", "-l", "-d", "s", "x"]).is_err()
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Checks a data cluster run on the host before reading it: its clusters start on the
     /// device (bytes past the device end read as zeros), not over fixed metadata.
-    fn check_data_host(&self, host: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_data_host(&self, host: u64, len: u64) -> Result<()> {
         self.check_data_span(host, len)?;
         if self.overlaps_fixed(host, len) {
             return Err(Qcow2Error::Corrupt(
@@ -223,7 +223,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Inflates the compressed cluster at `host` (at most `len` bytes) into the scratch
     /// cluster; returns how many compressed bytes the stream used.
-    fn inflate_into_scratch(&mut self, host: u64, len: u64) -> Result<usize> {
+    pub(crate) fn inflate_into_scratch(&mut self, host: u64, len: u64) -> Result<usize> {
         if self.hdr.incompatible_features & super::header::INCOMPAT_COMPRESSION != 0
             && self.hdr.tail.first().is_some_and(|&t| t != 0)
         {

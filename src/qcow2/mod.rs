@@ -13,6 +13,7 @@
 //! - `io`: read, write, discard, write-zeroes, block status.
 //! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
 //! - `compact`: compaction (moving clusters from the tail into free space below).
+//! - `snapshot`: internal snapshots: the table, create, apply, delete, read-only views.
 //! - `compress`: inflating compressed clusters (deflate, compression type 0).
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
 //! - `grow`: asking a device that grows on demand for room, ahead of need.
@@ -50,6 +51,7 @@ mod open;
 mod overlap;
 mod refcount;
 mod resize;
+mod snapshot;
 mod tables;
 
 #[cfg(test)]
@@ -61,6 +63,7 @@ pub use entry::{ClusterKind, Mapping};
 pub use error::Qcow2Error;
 pub use info::{ImageInfo, MapEntry, SpaceInfo, Stats};
 pub use layout::max_image_len;
+pub use snapshot::{Snapshot, SnapshotView};
 
 use crate::block::BlockDevice;
 use alloc::vec::Vec;

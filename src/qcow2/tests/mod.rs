@@ -12,6 +12,7 @@ mod model;
 mod overlap;
 mod partial_writeback;
 mod short_device;
+mod snapshot;
 mod truncated;
 pub(crate) mod util;
 mod zero_tail;

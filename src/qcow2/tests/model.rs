@@ -67,7 +67,7 @@ fn op(size: u64, cs: u64) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn pattern(len: u64, seed: u8) -> Vec<u8> {
+pub(super) fn pattern(len: u64, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
         .collect()
@@ -75,7 +75,7 @@ fn pattern(len: u64, seed: u8) -> Vec<u8> {
 
 /// The bytes a discard zeroes: whole clusters inside the range (the last partial cluster of
 /// the disk counts as whole).
-fn discarded(off: u64, len: u64, cs: u64, size: u64) -> (u64, u64) {
+pub(super) fn discarded(off: u64, len: u64, cs: u64, size: u64) -> (u64, u64) {
     let first = off.div_ceil(cs) * cs;
     let end = if off + len == size {
         size
