@@ -37,6 +37,8 @@ pub enum Qcow2Error {
         /// Which metadata structure ("an active L2 table", "a refcount block", ...).
         what: &'static str,
     },
+    /// The image has a backing file but was opened without its backing chain.
+    BackingRequired,
     /// The request or option is outside what the image or engine allows.
     Invalid(&'static str),
     /// The device under the image is full.
@@ -95,6 +97,11 @@ impl fmt::Display for Qcow2Error {
                  offset {offset:#x}; the image is marked corrupt, run `image check --repair` \
                  (or `qemu-img check -r all`)"
             ),
+            Qcow2Error::BackingRequired => f.write_str(
+                "the image is an overlay on a backing file and was opened without it; open \
+                 it with its backing chain (the runner attaches every layer; `image info \
+                 --backing-chain` lists them)",
+            ),
             Qcow2Error::Invalid(what) => write!(f, "invalid request: {what}"),
             Qcow2Error::NoSpace => f.write_str(
                 "no space left on the device under the image; give the disk more room \
@@ -133,7 +140,9 @@ impl From<Qcow2Error> for DiskError {
             Qcow2Error::MarkedCorrupt => DiskError::Corrupt("image marked corrupt"),
             Qcow2Error::Overlap { what, .. } => DiskError::Corrupt(what),
             Qcow2Error::NotQcow2 => DiskError::Corrupt("not a qcow2 image"),
-            Qcow2Error::UnsupportedVersion(_) => DiskError::Unsupported,
+            Qcow2Error::UnsupportedVersion(_) | Qcow2Error::BackingRequired => {
+                DiskError::Unsupported
+            }
             Qcow2Error::UnknownIncompatibleFeature { .. } => DiskError::Unsupported,
         }
     }

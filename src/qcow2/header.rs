@@ -348,9 +348,6 @@ impl Header {
         if self.crypt_method != 0 {
             return Err(Qcow2Error::Unsupported("encryption"));
         }
-        if self.backing_file_offset != 0 {
-            return Err(Qcow2Error::Unsupported("a backing file"));
-        }
         if writable && self.incompatible_features & INCOMPAT_CORRUPT != 0 {
             return Err(Qcow2Error::MarkedCorrupt);
         }

@@ -84,12 +84,14 @@ impl<D: BlockDevice> Qcow2<D> {
             let want = len - done;
             let Some((s, _)) = self.l2_for_read(vc)? else {
                 let n = want.min((l2e - l2i) * cs - inoff);
-                buf[done as usize..(done + n) as usize].fill(0);
+                self.read_unallocated(offset + done, &mut buf[done as usize..(done + n) as usize])?;
                 done += n;
                 continue;
             };
             let data = self.l2c.data(s);
             let first = Mapping::decode(get_u64(data, l2i as usize), &self.geo, self.hdr.version)?;
+            // With a backing layer, unallocated clusters read from it, zero clusters as zeros.
+            let backed = self.backing.is_some();
             let mut run = (cs - inoff).min(want);
             let mut i = l2i + 1;
             while run < want && i < l2e {
@@ -98,10 +100,12 @@ impl<D: BlockDevice> Qcow2<D> {
                     (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => {
                         b == a + (i - l2i) * cs
                     }
+                    (Mapping::Zero { .. }, Mapping::Zero { .. })
+                    | (Mapping::Unallocated, Mapping::Unallocated) => true,
                     (
                         Mapping::Zero { .. } | Mapping::Unallocated,
                         Mapping::Zero { .. } | Mapping::Unallocated,
-                    ) => true,
+                    ) => !backed,
                     _ => false,
                 };
                 if !same {
@@ -122,6 +126,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     dst.copy_from_slice(&self.scratch[inoff as usize..(inoff + run) as usize]);
                     self.stats.data_bytes_read += run;
                 }
+                Mapping::Unallocated => self.read_unallocated(offset + done, dst)?,
                 _ => dst.fill(0),
             }
             done += run;
@@ -242,8 +247,8 @@ impl<D: BlockDevice> Qcow2<D> {
         self.inflater.inflate(len, &mut self.scratch)
     }
 
-    /// Fills the scratch cluster with what guest cluster mapping `m` reads as.
-    fn fill_scratch_from(&mut self, m: Mapping) -> Result<()> {
+    /// Fills the scratch cluster with what guest cluster `vc`, mapped as `m`, reads as.
+    fn fill_scratch_from(&mut self, m: Mapping, vc: u64) -> Result<()> {
         match m {
             Mapping::Data { host, .. } => {
                 let cs = self.geo.cluster_size();
@@ -252,6 +257,21 @@ impl<D: BlockDevice> Qcow2<D> {
                 Ok(())
             }
             Mapping::Compressed { host, len } => self.inflate_into_scratch(host, len).map(drop),
+            Mapping::Unallocated if self.has_backing() => {
+                // Copy-on-write from the backing layer (only the bytes inside this disk).
+                let off = vc * self.geo.cluster_size();
+                let inside = self
+                    .hdr
+                    .size
+                    .saturating_sub(off)
+                    .min(self.scratch.len() as u64);
+                let mut scratch = core::mem::take(&mut self.scratch);
+                let (head, tail) = scratch.split_at_mut(inside as usize);
+                let r = self.read_unallocated(off, head);
+                tail.fill(0);
+                self.scratch = scratch;
+                r
+            }
             _ => {
                 self.scratch.fill(0);
                 Ok(())
@@ -342,6 +362,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     let s = self.l2_for_write(vc)?;
                     let data = self.l2c.data(s);
                     let mut k = 1u64;
+                    let mut last_old = m0;
                     let mut span = cs - inoff;
                     let mut i = l2i + 1;
                     while span < want && i < l2e {
@@ -353,6 +374,7 @@ impl<D: BlockDevice> Qcow2<D> {
                         if !matches!(m, Mapping::Unallocated | Mapping::Zero { host: None, .. }) {
                             break;
                         }
+                        last_old = m;
                         span += cs;
                         k += 1;
                         i += 1;
@@ -363,13 +385,18 @@ impl<D: BlockDevice> Qcow2<D> {
                     let n = (got * cs - inoff).min(want);
                     self.check_data_write(host, got * cs)?;
                     let src = &buf[done as usize..(done + n) as usize];
-                    let written =
-                        if zeroed && matches!(m0, Mapping::Unallocated | Mapping::Zero { .. }) {
-                            // New clusters that already read as zeros: just the data.
-                            super::write_dev(&mut self.dev, host + inoff, src)
-                        } else {
-                            self.write_new_clusters(host, inoff, src, m0)
-                        };
+                    // Partial clusters copy the rest from below when they fall through.
+                    let from_backing = self.has_backing()
+                        && (m0 == Mapping::Unallocated || last_old == Mapping::Unallocated);
+                    let written = if zeroed
+                        && !from_backing
+                        && matches!(m0, Mapping::Unallocated | Mapping::Zero { .. })
+                    {
+                        // New clusters that already read as zeros: just the data.
+                        super::write_dev(&mut self.dev, host + inoff, src)
+                    } else {
+                        self.write_new_clusters(host, inoff, src, vc, m0, last_old)
+                    };
                     if let Err(e) = written {
                         // Nothing points at the new clusters yet (see `faults`).
                         return Err(self.fresh_write_failed(hc, got, e));
@@ -397,14 +424,17 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(())
     }
 
-    /// Writes `src` at `inoff` into newly allocated clusters starting at `host`, completing
-    /// partial first and last clusters (first from `first_old`, the rest read as zeros).
+    /// Writes `src` at `inoff` into newly allocated clusters starting at `host` (for guest
+    /// clusters from `vc` on), completing partial first and last clusters from what they
+    /// read as before (mapped as `first_old` and `last_old`).
     fn write_new_clusters(
         &mut self,
         host: u64,
         inoff: u64,
         src: &[u8],
+        vc: u64,
         first_old: Mapping,
+        last_old: Mapping,
     ) -> Result<()> {
         let cs = self.geo.cluster_size();
         let n = src.len() as u64;
@@ -414,7 +444,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let tail_partial = clusters > 1 && !end.is_multiple_of(cs);
         let mut pos = 0u64; // bytes of src consumed
         if head_partial {
-            self.fill_scratch_from(first_old)?;
+            self.fill_scratch_from(first_old, vc)?;
             let take = (cs - inoff).min(n);
             self.scratch[inoff as usize..(inoff + take) as usize]
                 .copy_from_slice(&src[..take as usize]);
@@ -435,7 +465,7 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         if tail_partial && clusters > full_start.max(1) {
             let take = n - pos;
-            self.scratch.fill(0);
+            self.fill_scratch_from(last_old, vc + clusters - 1)?;
             self.scratch[..take as usize].copy_from_slice(&src[pos as usize..]);
             super::write_dev(&mut self.dev, host + (clusters - 1) * cs, &self.scratch)?;
             self.stats.cow_bytes += cs - take;
@@ -445,11 +475,19 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Discards whole clusters inside the range: they become unallocated (read as zeros)
     /// and their host clusters are freed. Partial clusters at the edges are left alone.
+    /// Over a backing layer they become zero clusters instead (so the layer does not show
+    /// through); a version 2 image, which has none, keeps its data (a discard is a hint).
     pub fn discard_range(&mut self, offset: u64, len: u64) -> Result<()> {
         if !self.start_change(offset, len, "discard past the end of the virtual disk")? {
             return Ok(());
         }
-        self.unmap_clusters(offset, len, UnmapTo::Unallocated)
+        if !self.has_backing() {
+            self.unmap_clusters(offset, len, UnmapTo::Unallocated)
+        } else if self.hdr.version >= 3 {
+            self.unmap_clusters(offset, len, UnmapTo::Zero)
+        } else {
+            Ok(())
+        }
     }
 
     /// Rewrites the L2 entries of the whole clusters inside the range.
@@ -466,7 +504,9 @@ impl<D: BlockDevice> Qcow2<D> {
         while vc < end {
             let l1i = vc >> self.geo.l2_bits;
             let table_end = ((l1i + 1) << self.geo.l2_bits).min(end);
-            if self.l2_for_read(vc)?.is_none() {
+            if (to == UnmapTo::Unallocated || !self.has_backing())
+                && self.l2_for_read(vc)?.is_none()
+            {
                 // No table: the whole range is unallocated and reads as zeros already.
                 vc = table_end;
                 continue;
@@ -528,7 +568,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 UnmapTo::ZeroKeep
             };
             self.unmap_clusters(first_full, whole_end - first_full, to)
-        } else if may_unmap {
+        } else if may_unmap && !self.has_backing() {
             self.unmap_clusters(first_full, whole_end - first_full, UnmapTo::Unallocated)
         } else {
             self.zero_partial(first_full, whole_end - first_full)
@@ -537,6 +577,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Zeroes a range by writing zeros, skipping clusters that already read as zeros.
     fn zero_partial(&mut self, offset: u64, len: u64) -> Result<()> {
+        let backing_size = self.backing.as_ref().map_or(0, |b| b.size());
         let cs = self.geo.cluster_size();
         let mut done = 0;
         while done < len {
@@ -544,6 +585,7 @@ impl<D: BlockDevice> Qcow2<D> {
             let n = (cs - (pos & (cs - 1))).min(len - done);
             let m = self.mapping(pos / cs)?;
             match m {
+                Mapping::Unallocated if pos < backing_size => self.write_zeros(pos, n)?,
                 Mapping::Unallocated | Mapping::Zero { .. } => {}
                 Mapping::Data { host, copied: true } => {
                     // Ours alone: zero it in place.
@@ -551,16 +593,20 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.dev.write_zeroes(host + (pos & (cs - 1)), n)?;
                     self.stats.data_bytes_written += n;
                 }
-                _ => {
-                    let mut z = 0;
-                    while z < n {
-                        let k = (n - z).min(ZEROS.len() as u64);
-                        self.write_at(pos + z, &ZEROS[..k as usize])?;
-                        z += k;
-                    }
-                }
+                _ => self.write_zeros(pos, n)?,
             }
             done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `len` zero bytes at guest offset `offset` (a buffer at a time).
+    fn write_zeros(&mut self, offset: u64, len: u64) -> Result<()> {
+        let mut z = 0;
+        while z < len {
+            let k = (len - z).min(ZEROS.len() as u64);
+            self.write_at(offset + z, &ZEROS[..k as usize])?;
+            z += k;
         }
         Ok(())
     }
@@ -599,6 +645,12 @@ impl<D: BlockDevice> Qcow2<D> {
                     }
                     (k0, n)
                 }
+            };
+            let (k, n) = if k == ClusterKind::Unallocated && self.has_backing() {
+                // Falls through: what the chain below holds there.
+                self.unallocated_status(offset + done, n.min(len - done))?
+            } else {
+                (k, n)
             };
             match kind {
                 None => kind = Some(k),

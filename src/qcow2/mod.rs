@@ -11,6 +11,8 @@
 //! - `refcount`: refcounts of any width; refcount blocks and table grown on demand.
 //! - `allocator`: first-free cluster allocation with a cursor; deferred frees.
 //! - `io`: read, write, discard, write-zeroes, block status.
+//! - [`backing`]: the read-only layers under an overlay (backing chains).
+//! - [`chain`]: naming the layers of a chain, opening it from its devices (or files).
 //! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
 //! - `compact`: compaction (moving clusters from the tail into free space below).
 //! - `snapshot`: internal snapshots: the table, create, apply, delete, read-only views.
@@ -31,7 +33,9 @@
 //! leaves at worst leaked clusters. Refcount-table growth and L1 moves write their new
 //! tables, barrier, switch the header, barrier, then free the old ones.
 
+pub mod backing;
 pub mod cache;
+pub mod chain;
 pub mod entry;
 pub mod error;
 pub mod header;
@@ -57,6 +61,7 @@ mod tables;
 #[cfg(test)]
 mod tests;
 
+pub use backing::{Backing, Layer};
 pub use check::CheckReport;
 pub use compact::{CompactProgress, CompactionState};
 pub use entry::{ClusterKind, Mapping};
@@ -226,6 +231,8 @@ pub struct Qcow2<D: BlockDevice> {
     /// Space counters kept up to date after the first [`Qcow2::space`] walk.
     tally: Option<info::Tally>,
     stats: Stats,
+    /// The layer unallocated clusters read from (see [`backing`]).
+    backing: Option<alloc::boxed::Box<Backing<D>>>,
 }
 
 impl<D: BlockDevice> Qcow2<D> {

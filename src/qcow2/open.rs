@@ -15,8 +15,15 @@ use alloc::vec::Vec;
 
 impl<D: BlockDevice> Qcow2<D> {
     /// Opens the image on `dev`. An image left dirty by lazy refcounts gets its refcounts
-    /// rebuilt (when writable). Memory use is the configured caches plus one cluster.
-    pub fn open(mut dev: D, opts: OpenOptions) -> Result<Self> {
+    /// rebuilt (when writable). Memory use is the configured caches plus one cluster. An
+    /// overlay (an image with a backing file) is refused: open it with
+    /// [`Qcow2::open_with_backing`].
+    pub fn open(dev: D, opts: OpenOptions) -> Result<Self> {
+        Self::open_with_backing(dev, opts, None)
+    }
+
+    /// [`Qcow2::open`] without looking at the backing file name.
+    pub(crate) fn open_unchained(mut dev: D, opts: OpenOptions) -> Result<Self> {
         let cap = dev.capacity();
         if cap < V3_HEADER_LEN as u64 {
             return Err(Qcow2Error::NotQcow2);
@@ -131,6 +138,7 @@ impl<D: BlockDevice> Qcow2<D> {
             repairing: false,
             tally: None,
             stats: Stats::default(),
+            backing: None,
             opts,
             hdr,
         };

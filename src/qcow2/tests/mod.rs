@@ -1,6 +1,7 @@
 //! Tests of the qcow2 engine: unit behaviour, model-based random tests, interoperability
 //! with QEMU's tools, and hostile images.
 
+mod backing;
 mod basic;
 mod check_vs_qemu;
 mod compact;

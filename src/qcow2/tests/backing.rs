@@ -1,0 +1,457 @@
+//! Backing chains made by `qemu-img create -b ... -F ...`: reads equal `qemu-img convert -O
+//! raw` (which follows the chain), and random writes, write-zeroes and discards on the
+//! overlay leave an image that `qemu-img check` finds clean and `qemu-img compare` finds
+//! equal to a model, the layers below untouched.
+
+use super::util::{assert_qemu_clean, assert_qemu_compare, qemu, qemu_ok, qemu_raw};
+use crate::block::{BlockDevice, FileDisk, MemDisk};
+use crate::disk::{Allocation, VirtualDisk};
+use crate::qcow2::chain::{self, ChainFault, LayerFormat, files};
+use crate::qcow2::{Backing, OpenOptions, Qcow2, Qcow2Error};
+use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1 << 20;
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `qemu-io -f FMT -c CMD... FILE`, asserting success.
+fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(file));
+    qemu_ok("qemu-io", &args);
+}
+
+/// `qemu-img create -f qcow2 -o compat=.. -b BACKING -F FMT FILE SIZE` (backing named
+/// relative to the overlay's directory, as QEMU resolves it).
+fn overlay(file: &Path, backing: &str, backing_fmt: &str, compat: &str, cluster: u64, size: u64) {
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("compat={compat},cluster_size={cluster}"),
+            "-b",
+            backing,
+            "-F",
+            backing_fmt,
+            s(file),
+            &size.to_string(),
+        ],
+    );
+}
+
+/// A chain of depth 4 in `dir` (raw base, two qcow2 layers of other cluster sizes, a
+/// larger top; relative names, one through a subdirectory); returns the top and the
+/// layers below it, top first.
+fn make_chain(dir: &Path, compat: &str) -> (PathBuf, Vec<PathBuf>) {
+    let mut rng = Rng(0x1234_5678 ^ compat.len() as u64);
+    // Layer 3: raw, 3 MiB + 1000 bytes of random data (not a whole cluster at its end).
+    let base = dir.join("base.raw");
+    let mut bytes = vec![0u8; (3 * MIB + 1000) as usize];
+    rng.fill(&mut bytes);
+    std::fs::write(&base, &bytes).unwrap();
+    // Layer 2: qcow2 (4 KiB clusters) over it, 4 MiB, some writes and zero clusters.
+    let mid = dir.join("mid.qcow2");
+    overlay(&mid, "base.raw", "raw", compat, 4096, 4 * MIB);
+    qemu_io(
+        "qcow2",
+        &mid,
+        &[
+            "write -P 0x11 100k 300k",
+            "write -z 600k 64k",
+            "write -P 0x12 2900k 400k",
+        ],
+    );
+    // Layer 1: qcow2 (64 KiB clusters) over layer 2, in a subdirectory, naming its backing
+    // by a relative path.
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    let upper = dir.join("sub/upper.qcow2");
+    overlay(&upper, "../mid.qcow2", "qcow2", compat, 65536, 5 * MIB);
+    qemu_io(
+        "qcow2",
+        &upper,
+        &[
+            "write -P 0x21 1000k 10k",
+            "write -z 2048k 128k",
+            "write -P 0x22 4500k 100k",
+        ],
+    );
+    // Top: 8 MiB (larger than every layer), 16 KiB clusters.
+    let top = dir.join("top.qcow2");
+    overlay(&top, "sub/upper.qcow2", "qcow2", compat, 16384, 8 * MIB);
+    qemu_io("qcow2", &top, &["write -P 0x31 30k 50k", "write -z 3m 20k"]);
+    (top, vec![upper, mid, base])
+}
+
+/// Reads the whole virtual disk through our engine.
+fn read_all<D: BlockDevice>(q: &mut Qcow2<D>) -> Vec<u8> {
+    let mut out = vec![0u8; q.size() as usize];
+    for (i, c) in out.chunks_mut(MIB as usize).enumerate() {
+        q.read_at(i as u64 * MIB, c).unwrap();
+    }
+    out
+}
+
+fn chain_reads_equal_qemu(compat: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, layers) = make_chain(dir.path(), compat);
+    let resolved = files::resolve(&top).unwrap();
+    let formats: Vec<_> = resolved.iter().map(|l| l.format).collect();
+    assert_eq!(
+        formats,
+        [LayerFormat::Qcow2, LayerFormat::Qcow2, LayerFormat::Raw]
+    );
+    for (r, l) in resolved.iter().zip(&layers) {
+        assert_eq!(
+            std::fs::canonicalize(&r.path).unwrap(),
+            std::fs::canonicalize(l).unwrap()
+        );
+    }
+    let expected = qemu_raw(dir.path(), &top);
+    let mut q = files::open(
+        &top,
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(q.chain_depth(), 4);
+    let got = read_all(&mut q);
+    assert!(got == expected, "chain reads differ from qemu-img convert");
+    // Every layer served some data.
+    assert!(
+        q.layer_data_bytes().iter().all(|&b| b > 0),
+        "{:?}",
+        q.layer_data_bytes()
+    );
+    // Block status: data from below is data, the zero clusters are zeros, past every
+    // layer's end (5 MiB) the overlay's unallocated space is a hole.
+    let e = q.block_status(0, 4096).unwrap();
+    assert_eq!(e.kind, Allocation::Data);
+    // (Version 2 has no zero flag: QEMU wrote zeros as data.)
+    let e = q.block_status(3 * MIB, 16384).unwrap();
+    let zero = if compat == "0.10" {
+        Allocation::Data
+    } else {
+        Allocation::Zero
+    };
+    assert_eq!(e.kind, zero);
+    let e = q.block_status(6 * MIB, MIB).unwrap();
+    assert_eq!((e.kind, e.len), (Allocation::Hole, MIB));
+    // Unaligned reads across layer and cluster boundaries.
+    let mut rng = Rng(7);
+    for _ in 0..200 {
+        let off = rng.below(8 * MIB - 1);
+        let len = 1 + rng.below((8 * MIB - off).min(200_000));
+        let mut buf = vec![0u8; len as usize];
+        q.read_at(off, &mut buf).unwrap();
+        assert!(
+            buf[..] == expected[off as usize..(off + len) as usize],
+            "read {off}+{len}"
+        );
+    }
+}
+
+#[test]
+fn chain_v3_reads_equal_qemu_convert() {
+    chain_reads_equal_qemu("1.1");
+}
+
+#[test]
+fn chain_v2_reads_equal_qemu_convert() {
+    chain_reads_equal_qemu("0.10");
+}
+
+/// The overlay on a compressed base (`qemu-img convert -c`) reads as QEMU reads it.
+#[test]
+fn overlay_on_compressed_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let mut bytes = vec![0u8; 2 * MIB as usize];
+    // Compressible: runs of a repeated pattern.
+    for (i, c) in bytes.chunks_mut(4096).enumerate() {
+        c.fill(i as u8);
+    }
+    std::fs::write(&raw, &bytes).unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&raw),
+            s(&base),
+        ],
+    );
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, "base.qcow2", "qcow2", "1.1", 65536, 2 * MIB);
+    let mut q = files::open(&top, OpenOptions::default()).unwrap();
+    assert!(read_all(&mut q) == bytes);
+    // A partial write copies the rest of the compressed cluster up.
+    q.write_at(70_000, b"hello").unwrap();
+    bytes[70_000..70_005].copy_from_slice(b"hello");
+    q.close().unwrap();
+    assert_qemu_clean(&top);
+    assert_qemu_compare(dir.path(), &top, &bytes, "after a partial write");
+}
+
+/// Layers in memory: the engine over a raw backing device, without files.
+#[test]
+fn memory_overlay_on_raw_layer() {
+    let mut base = vec![0u8; 300_000];
+    Rng(3).fill(&mut base);
+    let top = Qcow2::create(
+        MemDisk::growable(),
+        &crate::qcow2::CreateOptions {
+            virtual_size: 1 << 20,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let mut q = Qcow2::open_with_backing(
+        top,
+        OpenOptions::default(),
+        Some(Backing::raw(MemDisk::from_bytes(base.clone(), true))),
+    )
+    .unwrap();
+    let mut model = base.clone();
+    model.resize(1 << 20, 0);
+    let mut buf = vec![0u8; 1 << 20];
+    q.read_at(0, &mut buf).unwrap();
+    assert!(buf == model);
+    q.write_at(5000, &[9u8; 100]).unwrap();
+    model[5000..5100].fill(9);
+    q.write_zeroes(8192, 4096, true).unwrap();
+    model[8192..12288].fill(0);
+    q.discard(16384, 8192).unwrap();
+    model[16384..24576].fill(0);
+    q.read_at(0, &mut buf).unwrap();
+    assert!(buf == model);
+    assert_eq!(q.layer_data_bytes().len(), 2);
+}
+
+/// An overlay opened without its chain is refused with an error that says what to do.
+#[test]
+fn overlay_without_backing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![1u8; 65536]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, "base.raw", "raw", "1.1", 65536, MIB);
+    let dev = FileDisk::open(&top, true).unwrap();
+    let Err(e) = Qcow2::open(dev, OpenOptions::default()) else {
+        panic!("an overlay opened without its backing")
+    };
+    assert_eq!(e, Qcow2Error::BackingRequired);
+    assert!(e.to_string().contains("backing chain"), "{e}");
+}
+
+/// Missing layers and loops are errors naming the file.
+#[test]
+fn missing_layer_and_loop_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, "base.qcow2", "qcow2", "1.1", 65536, MIB);
+    std::fs::remove_file(&base).unwrap();
+    let e = files::resolve(&top).unwrap_err();
+    assert!(e.contains("base.qcow2") && e.contains("missing"), "{e}");
+    // A loop: a <- b <- a (made with rebase -u, which does not check).
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
+    overlay(&b, "a.qcow2", "qcow2", "1.1", 65536, MIB);
+    qemu_ok(
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            s(&a),
+        ],
+    );
+    let e = files::resolve(&b).unwrap_err();
+    assert!(e.contains("loops") && e.contains("a.qcow2"), "{e}");
+}
+
+/// The guest's assembly from serials: any device order, gaps and extra layers refused.
+#[test]
+fn open_chain_by_serial() {
+    let mk = |size: u64| {
+        Qcow2::create(
+            MemDisk::growable(),
+            &crate::qcow2::CreateOptions {
+                virtual_size: size,
+                cluster_size: 4096,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .close()
+        .unwrap()
+    };
+    // Layer 1: a qcow2 image naming a backing file (made in memory: header field only).
+    let dir = tempfile::tempdir().unwrap();
+    let l2 = dir.path().join("l2.raw");
+    std::fs::write(&l2, vec![0x5au8; 70_000]).unwrap();
+    let l1 = dir.path().join("l1.qcow2");
+    overlay(&l1, "l2.raw", "raw", "1.1", 4096, MIB);
+    qemu_io("qcow2", &l1, &["write -P 0x6b 0 4096"]);
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, "l1.qcow2", "qcow2", "1.1", 4096, MIB);
+    let load = |p: &Path| MemDisk::from_bytes(std::fs::read(p).unwrap(), false);
+    let layers = || {
+        vec![
+            (
+                chain::layer_serial(2, LayerFormat::Raw),
+                MemDisk::from_bytes(std::fs::read(&l2).unwrap(), true),
+            ),
+            ("something-else".to_string(), MemDisk::fixed(4096)),
+            (chain::layer_serial(1, LayerFormat::Qcow2), load(&l1)),
+        ]
+    };
+    let mut q = chain::open_chain(load(&top), OpenOptions::default(), layers()).unwrap();
+    let mut buf = vec![0u8; 8192];
+    q.read_at(0, &mut buf).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0x6b) && buf[4096..].iter().all(|&b| b == 0x5a));
+    // Layer 2 missing.
+    let mut l = layers();
+    l.remove(0);
+    let e = chain::open_chain(load(&top), OpenOptions::default(), l)
+        .err()
+        .unwrap();
+    assert_eq!((e.depth, e.error.clone()), (2, ChainFault::Missing));
+    assert!(e.to_string().contains("backing layer 2"), "{e}");
+    // A layer under an image without a backing file.
+    let e = chain::open_chain(mk(MIB), OpenOptions::default(), layers())
+        .err()
+        .unwrap();
+    assert_eq!((e.depth, e.error), (1, ChainFault::Unexpected));
+    // Serials round-trip and fit virtio-blk's 20 bytes.
+    let sname = chain::layer_serial(99999, LayerFormat::Qcow2);
+    assert!(sname.len() <= 20);
+    assert_eq!(
+        chain::parse_layer_serial(&sname),
+        Some((99999, LayerFormat::Qcow2))
+    );
+    assert_eq!(chain::parse_layer_serial("qm-layer0-raw"), None);
+}
+
+/// Random writes, write-zeroes (with and without unmap) and discards on an overlay of a
+/// chain; the model is what the overlay must read as.
+fn model_ops(compat: &str, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, layers) = make_chain(dir.path(), compat);
+    let before: Vec<Vec<u8>> = layers.iter().map(|l| std::fs::read(l).unwrap()).collect();
+    let mut model = qemu_raw(dir.path(), &top);
+    let size = model.len() as u64;
+    let cs = 16384u64;
+    let v3 = compat != "0.10";
+    let mut rng = Rng(seed);
+    let mut q = files::open(&top, OpenOptions::default()).unwrap();
+    for step in 0..300 {
+        let off = rng.below(size);
+        let most = if rng.below(4) == 0 { 300_000 } else { 40_000 };
+        let len = 1 + rng.below((size - off).min(most));
+        let (o, l) = (off as usize, len as usize);
+        match rng.below(10) {
+            0..=4 => {
+                let mut data = vec![0u8; l];
+                rng.fill(&mut data);
+                q.write_at(off, &data).unwrap();
+                model[o..o + l].copy_from_slice(&data);
+            }
+            5..=7 => {
+                q.write_zeroes(off, len, rng.below(2) == 0).unwrap();
+                model[o..o + l].fill(0);
+            }
+            _ => {
+                q.discard(off, len).unwrap();
+                if v3 {
+                    // Whole clusters inside the range read as zeros; edges keep their data.
+                    let first = off.div_ceil(cs) * cs;
+                    let end = if off + len == size {
+                        size
+                    } else {
+                        (off + len) / cs * cs
+                    };
+                    if first < end {
+                        model[first as usize..end as usize].fill(0);
+                    }
+                }
+            }
+        }
+        if step % 50 == 49 {
+            let mut buf = vec![0u8; size as usize];
+            q.read_at(0, &mut buf).unwrap();
+            assert!(buf == model, "step {step}: reads differ from the model");
+            q.flush().unwrap();
+        }
+    }
+    let mut buf = vec![0u8; size as usize];
+    q.read_at(0, &mut buf).unwrap();
+    assert!(buf == model, "reads differ from the model before close");
+    q.close().unwrap();
+    assert_qemu_clean(&top);
+    assert_qemu_compare(dir.path(), &top, &model, "after random operations");
+    for (l, b) in layers.iter().zip(&before) {
+        assert!(std::fs::read(l).unwrap() == *b, "{} changed", l.display());
+    }
+    // qemu-img check exits 0 (not only no errors).
+    let o = qemu("qemu-img", &["check", "-f", "qcow2", s(&top)]);
+    assert!(o.status.success());
+}
+
+#[test]
+fn model_ops_on_overlay_v3() {
+    model_ops("1.1", 0xdead_beef);
+}
+
+#[test]
+fn model_ops_on_overlay_v2() {
+    model_ops("0.10", 0xfeed_f00d);
+}
