@@ -10,6 +10,7 @@
 //! - [`metrics`]: counters, gauges, histograms and the Prometheus/OpenMetrics encoders.
 //! - [`http`]: the sans-I/O HTTP/1.1 responder that serves `/metrics`.
 //! - [`nbd`]: the sans-I/O NBD server.
+//! - [`service`]: the guest's services and main loop (the loop itself with feature `smoltcp`).
 //! - [`config`]: the kernel command line, parsed into a typed configuration.
 //! - [`hostfile`]: how the guest asks the runner to grow its disk's host file.
 //! - [`compaction`]: when the guest compacts its image online (the policy at work).
@@ -27,3 +28,4 @@ pub mod http;
 pub mod metrics;
 pub mod nbd;
 pub mod qcow2;
+pub mod service;

@@ -1,8 +1,8 @@
 //! The qcow-metal guest: a bare-metal x86-64 kernel booted by QEMU through PVH.
 //!
-//! This crate is glue: boot, CPU tables, memory, clock, console, PCI and power here; the
-//! services (virtio drivers, network, NBD, metrics) in `app` and the modules it uses; all the
-//! logic in the `qcow-metal` library. See `doc/kernel.md` for the boot path, the memory layout,
+//! This crate is glue: boot, CPU tables, memory, clock, console, PCI, power and the virtio
+//! drivers here, the platform the services run on in `app`; all the logic (the main loop,
+//! network, NBD, metrics) in the `qcow-metal` library (`qcow_metal::service`). See `doc/kernel.md` for the boot path, the memory layout,
 //! the exit statuses and how to debug.
 //!
 //! Boot order in [`kernel_main`]: GDT/TSS and IDT (so faults are reported from here on), serial
@@ -25,13 +25,11 @@ pub mod hostfile;
 pub mod interrupts;
 pub mod logger;
 pub mod mem_builtins;
-pub mod net;
 pub mod paging;
 pub mod panic;
 pub mod pci;
 pub mod power;
 pub mod serial;
-pub mod services;
 pub mod time;
 pub mod virtio;
 

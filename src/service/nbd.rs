@@ -1,14 +1,14 @@
-//! The NBD port: drives `qcow_metal::nbd::Connection` over a smoltcp TCP socket.
+//! The NBD port: drives [`crate::nbd::Connection`] over a [`Socket`].
 //!
-//! Bytes flow without intermediate buffers in the kernel: the socket's receive buffer is
-//! offered to the connection in place (it copies what it takes into its input queue), and
-//! the connection's output is copied straight into the socket's transmit buffer. Disk I/O
-//! happens inside [`qcow_metal::nbd::Connection::process`], which stops producing replies
-//! once its output high-water mark is reached, so one client cannot starve the others.
+//! Bytes flow without intermediate buffers: the socket's receive buffer is offered to the
+//! connection in place (it copies what it takes into its input queue), and the connection's
+//! output is copied straight into the socket's transmit buffer. Disk I/O happens inside
+//! [`crate::nbd::Connection::process`], which stops producing replies once its output
+//! high-water mark is reached, so one client cannot starve the others.
 
-use qcow_metal::disk::{DiskError, Extent, VirtualDisk};
-use qcow_metal::nbd::{Connection, NbdStats, ServerConfig};
-use smoltcp::socket::tcp;
+use super::socket::Socket;
+use crate::disk::{DiskError, Extent, VirtualDisk};
+use crate::nbd::{Connection, NbdStats, ServerConfig};
 
 /// Turns of receive/process/send per call, so that one busy client yields to the others and
 /// to the network stack (which must run to free transmit space and take in more data).
@@ -63,9 +63,9 @@ impl NbdSession {
 
     /// Moves bytes between the socket and the NBD state machine and serves requests on
     /// `disk`. Returns whether anything moved.
-    pub fn drive<D: VirtualDisk + ?Sized>(
+    pub fn drive<S: Socket + ?Sized, D: VirtualDisk + ?Sized>(
         &mut self,
-        socket: &mut tcp::Socket<'_>,
+        socket: &mut S,
         disk: &mut D,
         stats: &mut NbdStats,
         now_ms: u64,
@@ -77,17 +77,12 @@ impl NbdSession {
         for _ in 0..TURNS_PER_DRIVE {
             let mut moved = false;
             if socket.can_recv() && self.conn.input_space() > 0 {
-                let taken = socket
-                    .recv(|buf| {
-                        let n = self.conn.receive(buf);
-                        (n, n)
-                    })
-                    .unwrap_or(0);
+                let taken = socket.recv_with(&mut |buf| self.conn.receive(buf));
                 moved |= taken > 0;
             }
             moved |= self.conn.process(disk, stats);
             while !self.conn.output().is_empty() && socket.can_send() {
-                let n = socket.send_slice(self.conn.output()).unwrap_or(0);
+                let n = socket.send_slice(self.conn.output());
                 if n == 0 {
                     break;
                 }

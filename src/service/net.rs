@@ -1,5 +1,5 @@
-//! The guest's TCP/IP stack: a smoltcp [`Interface`] on the virtio-net device, its address
-//! (DHCP or static, from the [`Config`]), and a fixed pool of listening TCP sockets.
+//! The guest's TCP/IP stack: a smoltcp [`Interface`] on the network device, its address
+//! (DHCP or static, from the [`Config`]), and a pool of listening TCP sockets.
 //!
 //! Each service port gets several sockets listening on it at once (smoltcp hands an incoming
 //! SYN to the first idle listener of the port), so that many clients can connect together.
@@ -10,13 +10,13 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use log::{info, warn};
-use qcow_metal::config::{Config, IpConfig};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy;
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
-use crate::virtio::net::VirtioNet;
+use crate::config::{Config, IpConfig};
 
 /// Sockets on the metrics (HTTP) port at boot, and at most.
 pub const HTTP_SOCKETS: (usize, usize) = (16, 64);
@@ -76,10 +76,17 @@ fn limits(service: Service) -> (usize, usize) {
 }
 
 impl Network {
-    /// Builds the interface on `dev` with the address of `config` and opens the listeners.
-    /// `seed` randomises TCP initial sequence numbers and DHCP transaction ids.
-    pub fn new(dev: &mut VirtioNet, config: &Config, now: Instant, seed: u64) -> Network {
-        let mac = EthernetAddress(dev.mac_address());
+    /// Builds the interface on `dev` (whose MAC address is `mac`) with the address of
+    /// `config` and opens the listeners. `seed` randomises TCP initial sequence numbers and
+    /// DHCP transaction ids.
+    pub fn new<D: phy::Device + ?Sized>(
+        dev: &mut D,
+        mac: [u8; 6],
+        config: &Config,
+        now: Instant,
+        seed: u64,
+    ) -> Network {
+        let mac = EthernetAddress(mac);
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(mac));
         iface_config.random_seed = seed;
         let mut iface = Interface::new(iface_config, dev, now);
@@ -170,7 +177,7 @@ impl Network {
 
     /// Moves packets between the device and the sockets, and applies DHCP results.
     /// Returns whether any socket may have changed state.
-    pub fn poll(&mut self, dev: &mut VirtioNet, now: Instant) -> bool {
+    pub fn poll<D: phy::Device + ?Sized>(&mut self, dev: &mut D, now: Instant) -> bool {
         let changed = self.iface.poll(now, dev, &mut self.sockets);
         self.apply_dhcp();
         changed == smoltcp::iface::PollResult::SocketStateChanged

@@ -1,11 +1,12 @@
-//! The metrics port: drives `qcow_metal::http::Connection` over a smoltcp TCP socket, and
+//! The metrics port: drives [`crate::http::Connection`] over a [`Socket`], and
 //! [`GuestSite`], the [`Site`] that answers with the guest's metrics registry.
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use qcow_metal::http::{Config, Connection, Health, HttpStats, IndexPage, Site};
-use qcow_metal::metrics::{Format, negotiate};
-use smoltcp::socket::tcp;
+
+use super::socket::Socket;
+use crate::http::{Config, Connection, Health, HttpStats, IndexPage, Site};
+use crate::metrics::{Format, negotiate};
 
 /// What the HTTP responder serves: the metrics exposition, the facts of `/`, the health.
 pub struct GuestSite<'a> {
@@ -61,9 +62,9 @@ impl HttpSession {
     /// Moves bytes between the socket and the responder, answers complete requests, applies
     /// the idle timeout, and closes the socket when the responder is done. Returns whether
     /// anything moved.
-    pub fn drive(
+    pub fn drive<S: Socket + ?Sized>(
         &mut self,
-        socket: &mut tcp::Socket<'_>,
+        socket: &mut S,
         now_ms: u64,
         site: &mut impl Site,
     ) -> bool {
@@ -75,18 +76,13 @@ impl HttpSession {
             let mut moved = false;
             // Received bytes, as far as the responder takes them.
             if socket.can_recv() {
-                let taken = socket
-                    .recv(|buf| {
-                        let n = self.conn.receive(buf, now_ms, site);
-                        (n, n)
-                    })
-                    .unwrap_or(0);
+                let taken = socket.recv_with(&mut |buf| self.conn.receive(buf, now_ms, site));
                 moved |= taken > 0;
             }
             self.conn.poll(now_ms, site);
             // Response bytes, as far as the socket takes them.
             while self.conn.has_pending_output() && socket.can_send() {
-                let n = socket.send_slice(self.conn.pending_output()).unwrap_or(0);
+                let n = socket.send_slice(self.conn.pending_output());
                 if n == 0 {
                     break;
                 }
@@ -104,7 +100,7 @@ impl HttpSession {
             self.conn.receive_eof(now_ms, site);
             progress = true;
             while self.conn.has_pending_output() && socket.can_send() {
-                let n = socket.send_slice(self.conn.pending_output()).unwrap_or(0);
+                let n = socket.send_slice(self.conn.pending_output());
                 if n == 0 {
                     break;
                 }

@@ -1,0 +1,598 @@
+//! The guest's main loop: [`Guest`], single-threaded and polled, on a smoltcp interface.
+//!
+//! [`Guest::new`] takes the platform ([`Platform`]: clock, halting, power button, system
+//! figures), the network device, the opened [`Disk`] and the metrics registry, and opens the
+//! listener pools ([`Network`]). [`Guest::run`] then turns the loop until the power button
+//! has been pressed and the disk closed, and returns how the machine should power off.
+//! A turn ([`Guest::turn`]):
+//!
+//! 1. read the clock;
+//! 2. poll the interface: frames in and out of the device, TCP timers, DHCP;
+//! 3. for every socket of the pool, advance its session: a new connection gets a fresh
+//!    HTTP or NBD state machine, bytes move between the socket and the state machine, NBD
+//!    requests run on the disk, and a session whose connection ended is dropped; sockets
+//!    listen again, the pools grow when few listeners are left, and a full port closes its
+//!    longest-idle connection ([`Guest::make_room`]);
+//! 4. if anything moved, the turn ends (the next one polls the interface at once: replies
+//!    wait in socket buffers until it is polled); every [`HOUSEKEEPING_MS`], busy or not, the
+//!    power button is looked at (NBD clients told to go, replies drained for at most
+//!    [`DRAIN_MS`], disk closed clean: see [`Guest::turn`]);
+//! 5. when nothing moved: every [`BACKGROUND_INTERVAL_MS`] the engine writes dirty metadata
+//!    back; online compaction takes a step when its [`Scheduler`] allows one (a pass is on,
+//!    no NBD request for `compact_idle`, the rate limit has room); then the platform halts
+//!    until the earliest deadline (smoltcp's `poll_delay`, the HTTP idle timeouts, the engine
+//!    timer, the next compaction step) or until a frame arrives ([`Platform::idle_until`]).
+//!
+//! Metrics: the block-device counters are updated by the block device itself, the request
+//! counters of the virtual disk by the `Instrumented` wrapper, and everything else (engine,
+//! NBD, HTTP, network, heap) is copied into the registry when a scrape asks.
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use log::{error, info, warn};
+use smoltcp::phy;
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+
+use super::disk::{Disk, SpaceCache};
+use super::http::{GuestSite, HttpSession};
+use super::nbd::{NbdSession, NoDisk};
+use super::net::{Network, Service};
+use super::session::Session;
+use crate::block::BlockDevice;
+use crate::compaction::Scheduler;
+use crate::config::{Config, GuestExit};
+use crate::http::{Health, HttpStats};
+use crate::metrics::Format;
+use crate::metrics::families::{
+    EngineSnapshot, GuestMetrics, HttpSnapshot, NbdSnapshot, SystemSnapshot,
+};
+use crate::nbd::{NbdStats, ServerConfig};
+
+/// How often the engine's background work runs while the guest is otherwise idle.
+pub const BACKGROUND_INTERVAL_MS: u64 = 5000;
+
+/// How often the busy loop looks at the power button and the engine's timer.
+pub const HOUSEKEEPING_MS: u64 = 10;
+
+/// Longest wait for NBD clients to receive their last replies at power-off.
+pub const DRAIN_MS: u64 = 2000;
+
+/// What the loop needs of the machine it runs on.
+pub trait Platform {
+    /// The network device the interface runs on.
+    type Net: phy::Device;
+
+    /// Nanoseconds of a monotonic clock (the guest's: since power-on).
+    fn now_ns(&self) -> u64;
+
+    /// Waits until `deadline_ms` (on the [`Platform::now_ns`] scale, in milliseconds) or
+    /// until a frame arrives on `net`, whichever comes first; may return earlier (the loop
+    /// looks at the power button between waits). Returns at once if a frame is waiting.
+    fn idle_until(&mut self, net: &mut Self::Net, deadline_ms: u64);
+
+    /// Whether the power button was pressed since the last call.
+    fn power_button_pressed(&mut self) -> bool;
+
+    /// The machine's figures for the metrics: uptime, heap, network device counters.
+    fn system(&self) -> SystemSnapshot;
+}
+
+/// What a [`Guest`] is given besides its devices.
+pub struct GuestSetup {
+    /// The parsed command line.
+    pub config: Config,
+    /// The build's version, shown on `/`.
+    pub version: &'static str,
+    /// The network device's MAC address.
+    pub mac: [u8; 6],
+    /// Randomises TCP initial sequence numbers and DHCP transaction ids.
+    pub seed: u64,
+}
+
+/// Where the main loop spends its time, logged at `debug` level every
+/// [`LoopProfile::PERIOD_MS`] while the guest is doing something.
+#[derive(Default)]
+struct LoopProfile {
+    turns: u64,
+    poll_ns: u64,
+    serve_ns: u64,
+    idle_ns: u64,
+    since_ms: u64,
+}
+
+impl LoopProfile {
+    const PERIOD_MS: u64 = 10_000;
+
+    fn report(&mut self, now_ms: u64) {
+        if now_ms < self.since_ms + Self::PERIOD_MS {
+            return;
+        }
+        let busy_ns = self.poll_ns + self.serve_ns;
+        if busy_ns > 0 && log::log_enabled!(log::Level::Debug) {
+            let total = (now_ms - self.since_ms).max(1) * 1_000_000;
+            log::debug!(
+                "loop: {} turns in {} ms: network {}%, sessions and disk {}%, halted {}%",
+                self.turns,
+                now_ms - self.since_ms,
+                self.poll_ns * 100 / total,
+                self.serve_ns * 100 / total,
+                self.idle_ns * 100 / total,
+            );
+        }
+        *self = LoopProfile {
+            since_ms: now_ms,
+            ..LoopProfile::default()
+        };
+    }
+}
+
+/// Everything the loop owns.
+pub struct Guest<P: Platform, B: BlockDevice> {
+    platform: P,
+    metrics: GuestMetrics,
+    disk: Disk<B>,
+    dev: P::Net,
+    net: Network,
+    sessions: Vec<Option<Session>>,
+    nbd_config: ServerConfig,
+    nbd_stats: NbdStats,
+    http_stats: HttpStats,
+    facts: Vec<(&'static str, String)>,
+    /// Last space figures of the engine, and when they were computed.
+    space_cache: Option<SpaceCache>,
+    /// The power button was pressed: NBD clients are being sent away until this deadline
+    /// (ms), then the disk is closed.
+    draining_until: Option<u64>,
+    /// Online compaction: when to take a step.
+    compaction: Scheduler,
+    /// The image's cluster size (the unit of compaction; 0 without a qcow2 image).
+    cluster_size: u64,
+    next_background: u64,
+    next_housekeeping: u64,
+    profile: LoopProfile,
+}
+
+impl<P: Platform, B: BlockDevice> Guest<P, B> {
+    /// Builds the interface on `dev`, opens the listener pools and readies the services.
+    pub fn new(
+        platform: P,
+        mut dev: P::Net,
+        mut disk: Disk<B>,
+        metrics: GuestMetrics,
+        setup: GuestSetup,
+    ) -> Self {
+        let config = setup.config;
+        let now_ms = platform.now_ns() / 1_000_000;
+        let now = Instant::from_millis(now_ms as i64);
+        let net = Network::new(&mut dev, setup.mac, &config, now, setup.seed);
+
+        let size = disk.size();
+        let read_only = config.read_only || disk.is_read_only();
+        let mut facts = vec![
+            ("version", String::from(setup.version)),
+            ("export", config.export.clone()),
+            ("format", String::from(disk.format_name())),
+            ("virtual size", human_size(size)),
+            ("NBD port", format!("{}", config.nbd_port)),
+            ("metrics port", format!("{}", config.metrics_port)),
+            ("read-only", format!("{read_only}")),
+        ];
+        if let Disk::Unavailable(why) = &disk {
+            facts.push(("disk error", why.clone()));
+        }
+        let nbd_config = ServerConfig {
+            export_name: config.export.clone(),
+            description: format!("qcow-metal {} disk", disk.format_name()),
+            read_only,
+            ..ServerConfig::default()
+        };
+        let sessions = (0..net.listeners.len()).map(|_| None).collect();
+        let (compaction, cluster_size) =
+            compaction_scheduler(&mut disk, &config, read_only, now_ms);
+        info!(
+            "main loop: serving metrics on :{} and NBD on :{}",
+            config.metrics_port, config.nbd_port
+        );
+        Guest {
+            platform,
+            metrics,
+            disk,
+            dev,
+            net,
+            sessions,
+            nbd_config,
+            nbd_stats: NbdStats::default(),
+            http_stats: HttpStats::new(),
+            facts,
+            space_cache: None,
+            draining_until: None,
+            compaction,
+            cluster_size,
+            next_background: now_ms + BACKGROUND_INTERVAL_MS,
+            next_housekeeping: 0,
+            profile: LoopProfile::default(),
+        }
+    }
+
+    /// Runs the services until the power button was pressed and the disk is closed; returns
+    /// how the machine should power off.
+    pub fn run(mut self) -> GuestExit {
+        loop {
+            if let Some(exit) = self.turn() {
+                return exit;
+            }
+        }
+    }
+
+    /// One turn of the loop (see the module docs), halting at its end if nothing moved.
+    /// Returns `Some` once the guest has shut down: the disk is closed (or failed to close)
+    /// and the machine should power off with that status.
+    pub fn turn(&mut self) -> Option<GuestExit> {
+        if let Some(deadline) = self.draining_until {
+            return self.drain_turn(deadline);
+        }
+        let t0 = self.platform.now_ns();
+        let now = Instant::from_micros((t0 / 1000) as i64);
+        let mut busy = self.net.poll(&mut self.dev, now);
+        let t1 = self.platform.now_ns();
+        busy |= self.drive_sessions(now);
+        if self.net.relisten() {
+            self.sessions.resize_with(self.net.listeners.len(), || None);
+        }
+        self.make_room(t1 / 1_000_000);
+        let t2 = self.platform.now_ns();
+        self.profile.poll_ns += t1 - t0;
+        self.profile.serve_ns += t2 - t1;
+        self.profile.turns += 1;
+        let now_ms = t2 / 1_000_000;
+        // Every few milliseconds, even while busy: power button, engine work, profile.
+        if now_ms >= self.next_housekeeping || !busy {
+            self.next_housekeeping = now_ms + HOUSEKEEPING_MS;
+            if self.platform.power_button_pressed() {
+                self.begin_power_off(now_ms);
+                return None;
+            }
+            self.disk.keep_headroom();
+            if now_ms >= self.next_background && !busy {
+                self.disk.background();
+                self.next_background = now_ms + BACKGROUND_INTERVAL_MS;
+            }
+            busy |= self.compact(now_ms);
+            self.profile.report(now_ms);
+        }
+        if busy {
+            // Replies wait in the socket buffers: poll the interface again at once.
+            return None;
+        }
+        let deadline = self.next_deadline_ms(now).min(self.next_background).min(
+            self.compaction
+                .next_deadline_ms(now_ms, self.cluster_size)
+                .unwrap_or(u64::MAX),
+        );
+        let t3 = self.platform.now_ns();
+        self.platform.idle_until(&mut self.dev, deadline);
+        self.profile.idle_ns += self.platform.now_ns().saturating_sub(t3);
+        None
+    }
+
+    /// The metrics registry the guest renders.
+    pub fn metrics(&self) -> &GuestMetrics {
+        &self.metrics
+    }
+
+    /// The NBD server's counts.
+    pub fn nbd_stats(&self) -> &NbdStats {
+        &self.nbd_stats
+    }
+
+    /// The interface and its socket pool.
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    /// The platform the loop runs on.
+    pub fn platform_mut(&mut self) -> &mut P {
+        &mut self.platform
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.platform.now_ns() / 1_000_000
+    }
+
+    /// Online compaction: takes in the engine's and the NBD server's counts, and moves one
+    /// step's worth of clusters when the scheduler allows it. Returns whether it moved any.
+    fn compact(&mut self, now_ms: u64) -> bool {
+        let Disk::Qcow2(d) = &mut self.disk else {
+            return false;
+        };
+        let engine = d.inner_mut();
+        let cs = self.cluster_size;
+        let freed = || engine.stats().clusters_freed.saturating_mul(cs);
+        let requests = self.nbd_stats.requests.iter().sum();
+        self.compaction.observe(now_ms, freed(), requests);
+        let Some(budget) = self.compaction.next_step(now_ms, cs) else {
+            return false;
+        };
+        let passes = self.compaction.passes();
+        match engine.compact_step((budget / cs).max(1)) {
+            Ok(p) => {
+                let freed = engine.stats().clusters_freed.saturating_mul(cs);
+                self.compaction
+                    .step_done(p.moved_clusters * cs, cs, p.done, freed);
+                if p.done {
+                    info!(
+                        "compaction: pass {} done ({} bytes moved since boot); image extent {} bytes",
+                        passes + 1,
+                        self.compaction.moved_bytes(),
+                        p.extent_after,
+                    );
+                }
+                p.moved_clusters > 0
+            }
+            Err(e) => {
+                warn!("compaction: step failed: {e}; the pass ends");
+                let freed = engine.stats().clusters_freed.saturating_mul(cs);
+                self.compaction.step_failed(freed);
+                false
+            }
+        }
+    }
+
+    /// The power button: NBD clients are told the server is shutting down (requests being
+    /// served complete and their replies are sent, for at most [`DRAIN_MS`]: see
+    /// [`Guest::drain_turn`]), then the disk is closed.
+    fn begin_power_off(&mut self, now_ms: u64) {
+        info!("power button pressed: ending NBD sessions");
+        for session in self.sessions.iter_mut().flatten() {
+            if let Session::Nbd(s) = session {
+                s.shutdown();
+            }
+        }
+        self.draining_until = Some(now_ms + DRAIN_MS);
+    }
+
+    /// A turn while powering off: sessions are driven until every NBD client has its last
+    /// reply (or the drain deadline passed), then the disk is closed.
+    fn drain_turn(&mut self, deadline_ms: u64) -> Option<GuestExit> {
+        let now_ms = self.now_ms();
+        if now_ms < deadline_ms {
+            let now = Instant::from_millis(now_ms as i64);
+            self.net.poll(&mut self.dev, now);
+            self.drive_sessions(now);
+            let drained = self
+                .net
+                .listeners
+                .iter()
+                .zip(&self.sessions)
+                .all(|(l, s)| match s {
+                    Some(Session::Nbd(s)) => {
+                        s.is_quiescent()
+                            && self.net.sockets.get::<tcp::Socket>(l.handle).send_queue() == 0
+                    }
+                    _ => true,
+                });
+            if !drained {
+                let wait = self.next_deadline_ms(now).min(deadline_ms);
+                let now_ms = self.now_ms();
+                self.platform
+                    .idle_until(&mut self.dev, wait.min(now_ms + 1));
+                return None;
+            }
+        }
+        let disk = core::mem::replace(&mut self.disk, Disk::Unavailable(String::new()));
+        Some(shut_down(disk))
+    }
+
+    /// When every socket of a port is taken and its pool cannot grow, closes the session of
+    /// that port that has been idle longest (if any is idle), so that new clients are not
+    /// refused while silent ones hold the sockets.
+    fn make_room(&mut self, now_ms: u64) {
+        for service in [Service::Http, Service::Nbd] {
+            if self.net.listening(service) > 0 {
+                continue;
+            }
+            let victim = self
+                .net
+                .listeners
+                .iter()
+                .zip(&self.sessions)
+                .enumerate()
+                .filter(|(_, (l, _))| l.service == service)
+                .filter_map(|(i, (_, s))| Some((i, s.as_ref()?.idle_since_ms()?)))
+                .min_by_key(|&(_, since)| since);
+            if let Some((i, since)) = victim {
+                let handle = self.net.listeners[i].handle;
+                self.net.sockets.get_mut::<tcp::Socket>(handle).abort();
+                if let Some(Session::Nbd(mut s)) = self.sessions[i].take() {
+                    s.end(&mut self.nbd_stats);
+                }
+                info!(
+                    "{service:?}: every socket is taken; closed a connection idle for {} ms",
+                    now_ms.saturating_sub(since)
+                );
+            }
+        }
+    }
+
+    /// Advances every session; returns whether anything moved.
+    fn drive_sessions(&mut self, now: Instant) -> bool {
+        let now_ms = now.total_millis() as u64;
+        let stopping = self.draining_until.is_some();
+        let mut busy = false;
+        for (i, listener) in self.net.listeners.iter().enumerate() {
+            let socket = self.net.sockets.get_mut::<tcp::Socket>(listener.handle);
+            let slot = &mut self.sessions[i];
+            // A socket that left its connection loses its session.
+            let connected = matches!(
+                socket.state(),
+                tcp::State::Established
+                    | tcp::State::FinWait1
+                    | tcp::State::FinWait2
+                    | tcp::State::CloseWait
+                    | tcp::State::Closing
+                    | tcp::State::LastAck
+            );
+            if !connected {
+                if let Some(Session::Nbd(mut s)) = slot.take() {
+                    s.end(&mut self.nbd_stats);
+                }
+                continue;
+            }
+            if slot.is_none() {
+                *slot = Some(match listener.service {
+                    Service::Http => Session::Http(Box::new(HttpSession::new(now_ms))),
+                    Service::Nbd => Session::Nbd(Box::new(match self.disk {
+                        _ if stopping => NbdSession::refusing(&self.nbd_config, now_ms),
+                        Disk::Unavailable(ref why) => {
+                            warn!("NBD: turning a client away: {why}");
+                            NbdSession::refusing(&self.nbd_config, now_ms)
+                        }
+                        _ => NbdSession::new(&self.nbd_config, now_ms),
+                    })),
+                });
+                busy = true;
+            }
+            match slot {
+                Some(Session::Http(s)) => {
+                    let health = match &self.disk {
+                        Disk::Unavailable(why) => Health::Unavailable(why.clone()),
+                        _ => Health::Ok,
+                    };
+                    let compaction = (self.compaction.state(), self.compaction.passes());
+                    let platform = &self.platform;
+                    let mut render = |format: Format, out: &mut Vec<u8>| {
+                        let mut engine = self.disk.snapshot(&mut self.space_cache);
+                        (engine.compaction, engine.compaction_passes) = compaction;
+                        update_metrics(
+                            &self.metrics,
+                            &engine,
+                            &self.nbd_stats,
+                            &self.http_stats,
+                            &platform.system(),
+                        );
+                        self.metrics.render_into(format, out);
+                    };
+                    let mut site = GuestSite {
+                        render: &mut render,
+                        facts: &self.facts,
+                        health,
+                        stats: &self.http_stats,
+                    };
+                    busy |= s.drive(socket, now_ms, &mut site);
+                }
+                Some(Session::Nbd(s)) => match self.disk.virtual_disk() {
+                    Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats, now_ms),
+                    // No disk: a refusing session turns the client away.
+                    None => busy |= s.drive(socket, &mut NoDisk, &mut self.nbd_stats, now_ms),
+                },
+                None => {}
+            }
+        }
+        busy
+    }
+
+    /// The earliest time (ms) something must happen: a TCP timer, DHCP, an HTTP timeout.
+    fn next_deadline_ms(&mut self, now: Instant) -> u64 {
+        let now_ms = now.total_millis() as u64;
+        let mut deadline = u64::MAX;
+        if let Some(delay) = self.net.poll_delay(now) {
+            deadline = now_ms + delay.total_millis();
+        }
+        for s in self.sessions.iter().flatten() {
+            if let Session::Http(h) = s
+                && let Some(d) = h.next_deadline_ms()
+            {
+                deadline = deadline.min(d);
+            }
+        }
+        deadline
+    }
+}
+
+/// The compaction scheduler for `disk` (off without a writable qcow2 image), and the
+/// image's cluster size. A pass starts at once when anything is compactable at boot: a
+/// pass cut short by a crash or a power-off finishes, and what earlier boots freed counts.
+fn compaction_scheduler<B: BlockDevice>(
+    disk: &mut Disk<B>,
+    config: &Config,
+    read_only: bool,
+    now_ms: u64,
+) -> (Scheduler, u64) {
+    let mut policy = config.compaction;
+    let Disk::Qcow2(d) = disk else {
+        policy.enabled = false;
+        return (Scheduler::new(policy, now_ms, 0, 0), 0);
+    };
+    let engine = d.inner_mut();
+    let cs = engine.cluster_size();
+    if read_only {
+        policy.enabled = false;
+    }
+    let freed = engine.stats().clusters_freed.saturating_mul(cs);
+    let mut scheduler = Scheduler::new(policy, now_ms, freed, 0);
+    if policy.enabled {
+        match engine.compactable_bytes() {
+            Ok(bytes) if bytes > 0 => {
+                info!("compaction: {bytes} bytes compactable at boot; starting a pass");
+                scheduler.arm();
+            }
+            Ok(_) => {}
+            Err(e) => warn!("compaction: cannot tell what is compactable: {e}"),
+        }
+    }
+    (scheduler, cs)
+}
+
+/// Closes the disk (everything durable, image clean) and says how to power off.
+pub fn shut_down<B: BlockDevice>(disk: Disk<B>) -> GuestExit {
+    info!("closing the disk");
+    match disk.close() {
+        Ok(()) => {
+            info!("disk closed and flushed; powering off");
+            GuestExit::Clean
+        }
+        Err(e) => {
+            error!("closing the disk failed: {e}; powering off with a disk error");
+            GuestExit::DiskError
+        }
+    }
+}
+
+/// Copies the figures kept outside the registry into it, just before a scrape renders it.
+fn update_metrics(
+    metrics: &GuestMetrics,
+    engine: &EngineSnapshot,
+    nbd: &NbdStats,
+    http: &HttpStats,
+    system: &SystemSnapshot,
+) {
+    metrics.disk.update(engine);
+    metrics.nbd.update(&NbdSnapshot::from(nbd));
+    metrics.http.update(&HttpSnapshot::from(&http.snapshot()));
+    metrics.system.update(system);
+}
+
+/// A byte count for people: `64 MiB (67108864 bytes)`, one decimal where the unit does not
+/// divide it.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let Some((i, _)) = UNITS
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(i, _)| bytes >> (10 * (i + 1)) > 0)
+    else {
+        return format!("{bytes} bytes");
+    };
+    let unit = 1u64 << (10 * (i + 1));
+    let tenths = (bytes % unit) * 10 / unit;
+    if bytes.is_multiple_of(unit) {
+        format!("{} {} ({bytes} bytes)", bytes / unit, UNITS[i])
+    } else {
+        format!("{}.{tenths} {} ({bytes} bytes)", bytes / unit, UNITS[i])
+    }
+}
