@@ -19,3 +19,6 @@ pub mod nbd;
 pub mod net;
 pub mod session;
 pub mod socket;
+
+#[cfg(all(test, feature = "smoltcp"))]
+mod tests;

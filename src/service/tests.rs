@@ -1,0 +1,470 @@
+//! Host tests of the guest's main loop: the library's [`Guest`] on one end of an in-memory
+//! Ethernet link, smoltcp clients on the other, a qcow2 image on a memory disk, and a
+//! virtual clock that moves only when the test or an idle guest moves it.
+
+use alloc::collections::VecDeque;
+use alloc::rc::Rc;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+
+use super::disk::open_disk;
+use super::guest::{Guest, GuestSetup, Platform};
+use crate::block::{BlockDevice, BlockError, MemDisk};
+use crate::config::{Config, GuestExit};
+use crate::metrics::families::{GuestConfig, GuestMetrics, SystemSnapshot};
+use crate::nbd::proto::*;
+use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+
+type Frames = Rc<RefCell<VecDeque<Vec<u8>>>>;
+
+/// One end of an in-memory Ethernet link.
+struct LinkEnd {
+    rx: Frames,
+    tx: Frames,
+}
+
+/// Two ends joined: what one sends, the other receives.
+fn link() -> (LinkEnd, LinkEnd) {
+    let (a, b) = (Frames::default(), Frames::default());
+    (
+        LinkEnd {
+            rx: a.clone(),
+            tx: b.clone(),
+        },
+        LinkEnd { rx: b, tx: a },
+    )
+}
+
+struct RxFrame(Vec<u8>);
+struct TxFrame(Frames);
+
+impl phy::RxToken for RxFrame {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl phy::TxToken for TxFrame {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = vec![0; len];
+        let r = f(&mut frame);
+        self.0.borrow_mut().push_back(frame);
+        r
+    }
+}
+
+impl phy::Device for LinkEnd {
+    type RxToken<'a> = RxFrame;
+    type TxToken<'a> = TxFrame;
+
+    fn receive(&mut self, _: Instant) -> Option<(RxFrame, TxFrame)> {
+        let frame = self.rx.borrow_mut().pop_front()?;
+        Some((RxFrame(frame), TxFrame(self.tx.clone())))
+    }
+
+    fn transmit(&mut self, _: Instant) -> Option<TxFrame> {
+        Some(TxFrame(self.tx.clone()))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = 1514;
+        caps
+    }
+}
+
+/// The virtual clock, in nanoseconds.
+type Clock = Rc<Cell<u64>>;
+
+/// The test machine: a virtual clock, a power button the test presses.
+struct TestPlatform {
+    clock: Clock,
+    button: Rc<Cell<bool>>,
+}
+
+/// Longest jump of the virtual clock in one idle wait.
+const IDLE_STEP_NS: u64 = 5_000_000;
+
+impl Platform for TestPlatform {
+    type Net = LinkEnd;
+
+    fn now_ns(&self) -> u64 {
+        self.clock.get()
+    }
+
+    fn idle_until(&mut self, net: &mut LinkEnd, deadline_ms: u64) {
+        if !net.rx.borrow().is_empty() {
+            return;
+        }
+        let now = self.clock.get();
+        let until = deadline_ms
+            .saturating_mul(1_000_000)
+            .min(now + IDLE_STEP_NS)
+            .max(now);
+        self.clock.set(until);
+    }
+
+    fn power_button_pressed(&mut self) -> bool {
+        self.button.replace(false)
+    }
+
+    fn system(&self) -> SystemSnapshot {
+        SystemSnapshot {
+            uptime_seconds: self.clock.get() as f64 / 1e9,
+            ..SystemSnapshot::default()
+        }
+    }
+}
+
+/// A memory disk the test keeps a handle on after the guest closed it.
+#[derive(Clone)]
+struct SharedDisk(Rc<RefCell<MemDisk>>);
+
+impl BlockDevice for SharedDisk {
+    fn capacity(&self) -> u64 {
+        self.0.borrow().capacity()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.0.borrow_mut().read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        self.0.borrow_mut().write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        self.0.borrow_mut().flush()
+    }
+    fn zeroes_from(&self) -> Option<u64> {
+        self.0.borrow().zeroes_from()
+    }
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        self.0.borrow_mut().grow(need, want, wait)
+    }
+}
+
+const GUEST_IP: [u8; 4] = [10, 0, 0, 1];
+const CLIENT_IP: [u8; 4] = [10, 0, 0, 2];
+const HTTP_PORT: u16 = 9090;
+const NBD_PORT: u16 = 10809;
+const VIRTUAL_SIZE: u64 = 16 << 20;
+
+/// The guest, its clients' interface, and the clock they share.
+struct Harness {
+    guest: Guest<TestPlatform, SharedDisk>,
+    clock: Clock,
+    button: Rc<Cell<bool>>,
+    disk: SharedDisk,
+    iface: Interface,
+    dev: LinkEnd,
+    sockets: SocketSet<'static>,
+    next_port: u16,
+    exit: Option<GuestExit>,
+}
+
+fn now(clock: &Clock) -> Instant {
+    Instant::from_micros((clock.get() / 1000) as i64)
+}
+
+impl Harness {
+    /// A guest serving a fresh qcow2 image (16 MiB) at 10.0.0.1.
+    fn new() -> Harness {
+        let disk = SharedDisk(Rc::new(RefCell::new(MemDisk::growable())));
+        let opts = CreateOptions {
+            virtual_size: VIRTUAL_SIZE,
+            ..CreateOptions::default()
+        };
+        Qcow2::create(disk.clone(), &opts)
+            .expect("create the image")
+            .close()
+            .expect("close the new image");
+        let (config, _) = Config::parse("ip=10.0.0.1/24 log=warn").expect("command line");
+        let clock = Clock::new(Cell::new(1_000_000_000));
+        let button = Rc::new(Cell::new(false));
+        let metrics = GuestMetrics::new(&GuestConfig {
+            disk: &config.export,
+            device: "vda",
+            interface: "eth0",
+            version: "test",
+            mirage: false,
+            clock: || 0,
+        });
+        let guest_disk = open_disk(Some(disk.clone()), &config, &metrics, || 0);
+        let (guest_end, client_end) = link();
+        let platform = TestPlatform {
+            clock: clock.clone(),
+            button: button.clone(),
+        };
+        let setup = GuestSetup {
+            config,
+            version: "test",
+            mac: [2, 0, 0, 0, 0, 1],
+            seed: 1,
+        };
+        let guest = Guest::new(platform, guest_end, guest_disk, metrics, setup);
+
+        let mut dev = client_end;
+        let mut cfg = IfaceConfig::new(HardwareAddress::Ethernet(EthernetAddress([
+            2, 0, 0, 0, 0, 2,
+        ])));
+        cfg.random_seed = 2;
+        let mut iface = Interface::new(cfg, &mut dev, now(&clock));
+        iface.update_ip_addrs(|addrs| {
+            let _ = addrs.push(IpCidr::new(
+                IpAddress::Ipv4(Ipv4Address::from(CLIENT_IP)),
+                24,
+            ));
+        });
+        Harness {
+            guest,
+            clock,
+            button,
+            disk,
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            next_port: 40000,
+            exit: None,
+        }
+    }
+
+    /// One turn of the guest and one poll of the clients; the clock moves 100 µs.
+    fn step(&mut self) {
+        self.iface
+            .poll(now(&self.clock), &mut self.dev, &mut self.sockets);
+        if self.exit.is_none() {
+            self.exit = self.guest.turn();
+        }
+        self.iface
+            .poll(now(&self.clock), &mut self.dev, &mut self.sockets);
+        self.clock.set(self.clock.get() + 100_000);
+    }
+
+    /// Steps until `done` holds; panics after `max_steps`, naming `what`.
+    fn until(&mut self, what: &str, max_steps: usize, mut done: impl FnMut(&mut Harness) -> bool) {
+        for _ in 0..max_steps {
+            if done(self) {
+                return;
+            }
+            self.step();
+        }
+        panic!("{what}: not done after {max_steps} steps");
+    }
+
+    /// Opens a connection to the guest's `port`.
+    fn connect(&mut self, port: u16) -> SocketHandle {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 256 << 10]),
+            tcp::SocketBuffer::new(vec![0; 256 << 10]),
+        );
+        self.next_port += 1;
+        socket
+            .connect(
+                self.iface.context(),
+                (Ipv4Address::from(GUEST_IP), port),
+                self.next_port,
+            )
+            .expect("connect");
+        let handle = self.sockets.add(socket);
+        self.until("connection established", 10_000, |h| {
+            h.socket(handle).state() == tcp::State::Established
+        });
+        handle
+    }
+
+    fn socket(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    /// Sends all of `data`.
+    fn send(&mut self, handle: SocketHandle, data: &[u8]) {
+        let mut sent = 0;
+        self.until("data sent", 100_000, |h| {
+            sent += h.socket(handle).send_slice(&data[sent..]).unwrap_or(0);
+            sent == data.len()
+        });
+    }
+
+    /// Receives exactly `len` bytes.
+    fn recv_exact(&mut self, handle: SocketHandle, len: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.until("data received", 100_000, |h| {
+            let want = len - out.len();
+            let s = h.socket(handle);
+            if s.can_recv() {
+                let _ = s.recv(|buf| {
+                    let n = buf.len().min(want);
+                    out.extend_from_slice(&buf[..n]);
+                    (n, ())
+                });
+            }
+            out.len() == len
+        });
+        out
+    }
+
+    /// Receives until the guest closes the connection.
+    fn recv_to_end(&mut self, handle: SocketHandle) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.until("connection closed by the guest", 100_000, |h| {
+            let s = h.socket(handle);
+            if s.can_recv() {
+                let _ = s.recv(|buf| {
+                    out.extend_from_slice(buf);
+                    (buf.len(), ())
+                });
+            }
+            !s.may_recv()
+        });
+        out
+    }
+
+    /// NBD: fixed-newstyle handshake with `NBD_OPT_EXPORT_NAME`; returns the export size.
+    fn nbd_handshake(&mut self, handle: SocketHandle) -> u64 {
+        let greeting = self.recv_exact(handle, 18);
+        assert_eq!(greeting[..8], NBDMAGIC.to_be_bytes());
+        assert_eq!(greeting[8..16], IHAVEOPT.to_be_bytes());
+        let mut hello = Vec::new();
+        hello.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+        hello.extend_from_slice(&0u32.to_be_bytes());
+        self.send(handle, &hello);
+        let info = self.recv_exact(handle, 10);
+        u64::from_be_bytes(info[..8].try_into().unwrap())
+    }
+
+    /// NBD: one request (simple reply); returns the error and the read data.
+    fn nbd_request(
+        &mut self,
+        handle: SocketHandle,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> (u32, Vec<u8>) {
+        self.nbd_send(handle, cmd, cookie, offset, len, data);
+        self.nbd_reply(handle, cookie, if cmd == CMD_READ { len } else { 0 })
+    }
+
+    fn nbd_send(
+        &mut self,
+        handle: SocketHandle,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) {
+        let mut req = Vec::new();
+        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&cmd.to_be_bytes());
+        req.extend_from_slice(&cookie.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(data);
+        self.send(handle, &req);
+    }
+
+    fn nbd_reply(&mut self, handle: SocketHandle, cookie: u64, data_len: u32) -> (u32, Vec<u8>) {
+        let head = self.recv_exact(handle, 16);
+        assert_eq!(head[..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let error = u32::from_be_bytes(head[4..8].try_into().unwrap());
+        assert_eq!(head[8..16], cookie.to_be_bytes());
+        let data = if error == 0 && data_len > 0 {
+            self.recv_exact(handle, data_len as usize)
+        } else {
+            Vec::new()
+        };
+        (error, data)
+    }
+
+    /// Presses the power button and steps until the guest has shut down.
+    fn power_off(&mut self) -> GuestExit {
+        self.button.set(true);
+        self.until("guest shut down", 100_000, |h| h.exit.is_some());
+        self.exit.unwrap()
+    }
+
+    /// The image as the guest left it: header not dirty, `check` clean; returns the engine.
+    fn reopen_clean(&self) -> Qcow2<MemDisk> {
+        let bytes = self.disk.0.borrow().bytes().to_vec();
+        let incompatible = u64::from_be_bytes(bytes[72..80].try_into().unwrap());
+        assert_eq!(incompatible & 1, 0, "the image is still marked dirty");
+        let mut engine = Qcow2::open(MemDisk::from_bytes(bytes, false), OpenOptions::default())
+            .expect("reopen the image");
+        let report = engine.check().expect("check");
+        assert!(report.is_clean(), "check found problems: {report:?}");
+        engine
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn scrape_answers_with_the_registry() {
+    let mut h = Harness::new();
+    let c = h.connect(HTTP_PORT);
+    h.send(
+        c,
+        b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n",
+    );
+    let reply = h.recv_to_end(c);
+    let text = core::str::from_utf8(&reply).expect("UTF-8 reply");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:.200}");
+    assert!(text.contains("qcow_metal_build_info{"), "{text}");
+    assert!(text.contains("qcow_metal_http_requests_total"), "{text}");
+}
+
+#[test]
+fn nbd_write_read_then_power_off_leaves_a_clean_image() {
+    let mut h = Harness::new();
+    let c = h.connect(NBD_PORT);
+    assert_eq!(h.nbd_handshake(c), VIRTUAL_SIZE);
+    let data = pattern(256 << 10, 7);
+    let (err, _) = h.nbd_request(c, CMD_WRITE, 1, 1 << 20, data.len() as u32, &data);
+    assert_eq!(err, 0);
+    assert_eq!(h.nbd_request(c, CMD_FLUSH, 2, 0, 0, &[]).0, 0);
+    let (err, back) = h.nbd_request(c, CMD_READ, 3, 1 << 20, data.len() as u32, &[]);
+    assert_eq!(err, 0);
+    assert!(back == data, "read back differs from what was written");
+    assert_eq!(h.guest.nbd_stats().requests.iter().sum::<u64>(), 3);
+
+    assert_eq!(h.power_off(), GuestExit::Clean);
+    let mut engine = h.reopen_clean();
+    let mut stored = vec![0; data.len()];
+    crate::disk::VirtualDisk::read(&mut engine, 1 << 20, &mut stored).unwrap();
+    assert!(stored == data, "the image does not hold the written data");
+}
+
+#[test]
+fn power_off_drains_a_write_in_flight() {
+    let mut h = Harness::new();
+    let c = h.connect(NBD_PORT);
+    h.nbd_handshake(c);
+    let data = pattern(64 << 10, 3);
+    // The request is on its way when the button is pressed: it is served, its reply
+    // reaches the client, then the guest closes the disk.
+    h.nbd_send(c, CMD_WRITE, 9, 4 << 20, data.len() as u32, &data);
+    h.button.set(true);
+    let (err, _) = h.nbd_reply(c, 9, 0);
+    assert_eq!(err, 0);
+    h.until("guest shut down", 100_000, |h| h.exit.is_some());
+    assert_eq!(h.exit, Some(GuestExit::Clean));
+    let mut engine = h.reopen_clean();
+    let mut stored = vec![0; data.len()];
+    crate::disk::VirtualDisk::read(&mut engine, 4 << 20, &mut stored).unwrap();
+    assert!(stored == data, "the drained write is not on the disk");
+}
