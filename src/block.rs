@@ -13,6 +13,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
+pub mod telemetry;
+
 /// What a block device can fail with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockError {

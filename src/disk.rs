@@ -7,6 +7,8 @@
 use crate::block::{BlockDevice, BlockError};
 use core::fmt;
 
+pub mod telemetry;
+
 /// How a range of the virtual disk is backed, as NBD `base:allocation` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Allocation {

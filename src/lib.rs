@@ -11,6 +11,8 @@
 //! - [`http`]: the sans-I/O HTTP/1.1 responder that serves `/metrics`.
 //! - [`nbd`]: the sans-I/O NBD server.
 //! - [`service`]: the guest's services and main loop (the loop itself with feature `smoltcp`).
+//! - [`net`]: the network interface's counters.
+//! - [`telemetry`]: the guest's `/metrics` exposition, assembled from every layer's families.
 //! - [`config`]: the kernel command line, parsed into a typed configuration.
 //! - [`hostfile`]: how the guest asks the runner to grow its disk's host file.
 //! - [`compaction`]: when the guest compacts its image online (the policy at work).
@@ -27,5 +29,7 @@ pub mod hostfile;
 pub mod http;
 pub mod metrics;
 pub mod nbd;
+pub mod net;
 pub mod qcow2;
 pub mod service;
+pub mod telemetry;

@@ -8,13 +8,18 @@
 //! guest's workload leaves some of them at zero.
 
 use qcow_metal::block::MemDisk;
+use qcow_metal::block::telemetry::IoOp;
+use qcow_metal::compaction::CompactionState;
+use qcow_metal::disk::telemetry::{DiskFigures, Instrumented};
 use qcow_metal::disk::{RawDisk, VirtualDisk};
 use qcow_metal::http::{Health, HttpStats, IndexPage, Site};
+use qcow_metal::metrics::Format;
 use qcow_metal::metrics::parse::{Exposition, parse};
-use qcow_metal::metrics::{
-    EngineSnapshot, Format, GuestConfig, GuestMetrics, HttpSnapshot, Instrumented, IoOp,
-    NbdSnapshot, SystemSnapshot,
-};
+use qcow_metal::nbd::NbdStats;
+use qcow_metal::net::NetStats;
+use qcow_metal::qcow2::telemetry::EngineFigures;
+use qcow_metal::qcow2::{SpaceInfo, Stats};
+use qcow_metal::telemetry::{GuestConfig, GuestMetrics, Scrape, SystemFigures};
 use qcow_metal_e2e::{
     Guest, ScratchDir, boot, guest, qemu_io, require_tool, run_tool, shut_down_cleanly,
     spawn_prometheus,
@@ -23,6 +28,7 @@ use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -362,7 +368,7 @@ fn host_clock() -> u64 {
 
 /// The site of the host-side server: the registry, and the `Accept` headers seen.
 struct HostSite {
-    metrics: Arc<GuestMetrics>,
+    metrics: Arc<Populated>,
     stats: Arc<HttpStats>,
     accepts: Arc<Mutex<Vec<String>>>,
 }
@@ -370,10 +376,26 @@ struct HostSite {
 impl Site for HostSite {
     fn metrics(&mut self, accept: &str, out: &mut Vec<u8>) -> &'static str {
         self.accepts.lock().unwrap().push(accept.to_string());
-        self.metrics
-            .http
-            .update(&HttpSnapshot::from(&self.stats.snapshot()));
-        self.metrics.serve(accept, out)
+        let p = &self.metrics;
+        let scrape = Scrape {
+            disk: DiskFigures {
+                engine: EngineFigures {
+                    space: p.space,
+                    stats: Some(&p.engine),
+                },
+                compaction: CompactionState::Idle,
+                compaction_passes: 1,
+            },
+            nbd: &p.nbd,
+            http: &self.stats,
+            net: &p.net,
+            system: SystemFigures {
+                uptime_seconds: 3.5,
+                heap_size: 64 << 20,
+                heap_used: 1 << 20,
+            },
+        };
+        p.metrics.serve(accept, &scrape, out)
     }
 
     fn index(&mut self, page: &mut IndexPage) {
@@ -389,8 +411,17 @@ impl Site for HostSite {
     }
 }
 
-/// A registry with every layer populated, as a busy guest would have it.
-fn populated_registry() -> Arc<GuestMetrics> {
+/// A guest's metrics and what its layers counted, as a busy guest would have them.
+struct Populated {
+    metrics: GuestMetrics,
+    space: SpaceInfo,
+    engine: Stats,
+    nbd: NbdStats,
+    net: NetStats,
+}
+
+/// Every layer populated, as a busy guest would have it.
+fn populated_registry() -> Arc<Populated> {
     let m = GuestMetrics::new(&GuestConfig {
         disk: "disk0",
         device: "vda",
@@ -413,54 +444,59 @@ fn populated_registry() -> Arc<GuestMetrics> {
     disk.write_zeroes(8192, 4096, false).unwrap();
     disk.flush().unwrap();
     m.disk.set_up(true);
-    m.disk.update(&EngineSnapshot {
-        virtual_size: 1 << 20,
-        cluster_size: 65536,
-        data_bytes: 65536,
-        metadata_bytes: 3 * 65536,
-        image_extent: 5 * 65536,
-        free_clusters: 1,
-        clusters_allocated: 5,
-        clusters_freed: 1,
-        cow_bytes: 4096,
-        l2_cache_hits: 40,
-        l2_cache_misses: 2,
-        refcount_cache_hits: 10,
-        refcount_cache_misses: 1,
-        metadata_written_bytes: 3 * 65536,
-        reclaim: [65536, 65536, 65536, 65536, 65536, 65536],
-        reclaim_roots: 0,
-        overlaps_refused: 0,
-        junk_bytes: 65536,
-        available_bytes: 65536,
-        compaction: qcow_metal::compaction::CompactionState::Idle,
-        compaction_passes: 1,
-    });
     for op in IoOp::ALL {
         m.blockdev.record(op, 4096, 250_000, true);
     }
-    m.nbd.update(&NbdSnapshot {
-        connections_active: 1,
-        connections_total: 2,
-        sessions_total: 2,
-        requests: [16, 16, 1, 1, 1, 1, 2, 0],
-        bytes: [65536, 65536, 4096, 4096],
-        ..NbdSnapshot::default()
-    });
-    m.system.update(&SystemSnapshot {
-        uptime_seconds: 3.5,
-        heap_size: 64 << 20,
-        heap_used: 1 << 20,
-        rx_packets: 10,
-        tx_packets: 10,
-        rx_bytes: 1000,
-        tx_bytes: 20000,
-    });
-    Arc::new(m)
+    let net = NetStats::default();
+    net.rx_packets.store(10, Ordering::Relaxed);
+    net.tx_packets.store(10, Ordering::Relaxed);
+    net.rx_bytes.store(1000, Ordering::Relaxed);
+    net.tx_bytes.store(20000, Ordering::Relaxed);
+    Arc::new(Populated {
+        metrics: m,
+        space: SpaceInfo {
+            virtual_size: 1 << 20,
+            cluster_size: 65536,
+            data_bytes: 65536,
+            metadata_bytes: 3 * 65536,
+            image_extent: 5 * 65536,
+            free_clusters: 1,
+        },
+        engine: Stats {
+            clusters_allocated: 5,
+            clusters_freed: 1,
+            cow_bytes: 4096,
+            l2_cache_hits: 40,
+            l2_cache_misses: 2,
+            refcount_cache_hits: 10,
+            refcount_cache_misses: 1,
+            metadata_bytes_written: 3 * 65536,
+            reclaim_junk: 1,
+            reclaim_erased: 1,
+            reclaim_available: 1,
+            reclaim_copied: 1,
+            reclaim_flushed: 1,
+            reclaim_referenced: 1,
+            reclaim_junk_now: 1,
+            ..Stats::default()
+        },
+        nbd: NbdStats {
+            connections_active: 1,
+            connections_total: 2,
+            sessions_total: 2,
+            requests: [16, 16, 1, 1, 1, 1, 2, 0],
+            bytes_read: 65536,
+            bytes_written: 65536,
+            bytes_trimmed: 4096,
+            bytes_zeroed: 4096,
+            ..NbdStats::default()
+        },
+        net,
+    })
 }
 
 /// Serves `metrics` on a loopback port with the library's HTTP responder (std driver).
-fn serve_on_host(metrics: Arc<GuestMetrics>) -> (u16, Arc<Mutex<Vec<String>>>) {
+fn serve_on_host(metrics: Arc<Populated>) -> (u16, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let stats = Arc::new(HttpStats::new());

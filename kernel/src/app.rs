@@ -13,16 +13,16 @@
 //! and the heap and network device figures for the metrics.
 
 use alloc::sync::Arc;
-use core::sync::atomic::Ordering::Relaxed;
 use log::{error, info, warn};
 use qcow_metal::block::Sectored;
-use qcow_metal::metrics::families::{GuestConfig, GuestMetrics, SystemSnapshot};
+use qcow_metal::net::NetStats;
 use qcow_metal::service;
 use qcow_metal::service::disk::{Disk, open_disk};
 use qcow_metal::service::guest::{Guest, GuestSetup, shut_down};
+use qcow_metal::telemetry::{GuestConfig, GuestMetrics, SystemFigures};
 
 use crate::virtio::blk::VirtioBlk;
-use crate::virtio::net::{NetStats, VirtioNet};
+use crate::virtio::net::VirtioNet;
 use crate::{Platform, VERSION, apic, power, time};
 
 /// The block device the disk sits on: virtio-blk, byte-addressed.
@@ -67,18 +67,17 @@ impl service::guest::Platform for KernelPlatform {
         power::power_button_pressed()
     }
 
-    fn system(&self) -> SystemSnapshot {
+    fn system(&self) -> SystemFigures {
         let heap = crate::heap::stats();
-        let net = &self.net_stats;
-        SystemSnapshot {
+        SystemFigures {
             uptime_seconds: time::now_ns() as f64 / 1e9,
             heap_size: heap.claimed_bytes,
             heap_used: heap.allocated_bytes,
-            rx_packets: net.rx_packets.load(Relaxed),
-            tx_packets: net.tx_packets.load(Relaxed),
-            rx_bytes: net.rx_bytes.load(Relaxed),
-            tx_bytes: net.tx_bytes.load(Relaxed),
         }
+    }
+
+    fn net_stats(&self) -> &NetStats {
+        &self.net_stats
     }
 }
 

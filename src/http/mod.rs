@@ -38,6 +38,7 @@ mod site;
 mod stats;
 #[cfg(any(test, feature = "std"))]
 pub mod std_io;
+pub mod telemetry;
 #[cfg(test)]
 mod tests;
 

@@ -84,7 +84,7 @@ impl HttpStats {
         }
     }
 
-    pub(super) fn count_response(&self, status: Status, bytes: usize, gzip: bool) {
+    pub(crate) fn count_response(&self, status: Status, bytes: usize, gzip: bool) {
         self.responses[status.index()].fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         if gzip {
@@ -92,15 +92,15 @@ impl HttpStats {
         }
     }
 
-    pub(super) fn count_bad_request(&self) {
+    pub(crate) fn count_bad_request(&self) {
         self.bad_requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn count_timeout(&self) {
+    pub(crate) fn count_timeout(&self) {
         self.timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn count_received(&self, bytes: usize) {
+    pub(crate) fn count_received(&self, bytes: usize) {
         self.bytes_received
             .fetch_add(bytes as u64, Ordering::Relaxed);
     }

@@ -281,18 +281,8 @@ fn index_is_the_live_page() {
     assert!(html.contains("<th>NBD export</th><td>disk0 on port 10809</td>"));
     assert!(html.contains("data-refreshes=\"0\" data-errors=\"0\""));
     // Every family the script reads is one the guest exports.
-    use crate::metrics::{Format, GuestConfig, GuestMetrics};
-    let families = GuestMetrics::new(&GuestConfig {
-        disk: "disk0",
-        device: "vda",
-        interface: "eth0",
-        version: "0.1.0",
-        mirage: false,
-        clock: || 0,
-    });
-    let mut exposition = Vec::new();
-    families.render_into(Format::Text, &mut exposition);
-    let exposition = String::from_utf8(exposition).unwrap();
+    let exposition =
+        crate::telemetry::tests::populated_guest(false).text(crate::metrics::Format::Text);
     let mut read = 0;
     for (i, _) in html.match_indices("\"qcow_metal_") {
         let name = &html[i + 1..];

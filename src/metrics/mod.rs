@@ -4,11 +4,12 @@
 //! - [`primitives`]: [`Counter`], [`Gauge`], [`FloatGauge`], [`Histogram`] (atomics only).
 //! - [`registry`]: [`Family`] (children by label values), [`Registry`], the [`Encoder`].
 //! - [`encode`]: [`Format`], [`negotiate`], content types, escaping, number rendering.
-//! - [`families`]: the guest's own families, layer by layer ([`GuestMetrics`]), and the
-//!   snapshots the kernel copies into them at scrape time.
-//! - [`instrument`]: [`Instrumented`] and [`InstrumentedDevice`], wrappers that count and
-//!   time every request of a disk or a block device.
-//! - [`parse`]: a strict parser of both formats, for tests and host tools.
+//! - [`parse`] (with `std`): a strict parser of both formats, for tests and host tools.
+//!
+//! This is the base: it imports nothing else of the crate. Each layer writes its own
+//! families next to its code (`block::telemetry`, `disk::telemetry`, `qcow2::telemetry`,
+//! `nbd::telemetry`, `http::telemetry`, `net`), and [`crate::telemetry`] assembles the
+//! guest's exposition.
 //!
 //! Typical use: build families, keep the `Arc`s of the children on the hot path, register the
 //! families, and call [`Registry::render`] with the [`Format`] that [`negotiate`] picked from
@@ -26,8 +27,7 @@
 //! ```
 
 pub mod encode;
-pub mod families;
-pub mod instrument;
+#[cfg(any(test, feature = "std"))]
 pub mod parse;
 pub mod primitives;
 pub mod registry;
@@ -37,36 +37,6 @@ pub use primitives::{Counter, FloatGauge, Gauge, Histogram, LATENCY_BUCKETS_SECO
 pub use registry::{
     Collector, Encoder, Family, InfoValue, Kind, LegacyCounter, Meta, Metric, Registry, Value,
 };
-
-pub use families::{
-    BlockDeviceMetrics, DiskMetrics, EngineSnapshot, GuestConfig, GuestMetrics, HttpMetrics,
-    HttpSnapshot, IoOp, NbdMetrics, NbdSnapshot, RequestMetrics, SystemMetrics, SystemSnapshot,
-};
-pub use instrument::{Instrumented, InstrumentedDevice};
-
-use alloc::vec::Vec;
-
-/// The guest's metrics, once the kernel has installed them.
-static GUEST: spin::Once<GuestMetrics> = spin::Once::new();
-
-/// Installs the guest's metrics (once; later calls keep the first and return it).
-pub fn install(metrics: GuestMetrics) -> &'static GuestMetrics {
-    GUEST.call_once(|| metrics)
-}
-
-/// The installed guest metrics, if any.
-pub fn installed() -> Option<&'static GuestMetrics> {
-    GUEST.get()
-}
-
-/// The `/metrics` body in `format` from the installed guest metrics; before installation,
-/// an empty exposition (`# EOF` alone in OpenMetrics).
-pub fn render(format: Format) -> Vec<u8> {
-    match installed() {
-        Some(m) => m.render(format),
-        None => Registry::new().render(format),
-    }
-}
 
 #[cfg(test)]
 mod tests;

@@ -527,31 +527,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_both_formats_of_a_registry() {
-        let m = super::super::tests::populated_guest(true);
-        for format in [Format::Text, Format::OpenMetrics] {
-            let text = String::from_utf8(m.render(format)).unwrap();
-            let exp = parse(&text, format).unwrap_or_else(|e| panic!("{format:?}: {e}\n{text}"));
-            assert_eq!(
-                exp.value(
-                    "qcow_metal_disk_bytes_total",
-                    &[("disk", "disk0"), ("op", "write")]
-                ),
-                Some(4096.0)
-            );
-            assert_eq!(
-                exp.value("Mirage_qcow_reads", &[("id", "disk0")]),
-                Some(512.0)
-            );
-            let counter_family = match format {
-                Format::Text => "qcow_metal_disk_requests_total",
-                Format::OpenMetrics => "qcow_metal_disk_requests",
-            };
-            assert_eq!(exp.family(counter_family).unwrap().kind, "counter");
-        }
-    }
-
-    #[test]
     fn rejects_broken_expositions() {
         let bad_om = [
             ("# TYPE a counter\na_total 1\n", "EOF"),

@@ -37,6 +37,18 @@ pub enum Kind {
     LegacyCounter,
 }
 
+impl Kind {
+    /// What every sample name of a family of this kind ends with, in both formats
+    /// (histograms have several and are written by [`Histogram`]'s own encoder).
+    pub const fn sample_suffix(self) -> &'static str {
+        match self {
+            Kind::Counter => "_total",
+            Kind::Info => "_info",
+            Kind::Gauge | Kind::Histogram | Kind::LegacyCounter => "",
+        }
+    }
+}
+
 /// The description of a family: everything but its children.
 #[derive(Debug, Clone)]
 pub struct Meta {
@@ -50,6 +62,44 @@ pub struct Meta {
     /// Unit, such as `bytes` or `seconds`; written as `# UNIT` in OpenMetrics when the
     /// family name ends with `_<unit>`, as the specification requires.
     pub unit: Option<&'static str>,
+}
+
+impl Meta {
+    /// A counter family `name` (without `_total`).
+    pub const fn counter(name: &'static str, help: &'static str) -> Meta {
+        Meta {
+            name,
+            help,
+            kind: Kind::Counter,
+            unit: None,
+        }
+    }
+
+    /// A gauge family `name`.
+    pub const fn gauge(name: &'static str, help: &'static str) -> Meta {
+        Meta {
+            name,
+            help,
+            kind: Kind::Gauge,
+            unit: None,
+        }
+    }
+
+    /// A legacy counter family `name`, written without `_total` ([`Kind::LegacyCounter`]).
+    pub const fn legacy_counter(name: &'static str, help: &'static str) -> Meta {
+        Meta {
+            name,
+            help,
+            kind: Kind::LegacyCounter,
+            unit: None,
+        }
+    }
+
+    /// The same family with a unit (`bytes`, `seconds`).
+    pub const fn unit(mut self, unit: &'static str) -> Meta {
+        self.unit = Some(unit);
+        self
+    }
 }
 
 /// A number as it is written.
@@ -123,6 +173,61 @@ impl<'a> Encoder<'a> {
         }
     }
 
+    /// Writes a whole family whose values a layer keeps itself and hands over at scrape time
+    /// (no stored children): the header, then one sample per `(label values, value)`, the
+    /// values in the order of `labels`. Not for histograms.
+    pub fn family<'v, const N: usize>(
+        &mut self,
+        meta: &Meta,
+        labels: &[&str; N],
+        samples: impl IntoIterator<Item = ([&'v str; N], Value)>,
+    ) -> fmt::Result {
+        debug_assert!(meta.kind != Kind::Histogram, "{}", meta.name);
+        self.header(meta)?;
+        for (values, value) in samples {
+            self.labelled_sample(meta.name, meta.kind.sample_suffix(), labels, &values, value)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one sample line `name suffix {n1="v1",..} value`, escaping the label values.
+    pub fn labelled_sample(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        names: &[&str],
+        values: &[&str],
+        value: Value,
+    ) -> fmt::Result {
+        let out = &mut *self.out;
+        out.write_str(name)?;
+        out.write_str(suffix)?;
+        if !names.is_empty() {
+            out.write_char('{')?;
+            for (i, (name, v)) in names.iter().zip(values).enumerate() {
+                if i > 0 {
+                    out.write_char(',')?;
+                }
+                out.write_str(name)?;
+                out.write_str("=\"")?;
+                write_label_value(out, v)?;
+                out.write_char('"')?;
+            }
+            out.write_char('}')?;
+        }
+        out.write_char(' ')?;
+        write_value(out, value)?;
+        out.write_char('\n')
+    }
+
+    /// Ends the exposition: `# EOF` in OpenMetrics, nothing in text 0.0.4.
+    pub fn finish(&mut self) -> fmt::Result {
+        if self.format == Format::OpenMetrics {
+            self.out.write_str("# EOF\n")?;
+        }
+        Ok(())
+    }
+
     /// Writes one sample line: `name suffix {labels[,extra]} value`. `labels` is an already
     /// rendered label list (see [`render_labels`]); `extra` is one more label whose value is
     /// a float (the `le` of a histogram bucket).
@@ -152,12 +257,17 @@ impl<'a> Encoder<'a> {
             out.write_char('}')?;
         }
         out.write_char(' ')?;
-        match value {
-            Value::U64(v) => write!(out, "{v}")?,
-            Value::I64(v) => write!(out, "{v}")?,
-            Value::F64(v) => write_float(out, v)?,
-        }
+        write_value(out, value)?;
         out.write_char('\n')
+    }
+}
+
+/// Writes a sample's number.
+fn write_value(out: &mut dyn Write, value: Value) -> fmt::Result {
+    match value {
+        Value::U64(v) => write!(out, "{v}"),
+        Value::I64(v) => write!(out, "{v}"),
+        Value::F64(v) => write_float(out, v),
     }
 }
 
@@ -409,11 +519,15 @@ impl Registry {
     /// Writes the whole exposition in `format` (OpenMetrics ends with `# EOF`).
     pub fn encode(&self, format: Format, out: &mut dyn Write) -> fmt::Result {
         let mut enc = Encoder::new(out, format);
+        self.encode_families(&mut enc)?;
+        enc.finish()
+    }
+
+    /// Writes every collector's families into `enc`, without ending the exposition (for
+    /// an exposition that adds families written at scrape time).
+    pub fn encode_families(&self, enc: &mut Encoder<'_>) -> fmt::Result {
         for c in &self.collectors {
-            c.encode(&mut enc)?;
-        }
-        if format == Format::OpenMetrics {
-            enc.out.write_str("# EOF\n")?;
+            c.encode(enc)?;
         }
         Ok(())
     }

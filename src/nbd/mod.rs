@@ -33,6 +33,7 @@ mod buf;
 pub mod proto;
 mod server;
 mod stats;
+pub mod telemetry;
 
 #[cfg(any(test, feature = "std"))]
 pub mod client;

@@ -41,6 +41,7 @@ pub mod error;
 pub mod header;
 pub mod layout;
 pub mod probe;
+pub mod telemetry;
 
 mod allocator;
 mod check;

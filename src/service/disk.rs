@@ -8,10 +8,11 @@ use log::warn;
 
 use crate::block::BlockDevice;
 use crate::config::{Config, DiskFormat};
+use crate::disk::telemetry::Instrumented;
 use crate::disk::{RawDisk, VirtualDisk};
-use crate::metrics::Instrumented;
-use crate::metrics::families::{EngineSnapshot, GuestMetrics};
+use crate::qcow2::telemetry::EngineFigures;
 use crate::qcow2::{OpenOptions, Qcow2, SpaceInfo, probe};
+use crate::telemetry::GuestMetrics;
 
 /// The first bytes of every qcow2 image.
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -69,7 +70,7 @@ impl<B: BlockDevice> Disk<B> {
 
     /// What the engine reports, for the metrics. The space figures walk the tables, so they
     /// are recomputed only after clusters or tables were allocated or freed (`cache`).
-    pub fn snapshot(&mut self, cache: &mut Option<SpaceCache>) -> EngineSnapshot {
+    pub fn figures<'a>(&'a mut self, cache: &mut Option<SpaceCache>) -> EngineFigures<'a> {
         match self {
             Disk::Qcow2(d) => {
                 let engine = d.inner_mut();
@@ -86,19 +87,17 @@ impl<B: BlockDevice> Disk<B> {
                         Err(e) => warn!("qcow2: space accounting failed: {e}"),
                     }
                 }
-                let space = cache.map(|(_, s)| s).unwrap_or_default();
-                EngineSnapshot::from_qcow2(&space, engine.stats())
-            }
-            Disk::Raw(d) => {
-                let size = d.size();
-                EngineSnapshot {
-                    virtual_size: size,
-                    data_bytes: size,
-                    image_extent: size,
-                    ..EngineSnapshot::default()
+                let engine: &'a Qcow2<B> = engine;
+                EngineFigures {
+                    space: cache.map(|(_, s)| s).unwrap_or_default(),
+                    stats: Some(engine.stats()),
                 }
             }
-            Disk::Unavailable(_) => EngineSnapshot::default(),
+            Disk::Raw(d) => EngineFigures::raw(d.size()),
+            Disk::Unavailable(_) => EngineFigures {
+                space: SpaceInfo::default(),
+                stats: None,
+            },
         }
     }
 

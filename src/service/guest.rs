@@ -45,12 +45,12 @@ use super::session::Session;
 use crate::block::BlockDevice;
 use crate::compaction::Scheduler;
 use crate::config::{Config, GuestExit};
+use crate::disk::telemetry::DiskFigures;
 use crate::http::{Health, HttpStats};
 use crate::metrics::Format;
-use crate::metrics::families::{
-    EngineSnapshot, GuestMetrics, HttpSnapshot, NbdSnapshot, SystemSnapshot,
-};
 use crate::nbd::{NbdStats, ServerConfig};
+use crate::net::NetStats;
+use crate::telemetry::{GuestMetrics, Scrape, SystemFigures};
 
 /// How often the engine's background work runs while the guest is otherwise idle.
 pub const BACKGROUND_INTERVAL_MS: u64 = 5000;
@@ -77,8 +77,11 @@ pub trait Platform {
     /// Whether the power button was pressed since the last call.
     fn power_button_pressed(&mut self) -> bool;
 
-    /// The machine's figures for the metrics: uptime, heap, network device counters.
-    fn system(&self) -> SystemSnapshot;
+    /// The machine's figures for the metrics: uptime, heap.
+    fn system(&self) -> SystemFigures;
+
+    /// The network device's counters, for the metrics.
+    fn net_stats(&self) -> &NetStats;
 }
 
 /// What a [`Guest`] is given besides its devices.
@@ -465,16 +468,18 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                     let compaction = (self.compaction.state(), self.compaction.passes());
                     let platform = &self.platform;
                     let mut render = |format: Format, out: &mut Vec<u8>| {
-                        let mut engine = self.disk.snapshot(&mut self.space_cache);
-                        (engine.compaction, engine.compaction_passes) = compaction;
-                        update_metrics(
-                            &self.metrics,
-                            &engine,
-                            &self.nbd_stats,
-                            &self.http_stats,
-                            &platform.system(),
-                        );
-                        self.metrics.render_into(format, out);
+                        let scrape = Scrape {
+                            disk: DiskFigures {
+                                engine: self.disk.figures(&mut self.space_cache),
+                                compaction: compaction.0,
+                                compaction_passes: compaction.1,
+                            },
+                            nbd: &self.nbd_stats,
+                            http: &self.http_stats,
+                            net: platform.net_stats(),
+                            system: platform.system(),
+                        };
+                        self.metrics.render_into(format, &scrape, out);
                     };
                     let mut site = GuestSite {
                         render: &mut render,
@@ -560,20 +565,6 @@ pub fn shut_down<B: BlockDevice>(disk: Disk<B>) -> GuestExit {
             GuestExit::DiskError
         }
     }
-}
-
-/// Copies the figures kept outside the registry into it, just before a scrape renders it.
-fn update_metrics(
-    metrics: &GuestMetrics,
-    engine: &EngineSnapshot,
-    nbd: &NbdStats,
-    http: &HttpStats,
-    system: &SystemSnapshot,
-) {
-    metrics.disk.update(engine);
-    metrics.nbd.update(&NbdSnapshot::from(nbd));
-    metrics.http.update(&HttpSnapshot::from(&http.snapshot()));
-    metrics.system.update(system);
 }
 
 /// A byte count for people: `64 MiB (67108864 bytes)`, one decimal where the unit does not

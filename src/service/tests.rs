@@ -18,9 +18,10 @@ use super::disk::open_disk;
 use super::guest::{Guest, GuestSetup, Platform};
 use crate::block::{BlockDevice, BlockError, MemDisk};
 use crate::config::{Config, GuestExit};
-use crate::metrics::families::{GuestConfig, GuestMetrics, SystemSnapshot};
 use crate::nbd::proto::*;
+use crate::net::NetStats;
 use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+use crate::telemetry::{GuestConfig, GuestMetrics, SystemFigures};
 
 type Frames = Rc<RefCell<VecDeque<Vec<u8>>>>;
 
@@ -88,6 +89,7 @@ type Clock = Rc<Cell<u64>>;
 struct TestPlatform {
     clock: Clock,
     button: Rc<Cell<bool>>,
+    net_stats: NetStats,
 }
 
 /// Longest jump of the virtual clock in one idle wait.
@@ -116,11 +118,15 @@ impl Platform for TestPlatform {
         self.button.replace(false)
     }
 
-    fn system(&self) -> SystemSnapshot {
-        SystemSnapshot {
+    fn system(&self) -> SystemFigures {
+        SystemFigures {
             uptime_seconds: self.clock.get() as f64 / 1e9,
-            ..SystemSnapshot::default()
+            ..SystemFigures::default()
         }
+    }
+
+    fn net_stats(&self) -> &NetStats {
+        &self.net_stats
     }
 }
 
@@ -200,6 +206,7 @@ impl Harness {
         let platform = TestPlatform {
             clock: clock.clone(),
             button: button.clone(),
+            net_stats: NetStats::default(),
         };
         let setup = GuestSetup {
             config,

@@ -32,8 +32,8 @@ use log::{info, warn};
 use qcow_metal::blkqueue::plan::{
     self, DeviceConfig, Limits, MAX_SEGMENTS, RequestType, Slots, VIRTIO_SECTOR,
 };
+use qcow_metal::block::telemetry::{BlockDeviceMetrics, IoOp};
 use qcow_metal::block::{BlockError, SectorDevice};
-use qcow_metal::metrics::families::{BlockDeviceMetrics, IoOp};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::{DeviceStatus, InterruptStatus, Transport};

@@ -11,7 +11,7 @@ use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use log::warn;
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -27,20 +27,9 @@ const BUF_LEN: usize = 2048;
 /// Largest Ethernet frame (without FCS) at the standard 1500-byte MTU.
 const MAX_FRAME: usize = 1514;
 
-/// Packet and byte counts of the network device. Updated lock-free; read at scrape time.
-#[derive(Default)]
-pub struct NetStats {
-    /// Frames received.
-    pub rx_packets: AtomicU64,
-    /// Bytes of the frames received.
-    pub rx_bytes: AtomicU64,
-    /// Frames sent.
-    pub tx_packets: AtomicU64,
-    /// Bytes of the frames sent.
-    pub tx_bytes: AtomicU64,
-    /// Frames dropped (device errors, or a frame too big for a buffer).
-    pub dropped: AtomicU64,
-}
+/// Packet and byte counts of the network device (the library's, which also writes their
+/// families at scrape time).
+pub use qcow_metal::net::NetStats;
 
 struct Inner {
     raw: VirtIONetRaw<KernelHal, PciTransport, QUEUE_SIZE>,
