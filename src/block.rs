@@ -53,6 +53,8 @@ impl fmt::Display for BlockError {
     }
 }
 
+impl core::error::Error for BlockError {}
+
 /// Checks that `len` bytes at `offset` fit in a device of `capacity` bytes.
 pub fn check_range(offset: u64, len: u64, capacity: u64) -> Result<(), BlockError> {
     match offset.checked_add(len) {

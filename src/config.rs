@@ -407,6 +407,8 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl core::error::Error for ConfigError {}
+
 fn parse_port(value: &str) -> Option<u16> {
     match parse_decimal(value)? {
         port @ 1..=65535 => Some(port as u16),

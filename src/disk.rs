@@ -61,6 +61,15 @@ impl fmt::Display for DiskError {
     }
 }
 
+impl core::error::Error for DiskError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            DiskError::Device(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl From<BlockError> for DiskError {
     fn from(e: BlockError) -> Self {
         match e {

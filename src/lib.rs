@@ -17,6 +17,8 @@
 //! - [`hostfile`]: how the guest asks the runner to grow its disk's host file.
 //! - [`compaction`]: when the guest compacts its image online (the policy at work).
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 extern crate alloc;
 

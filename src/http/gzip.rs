@@ -64,6 +64,18 @@ pub enum GzipError {
     Trailer,
 }
 
+impl core::fmt::Display for GzipError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            GzipError::Header => "not a gzip member this decoder reads (magic, method or flags)",
+            GzipError::Deflate => "the DEFLATE stream is corrupt or truncated",
+            GzipError::Trailer => "the gzip trailer is missing or its CRC-32 or length is wrong",
+        })
+    }
+}
+
+impl core::error::Error for GzipError {}
+
 /// Decompresses one gzip member with no optional header fields, as [`compress`] writes it,
 /// checking CRC-32 and length. For tests and host tools that read the guest's responses.
 pub fn decompress(data: &[u8]) -> Result<Vec<u8>, GzipError> {

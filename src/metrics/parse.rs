@@ -102,6 +102,8 @@ impl core::fmt::Display for ParseError {
     }
 }
 
+impl core::error::Error for ParseError {}
+
 /// A parse error at `line` (1-based).
 fn err(line: usize, message: impl Into<String>) -> ParseError {
     ParseError {

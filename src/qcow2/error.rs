@@ -116,6 +116,15 @@ impl fmt::Display for Qcow2Error {
     }
 }
 
+impl core::error::Error for Qcow2Error {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            Qcow2Error::Device(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 impl From<BlockError> for Qcow2Error {
     fn from(e: BlockError) -> Self {
         match e {
