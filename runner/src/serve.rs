@@ -25,16 +25,17 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use qcow_metal::block::telemetry::{BlockDeviceMetrics, InstrumentedDevice};
 use qcow_metal::block::{BlockDevice, FileDisk};
+use qcow_metal::compaction::CompactionState;
 use qcow_metal::disk::VirtualDisk;
+use qcow_metal::disk::telemetry::{DiskFigures, Instrumented};
 use qcow_metal::http::{self, Health, HttpStats, IndexPage, Site};
-use qcow_metal::metrics::families::{
-    BlockDeviceMetrics, EngineSnapshot, GuestConfig, GuestMetrics, HttpSnapshot, NbdSnapshot,
-    SystemSnapshot,
-};
-use qcow_metal::metrics::{Instrumented, InstrumentedDevice, negotiate};
 use qcow_metal::nbd::{Connection, NbdStats, ServerConfig};
-use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo};
+use qcow_metal::net::NetStats;
+use qcow_metal::qcow2::telemetry::EngineFigures;
+use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo, Stats};
+use qcow_metal::telemetry::{GuestConfig, GuestMetrics, Scrape};
 
 use crate::error::{Error, Result};
 use crate::guard;
@@ -131,32 +132,53 @@ impl Shared {
             .count()
     }
 
-    /// Copies the figures kept outside the registry into it and renders the exposition.
+    /// Renders the exposition from every layer's counters.
     fn render(&self, accept: &str, out: &mut Vec<u8>) -> &'static str {
-        let engine = self.engine_snapshot();
-        self.metrics.disk.update(&engine);
-        self.metrics
-            .nbd
-            .update(&NbdSnapshot::from(&*lock(&self.nbd_stats)));
+        let (space, stats) = self.engine_figures();
+        let engine_compaction = stats.as_ref().map(|s| s.compaction_state);
         let http = self.http_stats.snapshot();
-        self.metrics.http.update(&HttpSnapshot::from(&http));
-        self.metrics.system.update(&SystemSnapshot {
+        // TCP payload bytes of both ports. No heap of its own and no frames: the process
+        // uses the host's allocator, and the host's network stack sees the packets.
+        let net = NetStats::default();
+        net.rx_bytes.store(
+            self.rx_bytes.load(Ordering::Relaxed) + http.bytes_received,
+            Ordering::Relaxed,
+        );
+        net.tx_bytes.store(
+            self.tx_bytes.load(Ordering::Relaxed) + http.bytes_sent,
+            Ordering::Relaxed,
+        );
+        let nbd = lock(&self.nbd_stats).clone();
+        let scrape = Scrape {
+            disk: DiskFigures {
+                engine: EngineFigures {
+                    space,
+                    stats: stats.as_ref(),
+                },
+                // No compaction scheduler here: the engine's own state (running while its
+                // last step left work).
+                compaction: match engine_compaction {
+                    Some(qcow_metal::qcow2::CompactionState::Running) => CompactionState::Running,
+                    _ => CompactionState::Idle,
+                },
+                compaction_passes: 0,
+            },
+            nbd: &nbd,
+            http: &self.http_stats,
+            net: &net,
             uptime_seconds: now_ns() as f64 / 1e9,
-            // TCP payload bytes of both ports. No heap of its own and no frames: the process
-            // uses the host's allocator, and the host's network stack sees the packets.
-            rx_bytes: self.rx_bytes.load(Ordering::Relaxed) + http.bytes_received,
-            tx_bytes: self.tx_bytes.load(Ordering::Relaxed) + http.bytes_sent,
-            ..SystemSnapshot::default()
-        });
-        let format = negotiate(accept);
-        self.metrics.render_into(format, out);
-        format.content_type()
+            heap_size: 0,
+            heap_used: 0,
+        };
+        self.metrics.serve(accept, &scrape, out)
     }
 
-    fn engine_snapshot(&self) -> EngineSnapshot {
+    /// The engine's space (cached: it walks the tables) and a copy of its counters, read
+    /// under the engine's lock so the scrape does not hold it while it encodes.
+    fn engine_figures(&self) -> (SpaceInfo, Option<Stats>) {
         let mut disk = lock(&self.disk);
         let Some(disk) = disk.as_mut() else {
-            return EngineSnapshot::default();
+            return (SpaceInfo::default(), None);
         };
         let engine = disk.inner_mut();
         let st = engine.stats();
@@ -174,7 +196,7 @@ impl Shared {
             }
         }
         let space = cache.map(|(_, s)| s).unwrap_or_default();
-        EngineSnapshot::from_qcow2(&space, engine.stats())
+        (space, Some(engine.stats().clone()))
     }
 }
 
