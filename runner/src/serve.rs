@@ -35,7 +35,7 @@ use qcow_metal::nbd::{Connection, NbdStats, ServerConfig};
 use qcow_metal::net::NetStats;
 use qcow_metal::qcow2::telemetry::EngineFigures;
 use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo, Stats};
-use qcow_metal::telemetry::{GuestConfig, GuestMetrics, Scrape};
+use qcow_metal::telemetry::{GuestConfig, GuestMetrics, Scrape, SystemFigures};
 
 use crate::error::{Error, Result};
 use crate::guard;
@@ -166,9 +166,10 @@ impl Shared {
             nbd: &nbd,
             http: &self.http_stats,
             net: &net,
-            uptime_seconds: now_ns() as f64 / 1e9,
-            heap_size: 0,
-            heap_used: 0,
+            system: SystemFigures {
+                uptime_seconds: now_ns() as f64 / 1e9,
+                ..SystemFigures::default()
+            },
         };
         self.metrics.serve(accept, &scrape, out)
     }
