@@ -55,7 +55,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Checks a data cluster run on the host before writing it: on the device, and over no
     /// metadata at all ([`Qcow2Error::Overlap`] otherwise, the image then marked corrupt).
-    fn check_data_write(&mut self, host: u64, len: u64) -> Result<()> {
+    pub(super) fn check_data_write(&mut self, host: u64, len: u64) -> Result<()> {
         self.check_data_span(host, len)?;
         self.check_overlap(host, len, 0)
     }
@@ -282,7 +282,12 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Validates a request that changes the disk and starts the write session. `false`:
     /// nothing to do (an empty request on a writable image); an empty request on a read-only
     /// image is still refused, and one past the virtual end is `past_end`.
-    fn start_change(&mut self, offset: u64, len: u64, past_end: &'static str) -> Result<bool> {
+    pub(super) fn start_change(
+        &mut self,
+        offset: u64,
+        len: u64,
+        past_end: &'static str,
+    ) -> Result<bool> {
         check_request(offset, len, self.hdr.size).map_err(|_| Qcow2Error::Invalid(past_end))?;
         if len == 0 {
             return if self.read_only {

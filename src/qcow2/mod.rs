@@ -52,6 +52,7 @@ mod faults;
 mod grow;
 mod info;
 mod io;
+mod map;
 mod open;
 mod overlap;
 mod refcount;

@@ -1,0 +1,367 @@
+//! Pipeline tests: the qcow2 engine (and raw mode) on a [`MemQueue`] that completes
+//! requests out of order, against a model of what the disk must read back.
+
+use super::pipeline::{DiskOp, Finished, Pipeline, QueuedDisk};
+use super::queue::{BlockQueue, CompletionOrder, MemQueue};
+use crate::block::MemDisk;
+use crate::disk::{DiskError, RawDisk, VirtualDisk};
+use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+use alloc::vec;
+use alloc::vec::Vec;
+
+const SIZE: u64 = 8 << 20;
+const CS: u64 = 65536;
+
+fn engine(order: CompletionOrder, depth: usize) -> Qcow2<MemQueue<MemDisk>> {
+    Qcow2::create(
+        MemQueue::new(MemDisk::growable(), depth, order),
+        &CreateOptions {
+            virtual_size: SIZE,
+            cluster_size: CS,
+            ..CreateOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Seeded xorshift64 for request offsets and payloads.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64 ^ seed.wrapping_mul(31)) as u8 | 1)
+        .collect()
+}
+
+/// Runs the pipeline until every request finished; returns them in finishing order.
+fn drain<D: QueuedDisk>(p: &mut Pipeline, disk: &mut D) -> Vec<Finished> {
+    let mut out = Vec::new();
+    for _ in 0..100_000 {
+        p.run(disk);
+        while let Some(f) = p.next_finished() {
+            out.push(f);
+        }
+        if p.is_idle() {
+            return out;
+        }
+    }
+    panic!("the pipeline did not finish");
+}
+
+#[test]
+fn reads_and_overwrites_overlap_and_finish_out_of_order() {
+    let mut disk = engine(CompletionOrder::Shuffled(7), 32);
+    // Allocate the first 2 MiB through the engine (the synchronous path).
+    let mut model = vec![0u8; SIZE as usize];
+    let base = pattern(2 << 20, 1);
+    disk.write(0, &base).unwrap();
+    model[..base.len()].copy_from_slice(&base);
+
+    let mut p = Pipeline::new();
+    let mut rng = Rng(0x1234_5678);
+    let mut expected_reads = Vec::new();
+    // 64 requests of 4 KiB, at distinct blocks (so no two conflict), half writes.
+    let mut blocks: Vec<u64> = (0..512).collect();
+    for tag in 0..64u64 {
+        let i = (rng.next() % blocks.len() as u64) as usize;
+        let off = blocks.swap_remove(i) * 4096;
+        if tag % 2 == 0 {
+            let data = pattern(4096, tag + 100);
+            model[off as usize..off as usize + 4096].copy_from_slice(&data);
+            p.submit(
+                tag,
+                DiskOp::Write {
+                    offset: off,
+                    data,
+                    fua: false,
+                },
+            );
+        } else {
+            expected_reads.push((tag, model[off as usize..off as usize + 4096].to_vec()));
+            p.submit(
+                tag,
+                DiskOp::Read {
+                    offset: off,
+                    len: 4096,
+                },
+            );
+        }
+    }
+    let done = drain(&mut p, &mut disk);
+    assert_eq!(done.len(), 64);
+    assert!(done.iter().all(|f| f.result.is_ok() && f.queued));
+    // Several in flight on the device, and replies not in submission order.
+    let q = disk.device();
+    assert!(q.max_in_flight >= 16, "max in flight {}", q.max_in_flight);
+    assert!(p.stats().max_in_flight >= 16);
+    let tags: Vec<u64> = done.iter().map(|f| f.tag).collect();
+    assert!(
+        tags.windows(2).any(|w| w[0] > w[1]),
+        "finished in order: {tags:?}"
+    );
+    for (tag, want) in expected_reads {
+        let f = done.iter().find(|f| f.tag == tag).unwrap();
+        assert_eq!(f.data, want, "read {tag}");
+    }
+    // Everything reads back as the model says, and the image is consistent.
+    let mut back = vec![0u8; SIZE as usize];
+    disk.read(0, &mut back).unwrap();
+    assert!(back == model);
+    assert!(disk.check().unwrap().is_clean());
+}
+
+#[test]
+fn allocating_writes_and_flushes_are_barriers() {
+    let mut disk = engine(CompletionOrder::Lifo, 8);
+    disk.write(0, &pattern(CS as usize, 3)).unwrap();
+    disk.device_mut_for_tests().step = Some(0);
+    let mut p = Pipeline::new();
+    p.submit(
+        1,
+        DiskOp::Write {
+            offset: 0,
+            data: pattern(4096, 4),
+            fua: false,
+        },
+    );
+    p.submit(
+        2,
+        DiskOp::Read {
+            offset: 8192,
+            len: 4096,
+        },
+    );
+    // Into unallocated space: must wait for 1 and 2.
+    p.submit(
+        3,
+        DiskOp::Write {
+            offset: CS * 4,
+            data: pattern(4096, 5),
+            fua: false,
+        },
+    );
+    p.submit(4, DiskOp::Flush);
+    p.run(&mut disk);
+    assert_eq!(p.in_flight(), 2);
+    assert_eq!(
+        p.waiting(),
+        2,
+        "the allocating write waits for the requests in flight"
+    );
+    assert_eq!(p.next_finished(), None);
+    let flushes = disk.device().device().flushes;
+    disk.device_mut_for_tests().advance(1);
+    p.run(&mut disk);
+    assert_eq!(
+        p.next_finished().map(|f| f.tag),
+        Some(2),
+        "LIFO: the read first"
+    );
+    assert_eq!(p.waiting(), 2);
+    disk.device_mut_for_tests().advance(1);
+    p.run(&mut disk);
+    let order: Vec<(u64, bool)> = core::iter::from_fn(|| p.next_finished())
+        .map(|f| (f.tag, f.queued))
+        .collect();
+    assert_eq!(order, [(1, true), (3, false), (4, false)]);
+    assert!(disk.device().device().flushes > flushes);
+    assert!(p.is_idle());
+    let mut back = vec![0u8; 4096];
+    disk.read(CS * 4, &mut back).unwrap();
+    assert_eq!(back, pattern(4096, 5));
+    assert!(disk.check().unwrap().is_clean());
+}
+
+#[test]
+fn overlapping_requests_wait_for_each_other() {
+    let mut disk = engine(CompletionOrder::Lifo, 8);
+    disk.write(0, &pattern(CS as usize, 3)).unwrap();
+    disk.device_mut_for_tests().step = Some(0);
+    let mut p = Pipeline::new();
+    p.submit(
+        1,
+        DiskOp::Write {
+            offset: 0,
+            data: vec![0xaa; 8192],
+            fua: false,
+        },
+    );
+    p.submit(
+        2,
+        DiskOp::Write {
+            offset: 4096,
+            data: vec![0xbb; 4096],
+            fua: false,
+        },
+    );
+    p.submit(
+        3,
+        DiskOp::Read {
+            offset: 0,
+            len: 8192,
+        },
+    );
+    p.run(&mut disk);
+    assert_eq!((p.in_flight(), p.waiting()), (1, 2));
+    disk.device_mut_for_tests().step = None;
+    let done = drain(&mut p, &mut disk);
+    let tags: Vec<u64> = done.iter().map(|f| f.tag).collect();
+    assert_eq!(tags, [1, 2, 3]);
+    assert_eq!(&done[2].data[..4096], &[0xaa; 4096][..]);
+    assert_eq!(&done[2].data[4096..], &[0xbb; 4096][..]);
+    assert!(p.stats().conflicts > 0);
+}
+
+#[test]
+fn reads_of_holes_and_zeros_need_no_device_request() {
+    let mut disk = engine(CompletionOrder::Fifo, 8);
+    disk.write(CS, &pattern(4096, 9)).unwrap();
+    let submitted = disk.device().submitted;
+    let mut p = Pipeline::new();
+    // A hole, then a read across the hole/data border.
+    p.submit(
+        1,
+        DiskOp::Read {
+            offset: 0,
+            len: 8192,
+        },
+    );
+    p.submit(
+        2,
+        DiskOp::Read {
+            offset: CS - 4096,
+            len: 8192,
+        },
+    );
+    let done = drain(&mut p, &mut disk);
+    assert_eq!(done[0].data, vec![0; 8192]);
+    assert_eq!(&done[1].data[..4096], &[0; 4096][..]);
+    assert_eq!(&done[1].data[4096..], &pattern(4096, 9)[..]);
+    assert_eq!(
+        disk.device().submitted,
+        submitted + 1,
+        "only the data piece is queued"
+    );
+}
+
+#[test]
+fn unaligned_and_fua_requests_take_the_engine_path() {
+    let mut disk = engine(CompletionOrder::Fifo, 8);
+    disk.write(0, &pattern(CS as usize, 3)).unwrap();
+    let mut p = Pipeline::new();
+    p.submit(
+        1,
+        DiskOp::Write {
+            offset: 100,
+            data: vec![7; 300],
+            fua: false,
+        },
+    );
+    p.submit(
+        2,
+        DiskOp::Write {
+            offset: 4096,
+            data: vec![8; 4096],
+            fua: true,
+        },
+    );
+    p.submit(
+        3,
+        DiskOp::Read {
+            offset: 100,
+            len: 300,
+        },
+    );
+    let done = drain(&mut p, &mut disk);
+    assert!(done.iter().all(|f| f.result.is_ok() && !f.queued));
+    assert_eq!(done[2].data, vec![7; 300]);
+    assert_eq!(p.stats().synchronous, 3);
+}
+
+#[test]
+fn errors_come_back_with_their_request() {
+    let mut disk = engine(CompletionOrder::Fifo, 8);
+    let mut p = Pipeline::new();
+    p.submit(
+        1,
+        DiskOp::Read {
+            offset: SIZE,
+            len: 4096,
+        },
+    );
+    p.submit(
+        2,
+        DiskOp::Read {
+            offset: 0,
+            len: 4096,
+        },
+    );
+    let done = drain(&mut p, &mut disk);
+    assert_eq!(done[0].tag, 1);
+    assert!(done[0].result.is_err());
+    assert_eq!(done[1].result, Ok(()));
+    // Read-only: writes are refused, reads still served.
+    let dev = disk.close().unwrap();
+    let mut ro = Qcow2::open(
+        dev,
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap();
+    p.submit(
+        3,
+        DiskOp::Write {
+            offset: 0,
+            data: vec![1; 4096],
+            fua: false,
+        },
+    );
+    let done = drain(&mut p, &mut ro);
+    assert_eq!(done[0].result, Err(DiskError::ReadOnly));
+}
+
+#[test]
+fn raw_disks_queue_everything_aligned() {
+    let mut disk = RawDisk::new(MemQueue::new(
+        MemDisk::fixed(1 << 20),
+        4,
+        CompletionOrder::Lifo,
+    ));
+    let mut p = Pipeline::new();
+    for i in 0..16u64 {
+        p.submit(
+            i,
+            DiskOp::Write {
+                offset: i * 4096,
+                data: pattern(4096, i),
+                fua: false,
+            },
+        );
+    }
+    let done = drain(&mut p, &mut disk);
+    assert!(done.iter().all(|f| f.result.is_ok() && f.queued));
+    assert_eq!(disk.device().max_in_flight, 4, "bounded by the queue depth");
+    for i in 0..16u64 {
+        p.submit(
+            100 + i,
+            DiskOp::Read {
+                offset: i * 4096,
+                len: 4096,
+            },
+        );
+    }
+    for f in drain(&mut p, &mut disk) {
+        assert_eq!(f.data, pattern(4096, f.tag - 100));
+    }
+    assert_eq!(disk.queue().in_flight(), 0);
+}
