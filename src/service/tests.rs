@@ -181,9 +181,14 @@ fn now(clock: &Clock) -> Instant {
 impl Harness {
     /// A guest serving a fresh qcow2 image (16 MiB) at 10.0.0.1.
     fn new() -> Harness {
+        Harness::with_size(VIRTUAL_SIZE)
+    }
+
+    /// A guest serving a fresh qcow2 image of `virtual_size` bytes at 10.0.0.1.
+    fn with_size(virtual_size: u64) -> Harness {
         let disk = SharedDisk(Rc::new(RefCell::new(MemDisk::growable())));
         let opts = CreateOptions {
-            virtual_size: VIRTUAL_SIZE,
+            virtual_size,
             ..CreateOptions::default()
         };
         Qcow2::create(disk.clone(), &opts)
@@ -474,4 +479,73 @@ fn power_off_drains_a_write_in_flight() {
     let mut stored = vec![0; data.len()];
     crate::disk::VirtualDisk::read(&mut engine, 4 << 20, &mut stored).unwrap();
     assert!(stored == data, "the drained write is not on the disk");
+}
+
+#[test]
+fn a_scrape_is_answered_while_a_32_mib_write_is_in_progress() {
+    const LEN: usize = 32 << 20;
+    let mut h = Harness::with_size(64 << 20);
+    let nbd = h.connect(NBD_PORT);
+    h.nbd_handshake(nbd);
+    let payload = pattern(LEN, 5);
+    // The request header and the first 4 MiB of its payload.
+    h.nbd_send(nbd, CMD_WRITE, 1, 8 << 20, LEN as u32, &[]);
+    let mut sent = 0;
+    h.until("4 MiB of the payload sent", 100_000, |h| {
+        sent += h
+            .socket(nbd)
+            .send_slice(&payload[sent..4 << 20])
+            .unwrap_or(0);
+        sent == 4 << 20
+    });
+    // A scrape on a fresh connection while the rest of the payload keeps flowing.
+    let http = h.connect(HTTP_PORT);
+    h.send(
+        http,
+        b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n",
+    );
+    let mut scrape = Vec::new();
+    h.until("scrape answered", 100_000, |h| {
+        sent += h.socket(nbd).send_slice(&payload[sent..]).unwrap_or(0);
+        let s = h.socket(http);
+        if s.can_recv() {
+            let _ = s.recv(|buf| {
+                scrape.extend_from_slice(buf);
+                (buf.len(), ())
+            });
+        }
+        !s.may_recv()
+    });
+    let text = core::str::from_utf8(&scrape).expect("UTF-8 scrape");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:.200}");
+    assert!(
+        text.contains("qcow_metal_nbd_"),
+        "no NBD families in the scrape"
+    );
+    // The write was still in progress: part of its payload not even sent, no reply yet.
+    assert!(
+        sent < LEN,
+        "the whole payload went out before the scrape was answered"
+    );
+    assert_eq!(
+        h.socket(nbd).recv_queue(),
+        0,
+        "the write finished before the scrape"
+    );
+    assert_eq!(h.guest.nbd_stats().bytes_written, 0);
+    // The write completes, and everything it wrote is there.
+    h.until("payload sent", 1_000_000, |h| {
+        sent += h.socket(nbd).send_slice(&payload[sent..]).unwrap_or(0);
+        sent == LEN
+    });
+    assert_eq!(h.nbd_reply(nbd, 1, 0).0, 0);
+    assert_eq!(h.guest.nbd_stats().bytes_written, LEN as u64);
+    assert_eq!(h.power_off(), GuestExit::Clean);
+    let mut engine = h.reopen_clean();
+    let mut stored = vec![0; LEN];
+    crate::disk::VirtualDisk::read(&mut engine, 8 << 20, &mut stored).unwrap();
+    assert!(
+        stored == payload,
+        "the image does not hold the 32 MiB write"
+    );
 }
