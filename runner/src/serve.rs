@@ -1,23 +1,27 @@
 //! `qcow-metal serve`: the project's qcow2 engine as a native NBD server on the host, with
 //! the guest's `/metrics` next to it.
 //!
-//! The same library code as in the guest does the work: the sans-I/O NBD server
-//! ([`qcow_metal::nbd::Connection`]), the HTTP responder ([`qcow_metal::http`]), the metrics
-//! registry ([`GuestMetrics`]) and the engine ([`Qcow2`]), here on std TCP sockets and on the
-//! image file ([`FileDisk`]) instead of smoltcp and virtio-blk.
+//! The guest's service layer does the work: its sessions ([`NbdSession`], [`HttpSession`],
+//! which drive the sans-I/O NBD server and HTTP responder), its disk ([`Disk`]: the engine
+//! with its request metrics and figures), its `/metrics` site ([`GuestSite`]) and registry
+//! ([`GuestMetrics`], fed a [`Scrape`] of every layer's counters), here on std TCP sockets
+//! ([`StdSocket`]) and on the image file ([`FileDisk`]) instead of smoltcp and virtio-blk.
 //!
 //! Threads: one accepting thread per port and one thread per connection. The engine has a
-//! single owner: a mutex around it, held while one connection's buffered requests are served
-//! (a whole batch of pipelined requests per lock, replies written after the lock is let go).
+//! single owner: a mutex around it, held while a session serves the requests one read
+//! brought (a whole batch of pipelined requests per lock); replies are written after the
+//! lock is let go, so a client that does not read stalls only itself.
 //!
 //! [`Server::stop`] (Ctrl-C or SIGTERM in the CLI) tells NBD clients the server is going
 //! (`NBD_ESHUTDOWN` / `NBD_REP_ERR_SHUTDOWN` from then on), waits up to [`DRAIN`] for them to
 //! leave, closes what is left, then closes the image clean: dirty metadata written, the
 //! dirty bit cleared, the file synced.
 
+mod std_socket;
+
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,29 +32,31 @@ use std::time::{Duration, Instant};
 use qcow_metal::block::telemetry::{BlockDeviceMetrics, InstrumentedDevice};
 use qcow_metal::block::{BlockDevice, FileDisk};
 use qcow_metal::compaction::CompactionState;
-use qcow_metal::disk::VirtualDisk;
 use qcow_metal::disk::telemetry::{DiskFigures, Instrumented};
-use qcow_metal::http::{self, Health, HttpStats, IndexPage, Site};
-use qcow_metal::nbd::{Connection, NbdStats, ServerConfig};
+use qcow_metal::http::{Health, HttpStats};
+use qcow_metal::metrics::Format;
+use qcow_metal::nbd::{NbdStats, ServerConfig};
 use qcow_metal::net::NetStats;
 use qcow_metal::qcow2::telemetry::EngineFigures;
-use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo, Stats};
+use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo};
+use qcow_metal::service::disk::{Disk, SpaceCache};
+use qcow_metal::service::http::{GuestSite, HttpSession};
+use qcow_metal::service::nbd::{NbdSession, NoDisk};
+use qcow_metal::service::session::Session;
 use qcow_metal::telemetry::{GuestConfig, GuestMetrics, Scrape, SystemFigures};
 
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::units::format_size;
+pub use std_socket::StdSocket;
 
 /// How long [`Server::stop`] waits for NBD clients to disconnect after being told the
 /// server is shutting down; connections still open then are closed.
 pub const DRAIN: Duration = Duration::from_secs(2);
 
-/// How often a connection thread blocked on a silent client looks at the stop flag.
+/// How often a connection thread blocked on a silent client looks at the stop flag and
+/// the session's timers.
 const STOP_POLL: Duration = Duration::from_millis(100);
-
-/// Receive buffer of an NBD connection: many pipelined requests (or a good part of a large
-/// write) are taken in one `read`.
-const NBD_READ_BUFFER: usize = 256 * 1024;
 
 /// At most this many connections per port are served at once; more are closed at accept
 /// (and logged), so a flood of clients cannot exhaust the host's threads.
@@ -75,9 +81,6 @@ pub struct ServeOptions {
 /// virtio-blk.
 type Device = InstrumentedDevice<FileDisk, BlockDeviceMetrics>;
 
-/// The engine, its requests counted.
-type Engine = Instrumented<Qcow2<Device>>;
-
 /// A monotonic clock in nanoseconds since the server's first use of it (the metrics'
 /// clock: a plain `fn`).
 fn now_ns() -> u64 {
@@ -86,18 +89,18 @@ fn now_ns() -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+fn now_ms() -> u64 {
+    now_ns() / 1_000_000
+}
+
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The engine's space figures (they walk the tables) and the allocation counters they were
-/// computed at: recomputed only when those counters move.
-type SpaceCache = ([u64; 4], SpaceInfo);
-
 /// The state the connection threads share.
 struct Shared {
-    /// The engine; `None` once the image is closed.
-    disk: Mutex<Option<Engine>>,
+    /// The disk; `None` once it is closed.
+    disk: Mutex<Option<Disk<Device>>>,
     space_cache: Mutex<Option<SpaceCache>>,
     nbd_config: ServerConfig,
     nbd_stats: Mutex<NbdStats>,
@@ -105,7 +108,7 @@ struct Shared {
     metrics: GuestMetrics,
     facts: Vec<(&'static str, String)>,
     stopping: AtomicBool,
-    /// TCP payload bytes received and sent on the NBD port.
+    /// TCP payload bytes received and sent, both ports.
     rx_bytes: AtomicU64,
     tx_bytes: AtomicU64,
     /// Open connections by id (clones of their sockets, to close them at stop), per port.
@@ -132,22 +135,30 @@ impl Shared {
             .count()
     }
 
-    /// Renders the exposition from every layer's counters.
-    fn render(&self, accept: &str, out: &mut Vec<u8>) -> &'static str {
-        let (space, stats) = self.engine_figures();
-        let engine_compaction = stats.as_ref().map(|s| s.compaction_state);
-        let http = self.http_stats.snapshot();
+    /// The guest's scrape: every layer's figures, read where the layer keeps them, rendered
+    /// by the guest's registry. The engine's figures are copied under its lock, so the
+    /// encoding does not hold it.
+    fn render(&self, format: Format, out: &mut Vec<u8>) {
+        let (space, stats) = match lock(&self.disk).as_mut() {
+            Some(disk) => {
+                let figures = disk.figures(&mut lock(&self.space_cache));
+                (figures.space, figures.stats.cloned())
+            }
+            None => (SpaceInfo::default(), None),
+        };
+        // No compaction scheduler here: the engine's own state (running while its last
+        // step left work).
+        let compaction = match stats.as_ref().map(|s| s.compaction_state) {
+            Some(qcow_metal::qcow2::CompactionState::Running) => CompactionState::Running,
+            _ => CompactionState::Idle,
+        };
         // TCP payload bytes of both ports. No heap of its own and no frames: the process
         // uses the host's allocator, and the host's network stack sees the packets.
         let net = NetStats::default();
-        net.rx_bytes.store(
-            self.rx_bytes.load(Ordering::Relaxed) + http.bytes_received,
-            Ordering::Relaxed,
-        );
-        net.tx_bytes.store(
-            self.tx_bytes.load(Ordering::Relaxed) + http.bytes_sent,
-            Ordering::Relaxed,
-        );
+        net.rx_bytes
+            .store(self.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+        net.tx_bytes
+            .store(self.tx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         let nbd = lock(&self.nbd_stats).clone();
         let scrape = Scrape {
             disk: DiskFigures {
@@ -155,12 +166,7 @@ impl Shared {
                     space,
                     stats: stats.as_ref(),
                 },
-                // No compaction scheduler here: the engine's own state (running while its
-                // last step left work).
-                compaction: match engine_compaction {
-                    Some(qcow_metal::qcow2::CompactionState::Running) => CompactionState::Running,
-                    _ => CompactionState::Idle,
-                },
+                compaction,
                 compaction_passes: 0,
             },
             nbd: &nbd,
@@ -171,61 +177,7 @@ impl Shared {
                 ..SystemFigures::default()
             },
         };
-        self.metrics.serve(accept, &scrape, out)
-    }
-
-    /// The engine's space (cached: it walks the tables) and a copy of its counters, read
-    /// under the engine's lock so the scrape does not hold it while it encodes.
-    fn engine_figures(&self) -> (SpaceInfo, Option<Stats>) {
-        let mut disk = lock(&self.disk);
-        let Some(disk) = disk.as_mut() else {
-            return (SpaceInfo::default(), None);
-        };
-        let engine = disk.inner_mut();
-        let st = engine.stats();
-        let key = [
-            st.clusters_allocated,
-            st.clusters_freed,
-            st.l2_tables_allocated,
-            st.refcount_blocks_allocated,
-        ];
-        let mut cache = lock(&self.space_cache);
-        if cache.is_none_or(|(k, _)| k != key) {
-            match engine.space() {
-                Ok(space) => *cache = Some((key, space)),
-                Err(e) => log::warn!("qcow2: space accounting failed: {e}"),
-            }
-        }
-        let space = cache.map(|(_, s)| s).unwrap_or_default();
-        (space, Some(engine.stats().clone()))
-    }
-}
-
-/// The metrics port's [`Site`]: the guest's registry, the facts of `/`, the health.
-struct ServeSite<'a>(&'a Shared);
-
-impl Site for ServeSite<'_> {
-    fn metrics(&mut self, accept: &str, out: &mut Vec<u8>) -> &'static str {
-        self.0.render(accept, out)
-    }
-
-    fn index(&mut self, page: &mut IndexPage) {
-        page.title("qcow-metal serve");
-        for (label, value) in &self.0.facts {
-            page.fact(label, value);
-        }
-    }
-
-    fn healthz(&mut self) -> Health {
-        if self.0.stopping() {
-            Health::Unavailable("shutting down".into())
-        } else {
-            Health::Ok
-        }
-    }
-
-    fn http_stats(&self) -> &HttpStats {
-        &self.0.http_stats
+        self.metrics.render_into(format, &scrape, out);
     }
 }
 
@@ -247,17 +199,18 @@ pub struct StopReport {
     pub nbd_closed: usize,
 }
 
-fn open_engine(path: &Path, read_only: bool, metrics: &GuestMetrics) -> Result<Engine> {
+/// Opens the image with the engine, both layers counted in `metrics`.
+fn open_disk(path: &Path, read_only: bool, metrics: &GuestMetrics) -> Result<Disk<Device>> {
     let err = |action: &'static str, reason: String| Error::Disk {
         path: path.to_path_buf(),
         action,
         reason,
     };
     let mut file = FileDisk::open(path, read_only).map_err(|e| err("open", e.to_string()))?;
-    let mut magic = [0u8; 4];
     if file.len().map_err(|e| err("open", e.to_string()))? == 0 {
         return Err(guard::empty(path));
     }
+    let mut magic = [0u8; 4];
     file.read_at(0, &mut magic)
         .map_err(|e| err("read", e.to_string()))?;
     if magic != *b"QFI\xfb" {
@@ -274,7 +227,11 @@ fn open_engine(path: &Path, read_only: bool, metrics: &GuestMetrics) -> Result<E
         ..OpenOptions::default()
     };
     let engine = Qcow2::open(dev, opts).map_err(|e| err("open", e.to_string()))?;
-    Ok(Instrumented::new(engine, metrics.disk.clone(), now_ns))
+    Ok(Disk::Qcow2(Box::new(Instrumented::new(
+        engine,
+        metrics.disk.clone(),
+        now_ns,
+    ))))
 }
 
 fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener> {
@@ -324,15 +281,15 @@ impl Server {
             mirage: false,
             clock: now_ns,
         });
-        let engine = open_engine(path, opts.read_only, &metrics)?;
+        let disk = open_disk(path, opts.read_only, &metrics)?;
         metrics.disk.set_up(true);
-        let read_only = opts.read_only || engine.is_read_only();
-        let size = engine.size();
+        let read_only = opts.read_only || disk.is_read_only();
+        let size = disk.size();
         let facts = vec![
             ("version", String::from(env!("CARGO_PKG_VERSION"))),
             ("image", path.display().to_string()),
             ("export", opts.export.clone()),
-            ("format", String::from("qcow2")),
+            ("format", String::from(disk.format_name())),
             (
                 "virtual size",
                 format!("{} ({size} bytes)", format_size(size)),
@@ -342,7 +299,7 @@ impl Server {
             ("read-only", read_only.to_string()),
         ];
         let shared = Arc::new(Shared {
-            disk: Mutex::new(Some(engine)),
+            disk: Mutex::new(Some(disk)),
             space_cache: Mutex::new(None),
             nbd_config: ServerConfig {
                 export_name: opts.export.clone(),
@@ -427,18 +384,10 @@ impl Server {
         for w in workers {
             let _ = w.join();
         }
-        let engine = lock(&shared.disk).take();
-        if let Some(engine) = engine {
-            let err = |reason: String| Error::Disk {
-                path: self.image.clone(),
-                action: "close",
-                reason,
-            };
-            let mut dev = engine
-                .into_inner()
-                .close()
-                .map_err(|e| err(e.to_string()))?;
-            dev.flush().map_err(|e| err(e.to_string()))?;
+        let disk = lock(&shared.disk).take();
+        if let Some(disk) = disk {
+            disk.close()
+                .map_err(|reason| Error::disk(&self.image, "close", reason))?;
         }
         Ok(StopReport { nbd_closed })
     }
@@ -483,11 +432,7 @@ fn spawn_acceptor(listener: TcpListener, port: Port, shared: Arc<Shared>) -> Joi
             lock(&shared.open).insert(id, (port, clone));
             let worker_shared = shared.clone();
             let worker = thread::spawn(move || {
-                let result = match port {
-                    Port::Nbd => serve_nbd(&stream, &worker_shared),
-                    Port::Metrics => serve_metrics(&stream, &worker_shared),
-                };
-                if let Err(e) = result {
+                if let Err(e) = serve_connection(stream, port, &worker_shared) {
                     log::debug!("serve: {port:?} client ended with an error: {e}");
                 }
                 lock(&worker_shared.open).remove(&id);
@@ -499,84 +444,76 @@ fn spawn_acceptor(listener: TcpListener, port: Port, shared: Arc<Shared>) -> Joi
     })
 }
 
-fn serve_metrics(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
-    let mut site = ServeSite(shared);
-    http::std_io::serve_stream(stream, http::Config::default(), &mut site)
-}
-
-/// Serves one NBD client: reads what it sent, lets the state machine serve every complete
-/// request under one engine lock, writes the replies, until the client leaves (or the
-/// socket is shut by [`Server::stop`]).
-fn serve_nbd(stream: &TcpStream, shared: &Shared) -> io::Result<()> {
+/// Serves one connection with the guest's session for its port: each turn lets the session
+/// take what the client sent and queue its replies, then the replies are written and, when
+/// the session had nothing to do, the next bytes are awaited (at most [`STOP_POLL`], so the
+/// stop flag and the session's timers are seen).
+fn serve_connection(stream: TcpStream, port: Port, shared: &Shared) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(STOP_POLL))?;
-    let mut stream = stream;
-    let mut conn = Connection::new(&shared.nbd_config);
-    let mut buf = vec![0u8; NBD_READ_BUFFER];
-    let (mut have, mut used) = (0usize, 0usize);
+    let mut socket = StdSocket::new(stream);
+    let mut session = match port {
+        Port::Nbd => Session::Nbd(Box::new(NbdSession::new(&shared.nbd_config, now_ms()))),
+        Port::Metrics => Session::Http(Box::new(HttpSession::new(now_ms()))),
+    };
     let mut told_to_go = false;
     let result = loop {
-        if used < have {
-            used += conn.receive(&buf[used..have]);
-        }
-        let progressed = {
-            let mut disk = lock(&shared.disk);
-            let mut stats = lock(&shared.nbd_stats);
-            match disk.as_mut() {
-                Some(d) => conn.process(d, &mut stats),
-                None => {
-                    conn.close(&mut stats);
-                    true
+        let progressed = match &mut session {
+            Session::Nbd(s) => {
+                let mut disk = lock(&shared.disk);
+                let mut stats = lock(&shared.nbd_stats);
+                match disk.as_mut().and_then(|d| d.virtual_disk()) {
+                    Some(d) => s.drive(&mut socket, d, &mut stats, now_ms()),
+                    None => s.drive(&mut socket, &mut NoDisk, &mut stats, now_ms()),
                 }
             }
+            Session::Http(s) => {
+                let mut render = |format: Format, out: &mut Vec<u8>| shared.render(format, out);
+                let mut site = GuestSite {
+                    render: &mut render,
+                    facts: &shared.facts,
+                    health: if shared.stopping() {
+                        Health::Unavailable("shutting down".into())
+                    } else {
+                        Health::Ok
+                    },
+                    stats: &shared.http_stats,
+                };
+                s.drive(&mut socket, now_ms(), &mut site)
+            }
         };
-        if let Err(e) = write_output(&mut stream, &mut conn, shared) {
-            break Err(e);
-        }
-        if conn.is_closed() {
+        socket.flush();
+        let (rx, tx) = socket.take_moved();
+        shared.rx_bytes.fetch_add(rx, Ordering::Relaxed);
+        shared.tx_bytes.fetch_add(tx, Ordering::Relaxed);
+        if socket.is_done() {
             break Ok(());
         }
-        if progressed || (used < have && conn.input_space() > 0) {
+        if progressed {
             continue;
         }
-        if !told_to_go && shared.stopping() {
+        if let Session::Nbd(s) = &mut session
+            && !told_to_go
+            && shared.stopping()
+        {
             // From now on options and requests are refused with the shutdown errors, so
             // that the client disconnects by itself.
-            conn.shutdown();
+            s.shutdown();
             told_to_go = true;
+            continue;
         }
-        match stream.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                shared.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                have = n;
-                used = 0;
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
+        if socket.peer_closed() {
+            // The session has seen the end of the stream and finishes on its own timer.
+            thread::sleep(STOP_POLL);
+            continue;
+        }
+        if let Err(e) = socket.fill() {
+            break Err(e);
         }
     };
-    conn.close(&mut lock(&shared.nbd_stats));
-    let _ = stream.shutdown(Shutdown::Both);
-    match result {
-        Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => Ok(()),
-        other => other,
+    if let Session::Nbd(s) = &mut session {
+        s.end(&mut lock(&shared.nbd_stats));
     }
-}
-
-/// Sends everything the connection has to send.
-fn write_output(stream: &mut &TcpStream, conn: &mut Connection, shared: &Shared) -> io::Result<()> {
-    while !conn.output().is_empty() {
-        match stream.write(conn.output()) {
-            Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero)),
-            Ok(n) => {
-                shared.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                conn.consume_output(n);
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    socket.finish();
+    result
 }
