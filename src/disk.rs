@@ -5,6 +5,8 @@
 //! (raw mode). The NBD server and the request-level metrics are generic over it.
 
 use crate::block::{BlockDevice, BlockError};
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt;
 
 pub mod telemetry;
@@ -114,6 +116,39 @@ pub trait VirtualDisk {
 
     /// The allocation of the run that starts at `offset`, at most `len` bytes long.
     fn block_status(&mut self, offset: u64, len: u64) -> Result<Extent, DiskError>;
+
+    /// Names of the read-only views (internal snapshots) served besides the disk itself
+    /// (the NBD export `EXPORT@NAME`). None by default.
+    fn views(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Directs the following requests to view `name`, or back to the disk itself with
+    /// `None`. A view is read-only; [`VirtualDisk::size`] is its size while selected.
+    fn select_view(&mut self, name: Option<&str>) -> Result<(), DiskError> {
+        match name {
+            None => Ok(()),
+            Some(_) => Err(DiskError::Invalid),
+        }
+    }
+
+    /// Names of the dirty bitmaps the disk can report (the NBD metadata contexts
+    /// `qemu:dirty-bitmap:NAME`). None by default.
+    fn dirty_bitmaps(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Whether `offset` is dirty in bitmap `name`, and for how many bytes from there (at
+    /// least one, at most `len` unless a granule reaches further) that stays so.
+    fn dirty_status(
+        &mut self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(bool, u64), DiskError> {
+        let _ = (name, offset, len);
+        Err(DiskError::Unsupported)
+    }
 }
 
 /// Raw mode: the device's bytes are the virtual disk.

@@ -288,4 +288,25 @@ impl<V: VirtualDisk, H: HasRequests> VirtualDisk for Instrumented<V, H> {
     fn block_status(&mut self, offset: u64, len: u64) -> Result<Extent, DiskError> {
         self.inner.block_status(offset, len)
     }
+
+    fn views(&mut self) -> alloc::vec::Vec<alloc::string::String> {
+        self.inner.views()
+    }
+
+    fn select_view(&mut self, name: Option<&str>) -> Result<(), DiskError> {
+        self.inner.select_view(name)
+    }
+
+    fn dirty_bitmaps(&mut self) -> alloc::vec::Vec<alloc::string::String> {
+        self.inner.dirty_bitmaps()
+    }
+
+    fn dirty_status(
+        &mut self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<(bool, u64), DiskError> {
+        self.inner.dirty_status(name, offset, len)
+    }
 }

@@ -118,6 +118,18 @@ struct ReadState {
     header_sent: bool,
 }
 
+/// A metadata context a client selected; its ID is its index in the list plus one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MetaContext {
+    /// `base:allocation`.
+    Base,
+    /// `qemu:dirty-bitmap:NAME`.
+    Dirty(String),
+}
+
+/// Prefix of the dirty-bitmap metadata contexts (as `qemu-nbd -B NAME` names them).
+pub const META_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+
 /// One client's NBD session. See the module documentation for how to drive it.
 pub struct Connection {
     config: ServerConfig,
@@ -127,7 +139,10 @@ pub struct Connection {
     input_cap: usize,
     no_zeroes: bool,
     structured: bool,
-    base_allocation: bool,
+    /// Selected metadata contexts (`NBD_OPT_SET_META_CONTEXT`).
+    contexts: Vec<MetaContext>,
+    /// The read-only view (snapshot) the client opened as `EXPORT@VIEW`, if any.
+    view: Option<String>,
     read_only: bool,
     counted: bool,
     released: bool,
@@ -150,7 +165,8 @@ impl Connection {
             input_cap: chunk.max(MAX_OPTION_LEN) + 4096,
             no_zeroes: false,
             structured: false,
-            base_allocation: false,
+            contexts: Vec::new(),
+            view: None,
             read_only: config.read_only,
             counted: false,
             released: false,
@@ -240,6 +256,24 @@ impl Connection {
     /// output is needed.
     pub fn process<D: VirtualDisk + ?Sized>(&mut self, disk: &mut D, stats: &mut NbdStats) -> bool {
         self.count_open(stats);
+        // A client of a view (`EXPORT@SNAPSHOT`) is served from it for this call.
+        if let Some(v) = &self.view
+            && disk.select_view(Some(v)).is_err()
+        {
+            self.protocol_error(stats);
+        }
+        let progressed = self.process_selected(disk, stats);
+        if self.view.is_some() {
+            let _ = disk.select_view(None);
+        }
+        progressed
+    }
+
+    fn process_selected<D: VirtualDisk + ?Sized>(
+        &mut self,
+        disk: &mut D,
+        stats: &mut NbdStats,
+    ) -> bool {
         let mut progressed = false;
         while self.phase != Phase::Closed
             && self.output.len() < self.config.output_high_water as usize
@@ -374,8 +408,39 @@ impl Connection {
         self.output.push(data);
     }
 
-    fn export_matches(&self, name: &[u8]) -> bool {
-        name.is_empty() || name == self.config.export_name.as_bytes()
+    /// Which export `name` selects: `Some(None)` the disk itself (also the empty name),
+    /// `Some(Some(view))` a read-only view of it named `EXPORT@VIEW`, `None` no export.
+    fn resolve_export<D: VirtualDisk + ?Sized>(
+        &self,
+        name: &[u8],
+        disk: &mut D,
+    ) -> Option<Option<String>> {
+        let export = self.config.export_name.as_bytes();
+        if name.is_empty() || name == export {
+            return Some(None);
+        }
+        let view = name.strip_prefix(export)?.strip_prefix(b"@")?;
+        let view = core::str::from_utf8(view).ok()?;
+        disk.views()
+            .into_iter()
+            .any(|v| v == view)
+            .then(|| Some(String::from(view)))
+    }
+
+    /// Runs `f` with `view` selected on the disk (the disk itself when `None`).
+    fn with_view<D: VirtualDisk + ?Sized, T>(
+        disk: &mut D,
+        view: &Option<String>,
+        f: impl FnOnce(&mut D) -> T,
+    ) -> Option<T> {
+        if view.is_some() && disk.select_view(view.as_deref()).is_err() {
+            return None;
+        }
+        let r = f(disk);
+        if view.is_some() {
+            let _ = disk.select_view(None);
+        }
+        Some(r)
     }
 
     fn transmission_flags<D: VirtualDisk + ?Sized>(&self, disk: &D) -> u16 {
@@ -393,8 +458,8 @@ impl Connection {
         flags
     }
 
-    fn enter_transmission<D: VirtualDisk + ?Sized>(&mut self, disk: &D, stats: &mut NbdStats) {
-        self.read_only = self.config.read_only || disk.is_read_only();
+    fn enter_transmission(&mut self, disk_read_only: bool, stats: &mut NbdStats) {
+        self.read_only = self.config.read_only || disk_read_only;
         self.phase = Phase::Request;
         stats.sessions_total += 1;
     }
@@ -416,17 +481,23 @@ impl Connection {
         }
         match opt {
             OPT_EXPORT_NAME => {
-                if !self.export_matches(data) {
+                let Some(view) = self.resolve_export(data, disk) else {
                     self.protocol_error(stats);
                     return;
-                }
-                let flags = self.transmission_flags(disk);
-                self.output.push(&disk.size().to_be_bytes());
+                };
+                let Some((size, flags, ro)) = Self::with_view(disk, &view, |d| {
+                    (d.size(), self.transmission_flags(d), d.is_read_only())
+                }) else {
+                    self.protocol_error(stats);
+                    return;
+                };
+                self.output.push(&size.to_be_bytes());
                 self.output.push(&flags.to_be_bytes());
                 if !self.no_zeroes {
                     self.output.push(&[0u8; 124]);
                 }
-                self.enter_transmission(disk, stats);
+                self.view = view;
+                self.enter_transmission(ro, stats);
             }
             OPT_ABORT => {
                 self.option_reply(opt, REP_ACK, &[]);
@@ -437,12 +508,23 @@ impl Connection {
                     self.option_reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
                     return;
                 }
-                let name = self.config.export_name.as_bytes();
-                let mut rep = Vec::with_capacity(4 + name.len() + self.config.description.len());
-                rep.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                rep.extend_from_slice(name);
-                rep.extend_from_slice(self.config.description.as_bytes());
-                self.option_reply(opt, REP_SERVER, &rep);
+                let mut names = vec![self.config.export_name.clone()];
+                for v in disk.views() {
+                    names.push(alloc::format!("{}@{v}", self.config.export_name));
+                }
+                for (i, name) in names.iter().enumerate() {
+                    let name = name.as_bytes();
+                    let mut rep =
+                        Vec::with_capacity(4 + name.len() + self.config.description.len());
+                    rep.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    rep.extend_from_slice(name);
+                    if i == 0 {
+                        rep.extend_from_slice(self.config.description.as_bytes());
+                    } else {
+                        rep.extend_from_slice(b"internal snapshot (read-only)");
+                    }
+                    self.option_reply(opt, REP_SERVER, &rep);
+                }
                 self.option_reply(opt, REP_ACK, &[]);
             }
             OPT_INFO | OPT_GO => self.info_or_go(opt, data, disk, stats),
@@ -458,7 +540,7 @@ impl Connection {
                     self.option_reply(opt, REP_ACK, &[]);
                 }
             }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(opt, data),
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(opt, data, disk),
             OPT_STARTTLS => self.option_reply(opt, REP_ERR_UNSUP, b"TLS is not supported"),
             _ => self.option_reply(opt, REP_ERR_UNSUP, b"unknown option"),
         }
@@ -482,19 +564,29 @@ impl Connection {
             self.option_reply(opt, REP_ERR_INVALID, b"malformed information request");
             return;
         };
-        if !self.export_matches(name) {
+        let Some(view) = self.resolve_export(name, disk) else {
             self.option_reply(opt, REP_ERR_UNKNOWN, b"no such export");
             return;
-        }
+        };
+        let Some((size, flags, ro)) = Self::with_view(disk, &view, |d| {
+            (d.size(), self.transmission_flags(d), d.is_read_only())
+        }) else {
+            self.option_reply(opt, REP_ERR_UNKNOWN, b"the snapshot cannot be opened");
+            return;
+        };
         let wants = |t: u16| reqs.chunks_exact(2).any(|r| be16(r) == t);
         let mut info = Vec::with_capacity(16);
         info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-        info.extend_from_slice(&disk.size().to_be_bytes());
-        info.extend_from_slice(&self.transmission_flags(disk).to_be_bytes());
+        info.extend_from_slice(&size.to_be_bytes());
+        info.extend_from_slice(&flags.to_be_bytes());
         self.option_reply(opt, REP_INFO, &info);
         if wants(INFO_NAME) {
             let mut rep = Vec::from(INFO_NAME.to_be_bytes());
             rep.extend_from_slice(self.config.export_name.as_bytes());
+            if let Some(v) = &view {
+                rep.push(b'@');
+                rep.extend_from_slice(v.as_bytes());
+            }
             self.option_reply(opt, REP_INFO, &rep);
         }
         if wants(INFO_DESCRIPTION) && !self.config.description.is_empty() {
@@ -510,11 +602,16 @@ impl Connection {
         self.option_reply(opt, REP_INFO, &bs);
         self.option_reply(opt, REP_ACK, &[]);
         if opt == OPT_GO {
-            self.enter_transmission(disk, stats);
+            if view != self.view {
+                // Contexts were negotiated for another export.
+                self.contexts.clear();
+            }
+            self.view = view;
+            self.enter_transmission(ro, stats);
         }
     }
 
-    fn meta_context(&mut self, opt: u32, data: &[u8]) {
+    fn meta_context<D: VirtualDisk + ?Sized>(&mut self, opt: u32, data: &[u8], disk: &mut D) {
         if !self.structured {
             self.option_reply(opt, REP_ERR_INVALID, b"negotiate structured replies first");
             return;
@@ -536,24 +633,50 @@ impl Connection {
             self.option_reply(opt, REP_ERR_INVALID, b"malformed metadata context request");
             return;
         };
-        if !self.export_matches(name) {
+        let Some(view) = self.resolve_export(name, disk) else {
             self.option_reply(opt, REP_ERR_UNKNOWN, b"no such export");
             return;
-        }
-        let base = META_BASE_ALLOCATION.as_bytes();
-        let selected = if opt == OPT_LIST_META_CONTEXT {
-            queries.is_empty() || queries.iter().any(|q| *q == base || *q == b"base:")
-        } else {
-            queries.contains(&base)
         };
-        if opt == OPT_SET_META_CONTEXT {
-            self.base_allocation = selected;
+        // Dirty bitmaps belong to the disk itself, not to its snapshots.
+        let bitmaps = if view.is_none() {
+            disk.dirty_bitmaps()
+        } else {
+            Vec::new()
+        };
+        let base = META_BASE_ALLOCATION.as_bytes();
+        let dirty = META_DIRTY_BITMAP.as_bytes();
+        let mut selected = Vec::new();
+        let list = opt == OPT_LIST_META_CONTEXT;
+        if (list && queries.is_empty())
+            || queries
+                .iter()
+                .any(|q| *q == base || (list && *q == b"base:"))
+        {
+            selected.push(MetaContext::Base);
         }
-        if selected {
-            let id: u32 = if opt == OPT_SET_META_CONTEXT { 1 } else { 0 };
+        for b in bitmaps {
+            let full = [dirty, b.as_bytes()].concat();
+            let listed = list
+                && (queries.is_empty() || queries.iter().any(|q| *q == b"qemu:" || *q == dirty));
+            if listed || queries.contains(&full.as_slice()) {
+                selected.push(MetaContext::Dirty(b));
+            }
+        }
+        for (i, c) in selected.iter().enumerate() {
+            let id: u32 = if list { 0 } else { i as u32 + 1 };
             let mut rep = Vec::from(id.to_be_bytes());
-            rep.extend_from_slice(base);
+            match c {
+                MetaContext::Base => rep.extend_from_slice(base),
+                MetaContext::Dirty(b) => {
+                    rep.extend_from_slice(dirty);
+                    rep.extend_from_slice(b.as_bytes());
+                }
+            }
             self.option_reply(opt, REP_META_CONTEXT, &rep);
+        }
+        if !list {
+            self.contexts = selected;
+            self.view = view;
         }
         self.option_reply(opt, REP_ACK, &[]);
     }
@@ -729,7 +852,7 @@ impl Connection {
                 self.finish(req.handle, r, stats);
             }
             Command::BlockStatus => {
-                if !self.structured || !self.base_allocation {
+                if !self.structured || self.contexts.is_empty() {
                     self.reply_error(
                         req.handle,
                         NbdError::Invalid,
@@ -860,65 +983,98 @@ impl Connection {
         disk: &mut D,
         stats: &mut NbdStats,
     ) {
-        let end = req.offset + u64::from(req.len);
-        let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
-        let mut extents: Vec<(u32, u32)> = Vec::new();
-        let mut pos = req.offset;
-        let mut calls = 0;
-        while pos < end && calls < 4 * MAX_EXTENTS {
-            calls += 1;
-            let (len, state) = match disk.block_status(pos, end - pos) {
-                Ok(ext) => (ext.len.min(end - pos), allocation_state(ext.kind)),
-                // A disk that cannot tell: "allocated, contents unknown" is always true.
-                Err(DiskError::Unsupported) => (end - pos, 0),
-                Err(e) if extents.is_empty() => {
+        let contexts = core::mem::take(&mut self.contexts);
+        let mut chunks = Vec::with_capacity(contexts.len());
+        for c in &contexts {
+            match collect_extents(disk, c, req) {
+                Ok(extents) if !extents.is_empty() => chunks.push(extents),
+                Ok(_) => {
+                    self.contexts = contexts;
+                    self.reply_error(
+                        req.handle,
+                        NbdError::Io,
+                        "the disk reported an empty extent",
+                        stats,
+                    );
+                    return;
+                }
+                Err(e) => {
+                    self.contexts = contexts;
                     let e = NbdError::from(e);
                     self.reply_error(req.handle, e, error_message(e), stats);
                     return;
                 }
-                Err(_) => break,
-            };
-            if len == 0 {
-                break;
             }
-            match extents.last_mut() {
-                Some(last) if last.1 == state => last.0 += len as u32,
-                _ => {
-                    if (req_one && !extents.is_empty()) || extents.len() == MAX_EXTENTS {
-                        break;
-                    }
-                    extents.push((len as u32, state));
-                }
-            }
-            pos += len;
         }
-        if extents.is_empty() {
-            self.reply_error(
+        let last = chunks.len() - 1;
+        for (i, extents) in chunks.iter().enumerate() {
+            let payload = 4 + 8 * extents.len();
+            let mut h = [0u8; CHUNK_HEADER_LEN + 4];
+            put_chunk_header(
+                &mut h,
+                if i == last { REPLY_FLAG_DONE } else { 0 },
+                REPLY_TYPE_BLOCK_STATUS,
                 req.handle,
-                NbdError::Io,
-                "the disk reported an empty extent",
-                stats,
+                payload as u32,
             );
-            return;
+            h[20..24].copy_from_slice(&(i as u32 + 1).to_be_bytes());
+            self.output.push(&h);
+            let mut d = vec![0u8; 8 * extents.len()];
+            for (i, (len, state)) in extents.iter().enumerate() {
+                d[i * 8..i * 8 + 4].copy_from_slice(&len.to_be_bytes());
+                d[i * 8 + 4..i * 8 + 8].copy_from_slice(&state.to_be_bytes());
+            }
+            self.output.push(&d);
         }
-        let payload = 4 + 8 * extents.len();
-        let mut h = [0u8; CHUNK_HEADER_LEN + 4];
-        put_chunk_header(
-            &mut h,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_BLOCK_STATUS,
-            req.handle,
-            payload as u32,
-        );
-        h[20..24].copy_from_slice(&1u32.to_be_bytes());
-        self.output.push(&h);
-        let mut d = vec![0u8; 8 * extents.len()];
-        for (i, (len, state)) in extents.iter().enumerate() {
-            d[i * 8..i * 8 + 4].copy_from_slice(&len.to_be_bytes());
-            d[i * 8 + 4..i * 8 + 8].copy_from_slice(&state.to_be_bytes());
-        }
-        self.output.push(&d);
+        self.contexts = contexts;
     }
+}
+
+/// The extents (length, state) of one metadata context for a block-status request: at most
+/// [`MAX_EXTENTS`] (one with `NBD_CMD_FLAG_REQ_ONE`). An error only when the first query
+/// fails; later failures end the list early.
+fn collect_extents<D: VirtualDisk + ?Sized>(
+    disk: &mut D,
+    context: &MetaContext,
+    req: Request,
+) -> Result<Vec<(u32, u32)>, DiskError> {
+    let end = req.offset + u64::from(req.len);
+    let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+    let mut extents: Vec<(u32, u32)> = Vec::new();
+    let mut pos = req.offset;
+    let mut calls = 0;
+    while pos < end && calls < 4 * MAX_EXTENTS {
+        calls += 1;
+        let r = match context {
+            MetaContext::Base => disk
+                .block_status(pos, end - pos)
+                .map(|ext| (ext.len, allocation_state(ext.kind))),
+            MetaContext::Dirty(name) => disk
+                .dirty_status(name, pos, end - pos)
+                .map(|(dirty, len)| (len, u32::from(dirty))),
+        };
+        let (len, state) = match r {
+            Ok((len, state)) => (len.min(end - pos), state),
+            // A disk that cannot tell: "allocated, contents unknown" is always true.
+            Err(DiskError::Unsupported) if *context == MetaContext::Base => (end - pos, 0),
+            Err(e) if extents.is_empty() => return Err(e),
+            Err(_) => break,
+        };
+        if len == 0 {
+            break;
+        }
+        match extents.last_mut() {
+            Some(last) if last.1 == state => last.0 += len as u32,
+            _ => {
+                if (req_one && !extents.is_empty()) || extents.len() == MAX_EXTENTS {
+                    break;
+                }
+                extents.push((len as u32, state));
+            }
+        }
+        pos += len;
+    }
+    Ok(extents)
 }
 
 /// The `base:allocation` flags of an allocation kind.

@@ -4,7 +4,7 @@
 //!
 //! The check counts every reference the image's metadata makes (header, L1 tables of the
 //! active state and of snapshots, L2 tables, data and compressed clusters, the refcount
-//! table and blocks, the snapshot table) and compares the counts with the stored refcounts.
+//! table and blocks, the snapshot table, the bitmap directory, tables and data) and compares the counts with the stored refcounts.
 
 use super::cache::{TableKind, get_refcount, get_u64, set_u64};
 use super::entry::{COPIED, Mapping, OFFSET_MASK, decode_l1};
@@ -452,6 +452,15 @@ impl<D: BlockDevice> Qcow2<D> {
         }
         // Snapshot table and snapshots (their L1/L2 tables and data).
         self.walk_snapshots(&mut refs, rep)?;
+        // The bitmaps extension: directory, bitmap tables, bitmap data.
+        let (regions, err) = self.bitmap_regions();
+        for (off, len) in regions {
+            refs.count(off, len, F_META, rep);
+        }
+        if let Some(e) = err {
+            rep.check_errors += 1;
+            rep.note(format!("ERROR the bitmaps cannot be read: {e}"));
+        }
         // The active L1 table and everything under it.
         self.walk_active_l1(fix, &mut refs, rep)?;
         if refs.beyond_limit > 0 {

@@ -297,6 +297,8 @@ impl<D: BlockDevice> Qcow2<D> {
             };
         }
         self.begin_write()?;
+        self.begin_bitmap_session()?;
+        self.mark_dirty(offset, len);
         Ok(true)
     }
 
@@ -681,27 +683,39 @@ enum UnmapTo {
 
 impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
     fn size(&self) -> u64 {
-        self.hdr.size
+        match self.view {
+            Some(v) => self.views[v].size(),
+            None => self.hdr.size,
+        }
     }
 
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only || self.view.is_some()
     }
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> core::result::Result<(), DiskError> {
+        if let Some(v) = self.view {
+            let view = core::mem::take(&mut self.views[v]);
+            let r = self.read_snapshot(&view, offset, buf);
+            self.views[v] = view;
+            return Ok(r?);
+        }
         check_request(offset, buf.len() as u64, self.hdr.size)?;
         let r = self.read_at(offset, buf);
         Ok(self.note_corrupt(r)?)
     }
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> core::result::Result<(), DiskError> {
+        if self.view.is_some() {
+            return Err(DiskError::ReadOnly);
+        }
         check_request(offset, buf.len() as u64, self.hdr.size)?;
         let r = self.write_at(offset, buf);
         Ok(self.note_corrupt(r)?)
     }
 
     fn flush(&mut self) -> core::result::Result<(), DiskError> {
-        if self.read_only {
+        if self.read_only || self.view.is_some() {
             return Ok(());
         }
         // Guest data and metadata durable: one device flush unless the write-back ended
@@ -715,6 +729,9 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> core::result::Result<(), DiskError> {
+        if self.view.is_some() {
+            return Err(DiskError::ReadOnly);
+        }
         check_request(offset, len, self.hdr.size)?;
         let r = self.discard_range(offset, len);
         Ok(self.note_corrupt(r)?)
@@ -726,12 +743,21 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
         len: u64,
         may_unmap: bool,
     ) -> core::result::Result<(), DiskError> {
+        if self.view.is_some() {
+            return Err(DiskError::ReadOnly);
+        }
         check_request(offset, len, self.hdr.size)?;
         let r = self.zero_range(offset, len, may_unmap);
         Ok(self.note_corrupt(r)?)
     }
 
     fn block_status(&mut self, offset: u64, len: u64) -> core::result::Result<Extent, DiskError> {
+        if let Some(v) = self.view {
+            let view = core::mem::take(&mut self.views[v]);
+            let r = self.snapshot_status(&view, offset, len);
+            self.views[v] = view;
+            return Ok(r?);
+        }
         check_request(offset, len, self.hdr.size)?;
         if len == 0 {
             return Ok(Extent {
@@ -747,5 +773,49 @@ impl<D: BlockDevice> VirtualDisk for Qcow2<D> {
             _ => Allocation::Hole,
         };
         Ok(Extent { len: n, kind })
+    }
+
+    fn views(&mut self) -> alloc::vec::Vec<alloc::string::String> {
+        self.snapshots()
+            .map(|l| l.into_iter().map(|s| s.name).collect())
+            .unwrap_or_default()
+    }
+
+    fn select_view(&mut self, name: Option<&str>) -> core::result::Result<(), DiskError> {
+        let Some(name) = name else {
+            self.view = None;
+            return Ok(());
+        };
+        if let Some(i) = self.views.iter().position(|v| v.snapshot.name == name) {
+            self.view = Some(i);
+            return Ok(());
+        }
+        match self.snapshot_view(name)? {
+            Some(v) => {
+                self.views.push(v);
+                self.view = Some(self.views.len() - 1);
+                Ok(())
+            }
+            None => Err(DiskError::Invalid),
+        }
+    }
+
+    fn dirty_bitmaps(&mut self) -> alloc::vec::Vec<alloc::string::String> {
+        self.bitmaps()
+            .into_iter()
+            .filter(|b| b.readable)
+            .map(|b| b.name)
+            .collect()
+    }
+
+    fn dirty_status(
+        &mut self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> core::result::Result<(bool, u64), DiskError> {
+        check_request(offset, len, self.hdr.size)?;
+        self.bitmap_status(name, offset, len)
+            .ok_or(DiskError::Invalid)
     }
 }

@@ -16,6 +16,7 @@
 //! - `create`, `open`: making and opening images; `resize`: growing the virtual size.
 //! - `compact`: compaction (moving clusters from the tail into free space below).
 //! - `snapshot`: internal snapshots: the table, create, apply, delete, read-only views.
+//! - `bitmap`: persistent dirty bitmaps: loaded at open, recorded, stored at close.
 //! - `compress`: inflating compressed clusters (deflate, compression type 0).
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
 //! - `grow`: asking a device that grows on demand for room, ahead of need.
@@ -44,6 +45,7 @@ pub mod probe;
 pub mod telemetry;
 
 mod allocator;
+mod bitmap;
 mod check;
 mod compact;
 mod compress;
@@ -64,6 +66,7 @@ mod tables;
 mod tests;
 
 pub use backing::{Backing, Layer};
+pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use compact::{CompactProgress, CompactionState};
 pub use entry::{ClusterKind, Mapping};
@@ -232,6 +235,12 @@ pub struct Qcow2<D: BlockDevice> {
     meta: Option<overlap::MetaMap>,
     /// Space counters kept up to date after the first [`Qcow2::space`] walk.
     tally: Option<info::Tally>,
+    /// Persistent dirty bitmaps, when the bitmaps extension is in force and readable.
+    bitmaps: Option<bitmap::Bitmaps>,
+    /// Snapshots opened as views through [`crate::disk::VirtualDisk::select_view`].
+    views: Vec<SnapshotView>,
+    /// The view the [`crate::disk::VirtualDisk`] requests go to now (index into `views`).
+    view: Option<usize>,
     stats: Stats,
     /// The layer unallocated clusters read from (see [`backing`]).
     backing: Option<alloc::boxed::Box<Backing<D>>>,
@@ -279,9 +288,11 @@ impl<D: BlockDevice> Qcow2<D> {
         &self.stats
     }
 
-    /// Writes all metadata back and clears the dirty bit, then returns the device.
+    /// Writes all metadata and the recorded dirty bitmaps back and clears the dirty bit,
+    /// then returns the device.
     pub fn close(mut self) -> Result<D, Qcow2Error> {
         if !self.read_only {
+            self.store_bitmaps()?;
             self.flush_all()?;
             if self.hdr.incompatible_features & header::INCOMPAT_DIRTY != 0 {
                 self.hdr.incompatible_features &= !header::INCOMPAT_DIRTY;

@@ -137,6 +137,9 @@ impl<D: BlockDevice> Qcow2<D> {
             corrupt,
             repairing: false,
             tally: None,
+            bitmaps: None,
+            views: Vec::new(),
+            view: None,
             stats: Stats::default(),
             backing: None,
             opts,
@@ -162,6 +165,15 @@ impl<D: BlockDevice> Qcow2<D> {
                 q.barrier()?;
             }
         }
+        q.bitmaps = match q.load_bitmaps() {
+            Ok(b) => b,
+            Err(e) => {
+                // Left alone read-only; a writing session invalidates the extension (clears
+                // autoclear bit 0) as QEMU's older versions would.
+                log::warn!("qcow2: the persistent bitmaps cannot be used: {e}");
+                None
+            }
+        };
         if q.opts.zero_tail && !read_only && !corrupt && !q.opts.repair && q.zero_from == u64::MAX {
             q.zero_tail();
         }

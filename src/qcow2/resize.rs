@@ -17,6 +17,18 @@ impl<D: BlockDevice> Qcow2<D> {
         if new_size > i64::MAX as u64 {
             return Err(Qcow2Error::Invalid("virtual size above 2^63 bytes"));
         }
+        if self
+            .hdr
+            .extensions
+            .iter()
+            .any(|e| e.kind == super::header::EXT_BITMAPS)
+            && self.hdr.autoclear_features & super::header::AUTOCLEAR_BITMAPS != 0
+        {
+            return Err(Qcow2Error::Invalid(
+                "an image with persistent dirty bitmaps cannot be resized (as with QEMU); \
+                 remove them first with `qemu-img bitmap --remove`",
+            ));
+        }
         self.begin_write()?;
         let cs = self.geo.cluster_size();
         let need = self.geo.l1_entries_for(new_size);

@@ -29,7 +29,7 @@ const MAX_TABLE_BYTES: u64 = 64 << 20;
 const EXTRA_LEN: usize = 24;
 
 /// One internal snapshot, as its snapshot-table entry describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Unique ID (QEMU numbers them "1", "2", ...).
     pub id: String,
@@ -82,7 +82,7 @@ impl Snapshot {
 }
 
 /// A snapshot opened for reading: its L1 table in memory.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SnapshotView {
     /// The snapshot it shows.
     pub snapshot: Snapshot,
@@ -313,6 +313,8 @@ impl<D: BlockDevice> Qcow2<D> {
                 self.queue_free(old_off / cs, old_n)?;
             }
             self.flush_metadata()?;
+            // The whole disk may have changed: enabled bitmaps record all of it.
+            self.mark_all_dirty();
             self.fix_copied()
         })();
         self.end_snapshot_op(r)
@@ -375,11 +377,49 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.inflate_into_scratch(host, len)?;
                     dst.copy_from_slice(&self.scratch[inoff as usize..inoff as usize + n]);
                 }
+                // Through to the backing layer, if any (QEMU reads snapshots so too).
+                Mapping::Unallocated => self.read_unallocated(pos, dst)?,
                 _ => dst.fill(0),
             }
             done += n;
         }
         Ok(())
+    }
+
+    /// The kind of the run of a snapshot at `offset` (at most `len` bytes), as
+    /// [`crate::disk::VirtualDisk::block_status`] reports it.
+    pub fn snapshot_status(
+        &mut self,
+        view: &SnapshotView,
+        offset: u64,
+        len: u64,
+    ) -> Result<crate::disk::Extent> {
+        use crate::disk::{Allocation, Extent};
+        crate::disk::check_request(offset, len, view.size())
+            .map_err(|_| Qcow2Error::Invalid("block status past the end of the snapshot's disk"))?;
+        let cs = self.geo.cluster_size();
+        let backed = self.has_backing();
+        let kind = |m: Mapping| match m {
+            Mapping::Data { .. } | Mapping::Compressed { .. } => Allocation::Data,
+            Mapping::Zero { .. } => Allocation::Zero,
+            // Backing data shows through: "allocated, contents unknown" is always true.
+            _ if backed => Allocation::Data,
+            _ => Allocation::Hole,
+        };
+        let end = offset + len;
+        let first = kind(self.snapshot_mapping(view, offset / cs)?);
+        let mut pos = (offset / cs + 1) * cs;
+        // Up to 1024 clusters per answer: the caller asks again for the rest.
+        while pos < end && pos - offset < 1024 * cs {
+            if kind(self.snapshot_mapping(view, pos / cs)?) != first {
+                break;
+            }
+            pos += cs;
+        }
+        Ok(Extent {
+            len: pos.min(end) - offset,
+            kind: first,
+        })
     }
 
     /// Reads an L1 table of `entries` entries at `off`.
@@ -400,6 +440,7 @@ impl<D: BlockDevice> Qcow2<D> {
     /// and the overlap map is dropped (tables change owners; it is rebuilt at the next write).
     fn start_snapshot_op(&mut self) -> Result<()> {
         self.begin_write()?;
+        self.begin_bitmap_session()?;
         self.flush_all()?;
         self.meta = None;
         self.l2_memo = None;

@@ -255,8 +255,9 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(())
     }
 
-    /// Called before the first change of a session: clears autoclear bits (we do not keep
-    /// bitmaps or raw external data consistent) and, with lazy refcounts, sets the dirty bit.
+    /// Called before the first change of a session: clears the autoclear bits of what this
+    /// engine does not keep consistent (raw external data; bitmaps it could not read),
+    /// marks the enabled bitmaps in use and, with lazy refcounts, sets the dirty bit.
     pub(crate) fn begin_write(&mut self) -> Result<()> {
         if self.read_only {
             return Err(Qcow2Error::ReadOnly);
@@ -274,8 +275,13 @@ impl<D: BlockDevice> Qcow2<D> {
             return Ok(());
         }
         let mut change = false;
-        if self.hdr.version >= 3 && self.hdr.autoclear_features != 0 {
-            self.hdr.autoclear_features = 0;
+        let keep = if self.bitmaps.is_some() {
+            super::header::AUTOCLEAR_BITMAPS
+        } else {
+            0
+        };
+        if self.hdr.version >= 3 && self.hdr.autoclear_features & !keep != 0 {
+            self.hdr.autoclear_features &= keep;
             change = true;
         }
         if self.lazy && self.hdr.incompatible_features & INCOMPAT_DIRTY == 0 {
@@ -286,6 +292,9 @@ impl<D: BlockDevice> Qcow2<D> {
             self.write_header()?;
             // Barrier: the dirty bit is on disk before any lazily counted change.
             self.barrier()?;
+        }
+        if !self.repairing {
+            self.begin_bitmap_session()?;
         }
         self.write_started = true;
         Ok(())

@@ -3,6 +3,7 @@
 
 mod backing;
 mod basic;
+mod bitmap;
 mod check_vs_qemu;
 mod compact;
 mod device_full;
