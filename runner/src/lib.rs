@@ -19,10 +19,12 @@
 //! - [`console`]: capture and tee of the serial console.
 //! - [`exit`]: the guest's exit statuses in words.
 //! - [`hostfile`]: the disk's file grows when the guest asks and is cut to the image's end.
-//! - [`image`]: `image create|info|check|map`.
+//! - [`image`]: `image create|info|check|map|compact`.
+//! - [`convert`]: `image convert` and `image resize`.
 //! - [`ports`], [`units`]: host ports and byte sizes.
 
 pub mod console;
+pub mod convert;
 pub mod disk;
 pub mod error;
 pub mod exit;

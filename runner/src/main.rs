@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 
 use qcow_metal::config::IpConfig;
+use qcow_metal_runner::convert::{self, ConvertOptions, Format};
 use qcow_metal_runner::disk::{self, GuestFormat};
 use qcow_metal_runner::image::{self, CreateOptions};
 use qcow_metal_runner::kernel::{self, BuildOutput};
@@ -197,6 +198,45 @@ enum ImageCommand {
         /// The image file
         path: PathBuf,
     },
+    /// Copy a disk into a new raw or qcow2 file, optionally compressed, like `qemu-img
+    /// convert` (zero and unallocated ranges are skipped: the output is sparse)
+    Convert {
+        /// Compress the output's clusters (qcow2 output; clusters that do not shrink are
+        /// stored as they are)
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Source format, raw or qcow2 (probed when not given)
+        #[arg(short = 'f', value_name = "FMT", value_parser = Format::parse)]
+        src_format: Option<Format>,
+        /// Output format, raw or qcow2 (raw by default, as with qemu-img)
+        #[arg(short = 'O', value_name = "FMT", value_parser = Format::parse, default_value = "raw")]
+        out_format: Format,
+        /// qcow2 output options, comma-separated: cluster_size=SIZE, refcount_bits=N,
+        /// compression_type=zlib|zstd, lazy_refcounts=on|off
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// No progress bar
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// The source image
+        src: PathBuf,
+        /// The new file (replaced if it exists)
+        dst: PathBuf,
+    },
+    /// Change an image's virtual size, like `qemu-img resize` (the image must not be in use)
+    Resize {
+        /// Allow a smaller size (data past the new end is lost)
+        #[arg(long)]
+        shrink: bool,
+        /// Image format, raw or qcow2 (probed when not given)
+        #[arg(short = 'f', value_name = "FMT", value_parser = Format::parse)]
+        format: Option<Format>,
+        /// The image file
+        path: PathBuf,
+        /// The new size: SIZE, +SIZE or -SIZE (e.g. 10G, +1G, -512M)
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
 }
 
 fn parse_memory_mib(text: &str) -> Result<u32, String> {
@@ -308,6 +348,79 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
                 format_size(s.extent_after),
                 format_size(s.old_file_len),
                 format_size(s.new_file_len),
+            ))
+        }
+        ImageCommand::Convert {
+            compress,
+            src_format,
+            out_format,
+            options,
+            quiet,
+            src,
+            dst,
+        } => {
+            let mut opts = ConvertOptions {
+                src_format,
+                out_format,
+                compress,
+                ..ConvertOptions::default()
+            };
+            for list in &options {
+                opts.apply_o(list)?;
+            }
+            opts.validate()?;
+            // A bar on stderr when it is a terminal (hidden otherwise, and with -q).
+            let bar = if quiet {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new(0).with_style(
+                    indicatif::ProgressStyle::with_template(
+                        "converting {bar:40} {bytes}/{total_bytes} ({binary_bytes_per_sec}, {eta} left)",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                )
+            };
+            let r = convert::convert(&src, &dst, &opts, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            bar.finish_and_clear();
+            let s = r?;
+            let what = match (out_format, compress) {
+                (Format::Raw, _) => "raw".to_string(),
+                (Format::Qcow2, false) => "qcow2".to_string(),
+                (Format::Qcow2, true) => format!(
+                    "qcow2, {}-compressed: {} clusters compressed, {} stored as they are",
+                    opts.compression_type.name(),
+                    s.compressed_clusters,
+                    s.uncompressed_clusters
+                ),
+            };
+            if quiet {
+                return Ok(ExitCode::SUCCESS);
+            }
+            out(&format!(
+                "converted {} ({} virtual) to {} ({what}): read {}, wrote {}; file {}\n",
+                src.display(),
+                format_size(s.virtual_size),
+                dst.display(),
+                format_size(s.bytes_read),
+                format_size(s.bytes_written),
+                format_size(s.out_file_len),
+            ))
+        }
+        ImageCommand::Resize {
+            shrink,
+            format,
+            path,
+            size,
+        } => {
+            let s = convert::resize(&path, format, &size, shrink)?;
+            out(&format!(
+                "resized {}: {} -> {}\n",
+                path.display(),
+                format_size(s.old_size),
+                format_size(s.new_size),
             ))
         }
     }

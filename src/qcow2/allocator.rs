@@ -235,6 +235,10 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.cursor = self.cursor.min(c);
                     self.l2c.forget(c * cs);
                     self.meta_freed(c);
+                    if self.packed_at.is_some_and(|p| p / cs == c) {
+                        // Compressed clusters must not be packed into it once it is free.
+                        self.packed_at = None;
+                    }
                     discard_start.get_or_insert(c);
                 } else if let Some(d) = discard_start.take() {
                     self.erase(d, c - d);

@@ -81,6 +81,7 @@ impl<D: BlockDevice> Qcow2<D> {
         if opts.lazy_refcounts {
             hdr.compatible_features |= COMPAT_LAZY_REFCOUNTS;
         }
+        hdr.set_compression_type(opts.compression_type);
         hdr.add_feature_table();
 
         let mut buf = vec![0u8; cs as usize];

@@ -1,6 +1,7 @@
 //! The image header: version 2 and 3 layouts, header extensions (kept verbatim), the
 //! feature-name table and the feature bits.
 
+use super::compress::CompressionType;
 use super::error::{Qcow2Error, Result};
 use super::layout::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use alloc::string::String;
@@ -345,6 +346,7 @@ impl Header {
                 "extended L2 entries / subclusters (incompatible bit 4)",
             ));
         }
+        self.compression_type()?;
         if self.crypt_method != 0 {
             return Err(Qcow2Error::Unsupported("encryption"));
         }
@@ -453,6 +455,43 @@ impl Header {
             kind: EXT_FEATURE_TABLE,
             data,
         });
+    }
+
+    /// The compression type of compressed clusters (byte 104 of a version 3 header longer
+    /// than 104 bytes; zlib otherwise). A type the format does not define, or a type that
+    /// disagrees with incompatible bit 3, is an error.
+    pub fn compression_type(&self) -> Result<CompressionType> {
+        let byte = if self.version >= 3 {
+            self.tail.first().copied().unwrap_or(0)
+        } else {
+            0
+        };
+        let bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
+        match CompressionType::from_byte(byte) {
+            None => Err(Qcow2Error::BadHeader(
+                "unknown compression type (header byte 104 is neither 0 = zlib nor 1 = zstd)",
+            )),
+            Some(CompressionType::Zlib) if bit => Err(Qcow2Error::BadHeader(
+                "incompatible bit 3 (compression type) is set but the compression type is zlib",
+            )),
+            Some(CompressionType::Zstd) if !bit => Err(Qcow2Error::BadHeader(
+                "the compression type is zstd but incompatible bit 3 (compression type) is clear",
+            )),
+            Some(t) => Ok(t),
+        }
+    }
+
+    /// Sets the compression type (version 3 headers with room for byte 104, as
+    /// [`Header::new_v3`] makes) and incompatible bit 3 with it.
+    pub fn set_compression_type(&mut self, t: CompressionType) {
+        if let Some(b) = self.tail.first_mut() {
+            *b = t.to_byte();
+        }
+        if t == CompressionType::Zlib {
+            self.incompatible_features &= !INCOMPAT_COMPRESSION;
+        } else {
+            self.incompatible_features |= INCOMPAT_COMPRESSION;
+        }
     }
 
     /// Whether the lazy-refcounts compatible bit is set.

@@ -27,7 +27,7 @@ enum Plan {
 }
 
 impl<D: BlockDevice> Qcow2<D> {
-    fn decode(&self, entry: u64) -> Result<Mapping> {
+    pub(crate) fn decode(&self, entry: u64) -> Result<Mapping> {
         Mapping::decode(entry, &self.geo, self.hdr.version)
     }
 
@@ -55,7 +55,7 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Checks a data cluster run on the host before writing it: on the device, and over no
     /// metadata at all ([`Qcow2Error::Overlap`] otherwise, the image then marked corrupt).
-    pub(super) fn check_data_write(&mut self, host: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_data_write(&mut self, host: u64, len: u64) -> Result<()> {
         self.check_data_span(host, len)?;
         self.check_overlap(host, len, 0)
     }
@@ -165,7 +165,7 @@ impl<D: BlockDevice> Qcow2<D> {
     }
 
     /// Sets the L2 entry of guest cluster `vc` (its table must be writable).
-    fn set_l2_entry(&mut self, vc: u64, v: u64) -> Result<()> {
+    pub(crate) fn set_l2_entry(&mut self, vc: u64, v: u64) -> Result<()> {
         let s = self.l2_for_write(vc)?;
         let i = (vc & (self.geo.l2_entries() - 1)) as usize;
         set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, v);
@@ -173,7 +173,7 @@ impl<D: BlockDevice> Qcow2<D> {
     }
 
     /// Drops the reference a mapping holds (deferred until its replacement is on disk).
-    fn release(&mut self, m: Mapping) -> Result<()> {
+    pub(crate) fn release(&mut self, m: Mapping) -> Result<()> {
         let cs = self.geo.cluster_size();
         match m {
             Mapping::Data { .. } | Mapping::Zero { host: Some(_), .. } => {
@@ -229,11 +229,7 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Inflates the compressed cluster at `host` (at most `len` bytes) into the scratch
     /// cluster; returns how many compressed bytes the stream used.
     pub(crate) fn inflate_into_scratch(&mut self, host: u64, len: u64) -> Result<usize> {
-        if self.hdr.incompatible_features & super::header::INCOMPAT_COMPRESSION != 0
-            && self.hdr.tail.first().is_some_and(|&t| t != 0)
-        {
-            return Err(Qcow2Error::Unsupported("zstd-compressed clusters"));
-        }
+        let kind = self.hdr.compression_type()?;
         let cs = self.geo.cluster_size();
         if host < cs || host >= self.dev.capacity() {
             return Err(Qcow2Error::Corrupt(
@@ -244,7 +240,7 @@ impl<D: BlockDevice> Qcow2<D> {
         let len = len.min(self.dev.capacity() - host).min(2 * cs) as usize;
         let input = self.inflater.input_buf(len);
         super::read_dev(&mut self.dev, host, input)?;
-        self.inflater.inflate(len, &mut self.scratch)
+        self.inflater.inflate(kind, len, &mut self.scratch)
     }
 
     /// Fills the scratch cluster with what guest cluster `vc`, mapped as `m`, reads as.
@@ -282,7 +278,7 @@ impl<D: BlockDevice> Qcow2<D> {
     /// Validates a request that changes the disk and starts the write session. `false`:
     /// nothing to do (an empty request on a writable image); an empty request on a read-only
     /// image is still refused, and one past the virtual end is `past_end`.
-    pub(super) fn start_change(
+    pub(crate) fn start_change(
         &mut self,
         offset: u64,
         len: u64,

@@ -17,7 +17,8 @@
 //! - `compact`: compaction (moving clusters from the tail into free space below).
 //! - `snapshot`: internal snapshots: the table, create, apply, delete, read-only views.
 //! - `bitmap`: persistent dirty bitmaps: loaded at open, recorded, stored at close.
-//! - `compress`: inflating compressed clusters (deflate, compression type 0).
+//! - `compress`: compressing and inflating clusters (zlib/deflate and zstd).
+//! - `packed`: writing compressed clusters, packed into shared host clusters.
 //! - `check`: consistency check and repair, as `qemu-img check` reports them.
 //! - `grow`: asking a device that grows on demand for room, ahead of need.
 //! - `faults`: what a failing device turns into (`NoSpace` or a device error) and leaves.
@@ -57,6 +58,7 @@ mod io;
 mod map;
 mod open;
 mod overlap;
+mod packed;
 mod refcount;
 mod resize;
 mod snapshot;
@@ -69,6 +71,7 @@ pub use backing::{Backing, Layer};
 pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use compact::{CompactProgress, CompactionState};
+pub use compress::{ClusterCompressor, CompressionType};
 pub use entry::{ClusterKind, Mapping};
 pub use error::Qcow2Error;
 pub use info::{ImageInfo, MapEntry, SpaceInfo, Stats};
@@ -148,6 +151,8 @@ pub struct CreateOptions {
     pub refcount_bits: u32,
     /// Set the lazy-refcounts compatible bit.
     pub lazy_refcounts: bool,
+    /// Compression type of compressed clusters written later (zstd sets incompatible bit 3).
+    pub compression_type: CompressionType,
     /// Options for the engine the created image is opened with.
     pub open: OpenOptions,
 }
@@ -159,6 +164,7 @@ impl Default for CreateOptions {
             cluster_size: 65536,
             refcount_bits: 16,
             lazy_refcounts: false,
+            compression_type: CompressionType::Zlib,
             open: OpenOptions::default(),
         }
     }
@@ -230,6 +236,9 @@ pub struct Qcow2<D: BlockDevice> {
     repairing: bool,
     /// Inflates compressed clusters (state allocated on first use).
     inflater: compress::Inflater,
+    /// Host byte offset where the next compressed cluster may go, inside a host cluster
+    /// that already holds compressed data (`None`: start a new host cluster).
+    packed_at: Option<u64>,
     /// Metadata clusters that writes must not land on (built at the first change of a
     /// writable session; `None` before and during repair).
     meta: Option<overlap::MetaMap>,

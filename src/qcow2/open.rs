@@ -133,6 +133,7 @@ impl<D: BlockDevice> Qcow2<D> {
             last_alloc_zeroed: false,
             l2_memo: None,
             inflater: Default::default(),
+            packed_at: None,
             meta: None,
             corrupt,
             repairing: false,

@@ -1,4 +1,5 @@
-//! Growing the virtual size: the L1 table moves to a bigger place when it must grow.
+//! Changing the virtual size: growing (the L1 table moves to a bigger place when it must
+//! grow) and shrinking (the clusters and L2 tables past the new end are freed).
 
 use super::Qcow2;
 use super::error::{Qcow2Error, Result};
@@ -85,6 +86,60 @@ impl<D: BlockDevice> Qcow2<D> {
             self.flush_metadata()?;
             self.hdr.l1_size = need as u32;
         }
+        self.hdr.size = new_size;
+        self.write_header()?;
+        self.barrier()
+    }
+
+    /// Shrinks the virtual disk to `new_size` bytes, rounded up to 512 (a bigger size grows
+    /// it as [`Qcow2::resize`] does). Clusters past the new end are freed, L2 tables that
+    /// cover only the cut part are freed and their L1 entries cleared; the part of the last
+    /// cluster past the new end is zeroed, so that growing again shows zeros there. The L1
+    /// table keeps its place and length. Refused for images with internal snapshots or
+    /// persistent bitmaps (as QEMU refuses them).
+    pub fn shrink(&mut self, new_size: u64) -> Result<()> {
+        let new_size = new_size.saturating_add(511) & !511;
+        let old = self.hdr.size;
+        if new_size >= old {
+            return self.resize(new_size);
+        }
+        if self.hdr.nb_snapshots > 0 {
+            return Err(Qcow2Error::Unsupported(
+                "shrinking an image with internal snapshots (delete them first)",
+            ));
+        }
+        if self
+            .hdr
+            .extensions
+            .iter()
+            .any(|e| e.kind == super::header::EXT_BITMAPS)
+        {
+            return Err(Qcow2Error::Unsupported(
+                "shrinking an image with persistent dirty bitmaps (remove them first)",
+            ));
+        }
+        self.begin_write()?;
+        let cs = self.geo.cluster_size();
+        let cut = new_size.next_multiple_of(cs).min(old);
+        if cut > new_size {
+            self.zero_range(new_size, cut - new_size, false)?;
+        }
+        if cut < old {
+            self.discard_range(cut, old - cut)?;
+        }
+        let keep = self.geo.l1_entries_for(new_size);
+        for l1i in keep..self.hdr.l1_size as u64 {
+            let e = self.l1_entry(l1i)?;
+            if let Some((off, _)) = super::entry::decode_l1(e, &self.geo)? {
+                self.set_l1_entry(l1i, 0)?;
+                self.l2_memo = None;
+                self.tally(|t| t.l2_tables = t.l2_tables.saturating_sub(1));
+                self.queue_free(off / cs, 1)?;
+            }
+        }
+        // The cut clusters' references are on disk before the header says the new size.
+        self.flush_metadata()?;
+        self.barrier()?;
         self.hdr.size = new_size;
         self.write_header()?;
         self.barrier()

@@ -6,6 +6,7 @@ mod basic;
 mod bitmap;
 mod check_vs_qemu;
 mod compact;
+mod compression;
 mod device_full;
 mod fuzz_found;
 mod hostile;

@@ -103,6 +103,7 @@ fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
             refcount_bits: rb,
             lazy_refcounts: lazy,
             open: open_opts(small),
+            ..CreateOptions::default()
         },
     )
     .unwrap();
@@ -684,6 +685,7 @@ fn run_full(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
             refcount_bits: rb,
             lazy_refcounts: lazy,
             open: open_opts(small),
+            ..CreateOptions::default()
         },
     )
     .unwrap();

@@ -220,6 +220,7 @@ fn run(cs: u64, lazy: bool, ops: &[Op]) {
             refcount_bits: 16,
             lazy_refcounts: lazy,
             open: opts.clone(),
+            ..CreateOptions::default()
         },
     )
     .unwrap();

@@ -1,0 +1,851 @@
+//! `image convert` and `image resize`, on the project's own engine, with `qemu-img`'s
+//! option names.
+//!
+//! Convert reads the source in chunks, skipping what its allocation says is holes or zeros
+//! (qcow2 block status, `SEEK_DATA` on raw files), and writes only clusters that hold
+//! nonzero bytes: the output is sparse (a raw output is a sparse file of the virtual
+//! size). With `-c` the clusters are compressed on every core (std threads) and written
+//! in order by the calling thread, packed as QEMU packs them. The output is made durable
+//! (fsync) before convert returns. A qcow2 source is read with its backing chain (the
+//! output has none: it holds the whole disk).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::mpsc::{Receiver, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use qcow_metal::block::FileDisk;
+use qcow_metal::disk::{Allocation, VirtualDisk};
+use qcow_metal::qcow2::probe::{self, Probe};
+use qcow_metal::qcow2::{
+    ClusterCompressor, CompressionType, CreateOptions, OpenOptions, Qcow2, Qcow2Error,
+};
+
+use crate::error::{Error, Result};
+use crate::units::parse_size;
+
+/// An image format the tools read and write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The file's bytes are the disk.
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl Format {
+    /// The format named `name` (`raw` or `qcow2`), as `-f` and `-O` take it.
+    pub fn parse(name: &str) -> std::result::Result<Format, String> {
+        match name {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(format!(
+                "unknown format `{other}` (this tool reads and writes raw and qcow2)"
+            )),
+        }
+    }
+}
+
+/// Options of `image convert`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvertOptions {
+    /// Source format (`-f`); probed when `None`.
+    pub src_format: Option<Format>,
+    /// Output format (`-O`; raw by default, as with `qemu-img convert`).
+    pub out_format: Format,
+    /// Compress the output's clusters (`-c`; qcow2 output only).
+    pub compress: bool,
+    /// Output cluster size (`-o cluster_size=`).
+    pub cluster_size: u64,
+    /// Output refcount width (`-o refcount_bits=`).
+    pub refcount_bits: u32,
+    /// Output compression type (`-o compression_type=`).
+    pub compression_type: CompressionType,
+    /// Set the lazy-refcounts bit in the output (`-o lazy_refcounts=on`).
+    pub lazy_refcounts: bool,
+    /// Compression threads (0: one per core).
+    pub threads: usize,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            src_format: None,
+            out_format: Format::Raw,
+            compress: false,
+            cluster_size: crate::disk::DEFAULT_CLUSTER_SIZE,
+            refcount_bits: crate::disk::DEFAULT_REFCOUNT_BITS,
+            compression_type: CompressionType::Zlib,
+            lazy_refcounts: false,
+            threads: 0,
+        }
+    }
+}
+
+impl ConvertOptions {
+    /// Applies a `-o` list (`key=value,key=value`). Unknown keys, bad values, and keys
+    /// that do not apply to the output format are errors naming the key.
+    pub fn apply_o(&mut self, list: &str) -> Result<()> {
+        for item in list.split(',').filter(|s| !s.is_empty()) {
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                Error::Usage(format!(
+                    "-o `{item}`: expected key=value (e.g. cluster_size=64K)"
+                ))
+            })?;
+            if self.out_format == Format::Raw {
+                return Err(Error::Usage(format!(
+                    "-o {key}: raw output has no options (use -O qcow2)"
+                )));
+            }
+            let bad = |what: &str| Error::Usage(format!("-o {key}={value}: {what}"));
+            match key {
+                "cluster_size" => {
+                    let v = parse_size(value).map_err(|e| bad(&e))?;
+                    if !v.is_power_of_two() || !(512..=2 << 20).contains(&v) {
+                        return Err(bad(
+                            "the cluster size must be a power of two from 512 to 2M",
+                        ));
+                    }
+                    self.cluster_size = v;
+                }
+                "refcount_bits" => {
+                    let v: u32 = value.parse().map_err(|_| bad("not a number"))?;
+                    if !v.is_power_of_two() || v > 64 {
+                        return Err(bad("must be 1, 2, 4, 8, 16, 32 or 64"));
+                    }
+                    self.refcount_bits = v;
+                }
+                "compression_type" => {
+                    self.compression_type = CompressionType::from_name(value)
+                        .ok_or_else(|| bad("the compression type must be zlib or zstd"))?;
+                }
+                "lazy_refcounts" => {
+                    self.lazy_refcounts =
+                        parse_on_off(value).ok_or_else(|| bad("use on or off"))?;
+                }
+                "compat" => {
+                    if !matches!(value, "1.1" | "v3") {
+                        return Err(bad("this tool writes version 3 images only (compat=1.1)"));
+                    }
+                }
+                "preallocation" => {
+                    if value != "off" {
+                        return Err(bad("only preallocation=off is supported"));
+                    }
+                }
+                other => {
+                    return Err(Error::Usage(format!(
+                        "-o {other}: unknown option (known: cluster_size, refcount_bits, \
+                         compression_type, lazy_refcounts, compat, preallocation)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the combination of options.
+    pub fn validate(&self) -> Result<()> {
+        if self.compress && self.out_format != Format::Qcow2 {
+            return Err(Error::Usage(
+                "-c (compress) needs qcow2 output (-O qcow2)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn parse_on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// What [`convert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConvertSummary {
+    /// Virtual size of the disk.
+    pub virtual_size: u64,
+    /// Bytes read from the source (its data ranges).
+    pub bytes_read: u64,
+    /// Guest bytes written to the output (zeros skipped).
+    pub bytes_written: u64,
+    /// Clusters written compressed.
+    pub compressed_clusters: u64,
+    /// Clusters that did not shrink and were written uncompressed (with `-c`).
+    pub uncompressed_clusters: u64,
+    /// Length of the output file.
+    pub out_file_len: u64,
+}
+
+/// The source disk: a raw file (holes found with `SEEK_DATA`) or an image on the engine.
+enum Source {
+    Raw { file: File, size: u64 },
+    Image(Box<dyn VirtualDisk>),
+}
+
+impl Source {
+    fn size(&self) -> u64 {
+        match self {
+            Source::Raw { size, .. } => *size,
+            Source::Image(d) => d.size(),
+        }
+    }
+
+    /// Whether the run at `off` (at most `len` bytes) holds data, and how long it is.
+    fn extent(&mut self, off: u64, len: u64) -> std::io::Result<(bool, u64)> {
+        match self {
+            Source::Raw { file, size } => {
+                use rustix::fs::{SeekFrom, seek};
+                let end = (off + len).min(*size);
+                match seek(&*file, SeekFrom::Data(off)) {
+                    Ok(d) if d > off => Ok((false, (d.min(end)) - off)),
+                    Ok(_) => {
+                        let h = seek(&*file, SeekFrom::Hole(off))
+                            .map(|h| h.min(end))
+                            .unwrap_or(end);
+                        Ok((true, h.max(off + 1).min(end) - off))
+                    }
+                    // Nothing but a hole up to the end of the file.
+                    Err(rustix::io::Errno::NXIO) => Ok((false, end - off)),
+                    // A filesystem without SEEK_DATA: all of it is data.
+                    Err(_) => Ok((true, end - off)),
+                }
+            }
+            Source::Image(d) => {
+                let e = d
+                    .block_status(off, len)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let n = e.len.clamp(1, len);
+                Ok((matches!(e.kind, Allocation::Data), n))
+            }
+        }
+    }
+
+    fn read(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            Source::Raw { file, .. } => file.read_exact_at(buf, off),
+            Source::Image(d) => d
+                .read(off, buf)
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `off`, only the data ranges (the rest filled with zeros);
+    /// returns the bytes read and whether any range held data.
+    fn read_sparse(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<(u64, bool)> {
+        let len = buf.len() as u64;
+        let mut done = 0;
+        let mut read = 0;
+        while done < len {
+            let (data, n) = self.extent(off + done, len - done)?;
+            let range = done as usize..(done + n) as usize;
+            if data {
+                self.read(off + done, &mut buf[range])?;
+                read += n;
+            } else {
+                buf[range].fill(0);
+            }
+            done += n;
+        }
+        Ok((read, read > 0))
+    }
+}
+
+fn disk_err<'a>(path: &'a Path, action: &'static str) -> impl Fn(std::io::Error) -> Error + 'a {
+    move |e| Error::disk(path, action, e)
+}
+
+fn engine_err<'a>(path: &'a Path, action: &'static str) -> impl Fn(Qcow2Error) -> Error + 'a {
+    move |e| Error::disk(path, action, e)
+}
+
+/// Which format `path` holds: the qcow2 magic says qcow2; a qcow2 header with a damaged
+/// magic is refused (converting it as raw would copy its metadata as data).
+fn probe_format(path: &Path) -> Result<Format> {
+    let file = File::open(path).map_err(disk_err(path, "open"))?;
+    let mut first = vec![0u8; probe::PROBE_LEN];
+    let n = file
+        .read_at(&mut first, 0)
+        .map_err(disk_err(path, "read"))?;
+    match probe::probe(&first[..n]) {
+        Probe::Qcow2 => Ok(Format::Qcow2),
+        Probe::Raw => Ok(Format::Raw),
+        _ => Err(Error::disk(
+            path,
+            "probe",
+            "it looks like a qcow2 image with a damaged magic; give -f raw to convert its \
+             bytes as they are, or check it with `qcow-metal image check`",
+        )),
+    }
+}
+
+fn open_source(path: &Path, format: Option<Format>) -> Result<Source> {
+    crate::guard::ensure_regular(path)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    match format {
+        Format::Raw => {
+            let file = File::open(path).map_err(disk_err(path, "open"))?;
+            let size = file.metadata().map_err(disk_err(path, "open"))?.len();
+            Ok(Source::Raw { file, size })
+        }
+        Format::Qcow2 => {
+            let opts = OpenOptions {
+                read_only: true,
+                l2_cache_bytes: 32 << 20,
+                ..OpenOptions::default()
+            };
+            // With its backing chain: unallocated clusters read through to the layers below.
+            let image = qcow_metal::qcow2::chain::files::open(path, opts)
+                .map_err(|e| Error::disk(path, "open", e))?;
+            Ok(Source::Image(Box::new(image)))
+        }
+    }
+}
+
+/// Bytes read per step: large reads through the engine (one device call per contiguous
+/// host run), rounded to whole output clusters.
+const CHUNK: u64 = 2 << 20;
+
+/// `image convert`: copies the disk in `src` to a new `dst` (an existing `dst` is
+/// replaced, as `qemu-img convert` does; the source itself is refused).
+/// `progress(done, total)` reports virtual bytes processed.
+pub fn convert(
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ConvertSummary> {
+    opts.validate()?;
+    let _src_lock = crate::guard::lock_disk(src, true)?;
+    let mut source = open_source(src, opts.src_format)?;
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst))
+        && a.dev() == b.dev()
+        && a.ino() == b.ino()
+    {
+        return Err(Error::disk(
+            dst,
+            "write",
+            "it is the source image; convert into another file",
+        ));
+    }
+    let size = source.size();
+    let mut summary = ConvertSummary {
+        virtual_size: size,
+        ..Default::default()
+    };
+    match opts.out_format {
+        Format::Raw => {
+            let file = File::create(dst).map_err(disk_err(dst, "create"))?;
+            file.set_len(size).map_err(disk_err(dst, "write"))?;
+            to_raw(&mut source, &file, dst, &mut summary, &mut progress)?;
+            file.sync_all().map_err(disk_err(dst, "flush"))?;
+        }
+        Format::Qcow2 => {
+            let cs = opts.cluster_size;
+            let create = CreateOptions {
+                virtual_size: size,
+                cluster_size: cs,
+                refcount_bits: opts.refcount_bits,
+                lazy_refcounts: opts.lazy_refcounts,
+                compression_type: opts.compression_type,
+                open: OpenOptions {
+                    // Tables for the whole disk stay cached: no write-back before close.
+                    l2_cache_bytes: (size / cs * 8).clamp(1 << 20, 64 << 20),
+                    refcount_cache_bytes: 4 << 20,
+                    ..OpenOptions::default()
+                },
+            };
+            let dev = FileDisk::create(dst).map_err(disk_err(dst, "create"))?;
+            let mut image = Qcow2::create(dev, &create).map_err(engine_err(dst, "create"))?;
+            if opts.compress {
+                to_compressed(&mut source, &mut image, opts, &mut summary, &mut progress)
+                    .map_err(|e| e.named(src, dst))?;
+            } else {
+                to_qcow2(&mut source, &mut image, &mut summary, &mut progress)
+                    .map_err(|e| e.named(src, dst))?;
+            }
+            // close() writes the metadata back and flushes the file.
+            image.close().map_err(engine_err(dst, "write"))?;
+        }
+    }
+    summary.out_file_len = std::fs::metadata(dst).map_err(disk_err(dst, "open"))?.len();
+    Ok(summary)
+}
+
+/// An error while copying: on which side.
+enum CopyError {
+    Read(std::io::Error),
+    Write(Qcow2Error),
+}
+
+impl CopyError {
+    fn named(self, src: &Path, dst: &Path) -> Error {
+        match self {
+            CopyError::Read(e) => Error::disk(src, "read", e),
+            CopyError::Write(e) => Error::disk(dst, "write", e),
+        }
+    }
+}
+
+/// Zero detection granularity of raw output (as `qemu-img convert -S 4k`).
+const RAW_ZERO_BLOCK: usize = 4096;
+
+fn to_raw(
+    source: &mut Source,
+    out: &File,
+    dst: &Path,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<()> {
+    let size = source.size();
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut off = 0;
+    while off < size {
+        let n = CHUNK.min(size - off) as usize;
+        let chunk = &mut buf[..n];
+        let (read, any) = source
+            .read_sparse(off, chunk)
+            .map_err(|e| Error::disk(dst, "read the source for", e))?;
+        summary.bytes_read += read;
+        if any {
+            for (start, end) in nonzero_runs(chunk, RAW_ZERO_BLOCK) {
+                out.write_all_at(&chunk[start..end], off + start as u64)
+                    .map_err(disk_err(dst, "write"))?;
+                summary.bytes_written += (end - start) as u64;
+            }
+        }
+        off += n as u64;
+        progress(off, size);
+    }
+    Ok(())
+}
+
+/// Runs of `block`-sized pieces of `buf` that hold a nonzero byte, merged.
+fn nonzero_runs(buf: &[u8], block: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, piece) in buf.chunks(block).enumerate() {
+        if is_zero(piece) {
+            continue;
+        }
+        let (start, end) = (i * block, i * block + piece.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// Whether every byte is zero (64 bytes at a time, which the compiler vectorises).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+fn to_qcow2(
+    source: &mut Source,
+    image: &mut Qcow2<FileDisk>,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(u64, u64),
+) -> std::result::Result<(), CopyError> {
+    let size = source.size();
+    let cs = image.cluster_size() as usize;
+    let chunk_len = (CHUNK as usize).max(cs);
+    let mut buf = vec![0u8; chunk_len];
+    let mut off = 0;
+    while off < size {
+        let n = (chunk_len as u64).min(size - off) as usize;
+        let chunk = &mut buf[..n];
+        let (read, any) = source.read_sparse(off, chunk).map_err(CopyError::Read)?;
+        summary.bytes_read += read;
+        if any {
+            for (start, end) in nonzero_runs(chunk, cs) {
+                image
+                    .write_at(off + start as u64, &chunk[start..end])
+                    .map_err(CopyError::Write)?;
+                summary.bytes_written += (end - start) as u64;
+            }
+        }
+        off += n as u64;
+        progress(off, size);
+    }
+    Ok(())
+}
+
+/// A chunk of clusters for the compression threads.
+struct Job {
+    seq: u64,
+    offset: u64,
+    data: Vec<u8>,
+}
+
+/// What one cluster of a [`Job`] became.
+enum Packed {
+    /// All zeros: nothing to write.
+    Zero,
+    /// Did not shrink: written as it is.
+    Plain,
+    /// Compressed bytes.
+    Compressed(Vec<u8>),
+}
+
+/// A compressed [`Job`].
+struct Done {
+    seq: u64,
+    offset: u64,
+    data: Vec<u8>,
+    clusters: Vec<Packed>,
+}
+
+fn compress_worker(
+    jobs: &Mutex<Receiver<Job>>,
+    done: std::sync::mpsc::Sender<Done>,
+    kind: CompressionType,
+    cs: usize,
+) {
+    let mut compressor = ClusterCompressor::new(kind);
+    let mut padded = Vec::new();
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let clusters = job
+            .data
+            .chunks(cs)
+            .map(|c| {
+                if is_zero(c) {
+                    return Packed::Zero;
+                }
+                let whole = if c.len() < cs {
+                    padded.clear();
+                    padded.extend_from_slice(c);
+                    padded.resize(cs, 0);
+                    &padded[..]
+                } else {
+                    c
+                };
+                let mut out = Vec::new();
+                if compressor.compress(whole, &mut out) {
+                    Packed::Compressed(out)
+                } else {
+                    Packed::Plain
+                }
+            })
+            .collect();
+        let result = Done {
+            seq: job.seq,
+            offset: job.offset,
+            data: job.data,
+            clusters,
+        };
+        if done.send(result).is_err() {
+            return;
+        }
+    }
+}
+
+fn to_compressed(
+    source: &mut Source,
+    image: &mut Qcow2<FileDisk>,
+    opts: &ConvertOptions,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(u64, u64),
+) -> std::result::Result<(), CopyError> {
+    let size = source.size();
+    let cs = image.cluster_size() as usize;
+    let chunk_len = (CHUNK as usize).max(cs);
+    let threads = if opts.threads > 0 {
+        opts.threads
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    };
+    let in_flight_max = threads * 2;
+    let kind = opts.compression_type;
+    let (job_tx, job_rx) = sync_channel::<Job>(in_flight_max);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = channel::<Done>();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let rx = Arc::clone(&job_rx);
+            let tx = done_tx.clone();
+            s.spawn(move || compress_worker(&rx, tx, kind, cs));
+        }
+        drop(done_tx);
+        let mut spare: Vec<Vec<u8>> = Vec::new();
+        let mut ready: BTreeMap<u64, Done> = BTreeMap::new();
+        let mut next_write = 0u64;
+        let mut sent = 0u64;
+        let mut off = 0u64;
+        let mut result = Ok(());
+        // Writes every finished job that is next in order.
+        let mut write_ready = |ready: &mut BTreeMap<u64, Done>,
+                               next_write: &mut u64,
+                               spare: &mut Vec<Vec<u8>>,
+                               summary: &mut ConvertSummary|
+         -> std::result::Result<(), CopyError> {
+            while let Some(done) = ready.remove(next_write) {
+                for (i, packed) in done.clusters.iter().enumerate() {
+                    let at = done.offset + (i * cs) as u64;
+                    let len = cs.min(done.data.len() - i * cs);
+                    match packed {
+                        Packed::Zero => continue,
+                        Packed::Plain => {
+                            image
+                                .write_at(at, &done.data[i * cs..i * cs + len])
+                                .map_err(CopyError::Write)?;
+                            summary.uncompressed_clusters += 1;
+                        }
+                        Packed::Compressed(bytes) => {
+                            image
+                                .write_compressed(at, bytes)
+                                .map_err(CopyError::Write)?;
+                            summary.compressed_clusters += 1;
+                        }
+                    }
+                    summary.bytes_written += len as u64;
+                }
+                spare.push(done.data);
+                *next_write += 1;
+            }
+            Ok(())
+        };
+        while off < size && result.is_ok() {
+            let n = (chunk_len as u64).min(size - off) as usize;
+            let mut data = spare.pop().unwrap_or_default();
+            data.resize(n, 0);
+            match source.read_sparse(off, &mut data) {
+                Ok((read, any)) => {
+                    summary.bytes_read += read;
+                    if any {
+                        let job = Job {
+                            seq: sent,
+                            offset: off,
+                            data,
+                        };
+                        sent += 1;
+                        if job_tx.send(job).is_err() {
+                            break;
+                        }
+                    } else {
+                        spare.push(data);
+                    }
+                }
+                Err(e) => result = Err(CopyError::Read(e)),
+            }
+            // Keep the threads busy, write what is ready in order.
+            while sent - next_write >= in_flight_max as u64 && result.is_ok() {
+                match done_rx.recv() {
+                    Ok(d) => {
+                        ready.insert(d.seq, d);
+                        result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
+                    }
+                    Err(_) => break,
+                }
+            }
+            while let Ok(d) = done_rx.try_recv() {
+                ready.insert(d.seq, d);
+            }
+            if result.is_ok() {
+                result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
+            }
+            off += n as u64;
+            progress(off.min(size), size);
+        }
+        drop(job_tx);
+        while result.is_ok() && next_write < sent {
+            match done_rx.recv() {
+                Ok(d) => {
+                    ready.insert(d.seq, d);
+                    result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
+                }
+                Err(_) => break,
+            }
+        }
+        result
+    })
+}
+
+/// A new size as `image resize` takes it: `SIZE`, `+SIZE` or `-SIZE` (relative to `old`).
+pub fn parse_new_size(text: &str, old: u64) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    if let Some(rest) = t.strip_prefix('+') {
+        let d = parse_size(rest)?;
+        old.checked_add(d)
+            .ok_or_else(|| format!("`{text}`: the new size does not fit in 64 bits"))
+    } else if let Some(rest) = t.strip_prefix('-') {
+        let d = parse_size(rest)?;
+        old.checked_sub(d).ok_or_else(|| {
+            format!("`{text}`: the image is only {old} bytes; cannot shrink it below zero")
+        })
+    } else {
+        parse_size(t)
+    }
+}
+
+/// What [`resize`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResizeSummary {
+    /// The format of the image.
+    pub format: Format,
+    /// Virtual size before.
+    pub old_size: u64,
+    /// Virtual size after.
+    pub new_size: u64,
+}
+
+/// `image resize [--shrink] IMAGE SIZE`: grows (or, with `shrink`, shrinks) the virtual
+/// disk. A qcow2 image that shrinks loses the clusters past its new end, and its file is
+/// cut to the image's new end. The image must not be in use (the disk lock is taken).
+pub fn resize(
+    path: &Path,
+    format: Option<Format>,
+    size: &str,
+    shrink: bool,
+) -> Result<ResizeSummary> {
+    let _lock = crate::guard::lock_disk(path, false)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    let usage = |m: String| Error::Usage(m);
+    match format {
+        Format::Raw => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(disk_err(path, "open"))?;
+            let old = file.metadata().map_err(disk_err(path, "open"))?.len();
+            let new = parse_new_size(size, old).map_err(usage)?;
+            refuse_unasked_shrink(new, old, shrink)?;
+            file.set_len(new).map_err(disk_err(path, "resize"))?;
+            file.sync_all().map_err(disk_err(path, "flush"))?;
+            Ok(ResizeSummary {
+                format,
+                old_size: old,
+                new_size: new,
+            })
+        }
+        Format::Qcow2 => {
+            // With its backing chain (an overlay opens only over its layers).
+            let open = |opts| {
+                qcow_metal::qcow2::chain::files::open(path, opts)
+                    .map_err(|e| Error::disk(path, "open", e))
+            };
+            let mut image = open(OpenOptions::default())?;
+            let old = image.size();
+            let new = parse_new_size(size, old).map_err(usage)?;
+            refuse_unasked_shrink(new, old, shrink)?;
+            if new == 0 {
+                return Err(Error::Usage("the virtual size must not be zero".into()));
+            }
+            if new < old {
+                image.shrink(new).map_err(engine_err(path, "shrink"))?;
+            } else {
+                image.resize(new).map_err(engine_err(path, "resize"))?;
+            }
+            let new = image.size();
+            image.close().map_err(engine_err(path, "write"))?;
+            if new < old {
+                // Freed clusters at the tail: cut the file to the image's new end.
+                let mut image = open(OpenOptions::default())?;
+                let extent = image
+                    .space()
+                    .map_err(engine_err(path, "read"))?
+                    .image_extent;
+                let dev = image.close().map_err(engine_err(path, "write"))?;
+                if dev.len().map_err(disk_err(path, "open"))? > extent {
+                    dev.set_len(extent).map_err(disk_err(path, "truncate"))?;
+                    dev.file().sync_all().map_err(disk_err(path, "flush"))?;
+                }
+            }
+            Ok(ResizeSummary {
+                format,
+                old_size: old,
+                new_size: new,
+            })
+        }
+    }
+}
+
+fn refuse_unasked_shrink(new: u64, old: u64, shrink: bool) -> Result<()> {
+    if new < old && !shrink {
+        return Err(Error::Usage(format!(
+            "the new size ({new} bytes) is smaller than the image ({old} bytes): data past \
+             the new end would be lost; give --shrink if that is what you want"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn o_options_parse_and_name_the_bad_one() {
+        let mut o = ConvertOptions {
+            out_format: Format::Qcow2,
+            ..Default::default()
+        };
+        o.apply_o("cluster_size=4K,compression_type=zstd,refcount_bits=8,lazy_refcounts=on")
+            .unwrap();
+        assert_eq!(o.cluster_size, 4096);
+        assert_eq!(o.compression_type, CompressionType::Zstd);
+        assert_eq!(o.refcount_bits, 8);
+        assert!(o.lazy_refcounts);
+        for (bad, name) in [
+            ("cluster_size=3000", "cluster_size"),
+            ("compression_type=lz4", "compression_type"),
+            ("refcount_bits=3", "refcount_bits"),
+            ("compat=0.10", "compat"),
+            ("frobnicate=1", "frobnicate"),
+            ("cluster_size", "cluster_size"),
+        ] {
+            let e = o.apply_o(bad).unwrap_err().to_string();
+            assert!(e.contains(name), "{bad}: {e}");
+        }
+        let mut raw = ConvertOptions::default();
+        let e = raw.apply_o("cluster_size=64K").unwrap_err().to_string();
+        assert!(e.contains("cluster_size") && e.contains("raw"), "{e}");
+        raw.compress = true;
+        assert!(raw.validate().unwrap_err().to_string().contains("-c"));
+    }
+
+    #[test]
+    fn new_sizes_parse() {
+        assert_eq!(parse_new_size("+1M", 1 << 20), Ok(2 << 20));
+        assert_eq!(parse_new_size("-512K", 1 << 20), Ok(512 << 10));
+        assert_eq!(parse_new_size("2G", 1), Ok(2 << 30));
+        assert!(parse_new_size("-2M", 1 << 20).is_err());
+        assert!(parse_new_size("+x", 1).is_err());
+    }
+
+    #[test]
+    fn zero_runs() {
+        let mut b = vec![0u8; 16384];
+        b[5000] = 1;
+        b[12288] = 2;
+        assert_eq!(nonzero_runs(&b, 4096), vec![(4096, 8192), (12288, 16384)]);
+        b[9000] = 3;
+        assert_eq!(nonzero_runs(&b, 4096), vec![(4096, 16384)]);
+        assert!(is_zero(&[0u8; 37]));
+        assert!(!is_zero(&[
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]));
+    }
+}
