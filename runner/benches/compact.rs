@@ -66,38 +66,8 @@ impl BlockDevice for PunchDisk {
     }
 }
 
-struct Opts {
-    quick: bool,
-    repeat: usize,
-    json: Option<PathBuf>,
-}
-
-fn parse_args() -> Result<Opts, String> {
-    let mut o = Opts {
-        quick: std::env::var("QCOW_METAL_BENCH_QUICK").is_ok_and(|v| v == "1"),
-        repeat: 3,
-        json: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--repeat" => {
-                let v = args.next().ok_or("--repeat needs a number")?;
-                o.repeat = v
-                    .parse()
-                    .ok()
-                    .filter(|&n| n >= 1)
-                    .ok_or(format!("--repeat {v}: not a positive number"))?;
-            }
-            "--json" => o.json = Some(args.next().ok_or("--json needs a file name")?.into()),
-            // `cargo bench` passes --bench to every bench target.
-            "--bench" => {}
-            _ => return Err("usage: compact [--quick] [--repeat N] [--json FILE]".into()),
-        }
-    }
-    Ok(o)
-}
+mod common;
+use common::parse_args;
 
 /// Runs a QEMU tool; a missing tool or a failure ends the benchmark with the reason.
 fn tool(name: &str, args: &[&str]) -> String {
@@ -342,7 +312,7 @@ fn human(b: u64) -> String {
 }
 
 fn main() {
-    let opts = parse_args().unwrap_or_else(|e| {
+    let opts = parse_args("compact").unwrap_or_else(|e| {
         eprintln!("{e}");
         std::process::exit(2)
     });

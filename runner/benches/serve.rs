@@ -29,38 +29,8 @@ use std::time::{Duration, Instant};
 /// The `qcow-metal` binary (release when run by `cargo bench`).
 const OURS: &str = env!("CARGO_BIN_EXE_qcow-metal");
 
-struct Opts {
-    quick: bool,
-    repeat: usize,
-    json: Option<PathBuf>,
-}
-
-fn parse_args() -> Result<Opts, String> {
-    let mut o = Opts {
-        quick: std::env::var("QCOW_METAL_BENCH_QUICK").is_ok_and(|v| v == "1"),
-        repeat: 3,
-        json: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--repeat" => {
-                let v = args.next().ok_or("--repeat needs a number")?;
-                o.repeat = v
-                    .parse()
-                    .ok()
-                    .filter(|&n| n >= 1)
-                    .ok_or(format!("--repeat {v}: not a positive number"))?;
-            }
-            "--json" => o.json = Some(args.next().ok_or("--json needs a file name")?.into()),
-            // `cargo bench` passes --bench to every bench target.
-            "--bench" => {}
-            _ => return Err("usage: serve [--quick] [--repeat N] [--json FILE]".into()),
-        }
-    }
-    Ok(o)
-}
+mod common;
+use common::parse_args;
 
 /// Runs a tool; a missing tool ends the benchmark naming its Debian package, a failure
 /// panics with its output.
@@ -256,7 +226,7 @@ fn human(b: u64) -> String {
 }
 
 fn main() {
-    let opts = parse_args().unwrap_or_else(|e| {
+    let opts = parse_args("serve").unwrap_or_else(|e| {
         eprintln!("{e}");
         std::process::exit(2)
     });

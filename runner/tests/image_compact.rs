@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{ok, run};
+use common::{ok, qcow2_to_raw, run};
 
 fn ours(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_qcow-metal"))
@@ -54,18 +54,7 @@ fn compact_shrinks_a_trimmed_qemu_image_to_its_live_data() {
     let refs: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
     ok("qemu-io", &refs);
     let before_raw = dir.path().join("before.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            s,
-            before_raw.to_str().unwrap(),
-        ],
-    );
+    qcow2_to_raw(&img, &before_raw);
     let old = len(&img);
     assert!(old > 200 << 20, "file {old}");
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use qcow_metal::nbd::client::Client;
 
 mod common;
-use common::{RUNNER, Runner, ok, run};
+use common::{RUNNER, Runner, ok, qcow2_to_raw, run};
 
 /// How long the server may take to come up or to stop (guards against hangs only).
 const WAIT: Duration = Duration::from_secs(60);
@@ -248,18 +248,7 @@ fn qemus_tools_and_nbd_tools_work_against_serve() {
     assert_clean(&image);
     // Durable: what the clients wrote is in the image file after the server is gone.
     let after = dir.path().join("after.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            image.to_str().unwrap(),
-            after.to_str().unwrap(),
-        ],
-    );
+    qcow2_to_raw(&image, &after);
     let after = std::fs::read(&after).unwrap();
     assert!(after[..data.len()] == data[..], "converted data lost");
     for i in 0..4u8 {
@@ -300,18 +289,7 @@ fn sigterm_with_a_client_connected_drains_and_closes_clean() {
     drop(client);
     assert_clean(&image);
     let after = dir.path().join("after.raw");
-    ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            image.to_str().unwrap(),
-            after.to_str().unwrap(),
-        ],
-    );
+    qcow2_to_raw(&image, &after);
     let after = std::fs::read(&after).unwrap();
     assert!(
         after[5 << 20..6 << 20] == data[..],

@@ -116,3 +116,19 @@ pub fn ok(tool: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// `qemu-img convert -f qcow2 -O raw IMAGE RAW`: the virtual disk's bytes in a raw file.
+pub fn qcow2_to_raw(image: &std::path::Path, raw: &std::path::Path) {
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+}

@@ -1,0 +1,45 @@
+//! Shared by the runner's benchmarks: their common options.
+
+use std::path::PathBuf;
+
+/// The options every runner benchmark takes (after `--`).
+pub struct Opts {
+    /// Smaller images and shorter runs (`--quick`, or `QCOW_METAL_BENCH_QUICK=1`).
+    pub quick: bool,
+    /// How many times each contender runs a row (`--repeat N`, default 3).
+    pub repeat: usize,
+    /// Where to write the results as JSON (`--json FILE`).
+    pub json: Option<PathBuf>,
+}
+
+/// Parses the benchmark `bench`'s command line.
+pub fn parse_args(bench: &str) -> Result<Opts, String> {
+    let mut o = Opts {
+        quick: std::env::var("QCOW_METAL_BENCH_QUICK").is_ok_and(|v| v == "1"),
+        repeat: 3,
+        json: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--repeat" => {
+                let v = args.next().ok_or("--repeat needs a number")?;
+                o.repeat = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n >= 1)
+                    .ok_or(format!("--repeat {v}: not a positive number"))?;
+            }
+            "--json" => o.json = Some(args.next().ok_or("--json needs a file name")?.into()),
+            // `cargo bench` passes --bench to every bench target.
+            "--bench" => {}
+            _ => {
+                return Err(format!(
+                    "usage: {bench} [--quick] [--repeat N] [--json FILE]"
+                ));
+            }
+        }
+    }
+    Ok(o)
+}
