@@ -223,35 +223,79 @@ fn join_value(list: &mut String, value: &[u8]) {
     list.push_str(&String::from_utf8_lossy(value));
 }
 
+/// What the request line's version says when httparse refuses it: 505 for another major
+/// version, `Ok` for a later HTTP/1.x (served as 1.1), 400 for anything else.
+fn version_verdict(line: &[u8]) -> Result<(), Status> {
+    let mut fields = line.splitn(3, |&b| b == b' ');
+    let method = fields.next().unwrap_or(&[]);
+    let target = fields.next().unwrap_or(&[]);
+    match fields.next().and_then(parse_version) {
+        // The HTTP/2 connection preface: this server speaks HTTP/1.x only.
+        Some((2, _)) if method == b"PRI" && target == b"*" => Err(Status::BadRequest),
+        Some((1, _)) => Ok(()),
+        Some(_) => Err(Status::VersionNotSupported),
+        None => Err(Status::BadRequest),
+    }
+}
+
+/// Tokenizes a head with httparse into `headers`. A later HTTP/1.x version (which httparse
+/// refuses) is read as HTTP/1.1 from a copy of the head. Returns the method, the target,
+/// whether the version is 1.0, and the number of headers.
+fn tokenize<'h>(
+    head: &'h [u8],
+    line: &[u8],
+    copy: &'h mut alloc::vec::Vec<u8>,
+    headers: &mut [httparse::Header<'h>; MAX_HEADERS],
+) -> Result<(&'h str, &'h str, bool, usize), Status> {
+    let parsed = |bytes: &'h [u8], headers: &mut [httparse::Header<'h>; MAX_HEADERS]| {
+        let mut req = httparse::Request::new(headers);
+        match req.parse(bytes) {
+            Ok(httparse::Status::Complete(n)) if n == bytes.len() => Ok((
+                req.method.unwrap_or(""),
+                req.path.unwrap_or(""),
+                req.version == Some(0),
+                req.headers.len(),
+            )),
+            // The caller hands exactly one head; anything after the blank line (or a head
+            // without one) is a bug upstream, answered as malformed rather than trusted.
+            Ok(_) => Err(Some(Status::BadRequest)),
+            Err(httparse::Error::TooManyHeaders) => Err(Some(Status::HeaderFieldsTooLarge)),
+            Err(httparse::Error::Version) => Err(None),
+            Err(_) => Err(Some(Status::BadRequest)),
+        }
+    };
+    match parsed(head, headers) {
+        Ok(t) => Ok(t),
+        Err(Some(status)) => Err(status),
+        Err(None) => {
+            version_verdict(line)?;
+            // `HTTP/1.x` with x > 1: the version is the line's last 8 bytes.
+            copy.extend_from_slice(head);
+            copy[line.len() - 1] = b'1';
+            parsed(copy, headers).map_err(|s| s.unwrap_or(Status::BadRequest))
+        }
+    }
+}
+
 /// Parses a complete request head (request line through the blank line, as delimited by
-/// [`find_head_end`]). Errors carry the status to answer with.
+/// [`find_head_end`]). Errors carry the status to answer with. The tokens come from
+/// httparse; the limits, the checks it leaves to the server (targets in visible ASCII,
+/// `Host`, `Content-Length`, `Transfer-Encoding`) and the statuses are ours.
 pub(super) fn parse_head(head: &[u8], config: &Config) -> Result<Request, Status> {
     if head.len() > config.max_head_bytes.min(super::HEAD_BUFFER_BYTES) {
         return Err(Status::HeaderFieldsTooLarge);
     }
-    let (line, mut rest) = next_line(head).ok_or(Status::BadRequest)?;
+    let (line, _) = next_line(head).ok_or(Status::BadRequest)?;
     if line.len() > config.max_request_line_bytes {
         return Err(Status::UriTooLong);
     }
-    let mut fields = line.splitn(3, |&b| b == b' ');
-    let method = fields.next().unwrap_or(&[]);
-    let target = fields.next().ok_or(Status::BadRequest)?;
-    let version = fields.next().ok_or(Status::BadRequest)?;
-    if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut copy = alloc::vec::Vec::new();
+    let (method, target, http10, count) = tokenize(head, line, &mut copy, &mut headers)?;
+    // httparse also takes obs-text in targets; we answer with 400, as before.
+    if target.is_empty() || !target.bytes().all(is_target_char) {
         return Err(Status::BadRequest);
     }
-    if target.is_empty() || !target.iter().all(|&b| is_target_char(b)) {
-        return Err(Status::BadRequest);
-    }
-    let (major, minor) = parse_version(version).ok_or(Status::BadRequest)?;
-    if method == b"PRI" && target == b"*" && major == 2 {
-        // The HTTP/2 connection preface: this server speaks HTTP/1.x only.
-        return Err(Status::BadRequest);
-    }
-    if major != 1 {
-        return Err(Status::VersionNotSupported);
-    }
-    let http10 = minor == 0;
 
     let mut content_length: Option<u64> = None;
     let mut transfer_encoding = false;
@@ -261,27 +305,9 @@ pub(super) fn parse_head(head: &[u8], config: &Config) -> Result<Request, Status
     let mut accept = String::new();
     let mut accept_encoding = String::new();
     let mut expect_continue = false;
-    let mut count = 0usize;
-    loop {
-        let (line, next) = next_line(rest).ok_or(Status::BadRequest)?;
-        rest = next;
-        if line.is_empty() {
-            break;
-        }
-        count += 1;
-        if count > MAX_HEADERS {
-            return Err(Status::HeaderFieldsTooLarge);
-        }
-        let colon = line
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(Status::BadRequest)?;
-        let name = &line[..colon];
-        // Also rejects obs-fold (a line starting with whitespace) and space before the colon.
-        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-            return Err(Status::BadRequest);
-        }
-        let value = trim_ows(&line[colon + 1..]);
+    for header in &headers[..count] {
+        let name = header.name.as_bytes();
+        let value = trim_ows(header.value);
         if !value.iter().all(|&b| is_value_char(b)) {
             return Err(Status::BadRequest);
         }
@@ -312,11 +338,6 @@ pub(super) fn parse_head(head: &[u8], config: &Config) -> Result<Request, Status
             expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
         }
     }
-    if !rest.is_empty() {
-        // The caller hands exactly one head; anything after the blank line is a bug upstream,
-        // answered as malformed rather than trusted.
-        return Err(Status::BadRequest);
-    }
     if transfer_encoding {
         // A body framed by Transfer-Encoding is not supported; with Content-Length as well it
         // is a request-smuggling shape (RFC 9112 §6.1).
@@ -334,13 +355,13 @@ pub(super) fn parse_head(head: &[u8], config: &Config) -> Result<Request, Status
         return Err(Status::PayloadTooLarge);
     }
     let method = match method {
-        b"GET" => Method::Get,
-        b"HEAD" => Method::Head,
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
         _ => Method::Other,
     };
     Ok(Request {
         method,
-        route: route(target)?,
+        route: route(target.as_bytes())?,
         http10,
         keep_alive: !close && (!http10 || keep_alive_token),
         gzip: accepts_gzip(&accept_encoding),
