@@ -644,18 +644,15 @@ mod tests {
             disk: MemDisk::fixed(8192),
         });
         let mut model = vec![0u8; 8192];
-        let mut seed = 1u64;
+        let mut rng = fastrand::Rng::with_seed(1);
         for i in 0..500u32 {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let off = (seed >> 33) % 8000;
-            let len = ((seed >> 17) % 1500).min(8192 - off);
+            let off = rng.u64(..8000);
+            let len = rng.u64(..1500).min(8192 - off);
             let data: Vec<u8> = (0..len).map(|j| (i as u64 + j) as u8).collect();
             dev.write_at(off, &data).unwrap();
             model[off as usize..(off + len) as usize].copy_from_slice(&data);
             let mut back = vec![0u8; len as usize];
-            let roff = (seed >> 7) % (8192 - len + 1);
+            let roff = rng.u64(..=8192 - len);
             dev.read_at(roff, &mut back).unwrap();
             assert_eq!(back, model[roff as usize..(roff + len) as usize]);
         }

@@ -130,13 +130,10 @@ impl Row {
 
     /// (offset, length, is_write) of every request of repetition `rep`.
     fn requests(self, p: Params, rep: u64) -> Vec<(u64, u32, bool)> {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (rep + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
-        let mut rand = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = fastrand::Rng::with_seed(
+            0x9e37_79b9_7f4a_7c15 ^ (rep + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
+        );
+        let mut rand = move || rng.u64(..);
         let blocks = p.region * p.reps / 4096;
         let base = rep * p.region;
         match self {

@@ -54,42 +54,21 @@ const MAX_WRITE: u64 = 256 * KIB;
 const DEFAULT_SEED: u64 = 0x5eed_c0de_2026;
 
 // ---------------------------------------------------------------------------------------
-// Pseudo-random numbers (SplitMix64): reproducible from the printed seed.
+// Pseudo-random numbers: the project's one seeded generator (fastrand), reproducible from
+// the printed seed.
 
-struct Rng(u64);
+type Rng = fastrand::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
+/// True with probability `percent`/100.
+fn chance(rng: &mut Rng, percent: u64) -> bool {
+    rng.u64(..100) < percent
+}
 
-    /// A number in `0..n` (`n > 0`).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// A number in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    /// True with probability `percent`/100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
+/// `len` random bytes.
+fn random_bytes(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut v = vec![0; len];
+    rng.fill(&mut v);
+    v
 }
 
 // ---------------------------------------------------------------------------------------
@@ -477,28 +456,28 @@ fn cluster_size(round: &Round) -> u64 {
 /// One write of the stream: where, how long, what.
 fn pick_write(rng: &mut Rng, cs: u64, history: &[(u64, u64)]) -> (u64, u64) {
     // Length: log-uniform from 512 B to 256 KiB; some unaligned.
-    let base = 512u64 << rng.below(10);
-    let mut len = (base + rng.below(base)).min(MAX_WRITE);
-    if rng.chance(50) {
+    let base = 512u64 << rng.u64(..10);
+    let mut len = (base + rng.u64(..base)).min(MAX_WRITE);
+    if chance(rng, 50) {
         len = (len / 512).max(1) * 512;
     } else {
         len = len.max(1);
     }
-    let mut off = match rng.below(10) {
+    let mut off = match rng.u64(..10) {
         // Over an earlier write.
         0..=2 if !history.is_empty() => {
-            let (o, l) = history[rng.below(history.len() as u64) as usize];
-            (o + rng.below(l)).saturating_sub(rng.below(len))
+            let (o, l) = history[rng.u64(..history.len() as u64) as usize];
+            (o + rng.u64(..l)).saturating_sub(rng.u64(..len))
         }
         // Across a cluster boundary.
         3..=5 => {
-            let k = rng.range(1, SIZE / cs - 1);
-            let before = rng.range(1, (len - 1).clamp(1, cs));
+            let k = rng.u64(1..=SIZE / cs - 1);
+            let before = rng.u64(1..=(len - 1).clamp(1, cs));
             (k * cs).saturating_sub(before)
         }
-        _ => rng.below(SIZE),
+        _ => rng.u64(..SIZE),
     };
-    if rng.chance(50) {
+    if chance(rng, 50) {
         off &= !511;
     }
     off = off.min(SIZE - len);
@@ -528,7 +507,7 @@ impl Driver {
     fn write(&mut self, rng: &mut Rng, fua: bool) {
         let (off, len) = pick_write(rng, self.cs, &self.history);
         let op = self.log.len();
-        let data = rng.bytes(len as usize);
+        let data = random_bytes(rng, len as usize);
         self.log.push(format!(
             "#{op} write{} {off}+{len}",
             if fua { " FUA" } else { "" }
@@ -551,14 +530,14 @@ impl Driver {
 
     fn write_zeroes(&mut self, rng: &mut Rng) {
         let (mut off, mut len) = pick_write(rng, self.cs, &self.history);
-        if rng.chance(50) && self.cs <= MAX_WRITE {
+        if chance(rng, 50) && self.cs <= MAX_WRITE {
             // Whole clusters: the engine may drop them (their refcounts go later).
             off = off / self.cs * self.cs;
             len = (len / self.cs).max(1) * self.cs;
             off = off.min(SIZE - len);
         }
-        let no_hole = rng.chance(30);
-        let fua = rng.chance(20);
+        let no_hole = chance(rng, 30);
+        let fua = chance(rng, 20);
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 } | if fua { CMD_FLAG_FUA } else { 0 };
         let op = self.log.len();
         self.log.push(format!(
@@ -595,7 +574,7 @@ impl Driver {
     fn send_write(&mut self, rng: &mut Rng) -> u64 {
         let (off, len) = pick_write(rng, self.cs, &self.history);
         let op = self.log.len();
-        let data = rng.bytes(len as usize);
+        let data = random_bytes(rng, len as usize);
         self.log
             .push(format!("#{op} write {off}+{len} (not waited for)"));
         self.model.sent(op, off, data.clone());
@@ -661,7 +640,7 @@ fn run_round(
     dir: &Path,
     lines: &mut Vec<String>,
 ) -> Result<(), String> {
-    let mut rng = Rng(seed ^ (index as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
+    let mut rng = Rng::with_seed(seed ^ (index as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
     let disk = dir.join(format!("round{}.qcow2", index + 1));
     if let Image::Qemu(cs, options) = round.image {
         qemu_img(&[
@@ -683,7 +662,7 @@ fn run_round(
         let kill = if cycle == 0 {
             round.kill
         } else {
-            LATER_KILLS[rng.below(LATER_KILLS.len() as u64) as usize]
+            LATER_KILLS[rng.u64(..LATER_KILLS.len() as u64) as usize]
         };
         let (killed, was_dirty, wall) =
             crash_cycle(round, kill, &disk, image, &mut rng, dir, lines, cycle)?;
@@ -694,7 +673,7 @@ fn run_round(
 
     // A kill while the guest boots on the killed image (opening it, rebuilding refcounts
     // of a dirty one): nothing may change in the virtual disk.
-    let wait = rng.below(boot_wall.as_micros() as u64 * 5 / 4 + 1);
+    let wait = rng.u64(..boot_wall.as_micros() as u64 * 5 / 4 + 1);
     let mut g = builder(round, &disk)
         .start()
         .unwrap_or_else(|e| panic!("starting the guest: {e}"));
@@ -731,9 +710,9 @@ fn run_round(
     let mut client = connect(&mut g);
     serves(&mut client, &image, "after the crashes")?;
     let mut expected = image;
-    for _ in 0..rng.range(3, 8) {
+    for _ in 0..rng.u64(3..=8) {
         let (off, len) = pick_write(&mut rng, cluster_size(round), &[]);
-        let data = rng.bytes(len as usize);
+        let data = random_bytes(&mut rng, len as usize);
         assert_eq!(client.write(off, &data, false).expect("NBD write"), 0);
         expected[off as usize..(off + len) as usize].copy_from_slice(&data);
     }
@@ -906,10 +885,10 @@ fn crash_cycle(
         write_bytes: 0,
         longest_flush: Duration::ZERO,
     };
-    let ops = rng.range(16, 40);
-    let mut until_flush = rng.range(1, 6);
+    let ops = rng.u64(16..=40);
+    let mut until_flush = rng.u64(1..=6);
     for _ in 0..ops {
-        match rng.below(100) {
+        match rng.u64(..100) {
             0..=9 => d.write_zeroes(rng),
             10..=21 => d.write(rng, true),
             _ => d.write(rng, false),
@@ -917,19 +896,19 @@ fn crash_cycle(
         until_flush -= 1;
         if until_flush == 0 {
             d.flush();
-            until_flush = rng.range(1, 6);
+            until_flush = rng.u64(1..=6);
         }
     }
     let how = match kill {
         Kill::DuringWrites => {
-            for _ in 0..rng.range(1, 3) {
+            for _ in 0..rng.u64(1..=3) {
                 d.write(rng, false);
             }
-            let burst = rng.range(2, 8);
+            let burst = rng.u64(2..=8);
             let bytes: u64 = (0..burst).map(|_| d.send_write(rng)).sum();
             // Within the time the burst should take (as the acknowledged writes took).
             let span = d.write_estimate_us(bytes);
-            let wait = rng.below(span + span / 4);
+            let wait = rng.u64(..span + span / 4);
             std::thread::sleep(Duration::from_micros(wait));
             format!(
                 "{burst} writes ({bytes} bytes, ~{span} us of work) in flight, killed {wait} us \
@@ -938,13 +917,13 @@ fn crash_cycle(
         }
         Kill::MidFlush => {
             // Many writes, so that the flush has much metadata to write back.
-            for _ in 0..rng.range(4, 10) {
+            for _ in 0..rng.u64(4..=10) {
                 d.write(rng, false);
             }
             d.send_flush();
             // Within the longest flush seen so far.
             let span = d.longest_flush.as_micros() as u64 + 1;
-            let wait = rng.below(span);
+            let wait = rng.u64(..span);
             std::thread::sleep(Duration::from_micros(wait));
             format!(
                 "flush in flight (longest flush so far {span} us), killed {wait} us after \
@@ -952,25 +931,25 @@ fn crash_cycle(
             )
         }
         Kill::AfterFlushAck => {
-            for _ in 0..rng.range(2, 6) {
+            for _ in 0..rng.u64(2..=6) {
                 d.write(rng, false);
             }
             d.flush();
             "killed at once after a flush ack".to_string()
         }
         Kill::AfterFuaAck => {
-            for _ in 0..rng.range(1, 4) {
+            for _ in 0..rng.u64(1..=4) {
                 d.write(rng, false);
             }
             d.write(rng, true);
             "killed at once after a FUA ack".to_string()
         }
         Kill::AfterIdle => {
-            for _ in 0..rng.range(3, 8) {
+            for _ in 0..rng.u64(3..=8) {
                 d.write(rng, false);
             }
             // The guest writes dirty metadata back every 5 s while idle.
-            let wait = rng.range(5_500, 7_000);
+            let wait = rng.u64(5_500..=7_000);
             std::thread::sleep(Duration::from_millis(wait));
             format!("unflushed writes, killed after {wait} ms idle")
         }

@@ -77,23 +77,6 @@ impl Sizes {
     }
 }
 
-/// splitmix64: a small fixed-seed generator, so every contender gets the same offsets.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// One row of the table: a request pattern every contender runs.
 struct Workload {
     /// Row label.
@@ -134,22 +117,23 @@ fn workloads(s: Sizes) -> Vec<Workload> {
     // 4 KiB random writes: a random permutation of the clusters (Fisher-Yates, fixed seed), one
     // request each at a random 4 KiB slot inside it. Every request allocates a cluster, for us
     // and for the peers alike, so allocation work is the same whatever the order.
-    let mut rng = Rng(0x0005_1c03_e7a1);
+    // Fixed seeds: every contender gets the same offsets.
+    let mut rng = fastrand::Rng::with_seed(0x0005_1c03_e7a1);
     let mut perm: Vec<u64> = (0..clusters).collect();
     for i in (1..perm.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
+        let j = rng.u64(..i as u64 + 1) as usize;
         perm.swap(i, j);
     }
     let rand_write: Vec<u64> = perm[..n as usize]
         .iter()
-        .map(|&c| c * CLUSTER + rng.below(CLUSTER / BLOCK) * BLOCK)
+        .map(|&c| c * CLUSTER + rng.u64(..CLUSTER / BLOCK) * BLOCK)
         .collect();
     let wstride = qemu_stride(clusters);
 
     // 4 KiB random reads: uniform 4 KiB-aligned offsets over the whole (fully written) disk.
-    let mut rng = Rng(0x0052_ead5);
+    let mut rng = fastrand::Rng::with_seed(0x0052_ead5);
     let rand_read: Vec<u64> = (0..s.random_reads)
-        .map(|_| rng.below(blocks) * BLOCK)
+        .map(|_| rng.u64(..blocks) * BLOCK)
         .collect();
     let rstride = qemu_stride(blocks);
 

@@ -135,15 +135,9 @@ fn metric(body: &str, name: &str) -> f64 {
 }
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut data = vec![0; len];
+    fastrand::Rng::with_seed(seed).fill(&mut data);
+    data
 }
 
 #[test]

@@ -159,21 +159,18 @@ fn nbd_writer(mut c: Client, stop: &AtomicBool) -> Result<u64, String> {
     let blocks = c.size() / 4096;
     let payload = vec![0x5au8; 4096];
     let mut scratch = Vec::new();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rng = fastrand::Rng::with_seed(0x2545_f491_4f6c_dd1d);
     let mut done = 0u64;
     let mut sent = 0u64;
     let err = |e: std::io::Error| format!("NBD: {e}");
     loop {
         let stopping = stop.load(Ordering::Relaxed);
         while !stopping && c.in_flight() < DEPTH {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
             sent += 1;
             if sent.is_multiple_of(256) {
                 c.send(CMD_FLUSH, 0, 0, 0, &[]).map_err(err)?;
             } else {
-                c.send(CMD_WRITE, 0, x % blocks * 4096, 4096, &payload)
+                c.send(CMD_WRITE, 0, rng.u64(..blocks) * 4096, 4096, &payload)
                     .map_err(err)?;
             }
         }

@@ -12,26 +12,8 @@ use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 
-/// A small deterministic generator (xorshift64*), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
+/// The project's seeded generator, so failures reproduce.
+type Rng = fastrand::Rng;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -74,7 +56,7 @@ fn overlay(file: &Path, backing: &str, backing_fmt: &str, compat: &str, cluster:
 /// larger top; relative names, one through a subdirectory); returns the top and the
 /// layers below it, top first.
 fn make_chain(dir: &Path, compat: &str) -> (PathBuf, Vec<PathBuf>) {
-    let mut rng = Rng(0x1234_5678 ^ compat.len() as u64);
+    let mut rng = Rng::with_seed(0x1234_5678 ^ compat.len() as u64);
     // Layer 3: raw, 3 MiB + 1000 bytes of random data (not a whole cluster at its end).
     let base = dir.join("base.raw");
     let mut bytes = vec![0u8; (3 * MIB + 1000) as usize];
@@ -170,10 +152,10 @@ fn chain_reads_equal_qemu(compat: &str) {
     let e = q.block_status(6 * MIB, MIB).unwrap();
     assert_eq!((e.kind, e.len), (Allocation::Hole, MIB));
     // Unaligned reads across layer and cluster boundaries.
-    let mut rng = Rng(7);
+    let mut rng = Rng::with_seed(7);
     for _ in 0..200 {
-        let off = rng.below(8 * MIB - 1);
-        let len = 1 + rng.below((8 * MIB - off).min(200_000));
+        let off = rng.u64(..8 * MIB - 1);
+        let len = 1 + rng.u64(..(8 * MIB - off).min(200_000));
         let mut buf = vec![0u8; len as usize];
         q.read_at(off, &mut buf).unwrap();
         assert!(
@@ -234,7 +216,7 @@ fn overlay_on_compressed_base() {
 #[test]
 fn memory_overlay_on_raw_layer() {
     let mut base = vec![0u8; 300_000];
-    Rng(3).fill(&mut base);
+    Rng::with_seed(3).fill(&mut base);
     let top = Qcow2::create(
         MemDisk::growable(),
         &crate::qcow2::CreateOptions {
@@ -391,14 +373,14 @@ fn model_ops(compat: &str, seed: u64) {
     let size = model.len() as u64;
     let cs = 16384u64;
     let v3 = compat != "0.10";
-    let mut rng = Rng(seed);
+    let mut rng = Rng::with_seed(seed);
     let mut q = files::open(&top, OpenOptions::default()).unwrap();
     for step in 0..300 {
-        let off = rng.below(size);
-        let most = if rng.below(4) == 0 { 300_000 } else { 40_000 };
-        let len = 1 + rng.below((size - off).min(most));
+        let off = rng.u64(..size);
+        let most = if rng.u64(..4) == 0 { 300_000 } else { 40_000 };
+        let len = 1 + rng.u64(..(size - off).min(most));
         let (o, l) = (off as usize, len as usize);
-        match rng.below(10) {
+        match rng.u64(..10) {
             0..=4 => {
                 let mut data = vec![0u8; l];
                 rng.fill(&mut data);
@@ -406,7 +388,7 @@ fn model_ops(compat: &str, seed: u64) {
                 model[o..o + l].copy_from_slice(&data);
             }
             5..=7 => {
-                q.write_zeroes(off, len, rng.below(2) == 0).unwrap();
+                q.write_zeroes(off, len, rng.u64(..2) == 0).unwrap();
                 model[o..o + l].fill(0);
             }
             _ => {

@@ -371,15 +371,8 @@ fn crash_on(base: MemDisk, size: u64, budget: u64, small: bool, ops: &[Op]) -> u
     // Power cut: the medium holds what was flushed plus some of the later writes: all of
     // them, none, or a pseudo-random half.
     let used = budget - q.device().writes_left;
-    let mut x = budget.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let coin: Vec<bool> = (0..q.device().pending.len())
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x & 1 == 1
-        })
-        .collect();
+    let mut rng = fastrand::Rng::with_seed(budget);
+    let coin: Vec<bool> = (0..q.device().pending.len()).map(|_| rng.bool()).collect();
     let cuts = [
         q.device().after_cut(|_| true),
         q.device().after_cut(|_| false),
@@ -852,15 +845,8 @@ fn crash_during_l1_growth() {
                 }
             }
             let used = budget - q.device().writes_left;
-            let mut x = budget.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            let coin: Vec<bool> = (0..q.device().pending.len())
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x & 1 == 1
-                })
-                .collect();
+            let mut rng = fastrand::Rng::with_seed(budget);
+            let coin: Vec<bool> = (0..q.device().pending.len()).map(|_| rng.bool()).collect();
             for disk in [
                 q.device().after_cut(|_| true),
                 q.device().after_cut(|_| false),

@@ -384,14 +384,9 @@ fn valid_images_write_without_refusals() {
 /// Bytes that deflate to about half their size (compressed clusters of these straddle host
 /// cluster boundaries).
 fn half_compressible(len: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    let mut rng = fastrand::Rng::with_seed(u64::from(seed));
     (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            b"abcdefghijklmnop"[(x % 16) as usize]
-        })
+        .map(|_| b"abcdefghijklmnop"[rng.usize(..16)])
         .collect()
 }
 
