@@ -359,6 +359,7 @@ fn main() {
     if let Some(path) = &opts.json {
         let doc = serde_json::json!({
             "bench": "serve",
+            "quick": opts.quick,
             "peer": qemu,
             "client": fio_version,
             "image_bytes": size,

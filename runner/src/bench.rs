@@ -7,8 +7,9 @@
 //!   export on our engine against QEMU's qcow2 driver and a raw file);
 //! - compact and trim: `cargo bench -p qcow-metal-runner --bench compact -- --json FILE`
 //!   (`image compact` against `qemu-img convert`, the engine's discard against `qemu-io`);
-//! - `serve` against qemu-nbd, convert against qemu-img: rows that say which issue brings
-//!   them until the features exist;
+//! - serve: `cargo bench -p qcow-metal-runner --bench serve -- --json FILE` (`qcow-metal
+//!   serve` against `qemu-nbd`, fio's nbd engine at queue depth 32);
+//! - convert against qemu-img: a row that says which issue brings it until it exists;
 //! - scrape latency under load ([`scrape`]), measured here.
 //!
 //! The benchmarks run as subprocesses so their peers stay dev-dependencies; their own output
@@ -144,13 +145,28 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
     }
 
     step(3, "serve against qemu-nbd");
-    rows.push(Row::not_yet(
-        "serve",
-        "NBD export of a host image",
-        "qcow-metal serve",
-        "qemu-nbd",
-        16,
-    ));
+    let json = out.join("serve.json");
+    let _ = fs::remove_file(&json);
+    let mut flags = vec!["--json".to_string(), json.display().to_string()];
+    if args.quick {
+        flags.push("--quick".into());
+    }
+    match cargo_bench(&root, "qcow-metal-runner", "serve", &flags, &[], &out)
+        .and_then(|()| read(&json))
+        .and_then(|text| serve_rows(&text))
+    {
+        Ok((r, d)) => {
+            rows.extend(r);
+            details.push(d);
+        }
+        Err(e) => rows.push(Row::failed(
+            "serve",
+            "fio over NBD, QD32",
+            "qcow-metal serve",
+            "qemu-nbd",
+            &e,
+        )),
+    }
     step(4, "convert against qemu-img convert");
     rows.push(Row::not_yet(
         "convert",
@@ -379,6 +395,60 @@ fn compact_rows(text: &str) -> Result<(Vec<Row>, String), String> {
         doc.repeat,
         notes.join("; "),
         doc.qemu
+    );
+    Ok((rows, detail))
+}
+
+/// The serve benchmark's JSON (`runner/benches/serve.rs`).
+#[derive(Deserialize)]
+struct ServeJson {
+    quick: bool,
+    repeat: u32,
+    peer: String,
+    client: String,
+    image_bytes: u64,
+    seconds: u64,
+    rows: Vec<ServeRow>,
+}
+
+#[derive(Deserialize)]
+struct ServeRow {
+    name: String,
+    ours_iops: f64,
+    peer_iops: f64,
+}
+
+/// Rows of the serve benchmark (fio's IOPS through `qcow-metal serve` against `qemu-nbd`),
+/// and a line for the report's details.
+fn serve_rows(text: &str) -> Result<(Vec<Row>, String), String> {
+    let doc: ServeJson =
+        serde_json::from_str(text).map_err(|e| format!("serve bench JSON: {e}"))?;
+    let rows: Vec<Row> = doc
+        .rows
+        .iter()
+        .map(|r| {
+            Row::measured(
+                "serve",
+                &r.name,
+                "qcow-metal serve",
+                "qemu-nbd --cache=writeback",
+                Value::iops(r.ours_iops),
+                Value::iops(r.peer_iops),
+            )
+        })
+        .collect();
+    if rows.is_empty() {
+        return Err("the serve bench reported no rows".into());
+    }
+    let detail = format!(
+        "serve: `cargo bench -p qcow-metal-runner --bench serve --{}` — {}, ioengine=nbd, one \
+         connection, {} s per run, best of {}, {} MiB images; {}",
+        if doc.quick { " --quick" } else { "" },
+        doc.client,
+        doc.seconds,
+        doc.repeat,
+        doc.image_bytes >> 20,
+        doc.peer
     );
     Ok((rows, detail))
 }
@@ -704,6 +774,26 @@ mod tests {
         assert_eq!(rows[2].ratio_text(), "0.50");
         assert!(detail.contains("256 MiB images"), "{detail}");
         assert!(detail.contains("--quick"), "{detail}");
+    }
+
+    #[test]
+    fn serve_json_becomes_iops_rows_against_qemu_nbd() {
+        let json = r#"{"bench": "serve", "quick": true, "peer": "qemu-nbd 7.2.22",
+          "client": "fio-3.33", "image_bytes": 134217728, "seconds": 2, "repeat": 3,
+          "rows": [{"name": "4 KiB random read, QD32", "ours_iops": 300.0,
+                    "peer_iops": 200.0, "ours_bytes_per_s": 1.0, "peer_bytes_per_s": 1.0,
+                    "ratio": 1.5}]}"#;
+        let (rows, detail) = serve_rows(json).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].area, "serve");
+        assert!((rows[0].ratio().unwrap() - 1.5).abs() < 1e-9);
+        assert!(
+            detail.contains("--quick") && detail.contains("128 MiB"),
+            "{detail}"
+        );
+        assert!(serve_rows("{}").unwrap_err().contains("serve bench JSON"));
+        let none = json.replacen("\"rows\": [", "\"rows\": [], \"x\": [", 1);
+        assert!(serve_rows(&none).unwrap_err().contains("no rows"));
     }
 
     #[test]
