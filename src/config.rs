@@ -180,6 +180,12 @@ pub struct Config {
     pub grow: bool,
     /// When the guest compacts its image in idle time.
     pub compaction: CompactionPolicy,
+    /// An NBD client that finished the handshake and sent nothing for this long (ms) is
+    /// disconnected (`nbd_idle`; 0: never).
+    pub nbd_idle_ms: u64,
+    /// Most bytes of TCP socket buffers the listener pools may hold (`net_buffers`; `None`:
+    /// the service layer's default, a share of the heap).
+    pub net_buffers: Option<u64>,
 }
 
 /// The online compaction policy (`compact`, `compact_after`, `compact_rate`, `compact_idle`):
@@ -229,6 +235,8 @@ impl Config {
     pub const DEFAULT_L2_CACHE: u64 = 1 << 20;
     /// Default refcount-block cache size: 256 KiB (a quarter of the L2 cache, as QEMU does).
     pub const DEFAULT_REFCOUNT_CACHE: u64 = 256 << 10;
+    /// Default `nbd_idle`: 10 minutes.
+    pub const DEFAULT_NBD_IDLE_MS: u64 = 600_000;
     /// Longest export name NBD allows.
     pub const MAX_EXPORT_LEN: usize = 4096;
 
@@ -317,6 +325,13 @@ impl Config {
                         .filter(|&r| r > 0)
                         .ok_or_else(|| err(RATE_EXPECTED))?;
                 }
+                "nbd_idle" => {
+                    config.nbd_idle_ms =
+                        parse_duration_ms(value).ok_or_else(|| err(DURATION_EXPECTED))?;
+                }
+                "net_buffers" => {
+                    config.net_buffers = Some(parse_size(value).ok_or_else(|| err(SIZE_EXPECTED))?);
+                }
                 "compact_idle" => {
                     config.compaction.idle_ms =
                         parse_duration_ms(value).ok_or_else(|| err(DURATION_EXPECTED))?;
@@ -354,6 +369,8 @@ impl Default for Config {
             debug_fault: DebugFault::None,
             grow: false,
             compaction: CompactionPolicy::default(),
+            nbd_idle_ms: Config::DEFAULT_NBD_IDLE_MS,
+            net_buffers: None,
         }
     }
 }
@@ -513,7 +530,8 @@ mod tests {
         let config = ok("log=trace ip=192.168.7.2/24 gw=192.168.7.1 dns=1.1.1.1 \
              metrics_port=19090 nbd_port=20809 export=vm1 ro=1 format=qcow2 \
              l2_cache=4M refcount_cache=64k mirage_metrics=1 debug_fault=pf \
-             compact=off compact_after=1G compact_rate=8M compact_idle=250ms grow=1");
+             compact=off compact_after=1G compact_rate=8M compact_idle=250ms grow=1 \
+             nbd_idle=90s net_buffers=16M");
         assert_eq!(
             config,
             Config {
@@ -539,6 +557,8 @@ mod tests {
                     rate_bytes_per_sec: 8 << 20,
                     idle_ms: 250,
                 },
+                nbd_idle_ms: 90_000,
+                net_buffers: Some(16 << 20),
             }
         );
     }

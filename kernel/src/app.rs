@@ -157,6 +157,7 @@ pub fn run(platform: Platform) -> ! {
         }
     };
     let mac = dev.mac_address();
+    let platform_heap_bytes = platform.heap_bytes;
     let platform = KernelPlatform {
         net_wakes,
         net_stats,
@@ -166,6 +167,7 @@ pub fn run(platform: Platform) -> ! {
         version: VERSION,
         mac,
         seed: crate::cpu::rdtsc(),
+        heap_bytes: platform_heap_bytes,
     };
     let exit = Guest::new(platform, dev, disk, metrics, setup).run();
     power::shutdown(exit)

@@ -239,6 +239,14 @@ impl Connection {
         self.timed_out
     }
 
+    /// When the request being received started (its first byte arrived), while its head or
+    /// body is still arriving and no response is pending: a client that sends its request
+    /// slowly shows here.
+    pub fn receiving_since_ms(&self) -> Option<u64> {
+        self.request_started_ms
+            .filter(|_| self.state == State::Open && !self.has_pending_output())
+    }
+
     /// When this connection last made progress (bytes taken or sent), or was accepted.
     pub fn last_activity_ms(&self) -> u64 {
         self.last_activity_ms

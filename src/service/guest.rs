@@ -40,8 +40,8 @@ use smoltcp::time::Instant;
 use super::disk::{Disk, SpaceCache};
 use super::http::{GuestSite, HttpSession};
 use super::nbd::{NbdSession, NoDisk};
-use super::net::{Network, Service};
-use super::session::Session;
+use super::net::{DEFAULT_BUFFER_BUDGET, Network, PortStats, Service, Tap};
+use super::session::{Evictable, Session};
 use crate::block::BlockDevice;
 use crate::compaction::Scheduler;
 use crate::config::{Config, GuestExit};
@@ -94,6 +94,9 @@ pub struct GuestSetup {
     pub mac: [u8; 6],
     /// Randomises TCP initial sequence numbers and DHCP transaction ids.
     pub seed: u64,
+    /// Bytes of heap: the socket buffers' budget is a share of it (unless `net_buffers=`
+    /// says otherwise).
+    pub heap_bytes: u64,
 }
 
 /// Where the main loop spends its time, logged at `debug` level every
@@ -138,7 +141,7 @@ pub struct Guest<P: Platform, B: BlockDevice> {
     platform: P,
     metrics: GuestMetrics,
     disk: Disk<B>,
-    dev: P::Net,
+    dev: Tap<P::Net>,
     net: Network,
     sessions: Vec<Option<Session>>,
     nbd_config: ServerConfig,
@@ -154,6 +157,9 @@ pub struct Guest<P: Platform, B: BlockDevice> {
     compaction: Scheduler,
     /// The image's cluster size (the unit of compaction; 0 without a qcow2 image).
     cluster_size: u64,
+    /// NBD clients in the transmission phase silent this long (ms) are disconnected (0:
+    /// never).
+    nbd_idle_ms: u64,
     next_background: u64,
     next_housekeeping: u64,
     profile: LoopProfile,
@@ -171,7 +177,10 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
         let config = setup.config;
         let now_ms = platform.now_ns() / 1_000_000;
         let now = Instant::from_millis(now_ms as i64);
-        let net = Network::new(&mut dev, setup.mac, &config, now, setup.seed);
+        let budget = config
+            .net_buffers
+            .unwrap_or(DEFAULT_BUFFER_BUDGET.min(setup.heap_bytes / 4));
+        let net = Network::new(&mut dev, setup.mac, &config, now, setup.seed, budget);
 
         let size = disk.size();
         let read_only = config.read_only || disk.is_read_only();
@@ -204,7 +213,7 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
             platform,
             metrics,
             disk,
-            dev,
+            dev: Tap::new(dev),
             net,
             sessions,
             nbd_config,
@@ -215,6 +224,7 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
             draining_until: None,
             compaction,
             cluster_size,
+            nbd_idle_ms: config.nbd_idle_ms,
             next_background: now_ms + BACKGROUND_INTERVAL_MS,
             next_housekeeping: 0,
             profile: LoopProfile::default(),
@@ -240,13 +250,13 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
         }
         let t0 = self.platform.now_ns();
         let now = Instant::from_micros((t0 / 1000) as i64);
-        let mut busy = self.net.poll(&mut self.dev, now);
+        let mut busy = self.poll_network(now);
         let t1 = self.platform.now_ns();
         busy |= self.drive_sessions(now);
         if self.net.relisten() {
             self.sessions.resize_with(self.net.listeners.len(), || None);
         }
-        self.make_room(t1 / 1_000_000);
+        self.make_room(now);
         let t2 = self.platform.now_ns();
         self.profile.poll_ns += t1 - t0;
         self.profile.serve_ns += t2 - t1;
@@ -277,7 +287,7 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                 .unwrap_or(u64::MAX),
         );
         let t3 = self.platform.now_ns();
-        self.platform.idle_until(&mut self.dev, deadline);
+        self.platform.idle_until(&mut self.dev.inner, deadline);
         self.profile.idle_ns += self.platform.now_ns().saturating_sub(t3);
         None
     }
@@ -285,6 +295,11 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
     /// The metrics registry the guest renders.
     pub fn metrics(&self) -> &GuestMetrics {
         &self.metrics
+    }
+
+    /// What happened to the connections of `service`'s port.
+    pub fn port_stats(&self, service: Service) -> PortStats {
+        self.net.stats(service)
     }
 
     /// The NBD server's counts.
@@ -382,7 +397,7 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                 let wait = self.next_deadline_ms(now).min(deadline_ms);
                 let now_ms = self.now_ms();
                 self.platform
-                    .idle_until(&mut self.dev, wait.min(now_ms + 1));
+                    .idle_until(&mut self.dev.inner, wait.min(now_ms + 1));
                 return None;
             }
         }
@@ -390,33 +405,123 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
         Some(shut_down(disk))
     }
 
-    /// When every socket of a port is taken and its pool cannot grow, closes the session of
-    /// that port that has been idle longest (if any is idle), so that new clients are not
-    /// refused while silent ones hold the sockets.
-    fn make_room(&mut self, now_ms: u64) {
-        for service in [Service::Http, Service::Nbd] {
-            if self.net.listening(service) > 0 {
-                continue;
+    /// Moves frames between the device and the sockets. After every connection attempt
+    /// the port's pool is topped up at once, and when it cannot grow a connection is
+    /// evicted ([`Guest::evict`]), so that the next attempt in the same batch of frames finds
+    /// a listener. Returns whether any socket may have changed state.
+    fn poll_network(&mut self, now: Instant) -> bool {
+        self.net.iface.poll_maintenance(now);
+        let mut changed = false;
+        while let Some((c, syn)) = self.net.ingress_one(&mut self.dev, now) {
+            changed |= c;
+            if let Some(service) = syn {
+                self.keep_listening(service, now);
             }
-            let victim = self
-                .net
-                .listeners
-                .iter()
-                .zip(&self.sessions)
-                .enumerate()
-                .filter(|(_, (l, _))| l.service == service)
-                .filter_map(|(i, (_, s))| Some((i, s.as_ref()?.idle_since_ms()?)))
-                .min_by_key(|&(_, since)| since);
-            if let Some((i, since)) = victim {
-                let handle = self.net.listeners[i].handle;
-                self.net.sockets.get_mut::<tcp::Socket>(handle).abort();
-                if let Some(Session::Nbd(mut s)) = self.sessions[i].take() {
-                    s.end(&mut self.nbd_stats);
+        }
+        changed |= self.net.egress(&mut self.dev, now);
+        self.net.apply_dhcp();
+        changed
+    }
+
+    /// Makes sure `service`'s port has a listening socket: grows the pool, or evicts a
+    /// connection when it cannot grow.
+    fn keep_listening(&mut self, service: Service, now: Instant) {
+        if self.net.top_up(service) {
+            self.sessions.resize_with(self.net.listeners.len(), || None);
+        }
+        if self.net.listening(service) == 0 {
+            self.evict(service, now);
+        }
+    }
+
+    /// Closes the session of `service`'s port that is most readily closed (see
+    /// [`Evictable`]), if any, and puts its socket back to listening at once (its RST is
+    /// sent first). Returns whether one was closed.
+    fn evict(&mut self, service: Service, now: Instant) -> bool {
+        let now_ms = now.total_millis() as u64;
+        let victim = self
+            .net
+            .listeners
+            .iter()
+            .zip(&self.sessions)
+            .enumerate()
+            .filter(|(_, (l, _))| l.service == service)
+            .filter_map(|(i, (l, s))| {
+                let s = s.as_ref()?;
+                if s.is_closing() {
+                    let socket = self.net.sockets.get::<tcp::Socket>(l.handle);
+                    return (socket.send_queue() == 0).then_some((i, Evictable::Finished));
                 }
-                info!(
-                    "{service:?}: every socket is taken; closed a connection idle for {} ms",
-                    now_ms.saturating_sub(since)
-                );
+                Some((i, s.evictable(now_ms)?))
+            })
+            .min_by_key(|&(_, e)| e);
+        let Some((i, why)) = victim else {
+            return false;
+        };
+        self.close_session(i);
+        self.net.evict(i);
+        self.net.egress(&mut self.dev, now);
+        if self.net.relisten() {
+            self.sessions.resize_with(self.net.listeners.len(), || None);
+        }
+        match why {
+            Evictable::Finished => {
+                info!("{service:?}: every socket is taken; reset a finished connection")
+            }
+            Evictable::Idle(since) | Evictable::Stalled(since) => info!(
+                "{service:?}: every socket is taken; closed a connection {} for {} ms",
+                if matches!(why, Evictable::Idle(_)) {
+                    "idle"
+                } else {
+                    "stalled"
+                },
+                now_ms.saturating_sub(since)
+            ),
+        }
+        true
+    }
+
+    /// Drops the session of pool socket `i` (its connection is being reset).
+    fn close_session(&mut self, i: usize) {
+        if let Some(Session::Nbd(mut s)) = self.sessions[i].take() {
+            s.end(&mut self.nbd_stats);
+        }
+    }
+
+    /// Once per turn: a port left without a listener gets one by evicting a connection, and
+    /// slow HTTP clients (a request arriving for more than `SLOW_REQUEST_MS`) are held to
+    /// half of the metrics port's pool, the longest stalled closed first.
+    fn make_room(&mut self, now: Instant) {
+        for service in Service::ALL {
+            if self.net.listening(service) == 0 {
+                self.evict(service, now);
+            }
+        }
+        let now_ms = now.total_millis() as u64;
+        let share = Service::Http.policy().max / 2;
+        let mut slow: Vec<(u64, usize)> = self
+            .net
+            .listeners
+            .iter()
+            .zip(&self.sessions)
+            .enumerate()
+            .filter(|(_, (l, _))| l.service == Service::Http)
+            .filter_map(|(i, (_, s))| match s.as_ref()?.evictable(now_ms)? {
+                Evictable::Stalled(since) => Some((since, i)),
+                Evictable::Idle(_) | Evictable::Finished => None,
+            })
+            .collect();
+        if slow.len() > share {
+            slow.sort_unstable();
+            let excess = slow.len() - share;
+            for &(_, i) in &slow[..excess] {
+                self.close_session(i);
+                self.net.evict(i);
+            }
+            info!("HTTP: closed {excess} slow clients above their share of the pool");
+            self.net.egress(&mut self.dev, now);
+            if self.net.relisten() {
+                self.sessions.resize_with(self.net.listeners.len(), || None);
             }
         }
     }
@@ -426,6 +531,8 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
         let now_ms = now.total_millis() as u64;
         let stopping = self.draining_until.is_some();
         let mut busy = false;
+        let mut accepted = [0u64; 2];
+        let mut timed_out = [0u64; 2];
         for (i, listener) in self.net.listeners.iter().enumerate() {
             let socket = self.net.sockets.get_mut::<tcp::Socket>(listener.handle);
             let slot = &mut self.sessions[i];
@@ -446,6 +553,7 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                 continue;
             }
             if slot.is_none() {
+                accepted[listener.service.index()] += 1;
                 *slot = Some(match listener.service {
                     Service::Http => Session::Http(Box::new(HttpSession::new(now_ms))),
                     Service::Nbd => Session::Nbd(Box::new(match self.disk {
@@ -487,15 +595,35 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                         health,
                         stats: &self.http_stats,
                     };
+                    let was_closing = s.is_closing();
                     busy |= s.drive(socket, now_ms, &mut site);
+                    if !was_closing && s.timed_out() {
+                        timed_out[Service::Http.index()] += 1;
+                    }
                 }
-                Some(Session::Nbd(s)) => match self.disk.virtual_disk() {
-                    Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats, now_ms),
-                    // No disk: a refusing session turns the client away.
-                    None => busy |= s.drive(socket, &mut NoDisk, &mut self.nbd_stats, now_ms),
-                },
+                Some(Session::Nbd(s)) => {
+                    match self.disk.virtual_disk() {
+                        Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats, now_ms),
+                        // No disk: a refusing session turns the client away.
+                        None => busy |= s.drive(socket, &mut NoDisk, &mut self.nbd_stats, now_ms),
+                    }
+                    if let Some(since) = s.idle_in_transmission_since()
+                        && self.nbd_idle_ms > 0
+                        && now_ms.saturating_sub(since) >= self.nbd_idle_ms
+                    {
+                        info!("NBD: disconnecting a client idle for {} ms", now_ms - since);
+                        s.disconnect(socket, &mut self.nbd_stats);
+                        timed_out[Service::Nbd.index()] += 1;
+                        busy = true;
+                    }
+                }
                 None => {}
             }
+        }
+        for service in Service::ALL {
+            let stats = self.net.stats_mut(service);
+            stats.accepted += accepted[service.index()];
+            stats.timed_out += timed_out[service.index()];
         }
         busy
     }
@@ -508,9 +636,14 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
             deadline = now_ms + delay.total_millis();
         }
         for s in self.sessions.iter().flatten() {
-            if let Session::Http(h) = s
-                && let Some(d) = h.next_deadline_ms()
-            {
+            let next = match s {
+                Session::Http(h) => h.next_deadline_ms(),
+                Session::Nbd(n) if self.nbd_idle_ms > 0 => n
+                    .idle_in_transmission_since()
+                    .map(|since| since.saturating_add(self.nbd_idle_ms)),
+                Session::Nbd(_) => None,
+            };
+            if let Some(d) = next {
                 deadline = deadline.min(d);
             }
         }

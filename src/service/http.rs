@@ -126,6 +126,26 @@ impl HttpSession {
         (!self.closing && self.conn.is_idle()).then(|| self.conn.last_activity_ms())
     }
 
+    /// Since when the request being received has been arriving, if one is and the
+    /// connection is not closing (see [`crate::http::Connection::receiving_since_ms`]).
+    pub fn receiving_since_ms(&self) -> Option<u64> {
+        if self.closing {
+            None
+        } else {
+            self.conn.receiving_since_ms()
+        }
+    }
+
+    /// The connection was closed because the client stalled (the responder's idle timeout).
+    pub fn timed_out(&self) -> bool {
+        self.closing && self.conn.timed_out()
+    }
+
+    /// The socket was asked to close; the session does nothing more.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
     /// When [`HttpSession::drive`] must run again at the latest (the idle timeout).
     pub fn next_deadline_ms(&self) -> Option<u64> {
         if self.closing {

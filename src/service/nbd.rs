@@ -61,6 +61,31 @@ impl NbdSession {
         (!self.closing && !self.conn.in_transmission()).then_some(self.last_activity_ms)
     }
 
+    /// Since when a client in the transmission phase has been silent with nothing of its
+    /// own in progress (no request half-received or half-served, no reply waiting), if it
+    /// has: the idle timeout runs from there, and such a client may be evicted.
+    pub fn idle_in_transmission_since(&self) -> Option<u64> {
+        (!self.closing
+            && self.conn.in_transmission()
+            && self.conn.is_between_requests()
+            && self.conn.output().is_empty())
+        .then_some(self.last_activity_ms)
+    }
+
+    /// Disconnects the client now (idle timeout or eviction of an idle client): the
+    /// connection counts are updated, the socket is closed (FIN; the client sees the end
+    /// of the stream) and the session does nothing more.
+    pub fn disconnect<S: Socket + ?Sized>(&mut self, socket: &mut S, stats: &mut NbdStats) {
+        self.conn.close(stats);
+        socket.close();
+        self.closing = true;
+    }
+
+    /// The socket was asked to close; the session does nothing more.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
     /// Moves bytes between the socket and the NBD state machine and serves requests on
     /// `disk`. Returns whether anything moved.
     pub fn drive<S: Socket + ?Sized, D: VirtualDisk + ?Sized>(

@@ -1,37 +1,173 @@
 //! The guest's TCP/IP stack: a smoltcp [`Interface`] on the network device, its address
-//! (DHCP or static, from the [`Config`]), and a pool of listening TCP sockets.
+//! (DHCP or static, from the [`Config`]), and a pool of listening TCP sockets per port.
 //!
 //! Each service port gets several sockets listening on it at once (smoltcp hands an incoming
-//! SYN to the first idle listener of the port), so that many clients can connect together.
-//! A socket whose connection has ended is put back to listening by [`Network::relisten`];
-//! one in `TIME-WAIT` is recycled at once (the guest only ever accepts connections, so an
-//! old duplicate segment cannot be mistaken for a new connection of its own).
+//! SYN to the first idle listener of the port, and answers a SYN that finds none with RST),
+//! so that many clients can connect together. The pool keeps [`SPARE_LISTENERS`] sockets
+//! listening on each port while it may grow: up to the port's maximum ([`PortPolicy`]) and
+//! within the budget of socket buffer memory. Frames are taken in one at a time
+//! ([`Network::ingress_one`]) and the device is wrapped in a [`Tap`] that notices SYNs, so
+//! the caller tops the pool up between two frames ([`Network::top_up`]): a burst of SYNs in
+//! one batch finds listeners. A socket whose connection has ended is put back to listening
+//! by [`Network::relisten`]; one in `TIME-WAIT` is recycled at once (the guest only ever
+//! accepts connections, so an old duplicate segment cannot be mistaken for a new connection
+//! of its own). [`PortStats`] counts what happened to each port's connections.
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::Cell;
 use log::{info, warn};
-use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
-use smoltcp::phy;
+use smoltcp::iface::{
+    Config as IfaceConfig, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
+};
+use smoltcp::phy::{self, DeviceCapabilities};
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
 use crate::config::{Config, IpConfig};
 
-/// Sockets on the metrics (HTTP) port at boot, and at most.
-pub const HTTP_SOCKETS: (usize, usize) = (16, 64);
-/// Sockets on the NBD port at boot, and at most.
-pub const NBD_SOCKETS: (usize, usize) = (8, 16);
-/// Listening sockets kept free on each port (while below the maximum), so that a burst of
-/// connections finds listeners: smoltcp answers a SYN for which no socket listens with RST.
-const SPARE_LISTENERS: usize = 4;
-/// HTTP socket buffers: requests are small; a scrape answer is written in pieces.
-const HTTP_RX: usize = 8 << 10;
-const HTTP_TX: usize = 64 << 10;
-/// NBD socket buffers: large, so a 1 MiB read or write streams without stalls (the window
+/// How a port's pool is sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// Sockets opened at boot (always, whatever the budget).
+    pub initial: usize,
+    /// Most sockets the pool grows to.
+    pub max: usize,
+    /// Receive buffer of each socket, bytes.
+    pub rx: usize,
+    /// Send buffer of each socket, bytes.
+    pub tx: usize,
+}
+
+impl PortPolicy {
+    /// Buffer bytes one socket holds.
+    pub const fn socket_bytes(&self) -> u64 {
+        (self.rx + self.tx) as u64
+    }
+}
+
+/// The metrics (HTTP) port: requests are small; a scrape answer is written in pieces. Many
+/// scrapers may connect at once, each costs 72 KiB.
+pub const HTTP_POLICY: PortPolicy = PortPolicy {
+    initial: 16,
+    max: 256,
+    rx: 8 << 10,
+    tx: 64 << 10,
+};
+
+/// The NBD port: large buffers, so a 1 MiB read or write streams without stalls (the window
 /// is scaled past 64 KiB automatically).
-const NBD_RX: usize = 256 << 10;
-const NBD_TX: usize = 256 << 10;
+pub const NBD_POLICY: PortPolicy = PortPolicy {
+    initial: 8,
+    max: 64,
+    rx: 256 << 10,
+    tx: 256 << 10,
+};
+
+/// Listening sockets kept free on each port (while the pool may grow), so that a burst of
+/// connections finds listeners.
+pub const SPARE_LISTENERS: usize = 4;
+
+/// Default budget of socket buffer memory: at most this, and at most a quarter of the heap.
+pub const DEFAULT_BUFFER_BUDGET: u64 = 64 << 20;
+
+/// What happened to the connections of one port since boot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// Connections accepted (a session was started).
+    pub accepted: u64,
+    /// Connection attempts answered with RST: no socket was listening, the pool could not
+    /// grow (maximum or memory budget reached) and no connection could be evicted.
+    pub refused: u64,
+    /// Connections closed to make room for new ones (the longest idle first), or because
+    /// slow clients held more than their share of the pool.
+    pub evicted: u64,
+    /// Connections closed by an idle timeout.
+    pub timed_out: u64,
+}
+
+/// A network device wrapped so that the interface's caller learns, frame by frame, whether
+/// the frame just taken in was a TCP SYN (a connection attempt) and to which port.
+pub struct Tap<D> {
+    /// The device.
+    pub inner: D,
+    syn: Cell<Option<u16>>,
+}
+
+impl<D> Tap<D> {
+    /// Wraps `inner`.
+    pub fn new(inner: D) -> Self {
+        Tap {
+            inner,
+            syn: Cell::new(None),
+        }
+    }
+}
+
+/// The destination port of `frame` if it is an Ethernet/IPv4/TCP segment with SYN set and
+/// ACK clear (the first segment of a connection).
+pub fn syn_port(frame: &[u8]) -> Option<u16> {
+    if frame.get(12..14)? != [0x08, 0x00] {
+        return None;
+    }
+    let ip = frame.get(14..)?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    let fragment = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x1fff;
+    if ip[0] >> 4 != 4 || ihl < 20 || *ip.get(9)? != 6 || fragment != 0 {
+        return None;
+    }
+    let tcp = ip.get(ihl..)?;
+    let flags = *tcp.get(13)?;
+    let (syn, ack) = (0x02, 0x10);
+    (flags & syn != 0 && flags & ack == 0).then(|| u16::from_be_bytes([tcp[2], tcp[3]]))
+}
+
+/// The receive token of a [`Tap`].
+pub struct TapRx<'a, R> {
+    inner: R,
+    syn: &'a Cell<Option<u16>>,
+}
+
+impl<R: phy::RxToken> phy::RxToken for TapRx<'_, R> {
+    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
+        let syn = self.syn;
+        self.inner.consume(|frame| {
+            syn.set(syn_port(frame));
+            f(frame)
+        })
+    }
+}
+
+impl<D: phy::Device> phy::Device for Tap<D> {
+    type RxToken<'a>
+        = TapRx<'a, D::RxToken<'a>>
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = D::TxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let (rx, tx) = self.inner.receive(timestamp)?;
+        Some((
+            TapRx {
+                inner: rx,
+                syn: &self.syn,
+            },
+            tx,
+        ))
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.inner.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.inner.capabilities()
+    }
+}
 
 /// The service a listening socket belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +176,35 @@ pub enum Service {
     Http,
     /// The NBD export.
     Nbd,
+}
+
+impl Service {
+    /// Both services.
+    pub const ALL: [Service; 2] = [Service::Http, Service::Nbd];
+
+    /// Index of the service in per-service arrays.
+    pub const fn index(self) -> usize {
+        match self {
+            Service::Http => 0,
+            Service::Nbd => 1,
+        }
+    }
+
+    /// How its pool is sized.
+    pub const fn policy(self) -> PortPolicy {
+        match self {
+            Service::Http => HTTP_POLICY,
+            Service::Nbd => NBD_POLICY,
+        }
+    }
+
+    /// Lower-case name (`http`, `nbd`), for logs and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Service::Http => "http",
+            Service::Nbd => "nbd",
+        }
+    }
 }
 
 /// One socket of the pool.
@@ -58,33 +223,35 @@ pub struct Network {
     pub iface: Interface,
     /// Every socket: DHCP (if used) and the TCP pool.
     pub sockets: SocketSet<'static>,
-    /// The TCP pool, HTTP listeners first.
+    /// The TCP pool, in the order the sockets were added.
     pub listeners: Vec<Listener>,
     dhcp: Option<SocketHandle>,
     /// The address in use, once there is one.
     address: Option<Ipv4Cidr>,
     /// The service ports.
     ports: [(Service, u16); 2],
-}
-
-/// Sockets of a service at boot, and at most.
-fn limits(service: Service) -> (usize, usize) {
-    match service {
-        Service::Http => HTTP_SOCKETS,
-        Service::Nbd => NBD_SOCKETS,
-    }
+    /// Most bytes of socket buffers the pools may hold.
+    budget: u64,
+    /// Bytes of socket buffers the pools hold.
+    buffer_bytes: u64,
+    /// Whether each port had a listening socket after the last top-up (a SYN arriving
+    /// while it had none is refused).
+    has_listener: [bool; 2],
+    /// Per port, by [`Service::index`].
+    stats: [PortStats; 2],
 }
 
 impl Network {
     /// Builds the interface on `dev` (whose MAC address is `mac`) with the address of
     /// `config` and opens the listeners. `seed` randomises TCP initial sequence numbers and
-    /// DHCP transaction ids.
+    /// DHCP transaction ids. The pools grow within `budget` bytes of socket buffers.
     pub fn new<D: phy::Device + ?Sized>(
         dev: &mut D,
         mac: [u8; 6],
         config: &Config,
         now: Instant,
         seed: u64,
+        budget: u64,
     ) -> Network {
         let mac = EthernetAddress(mac);
         let mut iface_config = IfaceConfig::new(HardwareAddress::Ethernet(mac));
@@ -128,32 +295,41 @@ impl Network {
                 (Service::Http, config.metrics_port),
                 (Service::Nbd, config.nbd_port),
             ],
+            budget,
+            buffer_bytes: 0,
+            has_listener: [true; 2],
+            stats: [PortStats::default(); 2],
         };
         for (service, port) in network.ports {
-            let count = limits(service).0;
+            let count = service.policy().initial;
             for _ in 0..count {
                 network.add_listener(service, port);
             }
             info!("{count} sockets listening on TCP port {port} ({service:?})");
+        }
+        if network.buffer_bytes > budget {
+            warn!(
+                "the boot-time listeners hold {} bytes of socket buffers, above the budget of \
+                 {budget}: the pools will not grow (raise net_buffers=)",
+                network.buffer_bytes
+            );
         }
         network
     }
 
     /// Adds one listening socket to the pool.
     fn add_listener(&mut self, service: Service, port: u16) {
-        let (rx, tx) = match service {
-            Service::Http => (HTTP_RX, HTTP_TX),
-            Service::Nbd => (NBD_RX, NBD_TX),
-        };
+        let policy = service.policy();
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; rx]),
-            tcp::SocketBuffer::new(vec![0u8; tx]),
+            tcp::SocketBuffer::new(vec![0u8; policy.rx]),
+            tcp::SocketBuffer::new(vec![0u8; policy.tx]),
         );
         tune(&mut socket);
         if let Err(e) = socket.listen(port) {
             warn!("cannot listen on port {port}: {e:?}");
         }
         let handle = self.sockets.add(socket);
+        self.buffer_bytes += policy.socket_bytes();
         self.listeners.push(Listener {
             handle,
             service,
@@ -170,17 +346,91 @@ impl Network {
             .count()
     }
 
+    /// How many sockets the pool of `service` has.
+    pub fn pool_size(&self, service: Service) -> usize {
+        self.listeners
+            .iter()
+            .filter(|l| l.service == service)
+            .count()
+    }
+
+    /// Bytes of socket buffers the pools hold, and the budget they grow within.
+    pub fn buffer_bytes(&self) -> (u64, u64) {
+        (self.buffer_bytes, self.budget)
+    }
+
+    /// What happened to the connections of `service`'s port.
+    pub fn stats(&self, service: Service) -> PortStats {
+        self.stats[service.index()]
+    }
+
+    /// The counts of `service`'s port, to update.
+    pub fn stats_mut(&mut self, service: Service) -> &mut PortStats {
+        &mut self.stats[service.index()]
+    }
+
     /// The guest's address, once configured.
     pub fn address(&self) -> Option<Ipv4Cidr> {
         self.address
     }
 
-    /// Moves packets between the device and the sockets, and applies DHCP results.
-    /// Returns whether any socket may have changed state.
-    pub fn poll<D: phy::Device + ?Sized>(&mut self, dev: &mut D, now: Instant) -> bool {
-        let changed = self.iface.poll(now, dev, &mut self.sockets);
+    /// The service listening on `port`, if any.
+    fn service_of(&self, port: u16) -> Option<Service> {
+        self.ports.iter().find(|(_, p)| *p == port).map(|(s, _)| *s)
+    }
+
+    /// Takes in one frame from the device, if one is waiting. Returns `None` when none was,
+    /// else whether a socket may have changed state and, if the frame was a connection
+    /// attempt on a service port, that service: the caller should then [`Network::top_up`]
+    /// its pool before the next frame. A connection attempt that found no listener (and so
+    /// was answered with RST) is counted as refused.
+    pub fn ingress_one<D: phy::Device>(
+        &mut self,
+        dev: &mut Tap<D>,
+        now: Instant,
+    ) -> Option<(bool, Option<Service>)> {
+        dev.syn.set(None);
+        let changed = match self.iface.poll_ingress_single(now, dev, &mut self.sockets) {
+            PollIngressSingleResult::None => return None,
+            PollIngressSingleResult::PacketProcessed => false,
+            PollIngressSingleResult::SocketStateChanged => true,
+        };
+        let syn = dev.syn.take().and_then(|port| self.service_of(port));
+        if let Some(service) = syn
+            && !self.has_listener[service.index()]
+        {
+            self.stats[service.index()].refused += 1;
+        }
+        Some((changed, syn))
+    }
+
+    /// Sends what the sockets have queued (data, ACKs, RSTs of aborted sockets) as far as
+    /// the device takes it. Returns whether any socket may have changed state.
+    pub fn egress<D: phy::Device + ?Sized>(&mut self, dev: &mut D, now: Instant) -> bool {
+        let mut changed = false;
+        while self.iface.poll_egress(now, dev, &mut self.sockets) == PollResult::SocketStateChanged
+        {
+            changed = true;
+        }
+        changed
+    }
+
+    /// Moves packets between the device and the sockets (all waiting frames in, everything
+    /// queued out), tops the pools up after every connection attempt, and applies DHCP
+    /// results. Returns whether any socket may have changed state, and whether sockets
+    /// were added to the pool.
+    pub fn poll<D: phy::Device>(&mut self, dev: &mut Tap<D>, now: Instant) -> bool {
+        self.iface.poll_maintenance(now);
+        let mut changed = false;
+        while let Some((c, syn)) = self.ingress_one(dev, now) {
+            changed |= c;
+            if let Some(service) = syn {
+                self.top_up(service);
+            }
+        }
+        changed |= self.egress(dev, now);
         self.apply_dhcp();
-        changed == smoltcp::iface::PollResult::SocketStateChanged
+        changed
     }
 
     /// How long the interface can wait before it must be polled again (`None`: only when a
@@ -189,14 +439,14 @@ impl Network {
         self.iface.poll_delay(now, &self.sockets)
     }
 
-    /// Puts every pool socket whose connection is over back to listening, and grows a port's
-    /// pool (up to its maximum) when fewer than [`SPARE_LISTENERS`] of its sockets listen.
+    /// Puts every pool socket whose connection is over back to listening, and grows each
+    /// port's pool towards [`SPARE_LISTENERS`] listeners (see [`Network::top_up`]).
     /// Returns whether sockets were added (the caller's per-socket state must follow).
     pub fn relisten(&mut self) -> bool {
         for l in &self.listeners {
             let socket = self.sockets.get_mut::<tcp::Socket>(l.handle);
             match socket.state() {
-                // Aborted, and its RST not sent yet (the next poll sends it; listening now
+                // Aborted, and its RST not sent yet (the next egress sends it; listening now
                 // would forget the peer and leave it waiting).
                 tcp::State::Closed if socket.remote_endpoint().is_some() => continue,
                 tcp::State::Closed => {}
@@ -209,33 +459,61 @@ impl Network {
             }
         }
         let mut added = false;
-        for (service, port) in self.ports {
-            let (mut total, mut listening) = (0, 0);
-            for l in self.listeners.iter().filter(|l| l.service == service) {
-                total += 1;
-                if self.sockets.get::<tcp::Socket>(l.handle).is_listening() {
-                    listening += 1;
-                }
-            }
-            let max = limits(service).1;
-            if listening < SPARE_LISTENERS && total < max {
-                for _ in listening..SPARE_LISTENERS.min(listening + max - total) {
-                    self.add_listener(service, port);
-                }
-                info!(
-                    "{} sockets on TCP port {port} ({service:?}) for a burst of connections",
-                    self.listeners
-                        .iter()
-                        .filter(|l| l.service == service)
-                        .count()
-                );
-                added = true;
-            }
+        for service in Service::ALL {
+            added |= self.grow(service);
         }
         added
     }
 
-    fn apply_dhcp(&mut self) {
+    /// After a connection attempt on `service`'s port: grows its pool towards
+    /// [`SPARE_LISTENERS`] listeners, within its maximum and the buffer budget, and notes
+    /// whether a listener is left for the next attempt. Returns whether sockets were added.
+    /// (Sockets of ended connections listen again in [`Network::relisten`], once per turn.)
+    pub fn top_up(&mut self, service: Service) -> bool {
+        self.grow(service)
+    }
+
+    fn grow(&mut self, service: Service) -> bool {
+        let policy = service.policy();
+        let (mut total, mut listening) = (0, 0);
+        for l in self.listeners.iter().filter(|l| l.service == service) {
+            total += 1;
+            if self.sockets.get::<tcp::Socket>(l.handle).is_listening() {
+                listening += 1;
+            }
+        }
+        let port = self.ports[service.index()].1;
+        let mut added = 0;
+        while listening + added < SPARE_LISTENERS
+            && total + added < policy.max
+            && self.buffer_bytes + policy.socket_bytes() <= self.budget
+        {
+            self.add_listener(service, port);
+            added += 1;
+        }
+        if added > 0 {
+            info!(
+                "{} sockets on TCP port {port} ({service:?}) for a burst of connections",
+                total + added
+            );
+        }
+        self.has_listener[service.index()] = listening + added > 0;
+        added > 0
+    }
+
+    /// Closes the connection of pool socket `index` at once (RST) to make room, and counts it
+    /// as evicted. The socket listens again once the RST is sent ([`Network::egress`], then
+    /// [`Network::relisten`]).
+    pub fn evict(&mut self, index: usize) {
+        let Some(l) = self.listeners.get(index) else {
+            return;
+        };
+        self.sockets.get_mut::<tcp::Socket>(l.handle).abort();
+        self.stats[l.service.index()].evicted += 1;
+    }
+
+    /// Applies what the DHCP socket learnt (a lease, or its loss) to the interface.
+    pub fn apply_dhcp(&mut self) {
         let Some(handle) = self.dhcp else {
             return;
         };

@@ -3,6 +3,7 @@
 //! virtual clock that moves only when the test or an idle guest moves it.
 
 use alloc::collections::VecDeque;
+use alloc::format;
 use alloc::rc::Rc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -16,6 +17,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 
 use super::disk::open_disk;
 use super::guest::{Guest, GuestSetup, Platform};
+use super::session::MIN_IDLE_MS;
 use crate::block::{BlockDevice, BlockError, MemDisk};
 use crate::config::{Config, GuestExit};
 use crate::nbd::proto::*;
@@ -181,11 +183,22 @@ fn now(clock: &Clock) -> Instant {
 impl Harness {
     /// A guest serving a fresh qcow2 image (16 MiB) at 10.0.0.1.
     fn new() -> Harness {
-        Harness::with_size(VIRTUAL_SIZE)
+        Harness::with(VIRTUAL_SIZE, "")
     }
 
     /// A guest serving a fresh qcow2 image of `virtual_size` bytes at 10.0.0.1.
     fn with_size(virtual_size: u64) -> Harness {
+        Harness::with(virtual_size, "")
+    }
+
+    /// Like [`Harness::new`], with more kernel arguments.
+    fn with_args(args: &str) -> Harness {
+        Harness::with(VIRTUAL_SIZE, args)
+    }
+
+    /// A guest serving a fresh qcow2 image of `virtual_size` bytes, with more kernel
+    /// arguments.
+    fn with(virtual_size: u64, args: &str) -> Harness {
         let disk = SharedDisk(Rc::new(RefCell::new(MemDisk::growable())));
         let opts = CreateOptions {
             virtual_size,
@@ -195,7 +208,8 @@ impl Harness {
             .expect("create the image")
             .close()
             .expect("close the new image");
-        let (config, _) = Config::parse("ip=10.0.0.1/24 log=warn").expect("command line");
+        let (config, _) =
+            Config::parse(&format!("ip=10.0.0.1/24 log=warn {args}")).expect("command line");
         let clock = Clock::new(Cell::new(1_000_000_000));
         let button = Rc::new(Cell::new(false));
         let metrics = GuestMetrics::new(&GuestConfig {
@@ -218,6 +232,7 @@ impl Harness {
             version: "test",
             mac: [2, 0, 0, 0, 0, 1],
             seed: 1,
+            heap_bytes: 1 << 30,
         };
         let guest = Guest::new(platform, guest_end, guest_disk, metrics, setup);
 
@@ -246,7 +261,7 @@ impl Harness {
         }
     }
 
-    /// One turn of the guest and one poll of the clients; the clock moves 100 µs.
+    /// One turn of the guest and one poll of the clients; the clock moves 1 ms.
     fn step(&mut self) {
         self.iface
             .poll(now(&self.clock), &mut self.dev, &mut self.sockets);
@@ -255,7 +270,7 @@ impl Harness {
         }
         self.iface
             .poll(now(&self.clock), &mut self.dev, &mut self.sockets);
-        self.clock.set(self.clock.get() + 100_000);
+        self.clock.set(self.clock.get() + 1_000_000);
     }
 
     /// Steps until `done` holds; panics after `max_steps`, naming `what`.
@@ -269,8 +284,23 @@ impl Harness {
         panic!("{what}: not done after {max_steps} steps");
     }
 
-    /// Opens a connection to the guest's `port`.
+    /// Opens a connection to the guest's `port` and waits until it is established.
     fn connect(&mut self, port: u16) -> SocketHandle {
+        let handle = self.start_connect(port);
+        for _ in 0..10_000 {
+            if self.socket(handle).state() == tcp::State::Established {
+                return handle;
+            }
+            self.step();
+        }
+        panic!(
+            "connection to port {port} not established: {}",
+            self.socket(handle).state()
+        );
+    }
+
+    /// Starts a connection to the guest's `port` (the SYN leaves on the next step).
+    fn start_connect(&mut self, port: u16) -> SocketHandle {
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; 256 << 10]),
             tcp::SocketBuffer::new(vec![0; 256 << 10]),
@@ -283,11 +313,25 @@ impl Harness {
                 self.next_port,
             )
             .expect("connect");
-        let handle = self.sockets.add(socket);
-        self.until("connection established", 10_000, |h| {
-            h.socket(handle).state() == tcp::State::Established
+        self.sockets.add(socket)
+    }
+
+    /// Closes a connection the guest has closed already, and forgets it.
+    fn hang_up(&mut self, handle: SocketHandle) {
+        self.socket(handle).close();
+        self.until("connection closed", 10_000, |h| {
+            matches!(
+                h.socket(handle).state(),
+                tcp::State::Closed | tcp::State::TimeWait
+            )
         });
-        handle
+        self.sockets.remove(handle);
+    }
+
+    /// Steps until the virtual clock has moved `ms` milliseconds.
+    fn advance(&mut self, ms: u64) {
+        let end = self.clock.get() + ms * 1_000_000;
+        self.until("time passed", usize::MAX, |h| h.clock.get() >= end);
     }
 
     fn socket(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
@@ -548,4 +592,151 @@ fn a_scrape_is_answered_while_a_32_mib_write_is_in_progress() {
         stored == payload,
         "the image does not hold the 32 MiB write"
     );
+}
+
+/// Sends a scrape on a fresh connection and returns the status line.
+fn scrape(h: &mut Harness) -> Vec<u8> {
+    let c = h.connect(HTTP_PORT);
+    h.send(
+        c,
+        b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n",
+    );
+    let reply = h.recv_to_end(c);
+    h.hang_up(c);
+    reply
+}
+
+#[test]
+fn a_burst_of_connections_in_one_batch_is_accepted_without_reset() {
+    use super::net::{HTTP_POLICY, Service};
+    let mut h = Harness::new();
+    // 80 SYNs reach the guest in the same batch of frames: far more than the 16 listening
+    // sockets the pool starts with.
+    let burst = 80;
+    let handles: Vec<_> = (0..burst).map(|_| h.start_connect(HTTP_PORT)).collect();
+    h.until("every connection established", 100_000, |h| {
+        for &c in &handles {
+            let state = h.socket(c).state();
+            assert_ne!(state, tcp::State::Closed, "a connection was reset");
+        }
+        handles
+            .iter()
+            .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
+    });
+    let stats = h.guest.port_stats(Service::Http);
+    assert_eq!(stats.refused, 0);
+    assert_eq!(stats.evicted, 0);
+    let pool = h.guest.network().pool_size(Service::Http);
+    assert!(pool >= burst && pool <= HTTP_POLICY.max, "pool of {pool}");
+    // Every one of them is served.
+    for &c in &handles {
+        h.send(
+            c,
+            b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+        );
+    }
+    for &c in &handles {
+        let reply = h.recv_to_end(c);
+        assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    }
+    assert_eq!(h.guest.port_stats(Service::Http).accepted, burst as u64);
+}
+
+#[test]
+fn a_full_port_evicts_the_connection_idle_longest() {
+    use super::net::Service;
+    // A budget below the boot-time pools: no port grows (16 HTTP, 8 NBD sockets).
+    let mut h = Harness::with_args("net_buffers=1M");
+    let silent: Vec<_> = (0..16).map(|_| h.connect(HTTP_PORT)).collect();
+    h.advance(MIN_IDLE_MS);
+    // Every HTTP socket holds a silent client; 20 scrapes on fresh connections each evict
+    // the one idle longest (the silent ones first, then earlier scrapers' closed sockets
+    // are listening again anyway).
+    for _ in 0..20 {
+        let reply = scrape(&mut h);
+        assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    }
+    let stats = h.guest.port_stats(Service::Http);
+    assert_eq!(stats.refused, 0, "{stats:?}");
+    assert!(stats.evicted >= 1, "{stats:?}");
+    // The first silent client went first: it has been reset.
+    h.step();
+    assert_eq!(h.socket(silent[0]).state(), tcp::State::Closed);
+    assert_eq!(h.guest.network().pool_size(Service::Http), 16);
+
+    // NBD: 8 clients finish the handshake and go quiet; a 9th is served after the
+    // others have been idle long enough to be evicted: one makes room for it, one more
+    // keeps a socket listening for the next client.
+    let idle: Vec<_> = (0..8)
+        .map(|_| {
+            let c = h.connect(NBD_PORT);
+            h.nbd_handshake(c);
+            c
+        })
+        .collect();
+    h.advance(super::session::NBD_EVICTABLE_IDLE_MS + 100);
+    let c = h.connect(NBD_PORT);
+    assert_eq!(h.nbd_handshake(c), VIRTUAL_SIZE);
+    let data = pattern(4096, 1);
+    assert_eq!(h.nbd_request(c, CMD_WRITE, 1, 0, 4096, &data).0, 0);
+    let stats = h.guest.port_stats(Service::Nbd);
+    assert_eq!((stats.evicted, stats.refused), (2, 0), "{stats:?}");
+    let closed = idle
+        .iter()
+        .filter(|&&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Closed)
+        .count();
+    assert_eq!(closed, 2);
+}
+
+#[test]
+fn idle_nbd_clients_time_out_and_are_counted() {
+    use super::net::Service;
+    let mut h = Harness::with_args("nbd_idle=2s");
+    let c = h.connect(NBD_PORT);
+    h.nbd_handshake(c);
+    // Busy clients are not timed out: a request every second for 5 s.
+    for i in 0..5 {
+        assert_eq!(h.nbd_request(c, CMD_FLUSH, i, 0, 0, &[]).0, 0);
+        h.advance(1000);
+    }
+    assert_eq!(h.guest.port_stats(Service::Nbd).timed_out, 0);
+    h.until("idle client disconnected", 1_000_000, |h| {
+        !h.socket(c).may_recv()
+    });
+    let stats = h.guest.port_stats(Service::Nbd);
+    assert_eq!(stats.timed_out, 1, "{stats:?}");
+    assert_eq!(h.guest.nbd_stats().connections_active, 0);
+}
+
+#[test]
+fn slow_clients_cannot_hold_the_metrics_port() {
+    use super::net::Service;
+    // 16 sockets and no growth: 40 slowloris clients dribble their request heads.
+    let mut h = Harness::with_args("net_buffers=1M");
+    let mut slow = Vec::new();
+    for _ in 0..40 {
+        let c = h.start_connect(HTTP_PORT);
+        slow.push(c);
+        h.advance(20);
+    }
+    for round in 0..20 {
+        for &c in &slow {
+            if h.socket(c).can_send() {
+                let _ = h.socket(c).send_slice(if round == 0 {
+                    b"GET /metrics HTTP/1.1\r\n"
+                } else {
+                    b"X"
+                });
+            }
+        }
+        h.advance(200);
+        // Scrapes keep being answered all along.
+        if round % 4 == 3 {
+            let reply = scrape(&mut h);
+            assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"), "round {round}");
+        }
+    }
+    let stats = h.guest.port_stats(Service::Http);
+    assert_eq!(stats.refused, 0, "{stats:?}");
+    assert!(stats.evicted > 0, "{stats:?}");
 }
