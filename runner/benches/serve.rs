@@ -269,15 +269,9 @@ fn main() {
     std::fs::copy(&empty, &full).expect("copying the empty image");
     let raw = dir.path().join("data.raw");
     {
-        // Incompressible, non-zero data (xorshift), written once.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        // Incompressible data (the project's seeded generator), written once.
         let mut data = vec![0u8; size as usize];
-        for chunk in data.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
+        fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15).fill(&mut data);
         std::fs::write(&raw, &data).expect("writing the data file");
     }
     tool(

@@ -64,15 +64,8 @@ fn qemu_source(dir: &Path) -> PathBuf {
     let img = dir.join("src.qcow2");
     ok("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "48M"]);
     let noise = dir.join("noise");
-    let mut x = 0x1234_5678u32;
-    let bytes: Vec<u8> = (0..(2 << 20))
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect();
+    let mut bytes = vec![0u8; 2 << 20];
+    fastrand::Rng::with_seed(0x1234_5678).fill(&mut bytes);
     std::fs::write(&noise, bytes).unwrap();
     ok(
         "qemu-io",

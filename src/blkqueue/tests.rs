@@ -24,17 +24,6 @@ fn engine(order: CompletionOrder, depth: usize) -> Qcow2<MemQueue<MemDisk>> {
     .unwrap()
 }
 
-/// Seeded xorshift64 for request offsets and payloads.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u64 ^ seed.wrapping_mul(31)) as u8 | 1)
@@ -66,12 +55,12 @@ fn reads_and_overwrites_overlap_and_finish_out_of_order() {
     model[..base.len()].copy_from_slice(&base);
 
     let mut p = Pipeline::new();
-    let mut rng = Rng(0x1234_5678);
+    let mut rng = fastrand::Rng::with_seed(0x1234_5678);
     let mut expected_reads = Vec::new();
     // 64 requests of 4 KiB, at distinct blocks (so no two conflict), half writes.
     let mut blocks: Vec<u64> = (0..512).collect();
     for tag in 0..64u64 {
-        let i = (rng.next() % blocks.len() as u64) as usize;
+        let i = rng.usize(..blocks.len());
         let off = blocks.swap_remove(i) * 4096;
         if tag % 2 == 0 {
             let data = pattern(4096, tag + 100);

@@ -12,14 +12,11 @@ use std::path::Path;
 
 /// Bytes that compress to roughly `1 - random` of their size (a seeded pattern).
 fn mixed(len: usize, seed: u32, random: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2654435761) | 1;
+    let mut rng = fastrand::Rng::with_seed(u64::from(seed));
     (0..len)
         .map(|i| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            if x % 100 < random {
-                x as u8
+            if rng.u32(..100) < random {
+                rng.u8(..)
             } else {
                 (i / 64) as u8
             }
