@@ -199,11 +199,7 @@ impl<'a> Encoder<'a> {
         values: &[&str],
         value: Value,
     ) -> fmt::Result {
-        let out = &mut *self.out;
-        out.write_str(name)?;
-        out.write_str(suffix)?;
-        if !names.is_empty() {
-            out.write_char('{')?;
+        let labels = |out: &mut dyn Write| {
             for (i, (name, v)) in names.iter().zip(values).enumerate() {
                 if i > 0 {
                     out.write_char(',')?;
@@ -213,11 +209,10 @@ impl<'a> Encoder<'a> {
                 write_label_value(out, v)?;
                 out.write_char('"')?;
             }
-            out.write_char('}')?;
-        }
-        out.write_char(' ')?;
-        write_value(out, value)?;
-        out.write_char('\n')
+            Ok(())
+        };
+        let labels: Option<&LabelWriter<'_>> = (!names.is_empty()).then_some(&labels);
+        self.line(name, suffix, labels, value)
     }
 
     /// Ends the exposition: `# EOF` in OpenMetrics, nothing in text 0.0.4.
@@ -239,11 +234,7 @@ impl<'a> Encoder<'a> {
         extra: Option<(&str, f64)>,
         value: Value,
     ) -> fmt::Result {
-        let out = &mut *self.out;
-        out.write_str(name)?;
-        out.write_str(suffix)?;
-        if !labels.is_empty() || extra.is_some() {
-            out.write_char('{')?;
+        let list = |out: &mut dyn Write| {
             out.write_str(labels)?;
             if let Some((label, v)) = extra {
                 if !labels.is_empty() {
@@ -254,6 +245,28 @@ impl<'a> Encoder<'a> {
                 write_float(out, v)?;
                 out.write_char('"')?;
             }
+            Ok(())
+        };
+        let list: Option<&LabelWriter<'_>> =
+            (!labels.is_empty() || extra.is_some()).then_some(&list);
+        self.line(name, suffix, list, value)
+    }
+
+    /// Writes `name suffix{labels} value` and the newline; `labels` writes the list inside
+    /// the braces (no braces without it).
+    fn line(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        labels: Option<&LabelWriter<'_>>,
+        value: Value,
+    ) -> fmt::Result {
+        let out = &mut *self.out;
+        out.write_str(name)?;
+        out.write_str(suffix)?;
+        if let Some(labels) = labels {
+            out.write_char('{')?;
+            labels(out)?;
             out.write_char('}')?;
         }
         out.write_char(' ')?;
@@ -261,6 +274,9 @@ impl<'a> Encoder<'a> {
         out.write_char('\n')
     }
 }
+
+/// Writes a sample's label list (what goes inside the braces).
+type LabelWriter<'a> = dyn Fn(&mut dyn Write) -> fmt::Result + 'a;
 
 /// Writes a sample's number.
 fn write_value(out: &mut dyn Write, value: Value) -> fmt::Result {
