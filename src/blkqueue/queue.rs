@@ -74,6 +74,10 @@ pub trait BlockQueue {
 
     /// Requests submitted and not yet returned by [`BlockQueue::poll`].
     fn in_flight(&self) -> usize;
+
+    /// Waits until a request completes (or a short while passes): for callers with nothing
+    /// else to do. The default returns at once (queues whose `poll` completes requests).
+    fn wait(&mut self) {}
 }
 
 impl<Q: BlockQueue + ?Sized> BlockQueue for &mut Q {
@@ -91,6 +95,9 @@ impl<Q: BlockQueue + ?Sized> BlockQueue for &mut Q {
     }
     fn in_flight(&self) -> usize {
         (**self).in_flight()
+    }
+    fn wait(&mut self) {
+        (**self).wait()
     }
 }
 
@@ -111,6 +118,9 @@ impl<S: SectorDevice + BlockQueue> BlockQueue for Sectored<S> {
     }
     fn in_flight(&self) -> usize {
         self.inner().in_flight()
+    }
+    fn wait(&mut self) {
+        self.inner_mut().wait()
     }
 }
 

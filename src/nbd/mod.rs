@@ -43,5 +43,7 @@ pub mod host;
 #[cfg(test)]
 mod tests;
 
-pub use server::{Connection, MAX_EXTENTS, MAX_OPTION_LEN, ServerConfig, allocation_state};
+pub use server::{
+    Connection, MAX_BATCH, MAX_EXTENTS, MAX_OPTION_LEN, ServerConfig, allocation_state,
+};
 pub use stats::{Command, NbdError, NbdStats};

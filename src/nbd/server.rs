@@ -18,6 +18,9 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
+mod queued;
+pub use queued::MAX_BATCH;
+
 /// The largest option payload accepted during the handshake; larger ones are skipped and
 /// answered with `NBD_REP_ERR_TOO_BIG`.
 pub const MAX_OPTION_LEN: usize = 16 * 1024;

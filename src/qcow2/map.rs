@@ -8,8 +8,8 @@ use super::error::{Qcow2Error, Result};
 use crate::blkqueue::pipeline::{HostRun, QueuedDisk, push_run};
 use crate::blkqueue::queue::BlockQueue;
 use crate::block::BlockDevice;
-use crate::disk::DiskError;
 use crate::disk::check_request;
+use crate::disk::{DiskError, VirtualDisk};
 use alloc::vec::Vec;
 
 impl<D: BlockDevice> Qcow2<D> {
@@ -104,6 +104,11 @@ impl<D: BlockDevice + BlockQueue> QueuedDisk for Qcow2<D> {
         offset: u64,
         len: u64,
     ) -> core::result::Result<Option<Vec<HostRun>>, DiskError> {
+        // Read-only for another reason than the open options (a snapshot view): the
+        // engine's own read knows what to read.
+        if VirtualDisk::is_read_only(self) && !self.read_only {
+            return Ok(None);
+        }
         Ok(Qcow2::map_read(self, offset, len)?)
     }
     fn map_overwrite(
@@ -111,6 +116,9 @@ impl<D: BlockDevice + BlockQueue> QueuedDisk for Qcow2<D> {
         offset: u64,
         len: u64,
     ) -> core::result::Result<Option<Vec<HostRun>>, DiskError> {
+        if VirtualDisk::is_read_only(self) {
+            return Err(DiskError::ReadOnly);
+        }
         Ok(Qcow2::map_overwrite(self, offset, len)?)
     }
     fn queue(&mut self) -> &mut dyn BlockQueue {

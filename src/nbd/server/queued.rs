@@ -1,0 +1,349 @@
+//! Several requests of one client in flight together: [`Connection::process_queued`].
+//!
+//! Reads and writes of at most one I/O chunk that wait back to back in the input go to the
+//! disk as one batch through a [`Pipeline`] (the device holds up to [`MAX_BATCH`] of them at
+//! once), and each reply is written as its request finishes, in whatever order: NBD lets a
+//! server reply out of order, simple replies and structured ones alike, since every reply
+//! carries the client's cookie. The batch finishes before the call returns, so nothing is in
+//! flight between calls and every other command (flush, trim, write-zeroes, block status,
+//! disconnect, larger reads and writes) runs on the ordinary path after the requests before
+//! it: a flush covers every write replied to before it. The ordering rules inside a batch are
+//! the pipeline's (doc/io-path.md).
+
+use super::*;
+use crate::blkqueue::pipeline::{DiskOp, Finished, Pipeline, QueuedDisk};
+
+/// Most requests one batch puts in flight.
+pub const MAX_BATCH: usize = 32;
+
+impl Connection {
+    /// As [`Connection::process`], with reads and writes batched onto the disk's queue (see
+    /// the module documentation). Returns whether anything happened.
+    pub fn process_queued<D: QueuedDisk + ?Sized>(
+        &mut self,
+        disk: &mut D,
+        stats: &mut NbdStats,
+    ) -> bool {
+        self.count_open(stats);
+        let mut progressed = false;
+        while self.phase != Phase::Closed
+            && self.output.len() < self.config.output_high_water as usize
+        {
+            if self.run_batch(disk, stats) {
+                progressed = true;
+                continue;
+            }
+            if !self.step(disk, stats) {
+                break;
+            }
+            progressed = true;
+        }
+        if self.phase == Phase::Closed {
+            self.input.clear();
+            self.release(stats);
+        }
+        progressed
+    }
+
+    /// The request at the head of the input, if it can join a batch: a valid read or write
+    /// of 1..=chunk bytes inside the disk (a write with all its payload buffered).
+    fn batchable(&self, size: u64) -> Option<Request> {
+        let pending = self.input.pending();
+        let req = Request::decode(pending.get(..REQUEST_LEN)?.try_into().ok()?)?;
+        let len = u64::from(req.len);
+        let fits = len > 0
+            && len <= self.config.chunk()
+            && req.len <= self.config.max_payload
+            && req.flags & !CMD_FLAG_FUA == 0
+            && check_request(req.offset, len, size).is_ok();
+        match Command::from_wire(req.kind) {
+            Command::Read if fits => Some(req),
+            Command::Write
+                if fits && !self.read_only && pending.len() >= REQUEST_LEN + len as usize =>
+            {
+                Some(req)
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the batchable requests at the head of the input, runs them together and writes
+    /// their replies. Returns whether there was any.
+    fn run_batch<D: QueuedDisk + ?Sized>(&mut self, disk: &mut D, stats: &mut NbdStats) -> bool {
+        if self.phase != Phase::Request || self.shutting_down {
+            return false;
+        }
+        let size = disk.size();
+        // Reads reply with their data: keep a batch's replies near the high-water mark.
+        let budget = (self.config.output_high_water as usize).saturating_sub(self.output.len());
+        let mut pipeline = Pipeline::new();
+        let mut reqs: Vec<Request> = Vec::new();
+        let mut read_bytes = 0usize;
+        while reqs.len() < MAX_BATCH {
+            let Some(req) = self.batchable(size) else {
+                break;
+            };
+            let len = req.len as usize;
+            let cmd = Command::from_wire(req.kind);
+            let op = if cmd == Command::Read {
+                if !reqs.is_empty() && read_bytes + len > budget {
+                    break;
+                }
+                read_bytes += len;
+                self.input.consume(REQUEST_LEN);
+                DiskOp::Read {
+                    offset: req.offset,
+                    len,
+                }
+            } else {
+                let data = self.input.pending()[REQUEST_LEN..REQUEST_LEN + len].to_vec();
+                self.input.consume(REQUEST_LEN + len);
+                DiskOp::Write {
+                    offset: req.offset,
+                    data,
+                    fua: req.flags & CMD_FLAG_FUA != 0,
+                }
+            };
+            stats.requests[cmd.index()] += 1;
+            pipeline.submit(reqs.len() as u64, op);
+            reqs.push(req);
+        }
+        if reqs.is_empty() {
+            return false;
+        }
+        loop {
+            let moved = pipeline.run(disk);
+            while let Some(done) = pipeline.next_finished() {
+                let req = reqs[done.tag as usize];
+                self.queued_reply(req, done, stats);
+            }
+            if pipeline.is_idle() {
+                break;
+            }
+            if !moved && disk.queue().in_flight() == 0 {
+                // Nothing on the device and nothing moving: a bug, not a wait.
+                log::error!(
+                    "nbd: {} batched requests are stuck; dropping the connection",
+                    pipeline.waiting()
+                );
+                self.protocol_error(stats);
+                break;
+            }
+            disk.queue().wait();
+        }
+        true
+    }
+
+    /// The reply to a batched request.
+    fn queued_reply(&mut self, req: Request, done: Finished, stats: &mut NbdStats) {
+        let e = match done.result {
+            Err(e) => NbdError::from(e),
+            Ok(()) if Command::from_wire(req.kind) == Command::Write => {
+                stats.bytes_written += u64::from(req.len);
+                self.reply_ok(req.handle);
+                return;
+            }
+            Ok(()) => {
+                stats.bytes_read += u64::from(req.len);
+                if self.structured {
+                    let mut h = [0u8; CHUNK_HEADER_LEN + 8];
+                    put_chunk_header(
+                        &mut h,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        req.handle,
+                        8 + req.len,
+                    );
+                    h[20..28].copy_from_slice(&req.offset.to_be_bytes());
+                    self.output.push(&h);
+                } else {
+                    let mut h = [0u8; SIMPLE_REPLY_LEN];
+                    put_simple_reply(&mut h, 0, req.handle);
+                    self.output.push(&h);
+                }
+                self.output.push(&done.data);
+                return;
+            }
+        };
+        self.reply_error(req.handle, e, error_message(e), stats);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blkqueue::queue::{CompletionOrder, MemQueue};
+    use crate::block::MemDisk;
+    use crate::qcow2::{CreateOptions, Qcow2};
+    use alloc::collections::BTreeMap;
+
+    const SIZE: u64 = 4 << 20;
+
+    fn engine() -> Qcow2<MemQueue<MemDisk>> {
+        let mut e = Qcow2::create(
+            MemQueue::new(MemDisk::growable(), 32, CompletionOrder::Shuffled(11)),
+            &CreateOptions {
+                virtual_size: SIZE,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap();
+        // The first MiB allocated: writes there go through the queue.
+        e.write(0, &vec![0x5a; 1 << 20]).unwrap();
+        e
+    }
+
+    fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        m
+    }
+
+    fn request(kind: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    }
+
+    /// A connection in transmission (structured replies if asked), its output drained.
+    fn connected(structured: bool, disk: &mut Qcow2<MemQueue<MemDisk>>) -> Connection {
+        let mut conn = Connection::new(&ServerConfig::default());
+        let mut hello = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        if structured {
+            hello.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        }
+        hello.extend(option(OPT_EXPORT_NAME, b""));
+        assert_eq!(conn.receive(&hello), hello.len());
+        let mut stats = NbdStats::default();
+        conn.process_queued(disk, &mut stats);
+        let n = conn.output().len();
+        assert_eq!(n, 18 + if structured { 20 } else { 0 } + 10);
+        conn.consume_output(n);
+        conn
+    }
+
+    /// Splits replies: handle -> (error, data), in the order they came.
+    fn replies(mut out: &[u8], read_lens: &BTreeMap<u64, usize>) -> Vec<(u64, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !out.is_empty() {
+            let magic = u32::from_be_bytes(out[..4].try_into().unwrap());
+            if magic == SIMPLE_REPLY_MAGIC {
+                let error = u32::from_be_bytes(out[4..8].try_into().unwrap());
+                let handle = u64::from_be_bytes(out[8..16].try_into().unwrap());
+                let n = if error == 0 {
+                    read_lens.get(&handle).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                v.push((handle, error, out[16..16 + n].to_vec()));
+                out = &out[16 + n..];
+            } else {
+                assert_eq!(magic, STRUCTURED_REPLY_MAGIC);
+                let kind = u16::from_be_bytes(out[6..8].try_into().unwrap());
+                let handle = u64::from_be_bytes(out[8..16].try_into().unwrap());
+                let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+                assert_eq!(kind, REPLY_TYPE_OFFSET_DATA);
+                v.push((handle, 0, out[20 + 8..20 + len].to_vec()));
+                out = &out[20 + len..];
+            }
+        }
+        v
+    }
+
+    fn pipelined_requests_are_served_together(structured: bool) {
+        let mut disk = engine();
+        let mut conn = connected(structured, &mut disk);
+        let mut stats = NbdStats::default();
+        let mut input = Vec::new();
+        let mut read_lens = BTreeMap::new();
+        // 16 writes of distinct 4 KiB blocks, then 16 reads of other blocks, then a flush.
+        for i in 0..16u64 {
+            input.extend(request(CMD_WRITE, i, i * 8192, 4096));
+            input.extend(vec![i as u8 + 1; 4096]);
+        }
+        for i in 0..16u64 {
+            input.extend(request(CMD_READ, 100 + i, i * 8192 + 4096, 4096));
+            read_lens.insert(100 + i, 4096);
+        }
+        input.extend(request(CMD_FLUSH, 999, 0, 0));
+        assert_eq!(conn.receive(&input), input.len());
+        while conn.process_queued(&mut disk, &mut stats) {}
+        let got = replies(conn.output(), &read_lens);
+        assert_eq!(got.len(), 33);
+        assert!(got.iter().all(|(_, e, _)| *e == 0));
+        let order: Vec<u64> = got.iter().map(|r| r.0).collect();
+        assert!(
+            order[..32].windows(2).any(|w| w[0] > w[1]),
+            "replies in order: {order:?}"
+        );
+        assert_eq!(
+            order[32], 999,
+            "the flush is answered after every write before it"
+        );
+        for (h, _, data) in &got {
+            if *h >= 100 && *h < 999 {
+                assert_eq!(data, &vec![0x5a; 4096]);
+            }
+        }
+        assert!(
+            disk.device().max_in_flight >= 16,
+            "{}",
+            disk.device().max_in_flight
+        );
+        assert_eq!(stats.bytes_written, 16 * 4096);
+        assert_eq!(stats.bytes_read, 16 * 4096);
+        let mut back = vec![0u8; 4096];
+        for i in 0..16u64 {
+            disk.read(i * 8192, &mut back).unwrap();
+            assert_eq!(back, vec![i as u8 + 1; 4096]);
+        }
+        assert!(disk.check().unwrap().is_clean());
+    }
+
+    #[test]
+    fn pipelined_requests_finish_together_with_simple_replies() {
+        pipelined_requests_are_served_together(false);
+    }
+
+    #[test]
+    fn pipelined_requests_finish_together_with_structured_replies() {
+        pipelined_requests_are_served_together(true);
+    }
+
+    #[test]
+    fn other_commands_and_errors_keep_their_place() {
+        let mut disk = engine();
+        let mut conn = connected(false, &mut disk);
+        let mut stats = NbdStats::default();
+        let mut input = Vec::new();
+        // A write into unallocated space (engine path), a read past the end (error), a
+        // partial-payload write that must wait for its bytes.
+        input.extend(request(CMD_WRITE, 1, 2 << 20, 4096));
+        input.extend(vec![7; 4096]);
+        input.extend(request(CMD_READ, 2, SIZE, 4096));
+        input.extend(request(CMD_READ, 3, 2 << 20, 4096));
+        input.extend(request(CMD_WRITE, 4, 0, 4096));
+        input.extend(vec![9; 1000]);
+        assert_eq!(conn.receive(&input), input.len());
+        while conn.process_queued(&mut disk, &mut stats) {}
+        let lens = BTreeMap::from([(3u64, 4096usize)]);
+        let got = replies(conn.output(), &lens);
+        let handles: Vec<u64> = got.iter().map(|r| r.0).collect();
+        assert_eq!(handles, [1, 2, 3]);
+        assert_ne!(got[1].1, 0, "a read past the end fails");
+        assert_eq!(got[2].2, vec![7; 4096]);
+        let n = conn.output().len();
+        conn.consume_output(n);
+        assert_eq!(conn.receive(&[9; 3096]), 3096);
+        while conn.process_queued(&mut disk, &mut stats) {}
+        assert_eq!(replies(conn.output(), &lens), [(4, 0, Vec::new())]);
+    }
+}
