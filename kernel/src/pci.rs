@@ -9,8 +9,11 @@
 
 use alloc::vec::Vec;
 use core::fmt;
+use virtio_drivers::transport::pci::bus::{
+    ConfigurationAccess, DeviceFunction, HeaderType, PciRoot,
+};
 
-use crate::cpu::{inb, inl, inw, outb, outl, outw};
+use crate::cpu::{inl, outb, outl, outw};
 
 const CONFIG_ADDRESS: u16 = 0xCF8;
 const CONFIG_DATA: u16 = 0xCFC;
@@ -83,47 +86,47 @@ impl PciAddress {
         }
     }
 
-    fn port_address(self, offset: u8) -> u32 {
-        0x8000_0000
-            | (u32::from(self.bus) << 16)
-            | (u32::from(self.device) << 11)
-            | (u32::from(self.function) << 8)
-            | u32::from(offset & 0xFC)
+    /// The address as virtio-drivers names it.
+    pub fn device_function(self) -> DeviceFunction {
+        DeviceFunction {
+            bus: self.bus,
+            device: self.device,
+            function: self.function,
+        }
     }
 
     /// Reads a 32-bit configuration register (`offset` is rounded down to 4).
     pub fn read_u32(self, offset: u8) -> u32 {
-        outl(CONFIG_ADDRESS, self.port_address(offset));
-        inl(CONFIG_DATA)
+        PortCam.read_word(self.device_function(), offset)
     }
 
     /// Writes a 32-bit configuration register (`offset` is rounded down to 4).
     pub fn write_u32(self, offset: u8, value: u32) {
-        outl(CONFIG_ADDRESS, self.port_address(offset));
-        outl(CONFIG_DATA, value);
+        PortCam.write_word(self.device_function(), offset, value);
     }
 
     /// Reads a 16-bit configuration register (`offset` is rounded down to 2).
     pub fn read_u16(self, offset: u8) -> u16 {
-        outl(CONFIG_ADDRESS, self.port_address(offset));
-        inw(CONFIG_DATA + u16::from(offset & 2))
+        (self.read_u32(offset) >> (8 * (offset & 2))) as u16
     }
 
-    /// Writes a 16-bit configuration register (`offset` is rounded down to 2).
+    /// Writes a 16-bit configuration register (`offset` is rounded down to 2). A 16-bit port
+    /// write, not virtio-drivers' dword access: rewriting the neighbour would clear the
+    /// status register's write-1-to-clear bits next to the command register.
     pub fn write_u16(self, offset: u8, value: u16) {
-        outl(CONFIG_ADDRESS, self.port_address(offset));
+        outl(CONFIG_ADDRESS, cam_address(self.device_function(), offset));
         outw(CONFIG_DATA + u16::from(offset & 2), value);
     }
 
     /// Reads an 8-bit configuration register.
     pub fn read_u8(self, offset: u8) -> u8 {
-        outl(CONFIG_ADDRESS, self.port_address(offset));
-        inb(CONFIG_DATA + u16::from(offset & 3))
+        (self.read_u32(offset) >> (8 * (offset & 3))) as u8
     }
 
-    /// Writes an 8-bit configuration register.
+    /// Writes an 8-bit configuration register (a byte port write, for the same reason as
+    /// [`PciAddress::write_u16`]: chipset registers share dwords with others).
     pub fn write_u8(self, offset: u8, value: u8) {
-        outl(CONFIG_ADDRESS, self.port_address(offset));
+        outl(CONFIG_ADDRESS, cam_address(self.device_function(), offset));
         outb(CONFIG_DATA + u16::from(offset & 3), value);
     }
 
@@ -137,6 +140,40 @@ impl PciAddress {
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:02x}:{:02x}.{}", self.bus, self.device, self.function)
+    }
+}
+
+/// The dword selected by `offset` in mechanism #1's address register.
+fn cam_address(df: DeviceFunction, offset: u8) -> u32 {
+    0x8000_0000
+        | (u32::from(df.bus) << 16)
+        | (u32::from(df.device) << 11)
+        | (u32::from(df.function) << 8)
+        | u32::from(offset & 0xFC)
+}
+
+/// Configuration access mechanism #1 as virtio-drivers' [`ConfigurationAccess`]: an address
+/// written to port 0xCF8 selects a dword of a function's configuration space, which is then
+/// read or written at port 0xCFC. The one implementation of dword access: [`PciRoot`] (the
+/// bus scan and the virtio transports) and [`PciAddress`] use it.
+#[derive(Debug)]
+pub struct PortCam;
+
+impl ConfigurationAccess for PortCam {
+    fn read_word(&self, df: DeviceFunction, offset: u8) -> u32 {
+        // The guest runs on one CPU without interrupt handlers that touch PCI, so the
+        // address/data pair is not interleaved.
+        outl(CONFIG_ADDRESS, cam_address(df, offset));
+        inl(CONFIG_DATA)
+    }
+
+    fn write_word(&mut self, df: DeviceFunction, offset: u8, data: u32) {
+        outl(CONFIG_ADDRESS, cam_address(df, offset));
+        outl(CONFIG_DATA, data);
+    }
+
+    unsafe fn unsafe_clone(&self) -> Self {
+        PortCam
     }
 }
 
@@ -352,31 +389,24 @@ pub fn enumerate() -> Vec<PciDevice> {
     devices
 }
 
+/// Probes the functions on `bus` (virtio-drivers' [`PciRoot::enumerate_bus`] finds them)
+/// and follows bridges to their secondary buses. The rest of a function's description (BAR
+/// sizes, subsystem, interrupt) is read by [`probe`]: virtio-drivers sizes BARs with decoding
+/// switched off, which a host bridge must not see (RAM may sit behind it), and reads the six
+/// BARs of a type-0 header only (a bridge has two).
 fn scan_bus(bus: u8, seen: &mut [bool; 256], devices: &mut Vec<PciDevice>) {
     if core::mem::replace(&mut seen[usize::from(bus)], true) {
         return;
     }
-    for device in 0..32 {
-        let first = PciAddress::new(bus, device, 0);
-        if first.read_u16(reg::VENDOR_ID) == 0xFFFF {
-            continue;
-        }
-        let functions = if first.read_u8(reg::HEADER_TYPE) & 0x80 != 0 {
-            8
-        } else {
-            1
-        };
-        for function in 0..functions {
-            let address = PciAddress::new(bus, device, function);
-            if address.read_u16(reg::VENDOR_ID) == 0xFFFF {
-                continue;
-            }
-            let found = probe(address);
-            let secondary = (found.header_type == 1).then(|| address.read_u8(reg::SECONDARY_BUS));
-            devices.push(found);
-            if let Some(secondary) = secondary.filter(|&b| b != 0) {
-                scan_bus(secondary, seen, devices);
-            }
+    let root = PciRoot::new(PortCam);
+    for (df, info) in root.enumerate_bus(bus) {
+        let address = PciAddress::new(df.bus, df.device, df.function);
+        let found = probe(address);
+        let secondary = (info.header_type == HeaderType::PciPciBridge)
+            .then(|| address.read_u8(reg::SECONDARY_BUS));
+        devices.push(found);
+        if let Some(secondary) = secondary.filter(|&b| b != 0) {
+            scan_bus(secondary, seen, devices);
         }
     }
 }

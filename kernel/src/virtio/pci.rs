@@ -1,67 +1,20 @@
-//! PCI configuration space through the legacy port I/O mechanism (0xCF8/0xCFC), which works
-//! on both QEMU machine types (`pc` and `q35`), and discovery of the virtio devices.
+//! Discovery of the virtio devices on the PCI bus, through virtio-drivers' [`PciRoot`] over
+//! the kernel's configuration access ([`PortCam`], the legacy ports 0xCF8/0xCFC).
 //!
 //! SeaBIOS enumerates the bus and assigns BARs before it jumps to the kernel, so normally the
 //! kernel only reads them (the boot-time scan, [`crate::pci::enumerate`], has sized them).
 //! A memory BAR the firmware left unassigned gets an address from a small bump allocator
 //! placed above every BAR that is already assigned.
 
-use core::arch::asm;
 use log::{info, warn};
 use virtio_drivers::transport::pci::PciTransport;
-use virtio_drivers::transport::pci::bus::{Command, ConfigurationAccess, DeviceFunction, PciRoot};
+use virtio_drivers::transport::pci::bus::{Command, DeviceFunction, PciRoot};
 
 use super::KernelHal;
-use crate::pci::{BarKind, PciDevice, VirtioKind};
+use crate::pci::{BarKind, PciDevice, PortCam, VirtioKind};
 
 /// Start of the IOAPIC's registers: the top of the 32-bit PCI memory window.
 const IOAPIC_BASE: u64 = 0xFEC0_0000;
-
-const CONFIG_ADDRESS: u16 = 0xCF8;
-const CONFIG_DATA: u16 = 0xCFC;
-
-/// Configuration access mechanism #1: an address written to port 0xCF8 selects a dword of a
-/// function's configuration space, which is then read or written at port 0xCFC.
-#[derive(Debug)]
-pub struct PortCam;
-
-fn config_address(df: DeviceFunction, offset: u8) -> u32 {
-    0x8000_0000
-        | (u32::from(df.bus) << 16)
-        | (u32::from(df.device) << 11)
-        | (u32::from(df.function) << 8)
-        | u32::from(offset & 0xFC)
-}
-
-impl ConfigurationAccess for PortCam {
-    fn read_word(&self, df: DeviceFunction, offset: u8) -> u32 {
-        let value: u32;
-        // SAFETY: ports 0xCF8/0xCFC are the PCI configuration mechanism of the PC platform;
-        // accessing them has no effect on memory. The guest runs on one CPU without
-        // interrupt handlers that touch PCI, so the address/data pair is not interleaved.
-        unsafe {
-            asm!("out dx, eax", in("dx") CONFIG_ADDRESS, in("eax") config_address(df, offset),
-                 options(nomem, nostack, preserves_flags));
-            asm!("in eax, dx", in("dx") CONFIG_DATA, out("eax") value,
-                 options(nomem, nostack, preserves_flags));
-        }
-        value
-    }
-
-    fn write_word(&mut self, df: DeviceFunction, offset: u8, data: u32) {
-        // SAFETY: as in `read_word`; writes change the device's configuration only.
-        unsafe {
-            asm!("out dx, eax", in("dx") CONFIG_ADDRESS, in("eax") config_address(df, offset),
-                 options(nomem, nostack, preserves_flags));
-            asm!("out dx, eax", in("dx") CONFIG_DATA, in("eax") data,
-                 options(nomem, nostack, preserves_flags));
-        }
-    }
-
-    unsafe fn unsafe_clone(&self) -> Self {
-        PortCam
-    }
-}
 
 /// The virtio devices found on the PCI bus, with their transports ready for a driver.
 #[derive(Default)]
