@@ -13,9 +13,12 @@
 //! and the heap and network device figures for the metrics.
 
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use log::{error, info, warn};
 use qcow_metal::block::Sectored;
+use qcow_metal::block::telemetry::BlockDeviceMetrics;
 use qcow_metal::net::NetStats;
+use qcow_metal::qcow2::chain;
 use qcow_metal::service;
 use qcow_metal::service::disk::{Disk, open_disk};
 use qcow_metal::service::guest::{Guest, GuestSetup, shut_down};
@@ -94,30 +97,52 @@ pub fn run(platform: Platform) -> ! {
     });
 
     let found = crate::virtio::pci::probe(&platform.pci_devices);
-    let blk = found.blk.and_then(|(df, transport)| {
-        match VirtioBlk::new(transport, metrics.blockdev.clone(), time::now_ns) {
-            Ok(mut blk) => {
-                let pci = platform
-                    .pci_devices
-                    .iter()
-                    .find(|d| d.virtio_kind() == Some(crate::pci::VirtioKind::Block));
-                if pci.and_then(apic::enable_wake).is_some() {
-                    // Long waits for the device halt the CPU instead of spinning.
-                    blk.set_waiter(apic::idle_until);
-                }
-                if config.grow && !config.read_only {
-                    // The host file grows on demand: ask the runner (`crate::hostfile`).
-                    blk.enable_growth();
-                }
-                Some(Sectored::new(blk))
-            }
-            Err(e) => {
-                error!("virtio-blk at {df}: {e:?}");
-                None
-            }
+    // Every virtio-blk device, named by its serial: the disk, and the layers of its backing
+    // chain (read-only). Which is which never depends on PCI order.
+    let mut devices = Vec::new();
+    for (df, transport) in found.blk.into_iter().chain(found.more_blk) {
+        let stats = Arc::new(BlockDeviceMetrics::new("layer"));
+        match VirtioBlk::new(transport, stats, time::now_ns) {
+            Ok(mut blk) => devices.push((blk.serial(), (df, blk))),
+            Err(e) => error!("virtio-blk at {df}: {e:?}"),
         }
+    }
+    let (disk_dev, layers) = chain::split_devices(devices).unwrap_or_else(|e| {
+        error!("virtio-blk: {e}");
+        (None, Vec::new())
     });
-    let disk = open_disk(blk, &config, &metrics, time::now_ns);
+    let layers = layers
+        .into_iter()
+        .map(|(serial, (df, blk))| {
+            info!("virtio-blk at {df}: backing layer {serial}");
+            (serial, Sectored::new(blk))
+        })
+        .collect();
+    let blk = disk_dev.map(|(df, mut blk)| {
+        blk.set_stats(metrics.blockdev.clone());
+        let pci = platform.pci_devices.iter().find(|d| {
+            let a = d.address;
+            (a.bus, a.device, a.function) == (df.bus, df.device, df.function)
+        });
+        if pci.and_then(apic::enable_wake).is_some() {
+            // Long waits for the device halt the CPU instead of spinning.
+            blk.set_waiter(apic::idle_until);
+        }
+        if config.grow && !config.read_only {
+            // The host file grows on demand: ask the runner (`crate::hostfile`).
+            blk.enable_growth();
+        }
+        Sectored::new(blk)
+    });
+    let disk = open_disk(blk, layers, &config, &metrics, time::now_ns);
+    if let Disk::Qcow2(d) = &disk
+        && d.inner().chain_depth() > 1
+    {
+        info!(
+            "disk: a backing chain of {} layers",
+            d.inner().chain_depth() - 1
+        );
+    }
     match &disk {
         Disk::Unavailable(why) => {
             error!("disk: unavailable: {why}; serving metrics only");

@@ -12,6 +12,7 @@ use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use qcow_metal::block::FileDisk;
+use qcow_metal::qcow2::chain::files::{self as chain_files, ChainFile};
 use qcow_metal::qcow2::header::Header;
 use qcow_metal::qcow2::{CreateOptions, Qcow2};
 
@@ -95,6 +96,28 @@ pub struct PreparedDisk {
     pub kind: DiskKind,
     /// Its length at boot (the guest's first virtio-blk capacity).
     pub file_len: u64,
+    /// The layers of its backing chain, its backing file first (empty without one): each
+    /// is attached read-only as a virtio-blk device of its own (see [`backing_chain`]).
+    pub backing: Vec<ChainFile>,
+}
+
+/// Resolves the backing chain of the qcow2 image at `path` as QEMU does (see
+/// [`qcow_metal::qcow2::chain::files`]), checks that the engine opens every layer, and
+/// takes a shared lock on each layer file (held while the returned files live), so that no
+/// writer can change a layer under the guest. Errors name the file.
+pub fn backing_chain(path: &Path) -> Result<(Vec<ChainFile>, Vec<File>)> {
+    let chain = chain_files::resolve(path)
+        .map_err(|e| Error::disk(path, "resolve the backing chain of", e))?;
+    if chain.is_empty() {
+        return Ok((chain, Vec::new()));
+    }
+    let mut locks = Vec::new();
+    for layer in &chain {
+        locks.push(crate::guard::lock_disk(&layer.path, true)?);
+    }
+    chain_files::open_layers(&chain, &qcow_metal::qcow2::OpenOptions::default())
+        .map_err(|e| Error::disk(path, "open the backing chain of", e))?;
+    Ok((chain, locks))
 }
 
 pub use qcow_metal::qcow2::max_image_len;
@@ -169,6 +192,7 @@ pub fn prepare(path: &Path, read_only: bool) -> Result<PreparedDisk> {
         path: path.to_path_buf(),
         kind,
         file_len,
+        backing: Vec::new(),
     })
 }
 

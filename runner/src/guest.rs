@@ -23,6 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use qcow_metal::config::IpConfig;
+use qcow_metal::qcow2::chain;
 use tempfile::TempDir;
 
 use crate::console::{Console, Echo, Wait};
@@ -334,7 +335,7 @@ impl GuestBuilder {
             }
         };
         let dir = rundir::create()?;
-        let (disk, lock) = self.prepare_disk(dir.path())?;
+        let (disk, locks) = self.prepare_disk(dir.path())?;
         for (port, flag) in [
             (self.metrics_port, "--metrics-port"),
             (self.nbd_port, "--nbd-port"),
@@ -395,14 +396,14 @@ impl GuestBuilder {
         guest.guest_ip = tap.as_ref().and_then(|t| t.plan().guest_addr());
         guest.tap = tap;
         if guest.outcome.is_none() {
-            guest.disk_lock = Some(lock);
+            guest.disk_lock = locks;
         }
         Ok(guest)
     }
 
     /// Checks, creates and locks the disk, then prepares it for the guest. Nothing of an
     /// earlier guest's (QMP socket, serial log) is touched before the lock is held.
-    fn prepare_disk(&self, dir: &Path) -> Result<(PreparedDisk, File)> {
+    fn prepare_disk(&self, dir: &Path) -> Result<(PreparedDisk, Vec<File>)> {
         // A raw guest on a raw drive gets a plain file; every other setup a qcow2 image.
         let raw_file = self.format == GuestFormat::Raw && self.drive_format == "raw";
         let path = match &self.disk {
@@ -428,8 +429,17 @@ impl GuestBuilder {
         if lock.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
             return Err(guard::empty(&path));
         }
+        let mut locks = vec![lock];
         let prepared = if self.drive_format == "raw" {
-            disk::prepare(&path, self.read_only)?
+            let mut prepared = disk::prepare(&path, self.read_only)?;
+            if matches!(prepared.kind, disk::DiskKind::Qcow2(_)) && self.format != GuestFormat::Raw
+            {
+                // The guest opens the chain: every layer becomes a read-only device.
+                let (chain, layer_locks) = disk::backing_chain(&path)?;
+                prepared.backing = chain;
+                locks.extend(layer_locks);
+            }
+            prepared
         } else {
             // QEMU's own driver grows the file; only check that it opens.
             std::fs::OpenOptions::new()
@@ -441,9 +451,10 @@ impl GuestBuilder {
                 file_len: std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
                 path,
                 kind: disk::DiskKind::Raw,
+                backing: Vec::new(),
             }
         };
-        Ok((prepared, lock))
+        Ok((prepared, locks))
     }
 
     /// Starts QEMU; when the host ports were picked here and QEMU cannot forward them (taken
@@ -588,6 +599,12 @@ impl GuestBuilder {
             disk: disk.path.clone(),
             drive_format: self.drive_format.clone(),
             read_only: self.read_only,
+            backing: disk
+                .backing
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.path.clone(), chain::layer_serial(i + 1, l.format)))
+                .collect(),
             metrics_port,
             nbd_port,
             tap: match self.net {
@@ -658,7 +675,7 @@ impl GuestBuilder {
         Ok(Guest {
             child,
             dir: None,
-            disk_lock: None,
+            disk_lock: Vec::new(),
             disk: disk.clone(),
             config,
             console,
@@ -683,7 +700,7 @@ pub struct Guest {
     /// Holds the QMP socket and the temporary disk; removed when the guest is dropped.
     dir: Option<TempDir>,
     /// The disk file's lock (see [`guard::lock_disk`]), held while QEMU runs.
-    disk_lock: Option<File>,
+    disk_lock: Vec<File>,
     disk: PreparedDisk,
     config: QemuConfig,
     console: Console,
@@ -954,7 +971,7 @@ impl Guest {
             if outcome == GuestOutcome::Clean && self.cut_at_exit {
                 self.cut_host_file();
             }
-            self.disk_lock = None;
+            self.disk_lock.clear();
             self.drain_output();
         }
         Ok(self.outcome)
@@ -1068,7 +1085,7 @@ impl Guest {
             let _ = self.child.kill();
             if let Ok(status) = self.child.wait() {
                 self.outcome = Some(GuestOutcome::from_status(status));
-                self.disk_lock = None;
+                self.disk_lock.clear();
             }
         }
     }

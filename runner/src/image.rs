@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use qcow_metal::block::FileDisk;
+use qcow_metal::qcow2::chain::LayerFormat;
+use qcow_metal::qcow2::chain::files as chain_files;
 use qcow_metal::qcow2::{CheckReport, ClusterKind, OpenOptions, Qcow2, Qcow2Error};
 
 use crate::disk;
@@ -86,7 +88,12 @@ fn open_with(path: &Path, writable: bool, repair: bool) -> Result<Qcow2<FileDisk
         repair,
         ..OpenOptions::default()
     };
-    Qcow2::open(dev, opts).map_err(|e| err("open", e.to_string()))
+    // An overlay opens with its backing chain, resolved as QEMU does.
+    let chain =
+        chain_files::resolve_if_qcow2(path).map_err(|e| err("resolve the backing chain of", e))?;
+    let below =
+        chain_files::open_layers(&chain, &opts).map_err(|e| err("open the backing chain of", e))?;
+    Qcow2::open_with_backing(dev, opts, below).map_err(|e| err("open", e.to_string()))
 }
 
 fn engine_err<'a>(path: &'a Path, action: &'static str) -> impl Fn(Qcow2Error) -> Error + 'a {
@@ -95,6 +102,34 @@ fn engine_err<'a>(path: &'a Path, action: &'static str) -> impl Fn(Qcow2Error) -
         action,
         reason: e.to_string(),
     }
+}
+
+/// `image info --backing-chain`: [`info`] of the image and of every layer of its backing
+/// chain, top first, separated by blank lines (as `qemu-img info --backing-chain`).
+pub fn info_chain(path: &Path) -> Result<String> {
+    let chain = chain_files::resolve_if_qcow2(path)
+        .map_err(|e| Error::disk(path, "resolve the backing chain of", e))?;
+    let mut out = info(path)?;
+    for layer in &chain {
+        out.push('\n');
+        match layer.format {
+            LayerFormat::Qcow2 => out.push_str(&info(&layer.path)?),
+            LayerFormat::Raw => {
+                let mut line = |k: &str, v: String| out.push_str(&format!("{k:<24}{v}\n"));
+                line("image:", layer.path.display().to_string());
+                line("file format:", "raw".into());
+                line(
+                    "virtual size:",
+                    format!(
+                        "{} ({} bytes)",
+                        format_size(layer.virtual_size),
+                        layer.virtual_size
+                    ),
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// `image info`: a human-readable summary of the image (header, features, space).
@@ -146,6 +181,9 @@ pub fn info(path: &Path) -> Result<String> {
     line("snapshots:", i.snapshots.to_string());
     if let Some(backing) = &i.backing_file {
         line("backing file:", backing.clone());
+    }
+    if let Some(format) = image.header().backing_format() {
+        line("backing file format:", format);
     }
     line("data:", format_size(space.data_bytes));
     line("metadata:", format_size(space.metadata_bytes));

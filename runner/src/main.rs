@@ -159,6 +159,9 @@ enum ImageCommand {
     Info {
         /// The image file
         path: PathBuf,
+        /// Also show every layer of its backing chain (as `qemu-img info --backing-chain`)
+        #[arg(long)]
+        backing_chain: bool,
     },
     /// Check an image for leaked clusters and corruptions, like `qemu-img check` (exit
     /// status 0 clean, 1 check errors, 2 corruptions, 3 leaks)
@@ -295,7 +298,14 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
                 refcount_bits
             ))
         }
-        ImageCommand::Info { path } => out(&image::info(&path)?),
+        ImageCommand::Info {
+            path,
+            backing_chain: false,
+        } => out(&image::info(&path)?),
+        ImageCommand::Info {
+            path,
+            backing_chain: true,
+        } => out(&image::info_chain(&path)?),
         ImageCommand::Check { path, repair } => {
             let report = image::check(&path, repair)?;
             let code = ExitCode::from(image::check_exit_code(&report));

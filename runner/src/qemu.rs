@@ -136,6 +136,9 @@ pub struct QemuConfig {
     pub drive_format: String,
     /// Give the guest a read-only disk.
     pub read_only: bool,
+    /// The layers of the disk's backing chain: each file is attached read-only as a
+    /// virtio-blk device with the serial given (see `qcow_metal::qcow2::chain`).
+    pub backing: Vec<(PathBuf, String)>,
     /// Host port forwarded to the guest's metrics port.
     pub metrics_port: u16,
     /// Host port forwarded to the guest's NBD port.
@@ -194,7 +197,25 @@ impl QemuConfig {
         }
         push(&drive);
         push("-device");
-        push("virtio-blk-pci,drive=disk0,id=vblk0");
+        push(&format!(
+            "virtio-blk-pci,drive=disk0,id=vblk0,serial={}",
+            qcow_metal::qcow2::chain::DISK_SERIAL
+        ));
+        for (i, (file, serial)) in self.backing.iter().enumerate() {
+            // QEMU takes a shared lock on a read-only file: no writer can open it meanwhile.
+            push("-drive");
+            push(&format!(
+                "file={},format=raw,if=none,id=layer{},readonly=on,cache=writeback,rerror=report",
+                escape_option(&file.to_string_lossy()),
+                i + 1
+            ));
+            push("-device");
+            push(&format!(
+                "virtio-blk-pci,drive=layer{},id=vblk-layer{},serial={serial}",
+                i + 1,
+                i + 1
+            ));
+        }
         push("-netdev");
         match &self.tap {
             // script=no: the runner (or the user) has set the host side up already.
@@ -257,6 +278,7 @@ mod tests {
             disk: "/d/my,disk.qcow2".into(),
             drive_format: "raw".into(),
             read_only: false,
+            backing: Vec::new(),
             metrics_port: 19090,
             nbd_port: 20809,
             tap: None,

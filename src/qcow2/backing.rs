@@ -124,6 +124,7 @@ impl<D: BlockDevice> Qcow2<D> {
             return Err(Qcow2Error::BackingRequired);
         }
         q.backing = backing.map(Box::new);
+        q.stats.chain_layers = q.chain_depth() as u64;
         Ok(q)
     }
 
@@ -155,6 +156,24 @@ impl<D: BlockDevice> Qcow2<D> {
         }
     }
 
+    /// Copies each backing layer's served-bytes count into [`super::Stats`].
+    fn note_layer_reads(&mut self) {
+        let counts = &mut self.stats.layer_data_bytes_read;
+        let mut layer = self.backing.as_deref();
+        let mut d = 0;
+        while let Some(b) = layer {
+            let (served, below) = match &b.layer {
+                Layer::Qcow2(q) => (q.stats.data_bytes_read, q.backing.as_deref()),
+                Layer::Raw(_) => (b.raw_bytes_read, None),
+            };
+            if let Some(c) = counts.get_mut(d) {
+                *c = served;
+            }
+            layer = below;
+            d += 1;
+        }
+    }
+
     /// Whether unallocated clusters read from a backing layer (instead of as zeros).
     pub(crate) fn has_backing(&self) -> bool {
         self.backing.is_some()
@@ -164,7 +183,11 @@ impl<D: BlockDevice> Qcow2<D> {
     /// layer's bytes, or zeros without one.
     pub(crate) fn read_unallocated(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         match &mut self.backing {
-            Some(b) => b.read(offset, buf),
+            Some(b) => {
+                let r = b.read(offset, buf);
+                self.note_layer_reads();
+                r
+            }
             None => {
                 buf.fill(0);
                 Ok(())

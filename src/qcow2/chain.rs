@@ -60,6 +60,43 @@ impl Header {
 /// Prefix of every layer serial.
 const SERIAL_PREFIX: &str = "qm-layer";
 
+/// The virtio-blk serial of the disk itself (the overlay, or a disk without a chain).
+pub const DISK_SERIAL: &str = "qm-disk";
+
+/// Sorts the guest's virtio-blk devices, each with its serial (`None`: none or unreadable),
+/// into the disk and the backing layers (with their serials, for [`open_chain`]). The disk
+/// is the device with serial [`DISK_SERIAL`]; without one (QEMU started by hand), the one
+/// device without a layer serial. `None` for the disk when there is no device.
+#[allow(clippy::type_complexity)]
+pub fn split_devices<D>(
+    devices: Vec<(Option<String>, D)>,
+) -> Result<(Option<D>, Vec<(String, D)>), &'static str> {
+    let mut disk = None;
+    let mut others = Vec::new();
+    let mut layers = Vec::new();
+    for (serial, dev) in devices {
+        match serial {
+            Some(s) if s == DISK_SERIAL => {
+                if disk.is_some() {
+                    return Err("two virtio-blk devices have the disk's serial `qm-disk`");
+                }
+                disk = Some(dev);
+            }
+            Some(s) if parse_layer_serial(&s).is_some() => layers.push((s, dev)),
+            _ => others.push(dev),
+        }
+    }
+    if disk.is_none() {
+        if others.len() > 1 {
+            return Err(
+                "several virtio-blk devices and none has the serial `qm-disk`: give the disk                  `serial=qm-disk` (the runner does)",
+            );
+        }
+        disk = others.pop();
+    }
+    Ok((disk, layers))
+}
+
 /// The virtio-blk serial of backing layer `depth` (1: the overlay's backing file, 2: its
 /// backing, ...) in `format`, e.g. `qm-layer1-qcow2`. At most 20 bytes (virtio-blk's ID
 /// length) for any depth below 100000.

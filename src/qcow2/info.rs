@@ -10,6 +10,9 @@ use crate::block::BlockDevice;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+/// Backing layers whose reads [`Stats::layer_data_bytes_read`] counts.
+pub const MAX_LAYER_STATS: usize = 16;
+
 /// Counters of the engine's work since the image was opened. Plain integers: the engine is
 /// used through `&mut` from one thread.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,6 +74,12 @@ pub struct Stats {
     pub compaction_steps: u64,
     /// Leaked clusters (in use by nothing) that compaction found at the tail and freed.
     pub compaction_leaks_freed: u64,
+    /// Layers of the backing chain, this image included (0 or 1: no backing file).
+    pub chain_layers: u64,
+    /// Guest data bytes each backing layer served from its own clusters (a raw layer: every
+    /// byte read from it): element `d - 1` for layer `d` (1 is the backing file); layers
+    /// deeper than [`MAX_LAYER_STATS`] are not counted here.
+    pub layer_data_bytes_read: [u64; MAX_LAYER_STATS],
 }
 
 /// How the image uses its space.

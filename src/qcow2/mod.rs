@@ -74,7 +74,7 @@ pub use compact::{CompactProgress, CompactionState};
 pub use compress::{ClusterCompressor, CompressionType};
 pub use entry::{ClusterKind, Mapping};
 pub use error::Qcow2Error;
-pub use info::{ImageInfo, MapEntry, SpaceInfo, Stats};
+pub use info::{ImageInfo, MAX_LAYER_STATS, MapEntry, SpaceInfo, Stats};
 pub use layout::max_image_len;
 pub use snapshot::{Snapshot, SnapshotView};
 

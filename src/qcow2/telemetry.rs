@@ -215,6 +215,26 @@ pub fn encode(enc: &mut Encoder<'_>, disk: &str, f: &EngineFigures<'_>) -> fmt::
     for (meta, v) in &counters {
         enc.family(meta, DISK, one(*v))?;
     }
+    // Reads per layer of the backing chain: depth 0 is the image itself.
+    let layers = (s.chain_layers.max(1) as usize).min(s.layer_data_bytes_read.len() + 1);
+    let depths: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    enc.family(
+        &Meta::counter(
+            "qcow_metal_disk_layer_read_bytes",
+            "Guest data bytes read from each layer of the backing chain (depth 0: the image itself, 1: its backing file, ...).",
+        )
+        .unit("bytes"),
+        &["disk", "depth"],
+        (0..layers).map(|d| {
+            let v = match d {
+                0 => s.data_bytes_read,
+                d => s.layer_data_bytes_read[d - 1],
+            };
+            ([disk, depths[d]], Value::U64(v))
+        }),
+    )?;
     const CACHE: &[&str; 2] = &["disk", "cache"];
     enc.family(
         &Meta::counter(

@@ -4,6 +4,7 @@
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::vec::Vec;
 use log::warn;
 
 use crate::block::BlockDevice;
@@ -11,7 +12,7 @@ use crate::config::{Config, DiskFormat};
 use crate::disk::telemetry::Instrumented;
 use crate::disk::{RawDisk, VirtualDisk};
 use crate::qcow2::telemetry::EngineFigures;
-use crate::qcow2::{OpenOptions, Qcow2, SpaceInfo, probe};
+use crate::qcow2::{OpenOptions, Qcow2, SpaceInfo, chain, probe};
 use crate::telemetry::GuestMetrics;
 
 /// The first bytes of every qcow2 image.
@@ -136,10 +137,12 @@ impl<B: BlockDevice> Disk<B> {
     }
 }
 
-/// Brings up the disk on the block device, following `config.format`; `clock` (monotonic,
-/// nanoseconds) times the requests for the metrics.
+/// Brings up the disk on the block device, following `config.format`; a qcow2 overlay
+/// opens over the backing `layers` (devices with their serials, see [`chain`]); `clock`
+/// (monotonic, nanoseconds) times the requests for the metrics.
 pub fn open_disk<B: BlockDevice>(
     dev: Option<B>,
+    layers: Vec<(String, B)>,
     config: &Config,
     metrics: &GuestMetrics,
     clock: fn() -> u64,
@@ -192,12 +195,18 @@ pub fn open_disk<B: BlockDevice>(
         zero_tail: !config.read_only,
         ..OpenOptions::default()
     };
-    match Qcow2::open(dev, options) {
+    let engine = if layers.is_empty() {
+        Qcow2::open(dev, options).map_err(|e| format!("the qcow2 image cannot be opened: {e}"))
+    } else {
+        chain::open_chain(dev, options, layers)
+            .map_err(|e| format!("the backing chain cannot be opened: {e}"))
+    };
+    match engine {
         Ok(engine) => Disk::Qcow2(Box::new(Instrumented::new(
             engine,
             metrics.disk.clone(),
             clock,
         ))),
-        Err(e) => Disk::Unavailable(format!("the qcow2 image cannot be opened: {e}")),
+        Err(e) => Disk::Unavailable(e),
     }
 }

@@ -220,7 +220,7 @@ impl Harness {
             mirage: false,
             clock: || 0,
         });
-        let guest_disk = open_disk(Some(disk.clone()), &config, &metrics, || 0);
+        let guest_disk = open_disk(Some(disk.clone()), Vec::new(), &config, &metrics, || 0);
         let (guest_end, client_end) = link();
         let platform = TestPlatform {
             clock: clock.clone(),

@@ -555,3 +555,24 @@ fn the_parser_reads_both_formats_of_the_exposition() {
         assert_eq!(exp.family(counter_family).unwrap().kind, "counter");
     }
 }
+
+#[test]
+fn backing_layer_reads_have_a_series_per_depth_and_pass_promtool() {
+    let mut p = populated_guest(false);
+    // Without a backing file: depth 0 only.
+    assert!(
+        p.text(Format::Text)
+            .contains("qcow_metal_disk_layer_read_bytes_total{disk=\"disk0\",depth=\"0\"}")
+    );
+    assert!(!p.text(Format::Text).contains("depth=\"1\""));
+    p.stats.chain_layers = 3;
+    p.stats.layer_data_bytes_read[0] = 4096;
+    p.stats.layer_data_bytes_read[1] = 65536;
+    let text = p.text(Format::Text);
+    assert!(
+        text.contains("qcow_metal_disk_layer_read_bytes_total{disk=\"disk0\",depth=\"2\"} 65536"),
+        "{text}"
+    );
+    let (ok, report) = promtool_check(text.as_bytes());
+    assert!(ok && report.trim().is_empty(), "promtool says:\n{report}");
+}

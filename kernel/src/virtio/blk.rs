@@ -27,6 +27,7 @@
 //! configuration generation and raises the configuration-change interrupt (ISR bit 1);
 //! [`VirtioBlk::refresh_capacity`] re-reads the capacity when either says so.
 
+use alloc::string::String;
 use alloc::sync::Arc;
 use log::{info, warn};
 use qcow_metal::blkqueue::plan::{
@@ -310,6 +311,46 @@ impl VirtioBlk {
             dev.limits.request_max / 1024,
         );
         Ok(dev)
+    }
+
+    /// The device's serial (`VIRTIO_BLK_T_GET_ID`, virtio 1.x 5.2.6: up to 20 bytes, the
+    /// `serial=` QEMU was given), or `None` when it has none or the request fails. Call it
+    /// before any other request is in flight (at bring-up).
+    pub fn serial(&mut self) -> Option<String> {
+        /// `VIRTIO_BLK_T_GET_ID`.
+        const T_GET_ID: u32 = 8;
+        let mut header = [0u8; 16];
+        header[..4].copy_from_slice(&T_GET_ID.to_le_bytes());
+        let mut id = [0u8; 20];
+        let mut status = [0xffu8; 1];
+        // SAFETY: the header, id and status buffers live on this stack frame until
+        // `pop_used` below hands them back; nothing else touches them meanwhile.
+        let token = unsafe {
+            self.queue
+                .add(&[&header[..]], &mut [&mut id[..], &mut status[..]])
+        }
+        .ok()?;
+        if self.queue.should_notify() {
+            self.transport.notify(QUEUE);
+        }
+        let used = self.wait_used();
+        // SAFETY: the same buffers as passed to `add` for this token.
+        let popped = unsafe {
+            self.queue
+                .pop_used(used, &[&header[..]], &mut [&mut id[..], &mut status[..]])
+        };
+        if used != token || popped.is_err() || status[0] != 0 {
+            return None;
+        }
+        let len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
+        (len > 0).then(|| String::from_utf8_lossy(&id[..len]).into_owned())
+    }
+
+    /// Updates `stats` from now on (the disk's exported metrics, once the device is known
+    /// to be the disk), starting with the capacity.
+    pub fn set_stats(&mut self, stats: Arc<BlockDeviceMetrics>) {
+        stats.set_capacity(self.capacity_bytes());
+        self.stats = stats;
     }
 
     /// The metrics this device updates.

@@ -21,6 +21,9 @@ const IOAPIC_BASE: u64 = 0xFEC0_0000;
 pub struct VirtioDevices {
     /// The first virtio-blk device.
     pub blk: Option<(DeviceFunction, PciTransport)>,
+    /// Further virtio-blk devices (layers of a backing chain; which is which comes from
+    /// their serials, not from this order).
+    pub more_blk: alloc::vec::Vec<(DeviceFunction, PciTransport)>,
     /// The first virtio-net device.
     pub net: Option<(DeviceFunction, PciTransport)>,
 }
@@ -45,7 +48,7 @@ impl BarAllocator {
     }
 }
 
-/// Brings up the first virtio-blk and virtio-net devices among `devices` (the boot-time
+/// Brings up the virtio-blk devices and the first virtio-net device among `devices` (the boot-time
 /// PCI scan): BARs assigned, memory decoding and bus mastering on, PCI transport built.
 /// Other devices are left alone.
 pub fn probe(devices: &[PciDevice]) -> VirtioDevices {
@@ -66,9 +69,11 @@ pub fn probe(devices: &[PciDevice]) -> VirtioDevices {
     };
 
     for device in devices {
+        // Which slot the device goes to: `None` for a further virtio-blk device.
         let slot = match device.virtio_kind() {
-            Some(VirtioKind::Block) if found.blk.is_none() => &mut found.blk,
-            Some(VirtioKind::Net) if found.net.is_none() => &mut found.net,
+            Some(VirtioKind::Block) if found.blk.is_none() => Some(&mut found.blk),
+            Some(VirtioKind::Block) => None,
+            Some(VirtioKind::Net) if found.net.is_none() => Some(&mut found.net),
             _ => continue,
         };
         let a = device.address;
@@ -89,7 +94,10 @@ pub fn probe(devices: &[PciDevice]) -> VirtioDevices {
                     "{} at {df}",
                     device.virtio_kind().map_or("virtio", VirtioKind::name)
                 );
-                *slot = Some((df, transport));
+                match slot {
+                    Some(slot) => *slot = Some((df, transport)),
+                    None => found.more_blk.push((df, transport)),
+                }
             }
             Err(e) => warn!("{df} cannot be used: {e}"),
         }

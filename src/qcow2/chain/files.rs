@@ -165,6 +165,15 @@ pub fn resolve(path: &Path) -> Result<Vec<ChainFile>, String> {
     Ok(chain)
 }
 
+/// [`resolve`] for a file that may not be a (readable) qcow2 image: such a file has no
+/// chain here (the engine's open then says what is wrong with it).
+pub fn resolve_if_qcow2(path: &Path) -> Result<Vec<ChainFile>, String> {
+    match read_header(path) {
+        Ok(h) if h.backing_file.is_some() => resolve(path),
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// Opens the backing layers `chain` (as [`resolve`] returns them) read-only, deepest first;
 /// returns the layer under the top image.
 pub fn open_layers(

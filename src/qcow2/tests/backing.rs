@@ -361,6 +361,17 @@ fn open_chain_by_serial() {
         Some((99999, LayerFormat::Qcow2))
     );
     assert_eq!(chain::parse_layer_serial("qm-layer0-raw"), None);
+    // Picking the disk among devices by serial, whatever their order.
+    let devs = vec![
+        (Some(chain::layer_serial(1, LayerFormat::Raw)), 1),
+        (Some(chain::DISK_SERIAL.to_string()), 2),
+        (None, 3),
+    ];
+    let (disk, layers) = chain::split_devices(devs).unwrap();
+    assert_eq!((disk, layers.len()), (Some(2), 1));
+    let (disk, _) = chain::split_devices(vec![(None, 7)]).unwrap();
+    assert_eq!(disk, Some(7));
+    assert!(chain::split_devices(vec![(None, 7), (Some("x".into()), 8)]).is_err());
 }
 
 /// Random writes, write-zeroes (with and without unmap) and discards on an overlay of a
