@@ -146,7 +146,7 @@ pub struct MemQueue<D> {
     pending: VecDeque<(u64, QueuedOp)>,
     ready: VecDeque<Completion>,
     order: CompletionOrder,
-    rng: u64,
+    rng: fastrand::Rng,
     depth: usize,
     alignment: u64,
     /// With `Some(n)`, only [`MemQueue::advance`] completes requests, `n` per call.
@@ -164,10 +164,10 @@ impl<D: BlockDevice> MemQueue<D> {
             dev,
             pending: VecDeque::new(),
             ready: VecDeque::new(),
-            rng: match order {
-                CompletionOrder::Shuffled(seed) => seed | 1,
+            rng: fastrand::Rng::with_seed(match order {
+                CompletionOrder::Shuffled(seed) => seed,
                 _ => 1,
-            },
+            }),
             order,
             depth: depth.max(1),
             alignment: 512,
@@ -209,11 +209,7 @@ impl<D: BlockDevice> MemQueue<D> {
             CompletionOrder::Fifo => 0,
             CompletionOrder::Lifo => self.pending.len() - 1,
             CompletionOrder::Shuffled(_) => {
-                // xorshift64
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                (self.rng % self.pending.len() as u64) as usize
+                self.rng.usize(..self.pending.len())
             }
         };
         let Some((tag, op)) = self.pending.remove(i) else {
