@@ -30,6 +30,24 @@ fn dirty_runs(text: &str) -> Vec<(u64, u64)> {
     runs
 }
 
+/// `qemu-img convert -l NAME -O raw IMAGE OUT`: a snapshot's bytes as QEMU reads them.
+fn snapshot_raw(image: &str, name: &str, out: &std::path::Path) -> Vec<u8> {
+    run_tool(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "convert",
+            "-l",
+            name,
+            "-O",
+            "raw",
+            image,
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(out).unwrap()
+}
+
 #[test]
 fn snapshot_export_and_dirty_bitmap_through_the_guest() {
     for (p, pkg) in [
@@ -67,20 +85,7 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
         "qemu-utils",
         &["bitmap", "--add", "-g", "64K", p, "b0"],
     );
-    let s1_raw = dir.path().join("s1.raw");
-    run_tool(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-l",
-            "s1",
-            "-O",
-            "raw",
-            p,
-            s1_raw.to_str().unwrap(),
-        ],
-    );
+    let s1 = snapshot_raw(p, "s1", &dir.path().join("s1.raw"));
 
     let (mut g, _) = boot(guest().disk(&img));
     let uri = g.nbd_url();
@@ -114,7 +119,7 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
         ],
     );
     assert!(
-        std::fs::read(&via_nbd).unwrap() == std::fs::read(&s1_raw).unwrap(),
+        std::fs::read(&via_nbd).unwrap() == s1,
         "disk@s1 over the guest differs from qemu-img convert -l s1"
     );
     let want = vec![(MIB, 64 << 10), (6 * MIB, 128 << 10), (10 * MIB, 64 << 10)];
@@ -155,19 +160,8 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
         want,
         "qemu-nbd -B b0 after shutdown: {map}"
     );
-    let after = dir.path().join("s1-after.raw");
-    run_tool(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-l",
-            "s1",
-            "-O",
-            "raw",
-            p,
-            after.to_str().unwrap(),
-        ],
+    assert!(
+        snapshot_raw(p, "s1", &dir.path().join("s1-after.raw")) == s1,
+        "the snapshot changed"
     );
-    assert!(std::fs::read(&after).unwrap() == std::fs::read(&s1_raw).unwrap());
 }

@@ -501,38 +501,36 @@ impl<D: BlockDevice> Qcow2<D> {
 
     /// Adds one reference to each L2 table of `l1` and each cluster those tables use.
     fn add_l1_refs(&mut self, l1: &[u64]) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        for &e in l1 {
-            let Some((off, _)) = decode_l1(e, &self.geo)? else {
-                continue;
-            };
-            for x in self.l2_entries_of(off)? {
-                let m = Mapping::decode(x, &self.geo, self.hdr.version)?;
-                if let Some((first, n)) = self.entry_clusters(m) {
-                    for c in first..first + n {
-                        self.add_ref(c)?;
-                    }
-                }
-            }
-            self.add_ref(off / cs)?;
-        }
-        Ok(())
+        self.change_l1_refs(l1, true)
     }
 
     /// Drops (deferred) one reference to each L2 table of `l1` and each cluster they use.
     fn drop_l1_refs(&mut self, l1: &[u64]) -> Result<()> {
+        self.change_l1_refs(l1, false)
+    }
+
+    /// One reference more (`add`) or one less, deferred, to everything `l1` reaches.
+    fn change_l1_refs(&mut self, l1: &[u64], add: bool) -> Result<()> {
         let cs = self.geo.cluster_size();
         for &e in l1 {
             let Some((off, _)) = decode_l1(e, &self.geo)? else {
                 continue;
             };
+            let mut runs: Vec<(u64, u64)> = Vec::new();
             for x in self.l2_entries_of(off)? {
                 let m = Mapping::decode(x, &self.geo, self.hdr.version)?;
-                if let Some((first, n)) = self.entry_clusters(m) {
+                runs.extend(self.entry_clusters(m));
+            }
+            runs.push((off / cs, 1));
+            for (first, n) in runs {
+                if add {
+                    for c in first..first + n {
+                        self.add_ref(c)?;
+                    }
+                } else {
                     self.queue_free(first, n)?;
                 }
             }
-            self.queue_free(off / cs, 1)?;
         }
         Ok(())
     }
