@@ -14,6 +14,7 @@ use crate::metrics::registry::VecWriter;
 use crate::metrics::{Collector, Encoder, Family, Format, InfoValue, Meta, Value, negotiate};
 use crate::nbd::NbdStats;
 use crate::net::NetStats;
+use crate::service::telemetry::ConnectionFigures;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -50,6 +51,8 @@ pub struct Scrape<'a> {
     pub net: &'a NetStats,
     /// The machine's own figures.
     pub system: SystemFigures,
+    /// The service ports' listener pools, where the server has them (the guest).
+    pub connections: Option<ConnectionFigures<'a>>,
 }
 
 /// What the machine reports about itself at scrape time.
@@ -138,6 +141,9 @@ impl GuestMetrics {
         )?;
         self.build_info.encode(enc)?;
         s.net.encode(enc, &self.interface)?;
+        if let Some(connections) = &s.connections {
+            connections.encode(enc)?;
+        }
         if self.mirage {
             self.disk.encode_mirage(enc, &s.disk)?;
         }

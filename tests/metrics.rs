@@ -394,6 +394,7 @@ impl Site for HostSite {
                 heap_size: 64 << 20,
                 heap_used: 1 << 20,
             },
+            connections: None,
         };
         p.metrics.serve(accept, &scrape, out)
     }

@@ -176,6 +176,7 @@ impl Shared {
                 uptime_seconds: now_ns() as f64 / 1e9,
                 ..SystemFigures::default()
             },
+            connections: None,
         };
         self.metrics.render_into(format, &scrape, out);
     }

@@ -42,6 +42,7 @@ use super::http::{GuestSite, HttpSession};
 use super::nbd::{NbdSession, NoDisk};
 use super::net::{DEFAULT_BUFFER_BUDGET, Network, PortStats, Service, Tap};
 use super::session::{Evictable, Session};
+use super::telemetry::ConnectionFigures;
 use crate::block::BlockDevice;
 use crate::compaction::Scheduler;
 use crate::config::{Config, GuestExit};
@@ -533,6 +534,10 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
         let mut busy = false;
         let mut accepted = [0u64; 2];
         let mut timed_out = [0u64; 2];
+        // The pools as they were when the turn began, with the connections accepted since
+        // (a scrape reads them).
+        let mut port_figures = self.net.port_figures();
+        let connection_figures = self.net.connection_figures(&[]);
         for (i, listener) in self.net.listeners.iter().enumerate() {
             let socket = self.net.sockets.get_mut::<tcp::Socket>(listener.handle);
             let slot = &mut self.sessions[i];
@@ -554,6 +559,7 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
             }
             if slot.is_none() {
                 accepted[listener.service.index()] += 1;
+                port_figures[listener.service.index()].stats.accepted += 1;
                 *slot = Some(match listener.service {
                     Service::Http => Session::Http(Box::new(HttpSession::new(now_ms))),
                     Service::Nbd => Session::Nbd(Box::new(match self.disk {
@@ -575,6 +581,8 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                     };
                     let compaction = (self.compaction.state(), self.compaction.passes());
                     let platform = &self.platform;
+                    let ports = &port_figures;
+                    let connections = &connection_figures;
                     let mut render = |format: Format, out: &mut Vec<u8>| {
                         let scrape = Scrape {
                             disk: DiskFigures {
@@ -586,6 +594,10 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                             http: &self.http_stats,
                             net: platform.net_stats(),
                             system: platform.system(),
+                            connections: Some(ConnectionFigures {
+                                ports,
+                                ..*connections
+                            }),
                         };
                         self.metrics.render_into(format, &scrape, out);
                     };

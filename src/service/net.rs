@@ -25,6 +25,8 @@ use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
 
+pub use super::telemetry::PortStats;
+use super::telemetry::{ConnectionFigures, PortFigures};
 use crate::config::{Config, IpConfig};
 
 /// How a port's pool is sized.
@@ -71,21 +73,6 @@ pub const SPARE_LISTENERS: usize = 4;
 
 /// Default budget of socket buffer memory: at most this, and at most a quarter of the heap.
 pub const DEFAULT_BUFFER_BUDGET: u64 = 64 << 20;
-
-/// What happened to the connections of one port since boot.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PortStats {
-    /// Connections accepted (a session was started).
-    pub accepted: u64,
-    /// Connection attempts answered with RST: no socket was listening, the pool could not
-    /// grow (maximum or memory budget reached) and no connection could be evicted.
-    pub refused: u64,
-    /// Connections closed to make room for new ones (the longest idle first), or because
-    /// slow clients held more than their share of the pool.
-    pub evicted: u64,
-    /// Connections closed by an idle timeout.
-    pub timed_out: u64,
-}
 
 /// A network device wrapped so that the interface's caller learns, frame by frame, whether
 /// the frame just taken in was a TCP SYN (a connection attempt) and to which port.
@@ -367,6 +354,25 @@ impl Network {
     /// The counts of `service`'s port, to update.
     pub fn stats_mut(&mut self, service: Service) -> &mut PortStats {
         &mut self.stats[service.index()]
+    }
+
+    /// Per port: its counts and sockets, for the metrics.
+    pub fn port_figures(&self) -> [PortFigures; 2] {
+        Service::ALL.map(|service| PortFigures {
+            service: service.name(),
+            stats: self.stats(service),
+            sockets: self.pool_size(service),
+            listening: self.listening(service),
+        })
+    }
+
+    /// The pools' figures for a scrape, over `ports` (from [`Network::port_figures`]).
+    pub fn connection_figures<'a>(&self, ports: &'a [PortFigures]) -> ConnectionFigures<'a> {
+        ConnectionFigures {
+            ports,
+            buffer_bytes: self.buffer_bytes,
+            buffer_budget: self.budget,
+        }
     }
 
     /// The guest's address, once configured.

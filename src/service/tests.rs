@@ -482,6 +482,18 @@ fn scrape_answers_with_the_registry() {
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:.200}");
     assert!(text.contains("qcow_metal_build_info{"), "{text}");
     assert!(text.contains("qcow_metal_http_requests_total"), "{text}");
+    assert!(
+        text.contains("qcow_metal_connections_accepted_total{service=\"http\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("qcow_metal_connections_refused_total{service=\"nbd\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("qcow_metal_listener_sockets{service=\"nbd\",state=\"listening\"} 8\n"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -51,6 +51,7 @@ impl Populated {
                 heap_size: 64 << 20,
                 heap_used: 3 << 20,
             },
+            connections: None,
         }
     }
 
