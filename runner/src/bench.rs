@@ -9,7 +9,8 @@
 //!   (`image compact` against `qemu-img convert`, the engine's discard against `qemu-io`);
 //! - serve: `cargo bench -p qcow-metal-runner --bench serve -- --json FILE` (`qcow-metal
 //!   serve` against `qemu-nbd`, fio's nbd engine at queue depth 32);
-//! - convert against qemu-img: a row that says which issue brings it until it exists;
+//! - convert: `cargo bench -p qcow-metal-runner --bench convert -- --json FILE` (`image
+//!   convert` against `qemu-img convert`: qcow2 to raw, raw to qcow2, compressed zlib/zstd);
 //! - scrape latency under load ([`scrape`]), measured here.
 //!
 //! The benchmarks run as subprocesses so their peers stay dev-dependencies; their own output
@@ -168,24 +169,21 @@ fn run_inner(args: &BenchArgs) -> Result<bool, String> {
         )),
     }
     step(4, "convert against qemu-img convert");
-    rows.push(Row::not_yet(
-        "convert",
-        "qcow2 to qcow2 copy",
-        "qcow-metal convert",
-        "qemu-img convert",
-        14,
-    ));
-    step(5, "compact and trim: against qemu-img convert and qemu-io");
-    let json = out.join("compact.json");
-    let _ = fs::remove_file(&json);
-    let mut flags = vec!["--json".to_string(), json.display().to_string()];
-    if args.quick {
-        flags.push("--quick".into());
+    match tool_bench(&root, &out, args.quick, "convert") {
+        Ok((r, d)) => {
+            rows.extend(r);
+            details.push(d);
+        }
+        Err(e) => rows.push(Row::failed(
+            "convert",
+            "image convert",
+            "qcow-metal image convert",
+            "qemu-img convert",
+            &e,
+        )),
     }
-    match cargo_bench(&root, "qcow-metal-runner", "compact", &flags, &[], &out)
-        .and_then(|()| read(&json))
-        .and_then(|text| compact_rows(&text))
-    {
+    step(5, "compact and trim: against qemu-img convert and qemu-io");
+    match tool_bench(&root, &out, args.quick, "compact") {
         Ok((r, d)) => {
             rows.extend(r);
             details.push(d);
@@ -345,9 +343,29 @@ fn cargo_bench(
     Ok(())
 }
 
-/// The compaction benchmark's JSON (`runner/benches/compact.rs`).
+/// Runs the runner's benchmark `bench` against QEMU's tools (`--json`, `--quick` when
+/// `quick`) and reads its rows back.
+fn tool_bench(
+    root: &Path,
+    out: &Path,
+    quick: bool,
+    bench: &str,
+) -> Result<(Vec<Row>, String), String> {
+    let json = out.join(format!("{bench}.json"));
+    let _ = fs::remove_file(&json);
+    let mut flags = vec!["--json".to_string(), json.display().to_string()];
+    if quick {
+        flags.push("--quick".into());
+    }
+    cargo_bench(root, "qcow-metal-runner", bench, &flags, &[], out)
+        .and_then(|()| read(&json))
+        .and_then(|text| tool_rows(&text, bench))
+}
+
+/// The JSON of the benchmarks against QEMU's tools (`runner/benches/compact.rs`,
+/// `runner/benches/convert.rs`).
 #[derive(Deserialize)]
-struct CompactJson {
+struct ToolJson {
     quick: bool,
     repeat: u32,
     qemu: String,
@@ -362,16 +380,16 @@ struct CompactRow {
     results: Vec<EngineResult>,
 }
 
-/// Rows of the compaction benchmark (times: ours against the peer), and a line for the
-/// report's details.
-fn compact_rows(text: &str) -> Result<(Vec<Row>, String), String> {
-    let doc: CompactJson =
-        serde_json::from_str(text).map_err(|e| format!("compact bench JSON: {e}"))?;
+/// Rows of a benchmark against QEMU's tools, `bench` (times: ours against the peer), and a
+/// line for the report's details.
+fn tool_rows(text: &str, bench: &str) -> Result<(Vec<Row>, String), String> {
+    let doc: ToolJson =
+        serde_json::from_str(text).map_err(|e| format!("{bench} bench JSON: {e}"))?;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for r in &doc.rows {
         let [ours, peer] = r.results.as_slice() else {
-            return Err(format!("compact bench row `{}` has not two results", r.row));
+            return Err(format!("{bench} bench row `{}` has not two results", r.row));
         };
         rows.push(Row::measured(
             &r.area,
@@ -386,12 +404,18 @@ fn compact_rows(text: &str) -> Result<(Vec<Row>, String), String> {
         }
     }
     if rows.is_empty() {
-        return Err("the compact bench reported no rows".into());
+        return Err(format!("the {bench} bench reported no rows"));
     }
-    let detail = format!(
+    let how = if bench == "compact" {
         "compact, trim: `cargo bench -p qcow-metal-runner --bench compact --{}` — each \
-         contender on its own synced copy of the image, best of {}; {}; {}",
-        if doc.quick { " --quick" } else { "" },
+         contender on its own synced copy of the image"
+    } else {
+        "convert: `cargo bench -p qcow-metal-runner --bench convert --{}` — both timed until \
+         the output is durable"
+    };
+    let detail = format!(
+        "{}, best of {}; {}; {}",
+        how.replace(" --{}", if doc.quick { " -- --quick" } else { "" }),
         doc.repeat,
         notes.join("; "),
         doc.qemu
@@ -808,7 +832,7 @@ mod tests {
              "note": "", "results": [{"contender": "qcow-metal engine discard", "seconds": 0.05},
                                      {"contender": "qemu-io discard", "seconds": 0.4}]}
           ]}"#;
-        let (rows, detail) = compact_rows(json).unwrap();
+        let (rows, detail) = tool_rows(json, "compact").unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].area, "compact");
         assert_eq!(rows[0].peer, "qemu-img convert -O qcow2");
@@ -820,14 +844,14 @@ mod tests {
         );
         assert!(detail.contains("ours moved 64.0 MiB"), "{detail}");
         assert!(
-            compact_rows("{}")
+            tool_rows("{}", "compact")
                 .unwrap_err()
                 .contains("compact bench JSON")
         );
         let one = json.replacen(r#"{"contender": "qemu-io discard", "seconds": 0.4}"#, "", 1);
         let one = one.replacen(r#"0.05},"#, "0.05}", 1);
         assert!(
-            compact_rows(&one)
+            tool_rows(&one, "compact")
                 .unwrap_err()
                 .contains("has not two results")
         );

@@ -93,6 +93,8 @@ pub enum Outcome {
         peer: Value,
     },
     /// Our side of the comparison does not exist yet; `issue` is where it is planned.
+    /// (Every row is measured today; kept for the next planned comparison.)
+    #[allow(dead_code)]
     NotYet {
         /// The issue number.
         issue: u32,
@@ -138,7 +140,8 @@ impl Row {
         }
     }
 
-    /// A row whose side of ours is planned in `issue`.
+    /// A row whose side of ours is planned in `issue` (unused while every row is measured).
+    #[allow(dead_code)]
     pub fn not_yet(area: &str, workload: &str, ours: &str, peer: &str, issue: u32) -> Row {
         Row {
             area: area.into(),
