@@ -27,7 +27,6 @@ use qcow_metal::block::{BlockDevice, BlockError, FileDisk};
 use qcow_metal::disk::VirtualDisk;
 use qcow_metal::qcow2::{OpenOptions, Qcow2};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Our engine's device for the trim row: a host file whose discards punch holes, as QEMU
@@ -67,27 +66,7 @@ impl BlockDevice for PunchDisk {
 }
 
 mod common;
-use common::parse_args;
-
-/// Runs a QEMU tool; a missing tool or a failure ends the benchmark with the reason.
-fn tool(name: &str, args: &[&str]) -> String {
-    let o = Command::new(name).args(args).output().unwrap_or_else(|e| {
-        eprintln!("cannot run {name} ({e}): install the Debian package qemu-utils");
-        std::process::exit(2)
-    });
-    // A panic (not an exit) so that the scratch directory is removed on the way out.
-    assert!(
-        o.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
+use common::{parse_args, s, tool};
 
 /// qemu-io with many `-c` commands.
 fn qemu_io(img: &Path, cmds: &[String]) {

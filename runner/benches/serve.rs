@@ -30,28 +30,7 @@ use std::time::{Duration, Instant};
 const OURS: &str = env!("CARGO_BIN_EXE_qcow-metal");
 
 mod common;
-use common::parse_args;
-
-/// Runs a tool; a missing tool ends the benchmark naming its Debian package, a failure
-/// panics with its output.
-fn tool(name: &str, args: &[&str]) -> String {
-    let o = Command::new(name).args(args).output().unwrap_or_else(|e| {
-        let package = if name == "fio" { "fio" } else { "qemu-utils" };
-        eprintln!("cannot run {name} ({e}): install the Debian package {package}");
-        std::process::exit(2)
-    });
-    assert!(
-        o.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
+use common::{parse_args, s, tool};
 
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

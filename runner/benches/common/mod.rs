@@ -1,6 +1,7 @@
-//! Shared by the runner's benchmarks: their common options.
+//! Shared by the runner's benchmarks: their common options and how they run tools.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The options every runner benchmark takes (after `--`).
 pub struct Opts {
@@ -42,4 +43,31 @@ pub fn parse_args(bench: &str) -> Result<Opts, String> {
         }
     }
     Ok(o)
+}
+
+/// Runs a tool and returns its standard output. A missing tool ends the benchmark naming
+/// its Debian package; a failure panics with the tool's output (a panic, not an exit, so
+/// that the scratch directory is removed on the way out).
+pub fn tool(name: &str, args: &[&str]) -> String {
+    let o = Command::new(name).args(args).output().unwrap_or_else(|e| {
+        let package = match name {
+            "fio" => "fio",
+            "kill" => "procps",
+            _ => "qemu-utils",
+        };
+        eprintln!("cannot run {name} ({e}): install the Debian package {package}");
+        std::process::exit(2)
+    });
+    assert!(
+        o.status.success(),
+        "{name} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A path as the `&str` a tool's argument list takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
 }
