@@ -26,28 +26,10 @@ use qcow_metal_runner::convert::{self, ConvertOptions, Format};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::parse_args;
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-fn tool(name: &str, args: &[&str]) -> String {
-    let o = Command::new(name).args(args).output().unwrap_or_else(|e| {
-        panic!("cannot run {name} ({e}): install the Debian package qemu-utils")
-    });
-    assert!(
-        o.status.success(),
-        "{name} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use common::{parse_args, s, tool};
 
 /// One MiB that deflates to about half: 64-byte runs of a repeated word and of noise.
 fn half_compressible(seed: u64) -> Vec<u8> {
