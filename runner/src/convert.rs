@@ -649,13 +649,9 @@ fn to_compressed(
             }
             // Keep the threads busy, write what is ready in order.
             while sent - next_write >= in_flight_max as u64 && result.is_ok() {
-                match done_rx.recv() {
-                    Ok(d) => {
-                        ready.insert(d.seq, d);
-                        result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
-                    }
-                    Err(_) => break,
-                }
+                let Ok(d) = done_rx.recv() else { break };
+                ready.insert(d.seq, d);
+                result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
             }
             while let Ok(d) = done_rx.try_recv() {
                 ready.insert(d.seq, d);
@@ -668,13 +664,9 @@ fn to_compressed(
         }
         drop(job_tx);
         while result.is_ok() && next_write < sent {
-            match done_rx.recv() {
-                Ok(d) => {
-                    ready.insert(d.seq, d);
-                    result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
-                }
-                Err(_) => break,
-            }
+            let Ok(d) = done_rx.recv() else { break };
+            ready.insert(d.seq, d);
+            result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
         }
         result
     })
