@@ -208,9 +208,7 @@ impl<D: BlockDevice> MemQueue<D> {
         let i = match self.order {
             CompletionOrder::Fifo => 0,
             CompletionOrder::Lifo => self.pending.len() - 1,
-            CompletionOrder::Shuffled(_) => {
-                self.rng.usize(..self.pending.len())
-            }
+            CompletionOrder::Shuffled(_) => self.rng.usize(..self.pending.len()),
         };
         let Some((tag, op)) = self.pending.remove(i) else {
             return false;
