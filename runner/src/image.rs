@@ -144,6 +144,11 @@ pub fn info(path: &Path) -> Result<String> {
     let mut image = open(path, false)?;
     let i = image.info();
     let space = image.space().map_err(engine_err(path, "read"))?;
+    // The open succeeded, so the type is a known one.
+    let compression = image
+        .header()
+        .compression_type()
+        .map_or("unknown", |t| t.name());
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<24}{v}\n"));
     line("image:", path.display().to_string());
@@ -176,6 +181,7 @@ pub fn info(path: &Path) -> Result<String> {
     );
     line("refcount bits:", i.refcount_bits.to_string());
     line("lazy refcounts:", i.lazy_refcounts.to_string());
+    line("compression type:", compression.into());
     line("dirty:", i.dirty.to_string());
     line("corrupt:", i.corrupt.to_string());
     line("snapshots:", i.snapshots.to_string());

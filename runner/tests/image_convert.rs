@@ -171,6 +171,11 @@ fn compressed(kind: &str, cluster: &str) {
     // Smaller than the uncompressed data (about 8 MiB, 2 MiB of it noise).
     let len = std::fs::metadata(&out).unwrap().len();
     assert!(len < 5 << 20, "compressed output is {len} bytes");
+    let ours_info = ours_ok(&["image", "info", p(&out)]);
+    assert!(
+        ours_info.contains(&format!("compression type:       {kind}")),
+        "{ours_info}"
+    );
     // QEMU's own reading of our clusters agrees with ours.
     let back = dir.path().join("back.raw");
     ours_ok(&["image", "convert", "-q", "-O", "raw", p(&out), p(&back)]);
