@@ -30,6 +30,15 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A write without FUA.
+fn write_op(offset: u64, data: Vec<u8>) -> DiskOp {
+    DiskOp::Write {
+        offset,
+        data,
+        fua: false,
+    }
+}
+
 /// Runs the pipeline until every request finished; returns them in finishing order.
 fn drain<D: QueuedDisk>(p: &mut Pipeline, disk: &mut D) -> Vec<Finished> {
     let mut out = Vec::new();
@@ -113,14 +122,7 @@ fn allocating_writes_and_flushes_are_barriers() {
     disk.write(0, &pattern(CS as usize, 3)).unwrap();
     disk.device_mut_for_tests().step = Some(0);
     let mut p = Pipeline::new();
-    p.submit(
-        1,
-        DiskOp::Write {
-            offset: 0,
-            data: pattern(4096, 4),
-            fua: false,
-        },
-    );
+    p.submit(1, write_op(0, pattern(4096, 4)));
     p.submit(
         2,
         DiskOp::Read {
@@ -129,14 +131,7 @@ fn allocating_writes_and_flushes_are_barriers() {
         },
     );
     // Into unallocated space: must wait for 1 and 2.
-    p.submit(
-        3,
-        DiskOp::Write {
-            offset: CS * 4,
-            data: pattern(4096, 5),
-            fua: false,
-        },
-    );
+    p.submit(3, write_op(CS * 4, pattern(4096, 5)));
     p.submit(4, DiskOp::Flush);
     p.run(&mut disk);
     assert_eq!(p.in_flight(), 2);
@@ -175,22 +170,8 @@ fn overlapping_requests_wait_for_each_other() {
     disk.write(0, &pattern(CS as usize, 3)).unwrap();
     disk.device_mut_for_tests().step = Some(0);
     let mut p = Pipeline::new();
-    p.submit(
-        1,
-        DiskOp::Write {
-            offset: 0,
-            data: vec![0xaa; 8192],
-            fua: false,
-        },
-    );
-    p.submit(
-        2,
-        DiskOp::Write {
-            offset: 4096,
-            data: vec![0xbb; 4096],
-            fua: false,
-        },
-    );
+    p.submit(1, write_op(0, vec![0xaa; 8192]));
+    p.submit(2, write_op(4096, vec![0xbb; 4096]));
     p.submit(
         3,
         DiskOp::Read {
@@ -246,14 +227,7 @@ fn unaligned_and_fua_requests_take_the_engine_path() {
     let mut disk = engine(CompletionOrder::Fifo, 8);
     disk.write(0, &pattern(CS as usize, 3)).unwrap();
     let mut p = Pipeline::new();
-    p.submit(
-        1,
-        DiskOp::Write {
-            offset: 100,
-            data: vec![7; 300],
-            fua: false,
-        },
-    );
+    p.submit(1, write_op(100, vec![7; 300]));
     p.submit(
         2,
         DiskOp::Write {
@@ -307,14 +281,7 @@ fn errors_come_back_with_their_request() {
         },
     )
     .unwrap();
-    p.submit(
-        3,
-        DiskOp::Write {
-            offset: 0,
-            data: vec![1; 4096],
-            fua: false,
-        },
-    );
+    p.submit(3, write_op(0, vec![1; 4096]));
     let done = drain(&mut p, &mut ro);
     assert_eq!(done[0].result, Err(DiskError::ReadOnly));
 }
@@ -328,14 +295,7 @@ fn raw_disks_queue_everything_aligned() {
     ));
     let mut p = Pipeline::new();
     for i in 0..16u64 {
-        p.submit(
-            i,
-            DiskOp::Write {
-                offset: i * 4096,
-                data: pattern(4096, i),
-                fua: false,
-            },
-        );
+        p.submit(i, write_op(i * 4096, pattern(4096, i)));
     }
     let done = drain(&mut p, &mut disk);
     assert!(done.iter().all(|f| f.result.is_ok() && f.queued));
@@ -363,14 +323,7 @@ fn a_power_cut_with_requests_in_flight_loses_nothing_flushed() {
     let mut p = Pipeline::new();
     // Overwrites in place, then a flush: all durable once the flush finished.
     for i in 0..8u64 {
-        p.submit(
-            i,
-            DiskOp::Write {
-                offset: i * 8192,
-                data: vec![0x11; 4096],
-                fua: false,
-            },
-        );
+        p.submit(i, write_op(i * 8192, vec![0x11; 4096]));
     }
     p.submit(8, DiskOp::Flush);
     let done = drain(&mut p, &mut disk);
@@ -379,23 +332,9 @@ fn a_power_cut_with_requests_in_flight_loses_nothing_flushed() {
     // More overwrites and an allocating write, cut off before the device completes them.
     disk.device_mut_for_tests().step = Some(0);
     for i in 0..8u64 {
-        p.submit(
-            20 + i,
-            DiskOp::Write {
-                offset: i * 8192 + 4096,
-                data: vec![0x22; 4096],
-                fua: false,
-            },
-        );
+        p.submit(20 + i, write_op(i * 8192 + 4096, vec![0x22; 4096]));
     }
-    p.submit(
-        30,
-        DiskOp::Write {
-            offset: 16 * CS,
-            data: vec![0x33; 4096],
-            fua: false,
-        },
-    );
+    p.submit(30, write_op(16 * CS, vec![0x33; 4096]));
     p.run(&mut disk);
     assert_eq!(p.in_flight(), 8);
     // Power cut: what the device holds now is all there is.

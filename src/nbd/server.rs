@@ -258,6 +258,17 @@ impl Connection {
     /// consumed or output produced); when it returns `false`, more input or an emptier
     /// output is needed.
     pub fn process<D: VirtualDisk + ?Sized>(&mut self, disk: &mut D, stats: &mut NbdStats) -> bool {
+        self.advance(disk, stats, |_, _, _| false)
+    }
+
+    /// The body of [`Connection::process`]: before each step, `batch` may serve several
+    /// requests at once (it returns whether it did).
+    fn advance<D: VirtualDisk + ?Sized>(
+        &mut self,
+        disk: &mut D,
+        stats: &mut NbdStats,
+        batch: impl FnMut(&mut Self, &mut D, &mut NbdStats) -> bool,
+    ) -> bool {
         self.count_open(stats);
         // A client of a view (`EXPORT@SNAPSHOT`) is served from it for this call.
         if let Some(v) = &self.view
@@ -265,7 +276,7 @@ impl Connection {
         {
             self.protocol_error(stats);
         }
-        let progressed = self.process_selected(disk, stats);
+        let progressed = self.process_selected(disk, stats, batch);
         if self.view.is_some() {
             let _ = disk.select_view(None);
         }
@@ -276,11 +287,16 @@ impl Connection {
         &mut self,
         disk: &mut D,
         stats: &mut NbdStats,
+        mut batch: impl FnMut(&mut Self, &mut D, &mut NbdStats) -> bool,
     ) -> bool {
         let mut progressed = false;
         while self.phase != Phase::Closed
             && self.output.len() < self.config.output_high_water as usize
         {
+            if batch(self, disk, stats) {
+                progressed = true;
+                continue;
+            }
             if !self.step(disk, stats) {
                 break;
             }

@@ -369,16 +369,21 @@ impl Harness {
     fn recv_to_end(&mut self, handle: SocketHandle) -> Vec<u8> {
         let mut out = Vec::new();
         self.until("connection closed by the guest", 100_000, |h| {
-            let s = h.socket(handle);
-            if s.can_recv() {
-                let _ = s.recv(|buf| {
-                    out.extend_from_slice(buf);
-                    (buf.len(), ())
-                });
-            }
-            !s.may_recv()
+            h.recv_some(handle, &mut out)
         });
         out
+    }
+
+    /// Appends what has arrived on `handle` to `out`; returns whether the guest closed it.
+    fn recv_some(&mut self, handle: SocketHandle, out: &mut Vec<u8>) -> bool {
+        let s = self.socket(handle);
+        if s.can_recv() {
+            let _ = s.recv(|buf| {
+                out.extend_from_slice(buf);
+                (buf.len(), ())
+            });
+        }
+        !s.may_recv()
     }
 
     /// NBD: fixed-newstyle handshake with `NBD_OPT_EXPORT_NAME`; returns the export size.
@@ -563,14 +568,7 @@ fn a_scrape_is_answered_while_a_32_mib_write_is_in_progress() {
     let mut scrape = Vec::new();
     h.until("scrape answered", 100_000, |h| {
         sent += h.socket(nbd).send_slice(&payload[sent..]).unwrap_or(0);
-        let s = h.socket(http);
-        if s.can_recv() {
-            let _ = s.recv(|buf| {
-                scrape.extend_from_slice(buf);
-                (buf.len(), ())
-            });
-        }
-        !s.may_recv()
+        h.recv_some(http, &mut scrape)
     });
     let text = core::str::from_utf8(&scrape).expect("UTF-8 scrape");
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:.200}");

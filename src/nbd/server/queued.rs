@@ -18,31 +18,14 @@ pub const MAX_BATCH: usize = 32;
 
 impl Connection {
     /// As [`Connection::process`], with reads and writes batched onto the disk's queue (see
-    /// the module documentation). Returns whether anything happened.
+    /// the module documentation). A client of a snapshot view is served from the view as
+    /// there, and its reads take the engine's path. Returns whether anything happened.
     pub fn process_queued<D: QueuedDisk + ?Sized>(
         &mut self,
         disk: &mut D,
         stats: &mut NbdStats,
     ) -> bool {
-        self.count_open(stats);
-        let mut progressed = false;
-        while self.phase != Phase::Closed
-            && self.output.len() < self.config.output_high_water as usize
-        {
-            if self.run_batch(disk, stats) {
-                progressed = true;
-                continue;
-            }
-            if !self.step(disk, stats) {
-                break;
-            }
-            progressed = true;
-        }
-        if self.phase == Phase::Closed {
-            self.input.clear();
-            self.release(stats);
-        }
-        progressed
+        self.advance(disk, stats, Self::run_batch)
     }
 
     /// The request at the head of the input, if it can join a batch: a valid read or write
