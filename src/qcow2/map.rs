@@ -5,6 +5,7 @@
 use super::Qcow2;
 use super::entry::Mapping;
 use super::error::{Qcow2Error, Result};
+use super::header::INCOMPAT_EXTENDED_L2;
 use crate::blkqueue::pipeline::{HostRun, QueuedDisk, push_run};
 use crate::blkqueue::queue::BlockQueue;
 use crate::block::BlockDevice;
@@ -15,10 +16,15 @@ use alloc::vec::Vec;
 impl<D: BlockDevice> Qcow2<D> {
     /// The host runs `len` bytes at guest `offset` read from, in guest order: data on the
     /// device and runs that read as zeros (unallocated and zero clusters, and data clusters
-    /// past the device end). `None` when a cluster needs the engine itself (compressed).
+    /// past the device end). `None` when a cluster needs the engine itself (compressed, or
+    /// unallocated over a backing layer; subclusters).
     pub fn map_read(&mut self, offset: u64, len: u64) -> Result<Option<Vec<HostRun>>> {
         check_request(offset, len, self.hdr.size)
             .map_err(|_| Qcow2Error::Invalid("read past the end of the virtual disk"))?;
+        if self.hdr.incompatible_features & INCOMPAT_EXTENDED_L2 != 0 {
+            // Subclusters: a cluster's entry alone does not say what reads as what.
+            return Ok(None);
+        }
         let cs = self.geo.cluster_size();
         let cap = self.dev.capacity();
         let mut runs = Vec::new();
@@ -46,6 +52,8 @@ impl<D: BlockDevice> Qcow2<D> {
                     }
                 }
                 Mapping::Compressed { .. } => return Ok(None),
+                // Over a backing layer an unallocated cluster reads from it: the engine's read.
+                Mapping::Unallocated if self.has_backing() => return Ok(None),
                 Mapping::Zero { .. } | Mapping::Unallocated => {
                     push_run(&mut runs, HostRun::Zeros { len: n })
                 }
@@ -61,6 +69,9 @@ impl<D: BlockDevice> Qcow2<D> {
     /// then goes through [`Qcow2::write_at`], which allocates and orders metadata. Marks the
     /// image as being written first (the dirty bit of lazy refcounts), as every write does.
     pub fn map_overwrite(&mut self, offset: u64, len: u64) -> Result<Option<Vec<HostRun>>> {
+        if self.hdr.incompatible_features & INCOMPAT_EXTENDED_L2 != 0 {
+            return Ok(None);
+        }
         if !self.start_change(offset, len, "write past the end of the virtual disk")? {
             return Ok(Some(Vec::new()));
         }
