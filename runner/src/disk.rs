@@ -126,19 +126,26 @@ pub use qcow_metal::qcow2::max_image_len;
 /// creating parent directories. An existing file is refused and never touched; a failed
 /// create leaves nothing behind.
 pub fn create_qcow2(path: &Path, size: u64, cluster_size: u64, refcount_bits: u32) -> Result<()> {
+    create_qcow2_with(
+        path,
+        &CreateOptions {
+            virtual_size: size,
+            cluster_size,
+            refcount_bits,
+            ..CreateOptions::default()
+        },
+    )
+}
+
+/// [`create_qcow2`] with every engine option (extended L2 entries, lazy refcounts).
+pub fn create_qcow2_with(path: &Path, opts: &CreateOptions) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::disk(path, "create", e))?;
     }
-    let opts = CreateOptions {
-        virtual_size: size,
-        cluster_size,
-        refcount_bits,
-        ..CreateOptions::default()
-    };
     // Whole or not at all: a failed create (say, `--size 8E`) leaves no empty file behind.
     crate::guard::create_new(path, |file| {
         let dev = FileDisk::from_file(file.try_clone()?, false);
-        let image = Qcow2::create(dev, &opts).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let image = Qcow2::create(dev, opts).map_err(|e| std::io::Error::other(e.to_string()))?;
         image
             .close()
             .map(drop)

@@ -154,6 +154,10 @@ enum ImageCommand {
         /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64
         #[arg(long, value_name = "BITS", default_value_t = 16)]
         refcount_bits: u32,
+        /// Extended L2 entries: each cluster in 32 subclusters, allocated and zeroed on
+        /// their own (like `qemu-img create -o extended_l2=on`; clusters of 16K or more)
+        #[arg(long)]
+        extended_l2: bool,
     },
     /// Show an image's format, sizes and features
     Info {
@@ -283,18 +287,21 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
             size,
             cluster_size,
             refcount_bits,
+            extended_l2,
         } => {
             let opts = CreateOptions {
                 size,
                 cluster_size,
                 refcount_bits,
+                extended_l2,
             };
             image::create(&path, opts)?;
             out(&format!(
-                "created {}: qcow2, {} virtual, {} clusters, {}-bit refcounts\n",
+                "created {}: qcow2, {} virtual, {} clusters{}, {}-bit refcounts\n",
                 path.display(),
                 format_size(size),
                 format_size(cluster_size),
+                if extended_l2 { " with subclusters" } else { "" },
                 refcount_bits
             ))
         }

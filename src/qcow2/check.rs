@@ -518,11 +518,14 @@ impl<D: BlockDevice> Qcow2<D> {
             let mut last_host = None::<u64>;
             for i in 0..self.geo.l2_entries() as usize {
                 let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-                let e = get_u64(self.l2c.data(s), i);
+                let e = self.l2_raw_at(s, i).0;
                 let mut into_meta = false;
-                let ok = match Mapping::decode(e, &self.geo, self.hdr.version) {
+                let ok = match self.l2_mapping_at(s, i) {
                     Ok(Mapping::Data { host, .. })
                     | Ok(Mapping::Zero {
+                        host: Some(host), ..
+                    })
+                    | Ok(Mapping::Subclusters {
                         host: Some(host), ..
                     }) => {
                         rep.allocated_clusters += 1;
@@ -572,7 +575,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     }
                     if fix {
                         let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-                        set_u64(self.l2c.data_mut(s), i, 0);
+                        self.put_l2_raw(s, i, (0, 0));
                     }
                 }
             }
@@ -667,10 +670,12 @@ impl<D: BlockDevice> Qcow2<D> {
                     continue;
                 }
                 for i in 0..self.geo.l2_entries() as usize {
-                    let e = get_u64(&buf, i);
-                    match Mapping::decode(e, &self.geo, self.hdr.version) {
+                    match Mapping::from_table(&buf, i, &self.geo, self.hdr.version) {
                         Ok(Mapping::Data { host, .. })
                         | Ok(Mapping::Zero {
+                            host: Some(host), ..
+                        })
+                        | Ok(Mapping::Subclusters {
                             host: Some(host), ..
                         }) => {
                             refs.count(host, cs, F_DATA, rep);
@@ -982,12 +987,17 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             for i in 0..self.geo.l2_entries() as usize {
                 let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-                let e = get_u64(self.l2c.data(s), i);
-                let (host, copied) = match Mapping::decode(e, &self.geo, self.hdr.version) {
+                let (e, bitmap) = self.l2_raw_at(s, i);
+                let (host, copied) = match self.l2_mapping_at(s, i) {
                     Ok(Mapping::Data { host, copied })
                     | Ok(Mapping::Zero {
                         host: Some(host),
                         copied,
+                    })
+                    | Ok(Mapping::Subclusters {
+                        host: Some(host),
+                        copied,
+                        ..
                     }) => (host, copied),
                     _ => continue,
                 };
@@ -1002,11 +1012,8 @@ impl<D: BlockDevice> Qcow2<D> {
                     ));
                     if fix {
                         let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-                        set_u64(
-                            self.l2c.data_mut(s),
-                            i,
-                            if rc == 1 { e | COPIED } else { e & !COPIED },
-                        );
+                        let e = if rc == 1 { e | COPIED } else { e & !COPIED };
+                        self.put_l2_raw(s, i, (e, bitmap));
                     }
                 }
             }

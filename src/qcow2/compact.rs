@@ -26,7 +26,7 @@
 //! nothing across calls, so a guest write between steps always lands on the cluster its
 //! L2 entry names at that moment, and a later step copies what is there then.
 
-use super::cache::{TableKind, get_u64, set_u64};
+use super::cache::TableKind;
 use super::entry::{COMPRESSED, COPIED, Mapping, OFFSET_MASK, decode_l1};
 use super::error::{Qcow2Error, Result};
 use super::header::EXT_BITMAPS;
@@ -342,11 +342,9 @@ impl<D: BlockDevice> Qcow2<D> {
             self.check_meta_offset(off, "an L1 entry points past the device end")?;
             let s = self.load(Pool::L2, off, TableKind::L2, true)?;
             for idx in 0..self.geo.l2_entries() as usize {
-                let raw = get_u64(self.l2c.data(s), idx);
+                let raw = self.l2_raw_at(s, idx).0;
                 if raw & COMPRESSED != 0 {
-                    if let Mapping::Compressed { host, len } =
-                        Mapping::decode(raw, &self.geo, self.hdr.version)?
-                    {
+                    if let Mapping::Compressed { host, len } = self.l2_mapping_at(s, idx)? {
                         let last = (host + len.max(1) - 1) / cs;
                         if last >= lowest {
                             for c in (host / cs)..=last {
@@ -365,7 +363,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 let Some(i) = find(hc) else {
                     continue;
                 };
-                let m = Mapping::decode(raw, &self.geo, self.hdr.version)?;
+                let m = self.l2_mapping_at(s, idx)?;
                 holds[i] = match (holds[i], m.host_cluster()) {
                     (Holds::Unknown, Some(_)) if copied => Holds::Data {
                         l1i,
@@ -441,14 +439,14 @@ impl<D: BlockDevice> Qcow2<D> {
             ));
         };
         let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-        let old = get_u64(self.l2c.data(s), idx);
+        let (old, bitmap) = self.l2_raw_at(s, idx);
         if old & OFFSET_MASK != from * cs {
             return Err(Qcow2Error::Corrupt(
                 "compaction: an L2 entry changed under a move",
             ));
         }
         let new = (old & !OFFSET_MASK) | (to * cs) | COPIED;
-        set_u64(self.l2c.data_mut_range(s, idx * 8, idx * 8 + 8), idx, new);
+        self.put_l2_raw(s, idx, (new, bitmap));
         Ok(())
     }
 

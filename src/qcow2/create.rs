@@ -2,7 +2,7 @@
 
 use super::cache::{set_refcount, set_u64};
 use super::error::{Qcow2Error, Result};
-use super::header::{COMPAT_LAZY_REFCOUNTS, Header};
+use super::header::{COMPAT_LAZY_REFCOUNTS, Header, INCOMPAT_EXTENDED_L2};
 use super::layout::{Geometry, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, max_image_len};
 use super::{CreateOptions, Qcow2};
 use crate::block::BlockDevice;
@@ -35,7 +35,13 @@ impl<D: BlockDevice> Qcow2<D> {
         if dev.is_read_only() {
             return Err(Qcow2Error::ReadOnly);
         }
-        let geo = Geometry::new(cs.trailing_zeros(), rb.trailing_zeros());
+        if opts.extended_l2 && cs < 16 * 1024 {
+            return Err(Qcow2Error::Invalid(
+                "extended L2 entries need a cluster size of at least 16 KiB",
+            ));
+        }
+        let geo = Geometry::new(cs.trailing_zeros(), rb.trailing_zeros())
+            .with_extended_l2(opts.extended_l2);
         if opts.virtual_size > i64::MAX as u64 - 511 {
             return Err(Qcow2Error::Invalid("virtual size above 2^63 bytes"));
         }
@@ -82,6 +88,9 @@ impl<D: BlockDevice> Qcow2<D> {
             hdr.compatible_features |= COMPAT_LAZY_REFCOUNTS;
         }
         hdr.set_compression_type(opts.compression_type);
+        if opts.extended_l2 {
+            hdr.incompatible_features |= INCOMPAT_EXTENDED_L2;
+        }
         hdr.add_feature_table();
 
         let mut buf = vec![0u8; cs as usize];

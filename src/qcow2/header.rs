@@ -341,9 +341,9 @@ impl Header {
                 "an external data file (incompatible bit 2)",
             ));
         }
-        if self.incompatible_features & INCOMPAT_EXTENDED_L2 != 0 {
+        if self.incompatible_features & INCOMPAT_EXTENDED_L2 != 0 && self.cluster_bits < 14 {
             return Err(Qcow2Error::Unsupported(
-                "extended L2 entries / subclusters (incompatible bit 4)",
+                "extended L2 entries with clusters under 16 KiB (subclusters under 512 bytes)",
             ));
         }
         self.compression_type()?;

@@ -1,7 +1,7 @@
 //! What the engine reports: work counters ([`Stats`]), space accounting ([`SpaceInfo`]),
 //! image facts ([`ImageInfo`]) and the guest-to-host cluster map ([`MapEntry`]).
 
-use super::cache::{TableKind, get_refcount, get_u64};
+use super::cache::{TableKind, get_refcount};
 use super::entry::{ClusterKind, Mapping, decode_l1};
 use super::error::Result;
 use super::header::{Extension, FeatureName, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -246,12 +246,11 @@ impl<D: BlockDevice> Qcow2<D> {
             };
             t.l2_tables += 1;
             let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-            let data = self.l2c.data(s);
             for i in 0..self.geo.l2_entries() as usize {
-                match Mapping::decode(get_u64(data, i), &self.geo, self.hdr.version)? {
-                    Mapping::Data { .. } | Mapping::Zero { host: Some(_), .. } => {
-                        t.data_clusters += 1
-                    }
+                match self.l2_mapping_at(s, i)? {
+                    Mapping::Data { .. }
+                    | Mapping::Zero { host: Some(_), .. }
+                    | Mapping::Subclusters { host: Some(_), .. } => t.data_clusters += 1,
                     Mapping::Compressed { len, .. } => t.compressed_bytes += len,
                     _ => {}
                 }
@@ -323,19 +322,33 @@ impl<D: BlockDevice> Qcow2<D> {
                 continue;
             };
             let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-            let data = self.l2c.data(s);
+            let sub = self.geo.subcluster_size();
             let mut pos = start;
             let mut i = 0usize;
             while pos < stop {
                 let len = cs.min(stop - pos);
-                let m = Mapping::decode(get_u64(data, i), &self.geo, self.hdr.version)?;
-                let host = match m {
-                    Mapping::Data { host, .. } => Some(host),
-                    Mapping::Zero { host, .. } => host,
-                    Mapping::Compressed { host, .. } => Some(host),
-                    _ => None,
-                };
-                push(&mut out, pos, len, m.kind(), host);
+                let m = self.l2_mapping_at(s, i)?;
+                match m {
+                    Mapping::Subclusters { host, alloc, .. } => {
+                        // One run per subcluster (merged with its neighbours by kind).
+                        let mut x = 0u64;
+                        while x * sub < len {
+                            let k = m.subcluster_kind(x as u32);
+                            let h = host.filter(|_| alloc >> x & 1 != 0).map(|h| h + x * sub);
+                            push(&mut out, pos + x * sub, sub.min(len - x * sub), k, h);
+                            x += 1;
+                        }
+                    }
+                    _ => {
+                        let host = match m {
+                            Mapping::Data { host, .. } => Some(host),
+                            Mapping::Zero { host, .. } => host,
+                            Mapping::Compressed { host, .. } => Some(host),
+                            _ => None,
+                        };
+                        push(&mut out, pos, len, m.kind(), host);
+                    }
+                }
                 pos += len;
                 i += 1;
             }

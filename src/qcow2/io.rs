@@ -5,8 +5,7 @@
 //! per run of guest clusters that are contiguous on the host. Partially written new clusters
 //! are completed in the scratch cluster (copy-on-write of the untouched part).
 
-use super::cache::{get_u64, set_u64};
-use super::entry::{COPIED, Mapping, ZERO};
+use super::entry::{Mapping, subcluster_mask};
 use super::error::{Qcow2Error, Result};
 use super::{ClusterKind, Qcow2};
 use crate::block::BlockDevice;
@@ -27,10 +26,6 @@ enum Plan {
 }
 
 impl<D: BlockDevice> Qcow2<D> {
-    pub(crate) fn decode(&self, entry: u64) -> Result<Mapping> {
-        Mapping::decode(entry, &self.geo, self.hdr.version)
-    }
-
     /// Checks a data cluster run on the host before reading it: its clusters start on the
     /// device (bytes past the device end read as zeros), not over fixed metadata.
     pub(crate) fn check_data_host(&self, host: u64, len: u64) -> Result<()> {
@@ -66,8 +61,58 @@ impl<D: BlockDevice> Qcow2<D> {
             None => Ok(Mapping::Unallocated),
             Some((s, _)) => {
                 let i = (vc & (self.geo.l2_entries() - 1)) as usize;
-                self.decode(get_u64(self.l2c.data(s), i))
+                self.l2_mapping_at(s, i)
             }
+        }
+    }
+
+    /// Reads `dst` at guest offset `offset` of a cluster with subclusters `m` (extended L2
+    /// entries): allocated subclusters from its host cluster, zero ones as zeros, the
+    /// others as the backing layer reads them (zeros without one).
+    pub(crate) fn read_subclusters(
+        &mut self,
+        m: Mapping,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let sub = self.geo.subcluster_size();
+        let base = offset & !(self.geo.cluster_size() - 1);
+        let end = offset + dst.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let x = ((pos - base) / sub) as u32;
+            let kind = m.subcluster_kind(x);
+            // The run of subclusters of the same kind.
+            let mut y = x + 1;
+            while y < 32 && m.subcluster_kind(y) == kind && base + (y as u64) * sub < end {
+                y += 1;
+            }
+            let stop = (base + y as u64 * sub).min(end);
+            let part = &mut dst[(pos - offset) as usize..(stop - offset) as usize];
+            match (kind, m.host_cluster()) {
+                (ClusterKind::Data, Some(h)) => {
+                    self.check_data_host(h, stop - base)?;
+                    super::read_dev(&mut self.dev, h + (pos - base), part)?;
+                    self.stats.data_bytes_read += stop - pos;
+                }
+                (ClusterKind::Unallocated, _) => self.read_unallocated(pos, part)?,
+                _ => part.fill(0),
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+
+    /// Fills `part` (a subcluster's bytes, or part of one, at guest offset `at`) with what
+    /// it reads as while it holds no data: zeros if its zero bit is set in `m`, else what
+    /// the backing layer holds there.
+    fn read_unallocated_part(&mut self, m: Mapping, at: u64, part: &mut [u8]) -> Result<()> {
+        let x = ((at & (self.geo.cluster_size() - 1)) / self.geo.subcluster_size()) as u32;
+        if m.subcluster_kind(x) == ClusterKind::Zero {
+            part.fill(0);
+            Ok(())
+        } else {
+            self.read_unallocated(at, part)
         }
     }
 
@@ -89,13 +134,13 @@ impl<D: BlockDevice> Qcow2<D> {
                 continue;
             };
             let data = self.l2c.data(s);
-            let first = Mapping::decode(get_u64(data, l2i as usize), &self.geo, self.hdr.version)?;
+            let first = Mapping::from_table(data, l2i as usize, &self.geo, self.hdr.version)?;
             // With a backing layer, unallocated clusters read from it, zero clusters as zeros.
             let backed = self.backing.is_some();
             let mut run = (cs - inoff).min(want);
             let mut i = l2i + 1;
             while run < want && i < l2e {
-                let m = Mapping::decode(get_u64(data, i as usize), &self.geo, self.hdr.version)?;
+                let m = Mapping::from_table(data, i as usize, &self.geo, self.hdr.version)?;
                 let same = match (first, m) {
                     (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => {
                         b == a + (i - l2i) * cs
@@ -127,6 +172,9 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.stats.data_bytes_read += run;
                 }
                 Mapping::Unallocated => self.read_unallocated(offset + done, dst)?,
+                Mapping::Subclusters { .. } => {
+                    self.read_subclusters(first, offset + done, dst)?;
+                }
                 _ => dst.fill(0),
             }
             done += run;
@@ -145,7 +193,7 @@ impl<D: BlockDevice> Qcow2<D> {
             } => match self.refcount(host / cs)? {
                 0 => return Err(Qcow2Error::Corrupt("a data cluster in use has refcount 0")),
                 1 => {
-                    self.set_l2_entry(vc, host | COPIED)?;
+                    self.set_l2_entry(vc, Mapping::Data { host, copied: true })?;
                     Plan::InPlace(host)
                 }
                 _ => Plan::Fresh,
@@ -164,11 +212,11 @@ impl<D: BlockDevice> Qcow2<D> {
         })
     }
 
-    /// Sets the L2 entry of guest cluster `vc` (its table must be writable).
-    pub(crate) fn set_l2_entry(&mut self, vc: u64, v: u64) -> Result<()> {
+    /// Sets the L2 entry of guest cluster `vc` (its table is made writable).
+    pub(crate) fn set_l2_entry(&mut self, vc: u64, m: Mapping) -> Result<()> {
         let s = self.l2_for_write(vc)?;
         let i = (vc & (self.geo.l2_entries() - 1)) as usize;
-        set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, v);
+        self.put_l2(s, i, m);
         Ok(())
     }
 
@@ -176,7 +224,9 @@ impl<D: BlockDevice> Qcow2<D> {
     pub(crate) fn release(&mut self, m: Mapping) -> Result<()> {
         let cs = self.geo.cluster_size();
         match m {
-            Mapping::Data { .. } | Mapping::Zero { host: Some(_), .. } => {
+            Mapping::Data { .. }
+            | Mapping::Zero { host: Some(_), .. }
+            | Mapping::Subclusters { host: Some(_), .. } => {
                 self.tally(|t| t.data_clusters = t.data_clusters.saturating_sub(1))
             }
             Mapping::Compressed { len, .. } => {
@@ -187,6 +237,9 @@ impl<D: BlockDevice> Qcow2<D> {
         match m {
             Mapping::Data { host, .. }
             | Mapping::Zero {
+                host: Some(host), ..
+            }
+            | Mapping::Subclusters {
                 host: Some(host), ..
             } => self.queue_free(host / cs, 1),
             Mapping::Compressed { host, len } => {
@@ -253,6 +306,26 @@ impl<D: BlockDevice> Qcow2<D> {
                 Ok(())
             }
             Mapping::Compressed { host, len } => self.inflate_into_scratch(host, len).map(drop),
+            Mapping::Subclusters { host, alloc, .. } => {
+                // Allocated subclusters from the host cluster, the rest as they read.
+                let cs = self.geo.cluster_size();
+                if let Some(host) = host {
+                    self.check_data_host(host, cs)?;
+                    super::read_dev(&mut self.dev, host, &mut self.scratch)?;
+                }
+                let full = m;
+                let sub = self.geo.subcluster_size();
+                let mut scratch = core::mem::take(&mut self.scratch);
+                let mut r = Ok(());
+                for (x, part) in scratch.chunks_mut(sub as usize).enumerate() {
+                    if alloc >> x & 1 == 0 {
+                        let at = vc * cs + x as u64 * sub;
+                        r = r.and_then(|()| self.read_unallocated_part(full, at, part));
+                    }
+                }
+                self.scratch = scratch;
+                r
+            }
             Mapping::Unallocated if self.has_backing() => {
                 // Copy-on-write from the backing layer (only the bytes inside this disk).
                 let off = vc * self.geo.cluster_size();
@@ -315,7 +388,26 @@ impl<D: BlockDevice> Qcow2<D> {
             let (vc, inoff, l2i) = self.geo.locate(offset + done);
             let want = len - done;
             let s = self.l2_for_write(vc)?;
-            let m0 = self.decode(get_u64(self.l2c.data(s), l2i as usize))?;
+            let m0 = self.l2_mapping_at(s, l2i as usize)?;
+            if self.geo.extended_l2 {
+                let n = (cs - inoff).min(want);
+                let whole = n == cs;
+                let per_subcluster = match m0 {
+                    Mapping::Subclusters { .. } => true,
+                    Mapping::Unallocated | Mapping::Zero { .. } => !whole,
+                    _ => false,
+                };
+                if per_subcluster {
+                    self.write_subclusters(
+                        vc,
+                        inoff,
+                        &buf[done as usize..(done + n) as usize],
+                        m0,
+                    )?;
+                    done += n;
+                    continue;
+                }
+            }
             match self.plan(m0, vc)? {
                 Plan::InPlace(host) => {
                     let s = self.l2_for_write(vc)?;
@@ -323,8 +415,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     let mut run = (cs - inoff).min(want);
                     let mut i = l2i + 1;
                     while run < want && i < l2e {
-                        let e = get_u64(data, i as usize);
-                        let m = Mapping::decode(e, &self.geo, self.hdr.version)?;
+                        let m = Mapping::from_table(data, i as usize, &self.geo, self.hdr.version)?;
                         match m {
                             Mapping::Data {
                                 host: h,
@@ -357,7 +448,7 @@ impl<D: BlockDevice> Qcow2<D> {
                         self.stats.cow_bytes += cs - n;
                     }
                     self.stats.data_bytes_written += n;
-                    self.set_l2_entry(vc, host | COPIED)?;
+                    self.set_l2_entry(vc, Mapping::Data { host, copied: true })?;
                     done += n;
                 }
                 Plan::Fresh => {
@@ -369,11 +460,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     let mut span = cs - inoff;
                     let mut i = l2i + 1;
                     while span < want && i < l2e {
-                        let m = Mapping::decode(
-                            get_u64(data, i as usize),
-                            &self.geo,
-                            self.hdr.version,
-                        )?;
+                        let m = Mapping::from_table(data, i as usize, &self.geo, self.hdr.version)?;
                         if !matches!(m, Mapping::Unallocated | Mapping::Zero { host: None, .. }) {
                             break;
                         }
@@ -408,11 +495,14 @@ impl<D: BlockDevice> Qcow2<D> {
                     let s = self.l2_for_write(vc)?;
                     for j in 0..got {
                         let idx = (l2i + j) as usize;
-                        let old = self.decode(get_u64(self.l2c.data(s), idx))?;
-                        set_u64(
-                            self.l2c.data_mut_range(s, idx * 8, idx * 8 + 8),
+                        let old = self.l2_mapping_at(s, idx)?;
+                        self.put_l2(
+                            s,
                             idx,
-                            (host + j * cs) | COPIED,
+                            Mapping::Data {
+                                host: host + j * cs,
+                                copied: true,
+                            },
                         );
                         if j == 0 {
                             self.release(old)?;
@@ -422,6 +512,147 @@ impl<D: BlockDevice> Qcow2<D> {
                     self.stats.data_bytes_written += n;
                     done += n;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Extended L2 entries: writes `src` at `inoff` into guest cluster `vc` (mapping `m`,
+    /// not compressed), allocating only the subclusters it touches. A partly written
+    /// subcluster that held no data is completed with what it read as (zeros, or the
+    /// backing layer's bytes); the other
+    /// subclusters keep their state. The host cluster is reused when it is ours alone; a
+    /// shared one (snapshots) is copied first.
+    fn write_subclusters(&mut self, vc: u64, inoff: u64, src: &[u8], m: Mapping) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let sub = self.geo.subcluster_size();
+        let n = src.len() as u64;
+        let (alloc, zero) = m.bitmaps();
+        let first = (inoff / sub) as u32;
+        let end = (inoff + n).div_ceil(sub) as u32;
+        let touched = subcluster_mask(first, end);
+        let own = match m.host_cluster() {
+            Some(h) if m.copied() => Some(h),
+            Some(h) if self.refcount(h / cs)? == 1 => Some(h),
+            _ => None,
+        };
+        let (host, fresh) = match own {
+            Some(h) => (h, None),
+            None => {
+                let (hc, _) = self.alloc_run(1)?;
+                (hc * cs, Some(hc))
+            }
+        };
+        self.check_data_write(host, cs)?;
+        let written = if fresh.is_some() && alloc != 0 {
+            // A shared cluster: copy what it holds, then the new data over it.
+            self.fill_scratch_from(m, vc).and_then(|()| {
+                self.scratch[inoff as usize..(inoff + n) as usize].copy_from_slice(src);
+                self.stats.cow_bytes += cs - n;
+                super::write_dev(&mut self.dev, host, &self.scratch)
+            })
+        } else {
+            // Edge subclusters without data are completed with what they read as.
+            let has_data = |x: u32| fresh.is_none() && alloc >> x & 1 != 0;
+            let lo = if has_data(first) {
+                inoff
+            } else {
+                first as u64 * sub
+            };
+            let hi = if has_data(end - 1) {
+                inoff + n
+            } else {
+                end as u64 * sub
+            };
+            if lo == inoff && hi == inoff + n {
+                super::write_dev(&mut self.dev, host + inoff, src)
+            } else {
+                let base = vc * cs;
+                let mut scratch = core::mem::take(&mut self.scratch);
+                let mut r = Ok(());
+                if lo < inoff {
+                    r = self.read_unallocated_part(
+                        m,
+                        base + lo,
+                        &mut scratch[lo as usize..inoff as usize],
+                    );
+                }
+                if hi > inoff + n {
+                    let (a, b) = ((inoff + n) as usize, hi as usize);
+                    r = r.and_then(|()| {
+                        self.read_unallocated_part(m, base + a as u64, &mut scratch[a..b])
+                    });
+                }
+                scratch[inoff as usize..(inoff + n) as usize].copy_from_slice(src);
+                self.scratch = scratch;
+                self.stats.cow_bytes += (hi - lo) - n;
+                r.and_then(|()| {
+                    super::write_dev(
+                        &mut self.dev,
+                        host + lo,
+                        &self.scratch[lo as usize..hi as usize],
+                    )
+                })
+            }
+        };
+        if let Err(e) = written {
+            return Err(match fresh {
+                // Nothing points at the new cluster yet (see `faults`).
+                Some(hc) => self.fresh_write_failed(hc, 1, e),
+                None => e,
+            });
+        }
+        let new = Mapping::normalise(Some(host), true, alloc | touched, zero & !touched);
+        self.set_l2_entry(vc, new)?;
+        if fresh.is_some() {
+            self.release(m)?;
+            self.tally(|t| t.data_clusters += 1);
+        }
+        self.stats.data_bytes_written += n;
+        Ok(())
+    }
+
+    /// Extended L2 entries: makes `len` bytes at `offset` (inside one guest cluster, not
+    /// compressed) read as zeros. Whole subclusters get their zero bit (their data, if any,
+    /// is dropped from the allocation bitmap; the host cluster stays); partial ones that
+    /// hold data (or show the backing layer) are written with zeros.
+    fn zero_subclusters(&mut self, offset: u64, len: u64, m: Mapping) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let sub = self.geo.subcluster_size();
+        let vc = offset / cs;
+        let a = offset & (cs - 1);
+        let b = a + len;
+        let first = a.div_ceil(sub);
+        // The disk's last subcluster counts as whole when the range reaches the disk's end.
+        let end = if offset + len == self.hdr.size {
+            b.div_ceil(sub)
+        } else {
+            b / sub
+        };
+        let (alloc, zero) = m.bitmaps();
+        let full = subcluster_mask(first as u32, end as u32);
+        if full != 0 && (alloc & full != 0 || zero & full != full) {
+            let new = Mapping::normalise(m.host_cluster(), m.copied(), alloc & !full, zero | full);
+            self.set_l2_entry(vc, new)?;
+        }
+        let head = (a, (first * sub).min(b));
+        let edges = [head, ((end * sub).max(head.1), b)];
+        let backed = self.has_backing();
+        for (lo, hi) in edges {
+            if lo >= hi {
+                continue;
+            }
+            let x = lo / sub;
+            let reads_zeros = zero >> x & 1 != 0 || !backed;
+            if alloc >> x & 1 == 0 && reads_zeros {
+                continue; // nothing, or a subcluster that reads as zeros already
+            }
+            let base = vc * cs;
+            let mut z = lo;
+            while z < hi {
+                let k = (hi - z).min(ZEROS.len() as u64);
+                self.write_at(base + z, &ZEROS[..k as usize])?;
+                z += k;
             }
         }
         Ok(())
@@ -517,24 +748,25 @@ impl<D: BlockDevice> Qcow2<D> {
             let s = self.l2_for_write(vc)?;
             for c in vc..table_end {
                 let i = (c & (l2e - 1)) as usize;
-                let old = self.decode(get_u64(self.l2c.data(s), i))?;
-                let new = match (to, old) {
-                    (UnmapTo::Unallocated, _) => 0,
-                    (UnmapTo::Zero, _) => ZERO,
-                    (UnmapTo::ZeroKeep, Mapping::Data { host, copied: true }) => {
-                        host | ZERO | COPIED
-                    }
-                    (
-                        UnmapTo::ZeroKeep,
-                        Mapping::Zero {
-                            host: Some(h),
-                            copied: true,
-                        },
-                    ) => h | ZERO | COPIED,
-                    (UnmapTo::ZeroKeep, _) => ZERO,
+                let old = self.l2_mapping_at(s, i)?;
+                let zero = Mapping::Zero {
+                    host: None,
+                    copied: false,
                 };
-                set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, new);
-                if new & !(ZERO) == 0 {
+                let new = match (to, old) {
+                    (UnmapTo::Unallocated, _) => Mapping::Unallocated,
+                    (UnmapTo::Zero, _) => zero,
+                    (UnmapTo::ZeroKeep, Mapping::Compressed { .. }) => zero,
+                    (UnmapTo::ZeroKeep, m) if m.copied() && m.host_cluster().is_some() => {
+                        Mapping::Zero {
+                            host: m.host_cluster(),
+                            copied: true,
+                        }
+                    }
+                    (UnmapTo::ZeroKeep, _) => zero,
+                };
+                self.put_l2(s, i, new);
+                if new.host_cluster().is_none() {
                     self.release(old)?;
                 }
             }
@@ -587,6 +819,11 @@ impl<D: BlockDevice> Qcow2<D> {
             let pos = offset + done;
             let n = (cs - (pos & (cs - 1))).min(len - done);
             let m = self.mapping(pos / cs)?;
+            if self.geo.extended_l2 && !matches!(m, Mapping::Compressed { .. }) {
+                self.zero_subclusters(pos, n, m)?;
+                done += n;
+                continue;
+            }
             match m {
                 Mapping::Unallocated if pos < backing_size => self.write_zeros(pos, n)?,
                 Mapping::Unallocated | Mapping::Zero { .. } => {}
@@ -627,23 +864,14 @@ impl<D: BlockDevice> Qcow2<D> {
             let (k, n) = match self.l2_for_read(vc)? {
                 None => (ClusterKind::Unallocated, (l2e - l2i) * cs - inoff),
                 Some((s, _)) => {
-                    let data = self.l2c.data(s);
-                    let k0 =
-                        Mapping::decode(get_u64(data, l2i as usize), &self.geo, self.hdr.version)?
-                            .kind();
-                    let mut n = cs - inoff;
+                    let (k0, mut n) = self.status_piece(s, l2i as usize, inoff)?;
                     let mut i = l2i + 1;
-                    while i < l2e && done + n < len {
-                        let k = Mapping::decode(
-                            get_u64(data, i as usize),
-                            &self.geo,
-                            self.hdr.version,
-                        )?
-                        .kind();
+                    while n == (i - l2i) * cs - inoff && i < l2e && done + n < len {
+                        let (k, m) = self.status_piece(s, i as usize, 0)?;
                         if k != k0 {
                             break;
                         }
-                        n += cs;
+                        n += m;
                         i += 1;
                     }
                     (k0, n)
@@ -663,6 +891,27 @@ impl<D: BlockDevice> Qcow2<D> {
             done += n;
         }
         Ok((kind.unwrap_or(ClusterKind::Unallocated), done.min(len)))
+    }
+}
+
+impl<D: BlockDevice> Qcow2<D> {
+    /// The kind of the cluster at L2 entry `i` of the table in slot `s` at `inoff`, and how
+    /// many bytes from there to the end of the cluster (or, with subclusters, to the first
+    /// subcluster of another kind) share it.
+    fn status_piece(&self, s: usize, i: usize, inoff: u64) -> Result<(ClusterKind, u64)> {
+        let m = self.l2_mapping_at(s, i)?;
+        let cs = self.geo.cluster_size();
+        if !matches!(m, Mapping::Subclusters { .. }) {
+            return Ok((m.kind(), cs - inoff));
+        }
+        let sub = self.geo.subcluster_size();
+        let x = (inoff / sub) as u32;
+        let k = m.subcluster_kind(x);
+        let mut y = x + 1;
+        while y < 32 && m.subcluster_kind(y) == k {
+            y += 1;
+        }
+        Ok((k, y as u64 * sub - inoff))
     }
 }
 

@@ -23,6 +23,9 @@ pub struct Geometry {
     pub refcount_order: u32,
     /// log2 of the number of entries in a refcount block.
     pub rb_bits: u32,
+    /// Extended L2 entries (incompatible bit 4): 16-byte L2 entries whose second word holds
+    /// the allocation and zero bitmaps of the cluster's 32 subclusters.
+    pub extended_l2: bool,
 }
 
 impl Geometry {
@@ -33,6 +36,29 @@ impl Geometry {
             l2_bits: cluster_bits - 3,
             refcount_order,
             rb_bits: cluster_bits + 3 - refcount_order,
+            extended_l2: false,
+        }
+    }
+
+    /// The same geometry with extended L2 entries on or off (an L2 table then holds half as
+    /// many entries).
+    pub fn with_extended_l2(mut self, on: bool) -> Self {
+        self.extended_l2 = on;
+        self.l2_bits = self.cluster_bits - if on { 4 } else { 3 };
+        self
+    }
+
+    /// Bytes of one L2 entry: 8, or 16 with extended L2 entries.
+    pub fn l2_entry_bytes(&self) -> usize {
+        if self.extended_l2 { 16 } else { 8 }
+    }
+
+    /// Bytes of one subcluster (a cluster has 32 with extended L2 entries, else 1).
+    pub fn subcluster_size(&self) -> u64 {
+        if self.extended_l2 {
+            self.cluster_size() / 32
+        } else {
+            self.cluster_size()
         }
     }
 
@@ -113,7 +139,7 @@ pub fn max_image_len(virtual_size: u64, cluster_size: u64, refcount_bits: u32) -
     let l1 = g.l1_entries_for(virtual_size);
     let fixed = 1u64 // header
         .saturating_add(g.clusters_for(l1.saturating_mul(8)))
-        .saturating_add(l1) // L2 tables
+        .saturating_add(l1.saturating_mul(2)) // L2 tables (twice as many with extended L2)
         .saturating_add(g.clusters_for(virtual_size)) // data
         .saturating_add(crate::qcow2::allocator::PENDING_FREE_LIMIT); // freed, not yet reusable
     // Refcount blocks and table that count everything, themselves included.

@@ -153,6 +153,9 @@ pub struct CreateOptions {
     pub lazy_refcounts: bool,
     /// Compression type of compressed clusters written later (zstd sets incompatible bit 3).
     pub compression_type: CompressionType,
+    /// Extended L2 entries (incompatible bit 4): 32 subclusters per cluster, each allocated
+    /// and zeroed on its own. Needs clusters of 16 KiB or more (as QEMU).
+    pub extended_l2: bool,
     /// Options for the engine the created image is opened with.
     pub open: OpenOptions,
 }
@@ -165,6 +168,7 @@ impl Default for CreateOptions {
             refcount_bits: 16,
             lazy_refcounts: false,
             compression_type: CompressionType::Zlib,
+            extended_l2: false,
             open: OpenOptions::default(),
         }
     }

@@ -47,7 +47,8 @@ impl<D: BlockDevice> Qcow2<D> {
         let read_only = opts.read_only || dev.is_read_only();
         hdr.check_features(!read_only && !opts.repair)?;
         let corrupt = hdr.incompatible_features & super::header::INCOMPAT_CORRUPT != 0;
-        let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order);
+        let geo = Geometry::new(hdr.cluster_bits, hdr.refcount_order)
+            .with_extended_l2(hdr.incompatible_features & super::header::INCOMPAT_EXTENDED_L2 != 0);
 
         // The L1 table: big enough for the virtual size, within limits, on the device.
         let l1_bytes = hdr.l1_size as u64 * 8;

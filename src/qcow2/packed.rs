@@ -52,9 +52,13 @@ impl<D: BlockDevice> Qcow2<D> {
         let entry = COMPRESSED | host | (sectors << x);
         let vc = offset / cs;
         let old = self.mapping(vc)?;
-        self.set_l2_entry(vc, entry)?;
+        let new = Mapping::decode(entry, &self.geo, self.hdr.version)?;
+        let s = self.l2_for_write(vc)?;
+        let i = (vc & (self.geo.l2_entries() - 1)) as usize;
+        // A compressed entry's subcluster bitmap (extended L2) is all zeros.
+        self.put_l2_raw(s, i, (entry, 0));
         self.release(old)?;
-        if let Mapping::Compressed { len, .. } = self.decode(entry)? {
+        if let Mapping::Compressed { len, .. } = new {
             self.tally(|t| t.compressed_bytes += len);
         }
         self.stats.data_bytes_written += len;

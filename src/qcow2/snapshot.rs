@@ -349,7 +349,7 @@ impl<D: BlockDevice> Qcow2<D> {
         )?;
         let s = self.load(Pool::L2, off, TableKind::L2, true)?;
         let i = (vc & (self.geo.l2_entries() - 1)) as usize;
-        Mapping::decode(get_u64(self.l2c.data(s), i), &self.geo, self.hdr.version)
+        self.l2_mapping_at(s, i)
     }
 
     /// Reads `buf.len()` bytes at guest offset `offset` of a snapshot.
@@ -379,6 +379,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 // Through to the backing layer, if any (QEMU reads snapshots so too).
                 Mapping::Unallocated => self.read_unallocated(pos, dst)?,
+                m @ Mapping::Subclusters { .. } => self.read_subclusters(m, pos, dst)?,
                 _ => dst.fill(0),
             }
             done += n;
@@ -400,7 +401,10 @@ impl<D: BlockDevice> Qcow2<D> {
         let cs = self.geo.cluster_size();
         let backed = self.has_backing();
         let kind = |m: Mapping| match m {
-            Mapping::Data { .. } | Mapping::Compressed { .. } => Allocation::Data,
+            // Mixed subclusters count as data (always true: "contents unknown").
+            Mapping::Data { .. } | Mapping::Compressed { .. } | Mapping::Subclusters { .. } => {
+                Allocation::Data
+            }
             Mapping::Zero { .. } => Allocation::Zero,
             // Backing data shows through: "allocated, contents unknown" is always true.
             _ if backed => Allocation::Data,
@@ -475,6 +479,9 @@ impl<D: BlockDevice> Qcow2<D> {
             Mapping::Data { host, .. }
             | Mapping::Zero {
                 host: Some(host), ..
+            }
+            | Mapping::Subclusters {
+                host: Some(host), ..
             } => Some((host / cs, 1)),
             Mapping::Compressed { host, len } => {
                 let first = host / cs;
@@ -484,18 +491,15 @@ impl<D: BlockDevice> Qcow2<D> {
         }
     }
 
-    /// The entries of the L2 table at `off`.
-    fn l2_entries_of(&mut self, off: u64) -> Result<Vec<u64>> {
+    /// The raw entries (entry, subcluster bitmap) of the L2 table at `off`.
+    fn l2_entries_of(&mut self, off: u64) -> Result<Vec<(u64, u64)>> {
         self.check_meta_offset(
             off,
             "an L1 entry points past the device end or into the header",
         )?;
         let s = self.load(Pool::L2, off, TableKind::L2, true)?;
-        Ok(self
-            .l2c
-            .data(s)
-            .chunks_exact(8)
-            .map(|c| get_u64(c, 0))
+        Ok((0..self.geo.l2_entries() as usize)
+            .map(|i| self.l2_raw_at(s, i))
             .collect())
     }
 
@@ -518,7 +522,7 @@ impl<D: BlockDevice> Qcow2<D> {
             };
             let mut runs: Vec<(u64, u64)> = Vec::new();
             for x in self.l2_entries_of(off)? {
-                let m = Mapping::decode(x, &self.geo, self.hdr.version)?;
+                let m = Mapping::from_raw(x, &self.geo, self.hdr.version)?;
                 runs.extend(self.entry_clusters(m));
             }
             runs.push((off / cs, 1));
@@ -567,14 +571,18 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             let entries = self.l2_entries_of(off)?;
             for (i, x) in entries.into_iter().enumerate() {
-                let m = Mapping::decode(x, &self.geo, self.hdr.version)?;
+                let m = Mapping::from_raw(x, &self.geo, self.hdr.version)?;
                 let want = match m {
                     Mapping::Data { host, .. }
                     | Mapping::Zero {
                         host: Some(host), ..
+                    }
+                    | Mapping::Subclusters {
+                        host: Some(host), ..
                     } => self.refcount(host / cs)? == 1,
                     _ => continue,
                 };
+                let (x, bitmap) = x;
                 if want != (x & COPIED != 0) {
                     if want && !one {
                         return Err(Qcow2Error::Corrupt(
@@ -583,7 +591,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     }
                     let s = self.load(Pool::L2, off, TableKind::L2, true)?;
                     let v = if want { x | COPIED } else { x & !COPIED };
-                    super::cache::set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, v);
+                    self.put_l2_raw(s, i, (v, bitmap));
                 }
             }
         }

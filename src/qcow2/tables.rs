@@ -3,7 +3,7 @@
 //! dirty metadata in crash-safe order.
 
 use super::cache::{TableKind, get_u64, set_u64};
-use super::entry::{COPIED, decode_l1};
+use super::entry::{COPIED, Mapping, decode_l1, l2_raw, put_l2_raw};
 use super::error::{Qcow2Error, Result};
 use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
 use super::{Pool, Qcow2};
@@ -356,6 +356,28 @@ impl<D: BlockDevice> Qcow2<D> {
         let s = self.load(Pool::L2, page, TableKind::L1, true)?;
         set_u64(self.l2c.data_mut_range(s, i * 8, i * 8 + 8), i, v);
         Ok(())
+    }
+
+    /// Sets L2 entry `i` of the cached table in slot `s` (marking only its bytes dirty).
+    pub(crate) fn put_l2(&mut self, s: usize, i: usize, m: Mapping) {
+        self.put_l2_raw(s, i, m.encode(&self.geo));
+    }
+
+    /// Sets the raw words (entry, bitmap) of L2 entry `i` of the table in slot `s`.
+    pub(crate) fn put_l2_raw(&mut self, s: usize, i: usize, raw: (u64, u64)) {
+        let w = self.geo.l2_entry_bytes();
+        let geo = self.geo;
+        put_l2_raw(&geo, self.l2c.data_mut_range(s, i * w, i * w + w), i, raw);
+    }
+
+    /// The raw words (entry, bitmap) of L2 entry `i` of the table in slot `s`.
+    pub(crate) fn l2_raw_at(&self, s: usize, i: usize) -> (u64, u64) {
+        l2_raw(&self.geo, self.l2c.data(s), i)
+    }
+
+    /// Decodes L2 entry `i` of the table in slot `s`.
+    pub(crate) fn l2_mapping_at(&self, s: usize, i: usize) -> Result<Mapping> {
+        Mapping::from_table(self.l2c.data(s), i, &self.geo, self.hdr.version)
     }
 
     /// Checks an L2 table offset from an L1 entry.

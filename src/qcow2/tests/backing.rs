@@ -33,6 +33,19 @@ fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) {
 /// `qemu-img create -f qcow2 -o compat=.. -b BACKING -F FMT FILE SIZE` (backing named
 /// relative to the overlay's directory, as QEMU resolves it).
 fn overlay(file: &Path, backing: &str, backing_fmt: &str, compat: &str, cluster: u64, size: u64) {
+    overlay_with(file, backing, backing_fmt, compat, cluster, size, "");
+}
+
+/// [`overlay`] with more `-o` options (`extra`: empty or starting with a comma).
+fn overlay_with(
+    file: &Path,
+    backing: &str,
+    backing_fmt: &str,
+    compat: &str,
+    cluster: u64,
+    size: u64,
+    extra: &str,
+) {
     qemu_ok(
         "qemu-img",
         &[
@@ -41,7 +54,7 @@ fn overlay(file: &Path, backing: &str, backing_fmt: &str, compat: &str, cluster:
             "-f",
             "qcow2",
             "-o",
-            &format!("compat={compat},cluster_size={cluster}"),
+            &format!("compat={compat},cluster_size={cluster}{extra}"),
             "-b",
             backing,
             "-F",
@@ -55,7 +68,9 @@ fn overlay(file: &Path, backing: &str, backing_fmt: &str, compat: &str, cluster:
 /// A chain of depth 4 in `dir` (raw base, two qcow2 layers of other cluster sizes, a
 /// larger top; relative names, one through a subdirectory); returns the top and the
 /// layers below it, top first.
-fn make_chain(dir: &Path, compat: &str) -> (PathBuf, Vec<PathBuf>) {
+/// With `ext`, the two upper layers have extended L2 entries (subclusters).
+fn make_chain(dir: &Path, compat: &str, ext: bool) -> (PathBuf, Vec<PathBuf>) {
+    let extra = if ext { ",extended_l2=on" } else { "" };
     let mut rng = Rng::with_seed(0x1234_5678 ^ compat.len() as u64);
     // Layer 3: raw, 3 MiB + 1000 bytes of random data (not a whole cluster at its end).
     let base = dir.join("base.raw");
@@ -78,7 +93,15 @@ fn make_chain(dir: &Path, compat: &str) -> (PathBuf, Vec<PathBuf>) {
     // by a relative path.
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     let upper = dir.join("sub/upper.qcow2");
-    overlay(&upper, "../mid.qcow2", "qcow2", compat, 65536, 5 * MIB);
+    overlay_with(
+        &upper,
+        "../mid.qcow2",
+        "qcow2",
+        compat,
+        65536,
+        5 * MIB,
+        extra,
+    );
     qemu_io(
         "qcow2",
         &upper,
@@ -90,8 +113,24 @@ fn make_chain(dir: &Path, compat: &str) -> (PathBuf, Vec<PathBuf>) {
     );
     // Top: 8 MiB (larger than every layer), 16 KiB clusters.
     let top = dir.join("top.qcow2");
-    overlay(&top, "sub/upper.qcow2", "qcow2", compat, 16384, 8 * MIB);
-    qemu_io("qcow2", &top, &["write -P 0x31 30k 50k", "write -z 3m 20k"]);
+    overlay_with(
+        &top,
+        "sub/upper.qcow2",
+        "qcow2",
+        compat,
+        16384,
+        8 * MIB,
+        extra,
+    );
+    qemu_io(
+        "qcow2",
+        &top,
+        &[
+            "write -P 0x31 30k 50k",
+            "write -z 3m 20k",
+            "write -P 0x32 1001k 3k",
+        ],
+    );
     (top, vec![upper, mid, base])
 }
 
@@ -104,9 +143,9 @@ fn read_all<D: BlockDevice>(q: &mut Qcow2<D>) -> Vec<u8> {
     out
 }
 
-fn chain_reads_equal_qemu(compat: &str) {
+fn chain_reads_equal_qemu(compat: &str, ext: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (top, layers) = make_chain(dir.path(), compat);
+    let (top, layers) = make_chain(dir.path(), compat, ext);
     let resolved = files::resolve(&top).unwrap();
     let formats: Vec<_> = resolved.iter().map(|l| l.format).collect();
     assert_eq!(
@@ -167,12 +206,17 @@ fn chain_reads_equal_qemu(compat: &str) {
 
 #[test]
 fn chain_v3_reads_equal_qemu_convert() {
-    chain_reads_equal_qemu("1.1");
+    chain_reads_equal_qemu("1.1", false);
+}
+
+#[test]
+fn chain_with_subclusters_reads_equal_qemu_convert() {
+    chain_reads_equal_qemu("1.1", true);
 }
 
 #[test]
 fn chain_v2_reads_equal_qemu_convert() {
-    chain_reads_equal_qemu("0.10");
+    chain_reads_equal_qemu("0.10", false);
 }
 
 /// The overlay on a compressed base (`qemu-img convert -c`) reads as QEMU reads it.
@@ -376,9 +420,9 @@ fn open_chain_by_serial() {
 
 /// Random writes, write-zeroes (with and without unmap) and discards on an overlay of a
 /// chain; the model is what the overlay must read as.
-fn model_ops(compat: &str, seed: u64) {
+fn model_ops(compat: &str, ext: bool, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let (top, layers) = make_chain(dir.path(), compat);
+    let (top, layers) = make_chain(dir.path(), compat, ext);
     let before: Vec<Vec<u8>> = layers.iter().map(|l| std::fs::read(l).unwrap()).collect();
     let mut model = qemu_raw(dir.path(), &top);
     let size = model.len() as u64;
@@ -441,10 +485,15 @@ fn model_ops(compat: &str, seed: u64) {
 
 #[test]
 fn model_ops_on_overlay_v3() {
-    model_ops("1.1", 0xdead_beef);
+    model_ops("1.1", false, 0xdead_beef);
+}
+
+#[test]
+fn model_ops_on_overlay_with_subclusters() {
+    model_ops("1.1", true, 0x50b_c105);
 }
 
 #[test]
 fn model_ops_on_overlay_v2() {
-    model_ops("0.10", 0xfeed_f00d);
+    model_ops("0.10", false, 0xfeed_f00d);
 }

@@ -18,6 +18,8 @@ struct Config {
     lazy: bool,
     prealloc: bool,
     snapshot: bool,
+    /// Extended L2 entries (subclusters), with subcluster-sized writes by qemu-io.
+    extended: bool,
 }
 
 fn qemu_image(dir: &Path, c: &Config) -> std::path::PathBuf {
@@ -31,6 +33,9 @@ fn qemu_image(dir: &Path, c: &Config) -> std::path::PathBuf {
     }
     if c.prealloc {
         o.push_str(",preallocation=metadata");
+    }
+    if c.extended {
+        o.push_str(",extended_l2=on");
     }
     qemu_create(&img, &o, SIZE);
     let p = img.to_str().unwrap();
@@ -56,6 +61,31 @@ fn qemu_image(dir: &Path, c: &Config) -> std::path::PathBuf {
             p,
         ],
     );
+    if c.extended {
+        // Clusters whose subclusters are in mixed states: data, zero and unallocated side
+        // by side, partial subclusters, and zeroes over data.
+        let sub = c.cluster / 32;
+        let at = |cluster: u64, subcluster: u64| (2 << 20) + cluster * c.cluster + subcluster * sub;
+        let cmds = [
+            format!("write -P 0x61 {} {}", at(0, 1), sub),
+            format!("write -z {} {}", at(0, 3), 2 * sub),
+            format!("write -P 0x62 {} {}", at(0, 7) + 100, sub / 2),
+            format!("write -P 0x63 {} {}", at(1, 0), 4 * sub),
+            format!("write -z {} {}", at(1, 1), sub),
+            format!("write -P 0x64 {} {}", at(2, 31), sub + 512),
+            format!("write -z {} {}", at(4, 0), c.cluster),
+            format!("write -P 0x65 {} {}", at(4, 5), 512),
+            format!("write -z -u {} {}", at(5, 8), 3 * sub),
+            format!("discard {} {}", at(1, 2), c.cluster),
+        ];
+        let mut args = vec!["-f", "qcow2"];
+        for cmd in &cmds {
+            args.push("-c");
+            args.push(cmd);
+        }
+        args.push(p);
+        qemu_ok("qemu-io", &args);
+    }
     if c.snapshot {
         qemu_ok("qemu-img", &["snapshot", "-c", "snap1", p]);
         qemu_ok(
@@ -141,7 +171,54 @@ fn cfg(cluster: u64, refcount_bits: u32, compat: &'static str) -> Config {
         lazy: false,
         prealloc: false,
         snapshot: false,
+        extended: false,
     }
+}
+
+fn ext(cluster: u64, refcount_bits: u32) -> Config {
+    Config {
+        extended: true,
+        ..cfg(cluster, refcount_bits, "1.1")
+    }
+}
+
+#[test]
+fn qemu_ext_16k_rc16() {
+    interop(ext(16384, 16));
+}
+
+#[test]
+fn qemu_ext_32k_rc1_lazy() {
+    interop(Config {
+        lazy: true,
+        ..ext(32768, 1)
+    });
+}
+
+#[test]
+fn qemu_ext_64k_rc64_prealloc() {
+    interop(Config {
+        prealloc: true,
+        ..ext(65536, 64)
+    });
+}
+
+#[test]
+fn qemu_ext_64k_snapshot_cow() {
+    interop(Config {
+        snapshot: true,
+        ..ext(65536, 16)
+    });
+}
+
+#[test]
+fn qemu_ext_512k_rc8() {
+    interop(ext(512 << 10, 8));
+}
+
+#[test]
+fn qemu_ext_2m_rc16() {
+    interop(ext(2 << 20, 16));
 }
 
 #[test]

@@ -16,6 +16,7 @@ mod overlap;
 mod partial_writeback;
 mod short_device;
 mod snapshot;
+mod subclusters;
 mod truncated;
 pub(crate) mod util;
 mod zero_tail;

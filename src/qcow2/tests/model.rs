@@ -53,8 +53,17 @@ fn op(size: u64, cs: u64) -> impl Strategy<Value = Op> {
             (off, (n * cs).min(size - off))
         })
     };
+    // 512-byte sectors, as most guests write (with subclusters: partial and whole ones).
+    let sectors = move || {
+        (0..size / 512, 1..=(cs / 512).clamp(1, 64)).prop_map(move |(s, n)| {
+            let off = s * 512;
+            (off, (n * 512).min(size - off))
+        })
+    };
     prop_oneof![
         4 => (range(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        2 => (sectors(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
+        1 => (sectors(), any::<bool>()).prop_map(|((off, len), unmap)| Op::Zero { off, len, unmap }),
         2 => (aligned(), any::<u8>()).prop_map(|((off, len), seed)| Op::Write { off, len, seed }),
         3 => range().prop_map(|(off, len)| Op::Read { off, len }),
         1 => Just(Op::Flush),
@@ -93,7 +102,7 @@ fn open_opts(small: bool) -> OpenOptions {
     }
 }
 
-fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
+fn run(cs: u64, rb: u32, lazy: bool, small: bool, extended_l2: bool, ops: &[Op]) {
     let size = (cs * 24).max(1 << 20) + 1536;
     let mut q = Qcow2::create(
         MemDisk::growable(),
@@ -102,6 +111,7 @@ fn run(cs: u64, rb: u32, lazy: bool, small: bool, ops: &[Op]) {
             cluster_size: cs,
             refcount_bits: rb,
             lazy_refcounts: lazy,
+            extended_l2,
             open: open_opts(small),
             ..CreateOptions::default()
         },
@@ -191,6 +201,9 @@ fn config(cases: u32) -> ProptestConfig {
 
 macro_rules! model_test {
     ($name:ident, $cs:expr, $rb:expr, $cases:expr, $n:expr) => {
+        model_test!($name, $cs, $rb, $cases, $n, false);
+    };
+    ($name:ident, $cs:expr, $rb:expr, $cases:expr, $n:expr, $ext:expr) => {
         proptest! {
             #![proptest_config(config($cases))]
             #[test]
@@ -199,7 +212,7 @@ macro_rules! model_test {
                 lazy in any::<bool>(),
                 small in any::<bool>(),
             ) {
-                run($cs, $rb, lazy, small, &ops);
+                run($cs, $rb, lazy, small, $ext, &ops);
             }
         }
     };
@@ -213,6 +226,10 @@ model_test!(model_64k_rc64, 65536, 64, 8, 40);
 model_test!(model_64k_rc16, 65536, 16, 8, 40);
 model_test!(model_2m_rc16, 2 << 20, 16, 4, 25);
 model_test!(model_2m_rc1, 2 << 20, 1, 3, 20);
+// Extended L2 entries (subclusters of 512 B, 2 KiB and 64 KiB).
+model_test!(model_ext_16k_rc16, 16384, 16, 10, 60, true);
+model_test!(model_ext_64k_rc1, 65536, 1, 8, 50, true);
+model_test!(model_ext_2m_rc64, 2 << 20, 64, 3, 25, true);
 
 /// A device that stops taking writes after a budget (a power cut at a random point). Like
 /// a disk with a volatile write cache, it keeps only what a flush made durable for sure:
