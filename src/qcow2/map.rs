@@ -51,7 +51,7 @@ impl<D: BlockDevice> Qcow2<D> {
                         push_run(&mut runs, HostRun::Zeros { len: n - inside });
                     }
                 }
-                Mapping::Compressed { .. } => return Ok(None),
+                Mapping::Compressed { .. } | Mapping::Subclusters { .. } => return Ok(None),
                 // Over a backing layer an unallocated cluster reads from it: the engine's read.
                 Mapping::Unallocated if self.has_backing() => return Ok(None),
                 Mapping::Zero { .. } | Mapping::Unallocated => {
