@@ -356,6 +356,7 @@ pub fn convert(
                 refcount_bits: opts.refcount_bits,
                 lazy_refcounts: opts.lazy_refcounts,
                 compression_type: opts.compression_type,
+                extended_l2: false,
                 open: OpenOptions {
                     // Tables for the whole disk stay cached: no write-back before close.
                     l2_cache_bytes: (size / cs * 8).clamp(1 << 20, 64 << 20),
