@@ -78,13 +78,8 @@ fn qemu_image(dir: &Path, c: &Config) -> std::path::PathBuf {
             format!("write -z -u {} {}", at(5, 8), 3 * sub),
             format!("discard {} {}", at(1, 2), c.cluster),
         ];
-        let mut args = vec!["-f", "qcow2"];
-        for cmd in &cmds {
-            args.push("-c");
-            args.push(cmd);
-        }
-        args.push(p);
-        qemu_ok("qemu-io", &args);
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io_image(&img, &cmds);
     }
     if c.snapshot {
         qemu_ok("qemu-img", &["snapshot", "-c", "snap1", p]);

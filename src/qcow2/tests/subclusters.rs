@@ -51,17 +51,6 @@ fn our_sector_kinds<D: crate::block::BlockDevice>(q: &mut Qcow2<D>, size: u64) -
     kinds
 }
 
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(img.to_str().unwrap());
-    let out = qemu_ok("qemu-io", &args);
-    assert!(!out.contains("failed"), "{out}");
-}
-
 /// One 64 KiB cluster with data, zero and unallocated subclusters (2 KiB each), written by
 /// qemu-io: reads, block status and `image map` equal QEMU's view.
 #[test]
@@ -69,7 +58,7 @@ fn mixed_subclusters_read_and_map_as_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("x.qcow2");
     qemu_create(&img, "cluster_size=65536,extended_l2=on", SIZE);
-    qemu_io(
+    qemu_io_image(
         &img,
         &[
             "write -P 0x11 2048 2048",   // subcluster 1: data

@@ -111,6 +111,18 @@ pub fn open_file(path: &Path, opts: OpenOptions) -> Qcow2<FileDisk> {
     .expect("open image")
 }
 
+/// `qemu-io -f qcow2 -c CMD... IMG`, asserting that every command succeeded.
+pub fn qemu_io_image(img: &Path, cmds: &[&str]) {
+    let mut args = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(img.to_str().unwrap());
+    let out = qemu_ok("qemu-io", &args);
+    assert!(!out.contains("failed"), "{out}");
+}
+
 /// `qemu-img create -q -f qcow2 -o <options> <path> <size>`.
 pub fn qemu_create(path: &Path, options: &str, size: u64) {
     qemu_ok(
