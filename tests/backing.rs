@@ -10,7 +10,7 @@
 //! the layers below are untouched. A missing layer is refused before boot, naming the file.
 
 use qcow_metal_e2e::{
-    ScratchDir, boot, guest, qemu_io, run_tool, run_tool_output, shut_down_cleanly,
+    ScratchDir, boot, guest, qemu_img_to_raw, qemu_io, run_tool, run_tool_output, shut_down_cleanly,
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -120,15 +120,7 @@ fn guest_serves_an_overlay_on_a_compressed_base() {
     let base_before = std::fs::read(&base).unwrap();
     let mid_before = std::fs::read(&mid).unwrap();
     let expected_path = d.join("expected.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "qcow2",
-        "-O",
-        "raw",
-        s(&top),
-        s(&expected_path),
-    ]);
+    qemu_img_to_raw(&top, &expected_path);
     let mut expected = std::fs::read(&expected_path).unwrap();
 
     let (mut g, _) = boot(guest().disk(&top));

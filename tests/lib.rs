@@ -186,16 +186,22 @@ pub fn qemu_img_check_json(image: &Path) -> ToolOutput {
 /// Converts the qcow2 `image` to the raw file `raw` with `qemu-img convert` (the virtual
 /// disk as QEMU reads it); fails unless it succeeds.
 pub fn qemu_img_to_raw(image: &Path, raw: &Path) {
+    qemu_img_convert_to_raw("qcow2", image.to_str().unwrap(), raw);
+}
+
+/// `qemu-img convert -f FORMAT -O raw SOURCE RAW`: `source` is a file or a URI (an NBD
+/// export is read as `raw`); fails unless it succeeds.
+pub fn qemu_img_convert_to_raw(format: &str, source: &str, raw: &Path) {
     run_tool(
         "qemu-img",
         "qemu-utils",
         &[
             "convert",
             "-f",
-            "qcow2",
+            format,
             "-O",
             "raw",
-            image.to_str().unwrap(),
+            source,
             raw.to_str().unwrap(),
         ],
     );

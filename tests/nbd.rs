@@ -8,8 +8,8 @@ use qcow_metal::nbd::proto::{
     OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN, TFLAG_READ_ONLY,
 };
 use qcow_metal_e2e::{
-    NBD_EXPORT, ScratchDir, TOOL_TIMEOUT, boot, guest, nbd_client, qemu_io, require_tool, run_tool,
-    shut_down_cleanly,
+    NBD_EXPORT, ScratchDir, TOOL_TIMEOUT, boot, guest, nbd_client, qemu_img_convert_to_raw,
+    qemu_io, require_tool, run_tool, shut_down_cleanly,
 };
 use qcow_metal_runner::disk::GuestFormat;
 use std::io::{Read, Write};
@@ -109,19 +109,7 @@ fn real_clients_use_the_guest_export_and_the_image_stays_clean() {
 
     // qemu-img convert from the export gives the expected bytes.
     let converted = dir.path().join("convert.raw");
-    run_tool(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            converted.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert_to_raw("raw", &uri, &converted);
     assert!(
         std::fs::read(&converted).unwrap() == expected,
         "qemu-img convert"

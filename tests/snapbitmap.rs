@@ -5,8 +5,8 @@
 //! `qemu-img check` exits 0 and `qemu-nbd -B b0` on the image reports the same dirty runs.
 
 use qcow_metal_e2e::{
-    ScratchDir, boot, guest, qemu_img_check_json, qemu_io, require_tool, run_tool,
-    shut_down_cleanly,
+    ScratchDir, boot, guest, qemu_img_check_json, qemu_img_convert_to_raw, qemu_io, require_tool,
+    run_tool, shut_down_cleanly,
 };
 
 const MIB: u64 = 1 << 20;
@@ -105,19 +105,7 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
         ],
     );
     let via_nbd = dir.path().join("via-nbd.raw");
-    run_tool(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &snap_uri,
-            via_nbd.to_str().unwrap(),
-        ],
-    );
+    qemu_img_convert_to_raw("raw", &snap_uri, &via_nbd);
     assert!(
         std::fs::read(&via_nbd).unwrap() == s1,
         "disk@s1 over the guest differs from qemu-img convert -l s1"
