@@ -7,9 +7,15 @@ use super::layout::MAX_L1_BYTES;
 use crate::block::BlockDevice;
 
 impl<D: BlockDevice> Qcow2<D> {
-    /// Grows the virtual disk to `new_size` bytes, rounded up to 512 (shrinking is refused). If the L1 table is
-    /// too small, a bigger one is written to newly allocated clusters, the header is switched
-    /// to it, and the old one is freed.
+    /// Grows the virtual disk to `new_size` bytes, rounded up to 512 (shrinking is refused). If
+    /// the L1 table is too small, a bigger one is written to newly allocated clusters, the
+    /// header is switched to it, and the old one is freed.
+    ///
+    /// An overlay whose backing layer is larger than its old size gets the new area as zero
+    /// clusters, so that the layer's data there does not show through (as QEMU does since
+    /// 5.0: the new area reads as zeros, the head of the cluster holding the old end is
+    /// copied up). A version 2 image has no zero clusters: QEMU refuses to grow it then
+    /// ("Failed to zero out new clusters"), and so does this, before changing anything.
     pub fn resize(&mut self, new_size: u64) -> Result<()> {
         let new_size = new_size.saturating_add(511) & !511;
         if new_size < self.hdr.size {
@@ -28,6 +34,16 @@ impl<D: BlockDevice> Qcow2<D> {
             return Err(Qcow2Error::Invalid(
                 "an image with persistent dirty bitmaps cannot be resized (as with QEMU); \
                  remove them first with `qemu-img bitmap --remove`",
+            ));
+        }
+        let old_size = self.hdr.size;
+        let zero_new =
+            new_size > old_size && self.backing.as_ref().is_some_and(|b| b.size() > old_size);
+        if zero_new && self.hdr.version < 3 {
+            return Err(Qcow2Error::Unsupported(
+                "growing a version 2 (compat=0.10) overlay whose backing file is larger than it: \
+                 the new area would need zero clusters (QEMU refuses it too); \
+                 upgrade it first with `qemu-img amend -o compat=1.1`",
             ));
         }
         self.begin_write()?;
@@ -71,13 +87,13 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 self.hdr.l1_table_offset = new_off;
                 self.hdr.l1_size = need as u32;
-                self.hdr.size = new_size;
                 self.write_header()?;
                 self.barrier()?;
                 if old_clusters > 0 {
                     self.queue_free(old_off / cs, old_clusters)?;
                 }
-                return self.flush_metadata();
+                self.flush_metadata()?;
+                return self.set_grown_size(old_size, new_size, zero_new);
             }
             // The L1 grows inside its last cluster: make sure the new entries are zero.
             for l1i in old_entries..need {
@@ -85,6 +101,27 @@ impl<D: BlockDevice> Qcow2<D> {
             }
             self.flush_metadata()?;
             self.hdr.l1_size = need as u32;
+        }
+        self.set_grown_size(old_size, new_size, zero_new)
+    }
+
+    /// The last step of a growth, once the L1 table covers `new_size`: with `zero_new`, the
+    /// area from `old_size` becomes zeros (zero clusters, written zeros in the cluster of
+    /// the old end) and that is durable before the header says the new size, so that a
+    /// crash never shows the backing layer there.
+    fn set_grown_size(&mut self, old_size: u64, new_size: u64, zero_new: bool) -> Result<()> {
+        if zero_new {
+            // The range check of write-zeroes takes the new size; the header keeps the old
+            // one until the zeros are in place.
+            self.hdr.size = new_size;
+            let r = self
+                .zero_range(old_size, new_size - old_size, true)
+                .and_then(|()| self.flush_metadata())
+                .and_then(|()| self.barrier());
+            if let Err(e) = r {
+                self.hdr.size = old_size;
+                return Err(e);
+            }
         }
         self.hdr.size = new_size;
         self.write_header()?;

@@ -3,7 +3,7 @@
 //! overlay leave an image that `qemu-img check` finds clean and `qemu-img compare` finds
 //! equal to a model, the layers below untouched.
 
-use super::util::{assert_qemu_clean, assert_qemu_compare, qemu, qemu_ok, qemu_raw};
+use super::util::{assert_qemu_clean, assert_qemu_compare, qemu, qemu_create, qemu_ok, qemu_raw};
 use crate::block::{BlockDevice, FileDisk, MemDisk};
 use crate::disk::{Allocation, VirtualDisk};
 use crate::qcow2::chain::{self, ChainFault, LayerFormat, files};
@@ -496,4 +496,132 @@ fn model_ops_on_overlay_with_subclusters() {
 #[test]
 fn model_ops_on_overlay_v2() {
     model_ops("0.10", false, 0xfeed_f00d);
+}
+
+/// Growing an overlay, against `qemu-img resize` of a copy: where the backing file is larger
+/// than the old size the new area reads as zeros (the backing does not show through), the
+/// head of the cluster holding the old end keeps the backing's data; where it is smaller,
+/// the image only grows; a version 2 overlay over a larger backing is refused by both and
+/// left as it was. Both results read the same, and `qemu-img check` finds ours clean.
+#[test]
+fn growing_an_overlay_matches_qemu_img_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Backing files: 8 MiB qcow2 and raw of non-zero data; a 2 MiB qcow2.
+    let big = d.join("big.qcow2");
+    qemu_create(&big, "compat=1.1", 8 * MIB);
+    qemu_io("qcow2", &big, &["write -P 0x11 0 8M"]);
+    let raw = d.join("big.raw");
+    let mut bytes = vec![0u8; 8 * MIB as usize];
+    Rng::with_seed(11).fill(&mut bytes);
+    std::fs::write(&raw, &bytes).unwrap();
+    let small = d.join("small.qcow2");
+    qemu_create(&small, "compat=1.1", 2 * MIB);
+    qemu_io("qcow2", &small, &["write -P 0x22 0 2M"]);
+    // (name, backing file (its format is its extension), the overlay's options, its size
+    // before and after).
+    let cases: [(&str, &str, &str, u64, u64); 7] = [
+        (
+            "old end inside a cluster",
+            "big.qcow2",
+            "cluster_size=65536",
+            3_000_320,
+            6 * MIB,
+        ),
+        (
+            "still below the backing's end",
+            "big.qcow2",
+            "cluster_size=4096",
+            MIB + 512,
+            2 * MIB,
+        ),
+        (
+            "extended L2, old end in a subcluster",
+            "big.qcow2",
+            "extended_l2=on",
+            3_000_832,
+            12 * MIB,
+        ),
+        (
+            "raw backing, the L1 table moves",
+            "big.raw",
+            "cluster_size=512",
+            MIB,
+            8 * MIB + 4096,
+        ),
+        (
+            "backing smaller than the overlay",
+            "small.qcow2",
+            "compat=1.1",
+            3 * MIB,
+            6 * MIB,
+        ),
+        (
+            "version 2, backing smaller",
+            "small.qcow2",
+            "compat=0.10",
+            3 * MIB,
+            6 * MIB,
+        ),
+        (
+            "version 2, backing larger: refused",
+            "big.qcow2",
+            "compat=0.10",
+            3 * MIB,
+            6 * MIB,
+        ),
+    ];
+    for (n, (name, backing, options, old, new)) in cases.into_iter().enumerate() {
+        let theirs = d.join(format!("theirs{n}.qcow2"));
+        let ours = d.join(format!("ours{n}.qcow2"));
+        let fmt = backing.rsplit('.').next().unwrap();
+        qemu_create(
+            &theirs,
+            &format!("{options},backing_file={backing},backing_fmt={fmt}"),
+            old,
+        );
+        // Some data of the overlay's own; in every other case in the cluster of the old end
+        // too (else that cluster is copied up from the backing by the growth).
+        qemu_io("qcow2", &theirs, &["write -P 0x33 4096 8192"]);
+        if n % 2 == 1 {
+            qemu_io(
+                "qcow2",
+                &theirs,
+                &[&format!("write -P 0x34 {} 1024", old - 1536)],
+            );
+        }
+        std::fs::copy(&theirs, &ours).unwrap();
+        let before = std::fs::read(&ours).unwrap();
+        let q_resize = qemu("qemu-img", &["resize", s(&theirs), &new.to_string()]);
+        let mut q = files::open(&ours, OpenOptions::default()).unwrap();
+        let r = q.resize(new);
+        if !q_resize.status.success() {
+            let stderr = String::from_utf8_lossy(&q_resize.stderr);
+            assert!(stderr.contains("zero out"), "{name}: qemu-img: {stderr}");
+            let Err(e) = r else {
+                panic!("{name}: we grew what qemu-img refused to grow: {stderr}");
+            };
+            assert!(matches!(e, Qcow2Error::Unsupported(_)), "{name}: {e}");
+            assert!(e.to_string().contains("compat=1.1"), "{name}: {e}");
+            q.close().unwrap();
+            assert!(std::fs::read(&ours).unwrap() == before, "{name}: changed");
+            continue;
+        }
+        r.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(q.size(), new, "{name}");
+        let got = read_all(&mut q);
+        q.close().unwrap();
+        let expected = qemu_raw(d, &theirs);
+        assert_eq!(expected.len() as u64, new, "{name}");
+        assert!(got == expected, "{name}: our reads differ from QEMU's");
+        assert_qemu_clean(&ours);
+        assert_qemu_compare(d, &ours, &expected, name);
+        // The new area reads as zeros whenever the backing reached into it.
+        if std::fs::metadata(d.join(backing)).unwrap().len() > old {
+            assert!(
+                expected[old as usize..].iter().all(|&b| b == 0),
+                "{name}: QEMU shows the backing in the new area"
+            );
+        }
+    }
 }
