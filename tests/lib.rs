@@ -9,12 +9,16 @@
 //! - Images: [`qemu_img_check_json`], [`qemu_img_to_raw`].
 //! - Prometheus: [`spawn_prometheus`].
 //! - NBD: [`nbd_client`] on a guest's export.
+//! - Network namespaces: [`in_namespace`] (a guest on a tap, on its own address), [`ip`].
 //! - Scratch space: [`ScratchDir`].
 
 use qcow_metal::nbd::client::{Client, ClientOptions};
+use qcow_metal_runner::kernel;
 use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::thread;
 use std::time::{Duration, Instant};
 
 pub use qcow_metal_runner::guest::{Banner, Guest, GuestBuilder};
@@ -230,12 +234,17 @@ pub fn spawn_prometheus(config: &Path, dir: &Path, port: u16) -> Child {
 /// This crate's NBD client on the guest's export at loopback `port`, with
 /// [`TOOL_TIMEOUT`] as its hang guard.
 pub fn nbd_client(port: u16) -> Client {
+    nbd_client_at(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+/// [`nbd_client`] on the guest's export at `addr` (a guest on a tap has its own address).
+pub fn nbd_client_at(addr: SocketAddrV4) -> Client {
     let opts = ClientOptions {
         timeout: Some(TOOL_TIMEOUT),
         ..ClientOptions::new(NBD_EXPORT)
     };
-    Client::connect_with(("127.0.0.1", port), &opts)
-        .unwrap_or_else(|e| panic!("NBD handshake with the guest on port {port}: {e}"))
+    Client::connect_with(addr, &opts)
+        .unwrap_or_else(|e| panic!("NBD handshake with the guest at {addr}: {e}"))
 }
 
 /// A fresh directory under the system's temporary directory, removed on drop.
@@ -264,5 +273,131 @@ impl ScratchDir {
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Set in the copy of a test that runs inside its namespace ([`in_namespace`]): the
+/// namespace's name.
+const INNER_ENV: &str = "QCOW_METAL_TAP_NETNS";
+
+/// How long the copy inside the namespace may run (a guard against hangs, not a timing
+/// assertion: the tap tests take seconds under TCG, the load test about two minutes).
+const INNER_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Runs `ip ARGS` and fails the test unless it succeeds; returns its stdout.
+pub fn ip(args: &[&str]) -> String {
+    let out = run_tool_output("ip", "iproute2", args);
+    assert!(
+        out.success,
+        "`ip {}` failed: {}{}",
+        args.join(" "),
+        out.stdout,
+        out.stderr
+    );
+    out.stdout
+}
+
+/// A network namespace `qm-<pid>-<n>`; dropping it kills the processes still inside and
+/// deletes it.
+struct NetNs(String);
+
+impl NetNs {
+    fn create(tag: &str) -> NetNs {
+        require_tool("ip", "iproute2");
+        let name = format!("qm-{}-{tag}", std::process::id());
+        let out = run_tool_output("ip", "iproute2", &["netns", "add", &name]);
+        assert!(
+            out.success,
+            "`ip netns add {name}` failed: {}\nthis test needs root (or CAP_SYS_ADMIN and \
+             CAP_NET_ADMIN) to create a network namespace and a tap device in it; CI runs \
+             it as root: run the test with `sudo -E cargo test -p qcow-metal-e2e ...`",
+            out.stderr.trim()
+        );
+        let ns = NetNs(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Whatever a failed test left in the namespace (QEMU, Prometheus): these are the
+        // processes of this namespace only, which this test started.
+        let pids = run_tool_output("ip", "iproute2", &["netns", "pids", &self.0]).stdout;
+        for pid in pids.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        let _ = run_tool_output("ip", "iproute2", &["netns", "del", &self.0]);
+    }
+}
+
+/// Runs `body` in a network namespace of its own: outside one, creates it and runs this
+/// test (`name`, its function's name) again inside it, failing with the inner run's output
+/// if that fails; the inner run's output is printed (seen with `--nocapture`). Inside,
+/// `body` can create taps and boot guests on their own addresses (`guest().net(NetMode::Tap)`)
+/// without touching the host's network. Needs root; the namespace and every process left in
+/// it are removed when the test ends, failed or not.
+pub fn in_namespace(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(INNER_ENV).is_some() {
+        body();
+        return;
+    }
+    let ns = NetNs::create(name.split('_').next().unwrap_or("t"));
+    // Built once here, outside: the copy inside boots this kernel.
+    let kernel = kernel::shared_kernel().unwrap_or_else(|e| panic!("building the kernel: {e}"));
+    // This process's own executable, even if cargo has replaced the file since it started.
+    let exe = format!("/proc/{}/exe", std::process::id());
+    let mut child = Command::new(require_tool("ip", "iproute2"))
+        .args(["netns", "exec", &ns.0])
+        .arg(&exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INNER_ENV, &ns.0)
+        .env(kernel::KERNEL_ENV, &kernel)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the test again inside the namespace");
+    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let status = wait_or_kill(&mut child, INNER_TIMEOUT);
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let report = format!("--- inside {} ---\n{stdout}\n{stderr}", ns.0);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the test failed inside its namespace ({status:?}):\n{report}"
+    );
+    // The copy must really have run this test (not filtered everything out).
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "the test did not run inside its namespace:\n{report}"
+    );
+    print!("{report}");
+    drop(ns);
+}
+
+/// Reads `pipe` to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Waits for `child`; kills it after `timeout` (then `None`).
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            return Some(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
     }
 }

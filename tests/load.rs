@@ -1,12 +1,20 @@
 //! Connections that hold load, end to end under TCG (issue 16): many clients at once on
 //! both ports, silent and slow clients, and nothing refused. Latencies are printed (p50,
 //! p99), never asserted.
+//!
+//! The all-at-once test runs the guest on a tap in a network namespace of its own (root):
+//! QEMU's user-mode network forwards each host port through a socket that listens with a
+//! backlog of 1, so a burst of fresh connections overflows it in the host's kernel (SYNs
+//! dropped, retried after 1, 3, 7 s; some handshakes dropped later and reset) before the
+//! guest sees them (doc/service.md, "Load and the user-mode network").
 
 use qcow_metal_e2e::{
-    ScratchDir, TOOL_TIMEOUT, boot, guest, nbd_client, run_tool, shut_down_cleanly,
+    BOOT_TIMEOUT, ScratchDir, TOOL_TIMEOUT, boot, guest, in_namespace, nbd_client, nbd_client_at,
+    run_tool, shut_down_cleanly,
 };
+use qcow_metal_runner::net::NetMode;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -21,10 +29,15 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// The guest's port `port` on the loopback address (user-mode network, forwarded ports).
+fn local(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
+}
+
 /// One scrape on a fresh connection; its latency, or what went wrong.
-fn scrape(port: u16) -> Result<Duration, String> {
+fn scrape(addr: SocketAddrV4) -> Result<Duration, String> {
     let start = Instant::now();
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("send: {e}"))?;
@@ -54,8 +67,8 @@ fn percentiles(latencies: &mut [Duration]) -> (f64, f64) {
 }
 
 /// The value of `family{labels}` in the guest's exposition.
-fn sample(port: u16, series: &str) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+fn sample(addr: SocketAddrV4, series: &str) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -67,8 +80,8 @@ fn sample(port: u16, series: &str) -> f64 {
 }
 
 /// 4 clients write and verify their own region while scrapers run.
-fn nbd_writer(port: u16, id: u8, rounds: usize) -> Result<(), String> {
-    let mut c = nbd_client(port);
+fn nbd_writer(addr: SocketAddrV4, id: u8, rounds: usize) -> Result<(), String> {
+    let mut c = nbd_client_at(addr);
     let base = u64::from(id) * 4 * MIB;
     for r in 0..rounds {
         let data = pattern(64 << 10, id.wrapping_mul(17).wrapping_add(r as u8));
@@ -90,22 +103,28 @@ fn nbd_writer(port: u16, id: u8, rounds: usize) -> Result<(), String> {
 }
 
 #[test]
-// Strict on purpose (0 failed scrapes), and not yet passing every time: in about one run in
-// three, 2-3% of the fresh scrape connections are reset while the guest counts nothing
-// refused or evicted (issue 16, doc/status.md). Run it with
-// `cargo test -p qcow-metal-e2e --test load -- --ignored`.
-#[ignore = "flaky until issue 16's connection resets under all-at-once load are found"]
 fn silent_connections_scrapers_and_nbd_writers_all_at_once() {
+    // The guest on its own address, as operators run it under load (see the module's
+    // comment for why not on the user-mode network).
+    in_namespace(
+        "silent_connections_scrapers_and_nbd_writers_all_at_once",
+        all_at_once,
+    );
+}
+
+/// 100 silent connections, 64 scrapers x 10 fresh connections and 4 NBD writers at once, on
+/// a guest on a tap (run inside a namespace).
+fn all_at_once() {
     let dir = ScratchDir::new("load");
     let disk = dir.path().join("disk.qcow2");
-    let (mut g, _) = boot(guest().size(32 * MIB).disk(&disk));
-    let (http, nbd) = (g.metrics_port(), g.nbd_port());
+    let (mut g, _) = boot(guest().net(NetMode::Tap).size(32 * MIB).disk(&disk));
+    g.wait_for_metrics(BOOT_TIMEOUT, || false)
+        .unwrap_or_else(|e| panic!("/metrics on the guest's address: {e}"));
+    let http = SocketAddrV4::new(g.host(), g.metrics_port());
+    let nbd = SocketAddrV4::new(g.host(), g.nbd_port());
     // 100 connections that send nothing, held open all along.
     let silent: Vec<TcpStream> = (0..100)
-        .map(|i| {
-            TcpStream::connect(("127.0.0.1", http))
-                .unwrap_or_else(|e| panic!("silent connection {i}: {e}"))
-        })
+        .map(|i| TcpStream::connect(http).unwrap_or_else(|e| panic!("silent connection {i}: {e}")))
         .collect();
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let latencies = Arc::new(Mutex::new(Vec::new()));
@@ -152,7 +171,14 @@ fn silent_connections_scrapers_and_nbd_writers_all_at_once() {
         http,
         "qcow_metal_connections_evicted_total{service=\"http\"}",
     );
-    println!("metrics port: {refused} refused, {evicted} evicted");
+    let timed_out = sample(
+        http,
+        "qcow_metal_connections_timed_out_total{service=\"http\"}",
+    );
+    println!(
+        "metrics port: {refused} refused, {evicted} evicted, {timed_out} timed out (of the \
+         silent connections, after 30 s)"
+    );
     assert!(failures.is_empty(), "failed scrapes: {failures:?}");
     assert!(nbd_errors.is_empty(), "NBD errors: {nbd_errors:?}");
     assert_eq!(refused, 0.0);
@@ -177,7 +203,7 @@ fn a_slowloris_does_not_block_the_metrics_port() {
             let mut sent = 0;
             while !stop.load(Ordering::Relaxed) {
                 while conns.len() < 300 {
-                    match TcpStream::connect(("127.0.0.1", http)) {
+                    match TcpStream::connect(local(http)) {
                         Ok(c) => conns.push(c),
                         Err(_) => break,
                     }
@@ -194,7 +220,7 @@ fn a_slowloris_does_not_block_the_metrics_port() {
     let mut latencies = Vec::new();
     let mut failures = Vec::new();
     for _ in 0..30 {
-        match scrape(http) {
+        match scrape(local(http)) {
             Ok(t) => latencies.push(t),
             Err(e) => failures.push(e),
         }
@@ -204,7 +230,7 @@ fn a_slowloris_does_not_block_the_metrics_port() {
     attacker.join().unwrap();
     let (p50, p99) = percentiles(&mut latencies);
     let evicted = sample(
-        http,
+        local(http),
         "qcow_metal_connections_evicted_total{service=\"http\"}",
     );
     println!(
@@ -247,7 +273,7 @@ fn thirty_two_nbd_clients_are_served_at_once() {
     }
     assert_eq!(clients[0].flush().unwrap(), 0);
     let active = sample(
-        g.metrics_port(),
+        local(g.metrics_port()),
         "qcow_metal_nbd_connections_active{export=\"disk\"}",
     );
     assert_eq!(active, 32.0);

@@ -6,10 +6,9 @@
 //! Creating a namespace needs root (CI runs as root): without it the tests fail, saying so.
 //! The namespace, and every process left in it, is removed when a test ends, failed or not.
 
-use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,137 +16,17 @@ use qcow_metal::config::IpConfig;
 use qcow_metal::metrics::Format;
 use qcow_metal::metrics::parse::parse;
 use qcow_metal_e2e::{
-    BOOT_TIMEOUT, Guest, ScratchDir, guest, qemu_io, require_tool, run_tool_output,
+    BOOT_TIMEOUT, Guest, ScratchDir, guest, in_namespace, ip, qemu_io, run_tool_output,
     shut_down_cleanly, spawn_prometheus,
 };
-use qcow_metal_runner::kernel;
 use qcow_metal_runner::net::NetMode;
 use qcow_metal_runner::scrape::{self, Health, Url};
 use serde_json::Value;
-
-/// Set in the copy of the test that runs inside the namespace: the namespace's name.
-const INNER_ENV: &str = "QCOW_METAL_TAP_NETNS";
-
-/// How long the copy inside the namespace may run (a guard against hangs, not a timing
-/// assertion: a test takes a few seconds under TCG).
-const INNER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The tap the test makes itself, and the addresses on it.
 const READY_TAP: &str = "qmtap0";
 const HOST: &str = "10.213.0.1/24";
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 2);
-
-/// Runs `ip ARGS` and fails the test unless it succeeds; returns its stdout.
-fn ip(args: &[&str]) -> String {
-    let out = run_tool_output("ip", "iproute2", args);
-    assert!(
-        out.success,
-        "`ip {}` failed: {}{}",
-        args.join(" "),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
-}
-
-/// A network namespace `qm-<pid>-<n>`; dropping it kills the processes still inside and
-/// deletes it.
-struct NetNs(String);
-
-impl NetNs {
-    fn create(tag: &str) -> NetNs {
-        require_tool("ip", "iproute2");
-        let name = format!("qm-{}-{tag}", std::process::id());
-        let out = run_tool_output("ip", "iproute2", &["netns", "add", &name]);
-        assert!(
-            out.success,
-            "`ip netns add {name}` failed: {}\nthis test needs root (or CAP_SYS_ADMIN and \
-             CAP_NET_ADMIN) to create a network namespace and a tap device in it; CI runs \
-             it as root: run `sudo -E cargo test -p qcow-metal-e2e --test tap`",
-            out.stderr.trim()
-        );
-        let ns = NetNs(name);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
-        ns
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Whatever a failed test left in the namespace (QEMU, Prometheus): these are the
-        // processes of this namespace only, which this test started.
-        let pids = run_tool_output("ip", "iproute2", &["netns", "pids", &self.0]).stdout;
-        for pid in pids.split_whitespace() {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
-        }
-        let _ = run_tool_output("ip", "iproute2", &["netns", "del", &self.0]);
-    }
-}
-
-/// Runs `body` in a network namespace of its own: outside one, creates it and runs this
-/// test (`name`) again inside it, failing with the inner run's output if that fails.
-fn in_namespace(name: &str, body: impl FnOnce()) {
-    if std::env::var_os(INNER_ENV).is_some() {
-        body();
-        return;
-    }
-    let ns = NetNs::create(name.split('_').next().unwrap_or("t"));
-    // Built once here, outside: the copy inside boots this kernel.
-    let kernel = kernel::shared_kernel().unwrap_or_else(|e| panic!("building the kernel: {e}"));
-    // This process's own executable, even if cargo has replaced the file since it started.
-    let exe = format!("/proc/{}/exe", std::process::id());
-    let mut child = Command::new(require_tool("ip", "iproute2"))
-        .args(["netns", "exec", &ns.0])
-        .arg(&exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(INNER_ENV, &ns.0)
-        .env(kernel::KERNEL_ENV, &kernel)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting the test again inside the namespace");
-    let (stdout, stderr) = (drain(child.stdout.take()), drain(child.stderr.take()));
-    let status = wait_or_kill(&mut child, INNER_TIMEOUT);
-    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
-    let report = format!("--- inside {} ---\n{stdout}\n{stderr}", ns.0);
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "the test failed inside its namespace ({status:?}):\n{report}"
-    );
-    // The copy must really have run this test (not filtered everything out).
-    assert!(
-        stdout.contains("test result: ok. 1 passed"),
-        "the test did not run inside its namespace:\n{report}"
-    );
-    drop(ns);
-}
-
-fn drain(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_end(&mut bytes);
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-/// Waits for `child`; kills it after `timeout` (then `None`).
-fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("waiting for a child") {
-            return Some(status);
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// GET `url`; status and body.
 fn http_get(url: &str) -> (u16, String) {
