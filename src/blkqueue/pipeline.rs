@@ -86,6 +86,22 @@ pub trait QueuedDisk: VirtualDisk {
 
     /// The device's queue.
     fn queue(&mut self) -> &mut dyn BlockQueue;
+
+    /// A stamp taken as a request starts on the queue, handed back to
+    /// [`QueuedDisk::queued_done`] (a wrapper that times requests reads its clock here).
+    /// The default is 0.
+    fn queued_start(&mut self) -> u64 {
+        0
+    }
+
+    /// A request the [`Pipeline`] served without [`VirtualDisk::read`] or
+    /// [`VirtualDisk::write`] finished (its data went through the queue, or mapping it
+    /// failed): a write or a read of `bytes` bytes, started at the stamp `started`, which
+    /// succeeded or not. For wrappers that count the disk's requests; the default does
+    /// nothing. Requests on the synchronous path are counted by the disk's own calls.
+    fn queued_done(&mut self, write: bool, bytes: u64, started: u64, ok: bool) {
+        let _ = (write, bytes, started, ok);
+    }
 }
 
 impl<D: BlockDevice + BlockQueue> QueuedDisk for RawDisk<D> {
@@ -180,6 +196,8 @@ struct Job {
     parts_left: usize,
     result: Result<(), DiskError>,
     data: Vec<u8>,
+    /// [`QueuedDisk::queued_start`]'s stamp.
+    started: u64,
 }
 
 /// Counters of a [`Pipeline`], for metrics and tests.
@@ -256,7 +274,10 @@ impl Pipeline {
         loop {
             let mut moved = self.send_parts(disk);
             while let Some(c) = disk.queue().poll() {
-                self.complete(c);
+                if let Some(job) = self.complete(c) {
+                    disk.queued_done(job.write, job.len, job.started, job.result.is_ok());
+                    self.finish_job(job);
+                }
                 moved = true;
             }
             moved |= self.start(disk);
@@ -281,14 +302,13 @@ impl Pipeline {
         moved
     }
 
-    fn complete(&mut self, c: Completion) {
+    /// Takes a completion in; returns its request once every piece of it is done.
+    fn complete(&mut self, c: Completion) -> Option<Job> {
         let Some((job_id, at)) = self.parts.remove(&c.tag) else {
             log::warn!("block queue: a completion for unknown request {}", c.tag);
-            return;
+            return None;
         };
-        let Some(job) = self.jobs.get_mut(&job_id) else {
-            return;
-        };
+        let job = self.jobs.get_mut(&job_id)?;
         match c.result {
             Err(e) => {
                 if job.result.is_ok() {
@@ -309,10 +329,10 @@ impl Pipeline {
             }
         }
         job.parts_left -= 1;
-        if job.parts_left == 0
-            && let Some(job) = self.jobs.remove(&job_id)
-        {
-            self.finish_job(job);
+        if job.parts_left == 0 {
+            self.jobs.remove(&job_id)
+        } else {
+            None
         }
     }
 
@@ -406,6 +426,7 @@ impl Pipeline {
             DiskOp::Write { offset, data, .. } => (*offset, data.len() as u64, true),
             _ => return Err((tag, op)),
         };
+        let started = disk.queued_start();
         let mapped = if write {
             disk.map_overwrite(offset, len)
         } else {
@@ -416,6 +437,7 @@ impl Pipeline {
             Ok(None) => return Err((tag, op)),
             Err(e) => {
                 self.stats.synchronous += 1;
+                disk.queued_done(write, len, started, false);
                 self.finished.push_back(Finished {
                     tag,
                     result: Err(e),
@@ -486,9 +508,11 @@ impl Pipeline {
             parts_left: parts,
             result: Ok(()),
             data,
+            started,
         };
         if parts == 0 {
             // All zeros (or an empty write): done already.
+            disk.queued_done(write, len, started, true);
             self.finish_job(job);
         } else {
             self.jobs.insert(job_id, job);

@@ -3,12 +3,15 @@
 //! ([`crate::qcow2::telemetry`]) and, on request, ocaml-qcow's `Mirage_qcow_*` families.
 
 use super::{DiskError, Extent, VirtualDisk};
+use crate::blkqueue::pipeline::{HostRun, QueuedDisk};
+use crate::blkqueue::queue::BlockQueue;
 use crate::block::telemetry::{HasRequests, IoOp, Recorder, RequestFamilyNames, RequestMetrics};
 use crate::compaction::CompactionState;
 use crate::metrics::{Collector, Encoder, Family, Gauge, Meta, Value};
 use crate::qcow2::telemetry::{EngineFigures, ReclaimStage};
 use alloc::string::String;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::fmt;
 
 /// The disk's request families.
@@ -308,5 +311,37 @@ impl<V: VirtualDisk, H: HasRequests> VirtualDisk for Instrumented<V, H> {
         len: u64,
     ) -> Result<(bool, u64), DiskError> {
         self.inner.dirty_status(name, offset, len)
+    }
+}
+
+/// The queued side of an instrumented disk: reads and writes whose data a
+/// [`crate::blkqueue::pipeline::Pipeline`] moves through the device's queue are counted
+/// when they finish, as [`VirtualDisk::read`] and [`VirtualDisk::write`] count theirs (one
+/// request each, its bytes, the time from start to completion, or an error), so the
+/// disk's families read the same whichever path served a request.
+impl<V: QueuedDisk, H: HasRequests> QueuedDisk for Instrumented<V, H> {
+    fn map_read(&mut self, offset: u64, len: u64) -> Result<Option<Vec<HostRun>>, DiskError> {
+        self.inner.map_read(offset, len)
+    }
+
+    fn map_overwrite(&mut self, offset: u64, len: u64) -> Result<Option<Vec<HostRun>>, DiskError> {
+        self.inner.map_overwrite(offset, len)
+    }
+
+    fn queue(&mut self) -> &mut dyn BlockQueue {
+        self.inner.queue()
+    }
+
+    fn queued_start(&mut self) -> u64 {
+        (self.recorder.clock)()
+    }
+
+    fn queued_done(&mut self, write: bool, bytes: u64, started: u64, ok: bool) {
+        let op = if write { IoOp::Write } else { IoOp::Read };
+        let took = (self.recorder.clock)().saturating_sub(started);
+        self.recorder
+            .metrics
+            .request_metrics()
+            .record(op, bytes, took, ok);
     }
 }

@@ -7,6 +7,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use log::warn;
 
+use crate::blkqueue::pipeline::QueuedDisk;
+use crate::blkqueue::queue::BlockQueue;
 use crate::block::BlockDevice;
 use crate::config::{Config, DiskFormat};
 use crate::disk::telemetry::Instrumented;
@@ -133,6 +135,19 @@ impl<B: BlockDevice> Disk<B> {
                 dev.flush().map_err(|e| format!("{e}"))
             }
             Disk::Unavailable(_) => Ok(()),
+        }
+    }
+}
+
+impl<B: BlockDevice + BlockQueue> Disk<B> {
+    /// The disk to serve with requests in flight together (its device has a queue), if
+    /// there is one: the same disk as [`Disk::virtual_disk`], and the same counters (the
+    /// `Instrumented` wrapper counts the requests whose data goes through the queue).
+    pub fn queued_disk(&mut self) -> Option<&mut dyn QueuedDisk> {
+        match self {
+            Disk::Qcow2(d) => Some(&mut **d),
+            Disk::Raw(d) => Some(&mut **d),
+            Disk::Unavailable(_) => None,
         }
     }
 }

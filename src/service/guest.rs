@@ -10,7 +10,9 @@
 //! 2. poll the interface: frames in and out of the device, TCP timers, DHCP;
 //! 3. for every socket of the pool, advance its session: a new connection gets a fresh
 //!    HTTP or NBD state machine, bytes move between the socket and the state machine, NBD
-//!    requests run on the disk, and a session whose connection ended is dropped; sockets
+//!    requests run on the disk (the reads and writes a client pipelined go to the device's
+//!    queue together and are answered as they complete, see
+//!    [`crate::nbd::Connection::process_queued`]), and a session whose connection ended is dropped; sockets
 //!    listen again, the pools grow when few listeners are left, and a full port closes its
 //!    longest-idle connection ([`Guest::make_room`]);
 //! 4. if anything moved, the turn ends (the next one polls the interface at once: replies
@@ -43,6 +45,7 @@ use super::nbd::{NbdSession, NoDisk};
 use super::net::{DEFAULT_BUFFER_BUDGET, Network, PortStats, Service, Tap};
 use super::session::{Evictable, Session};
 use super::telemetry::ConnectionFigures;
+use crate::blkqueue::queue::BlockQueue;
 use crate::block::BlockDevice;
 use crate::compaction::Scheduler;
 use crate::config::{Config, GuestExit};
@@ -166,7 +169,7 @@ pub struct Guest<P: Platform, B: BlockDevice> {
     profile: LoopProfile,
 }
 
-impl<P: Platform, B: BlockDevice> Guest<P, B> {
+impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
     /// Builds the interface on `dev`, opens the listener pools and readies the services.
     pub fn new(
         platform: P,
@@ -614,8 +617,10 @@ impl<P: Platform, B: BlockDevice> Guest<P, B> {
                     }
                 }
                 Some(Session::Nbd(s)) => {
-                    match self.disk.virtual_disk() {
-                        Some(disk) => busy |= s.drive(socket, disk, &mut self.nbd_stats, now_ms),
+                    match self.disk.queued_disk() {
+                        Some(disk) => {
+                            busy |= s.drive_queued(socket, disk, &mut self.nbd_stats, now_ms)
+                        }
                         // No disk: a refusing session turns the client away.
                         None => busy |= s.drive(socket, &mut NoDisk, &mut self.nbd_stats, now_ms),
                     }

@@ -3,10 +3,12 @@
 //! Bytes flow without intermediate buffers: the socket's receive buffer is offered to the
 //! connection in place (it copies what it takes into its input queue), and the connection's
 //! output is copied straight into the socket's transmit buffer. Disk I/O happens inside
-//! [`crate::nbd::Connection::process`], which stops producing replies once its output
-//! high-water mark is reached, so one client cannot starve the others.
+//! [`crate::nbd::Connection::process`] (or `process_queued`, with pipelined reads and
+//! writes in flight together), which stops producing replies once its output high-water
+//! mark is reached, so one client cannot starve the others.
 
 use super::socket::Socket;
+use crate::blkqueue::pipeline::QueuedDisk;
 use crate::disk::{DiskError, Extent, VirtualDisk};
 use crate::nbd::{Connection, NbdStats, ServerConfig};
 
@@ -87,13 +89,41 @@ impl NbdSession {
     }
 
     /// Moves bytes between the socket and the NBD state machine and serves requests on
-    /// `disk`. Returns whether anything moved.
+    /// `disk`, one at a time ([`Connection::process`]). Returns whether anything moved.
     pub fn drive<S: Socket + ?Sized, D: VirtualDisk + ?Sized>(
         &mut self,
         socket: &mut S,
         disk: &mut D,
         stats: &mut NbdStats,
         now_ms: u64,
+    ) -> bool {
+        self.drive_with(socket, stats, now_ms, |conn, stats| {
+            conn.process(disk, stats)
+        })
+    }
+
+    /// As [`NbdSession::drive`], with the reads and writes the client pipelined served
+    /// together on the disk's queue and answered as they complete
+    /// ([`Connection::process_queued`]).
+    pub fn drive_queued<S: Socket + ?Sized, D: QueuedDisk + ?Sized>(
+        &mut self,
+        socket: &mut S,
+        disk: &mut D,
+        stats: &mut NbdStats,
+        now_ms: u64,
+    ) -> bool {
+        self.drive_with(socket, stats, now_ms, |conn, stats| {
+            conn.process_queued(disk, stats)
+        })
+    }
+
+    /// The body of the `drive` calls: `process` serves what the connection holds.
+    fn drive_with<S: Socket + ?Sized>(
+        &mut self,
+        socket: &mut S,
+        stats: &mut NbdStats,
+        now_ms: u64,
+        mut process: impl FnMut(&mut Connection, &mut NbdStats) -> bool,
     ) -> bool {
         if self.closing {
             return false;
@@ -105,7 +135,7 @@ impl NbdSession {
                 let taken = socket.recv_with(&mut |buf| self.conn.receive(buf));
                 moved |= taken > 0;
             }
-            moved |= self.conn.process(disk, stats);
+            moved |= process(&mut self.conn, stats);
             while !self.conn.output().is_empty() && socket.can_send() {
                 let n = socket.send_slice(self.conn.output());
                 if n == 0 {

@@ -18,6 +18,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 use super::disk::open_disk;
 use super::guest::{Guest, GuestSetup, Platform};
 use super::session::MIN_IDLE_MS;
+use crate::blkqueue::queue::{BlockQueue, Completion, CompletionOrder, MemQueue, QueuedOp};
 use crate::block::{BlockDevice, BlockError, MemDisk};
 use crate::config::{Config, GuestExit};
 use crate::nbd::proto::*;
@@ -157,6 +158,55 @@ impl BlockDevice for SharedDisk {
     }
 }
 
+/// The guest's block device: a [`MemQueue`] over the shared memory disk (completing in a
+/// shuffled order), which also tells the test how many requests it held at once.
+struct TestQueue {
+    queue: MemQueue<SharedDisk>,
+    max_in_flight: Rc<Cell<usize>>,
+}
+
+impl BlockDevice for TestQueue {
+    fn capacity(&self) -> u64 {
+        self.queue.capacity()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.queue.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+        self.queue.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> Result<(), BlockError> {
+        self.queue.flush()
+    }
+    fn zeroes_from(&self) -> Option<u64> {
+        self.queue.zeroes_from()
+    }
+    fn grow(&mut self, need: u64, want: u64, wait: bool) -> bool {
+        self.queue.grow(need, want, wait)
+    }
+}
+
+impl BlockQueue for TestQueue {
+    fn queue_alignment(&self) -> u64 {
+        self.queue.queue_alignment()
+    }
+    fn queue_depth(&self) -> usize {
+        self.queue.queue_depth()
+    }
+    fn submit(&mut self, tag: u64, op: QueuedOp) -> Result<(), QueuedOp> {
+        let r = self.queue.submit(tag, op);
+        self.max_in_flight
+            .set(self.max_in_flight.get().max(self.queue.in_flight()));
+        r
+    }
+    fn poll(&mut self) -> Option<Completion> {
+        self.queue.poll()
+    }
+    fn in_flight(&self) -> usize {
+        self.queue.in_flight()
+    }
+}
+
 const GUEST_IP: [u8; 4] = [10, 0, 0, 1];
 const CLIENT_IP: [u8; 4] = [10, 0, 0, 2];
 const HTTP_PORT: u16 = 9090;
@@ -165,10 +215,12 @@ const VIRTUAL_SIZE: u64 = 16 << 20;
 
 /// The guest, its clients' interface, and the clock they share.
 struct Harness {
-    guest: Guest<TestPlatform, SharedDisk>,
+    guest: Guest<TestPlatform, TestQueue>,
     clock: Clock,
     button: Rc<Cell<bool>>,
     disk: SharedDisk,
+    /// Most requests the guest's block device held at once.
+    max_in_flight: Rc<Cell<usize>>,
     iface: Interface,
     dev: LinkEnd,
     sockets: SocketSet<'static>,
@@ -220,7 +272,12 @@ impl Harness {
             mirage: false,
             clock: || 0,
         });
-        let guest_disk = open_disk(Some(disk.clone()), Vec::new(), &config, &metrics, || 0);
+        let max_in_flight = Rc::new(Cell::new(0));
+        let device = TestQueue {
+            queue: MemQueue::new(disk.clone(), 32, CompletionOrder::Shuffled(7)),
+            max_in_flight: max_in_flight.clone(),
+        };
+        let guest_disk = open_disk(Some(device), Vec::new(), &config, &metrics, || 0);
         let (guest_end, client_end) = link();
         let platform = TestPlatform {
             clock: clock.clone(),
@@ -253,6 +310,7 @@ impl Harness {
             clock,
             button,
             disk,
+            max_in_flight,
             iface,
             dev,
             sockets: SocketSet::new(Vec::new()),
@@ -749,4 +807,264 @@ fn slow_clients_cannot_hold_the_metrics_port() {
     let stats = h.guest.port_stats(Service::Http);
     assert_eq!(stats.refused, 0, "{stats:?}");
     assert!(stats.evicted > 0, "{stats:?}");
+}
+
+/// One NBD request (header and payload) as a client puts it on the wire.
+fn nbd_request_bytes(cmd: u16, cookie: u64, offset: u64, len: u32, data: &[u8]) -> Vec<u8> {
+    let mut req = Vec::new();
+    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&cmd.to_be_bytes());
+    req.extend_from_slice(&cookie.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&len.to_be_bytes());
+    req.extend_from_slice(data);
+    req
+}
+
+/// Splits simple replies off the front of `buf`: (cookie, error, data), in arrival order;
+/// `read_len(cookie)` is how many data bytes a successful reply to that cookie carries.
+/// Leaves an incomplete reply in `buf`.
+fn take_replies(buf: &mut Vec<u8>, read_len: impl Fn(u64) -> usize) -> Vec<(u64, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while buf.len() - at >= 16 {
+        let head = &buf[at..at + 16];
+        assert_eq!(head[..4], SIMPLE_REPLY_MAGIC.to_be_bytes(), "reply magic");
+        let error = u32::from_be_bytes(head[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(head[8..16].try_into().unwrap());
+        let n = if error == 0 { read_len(cookie) } else { 0 };
+        if buf.len() - at < 16 + n {
+            break;
+        }
+        out.push((cookie, error, buf[at + 16..at + 16 + n].to_vec()));
+        at += 16 + n;
+    }
+    buf.drain(..at);
+    out
+}
+
+/// The value of `series` (name and labels, as rendered) in a text scrape.
+fn scraped_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// 3 clients each pipeline 16 overwrites and 16 reads of allocated clusters: the requests
+/// go to the device's queue together, the replies come back as the device completes them
+/// (out of order), the data is right, and the disk's counters count every request once.
+#[test]
+fn pipelined_requests_of_several_clients_are_in_flight_together() {
+    const CLIENTS: u64 = 3;
+    const BLOCK: usize = 4096;
+    let mut h = Harness::new();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let c = h.connect(NBD_PORT);
+            h.nbd_handshake(c);
+            c
+        })
+        .collect();
+    // Allocate the first MiB (the engine's path): overwrites there can go to the queue.
+    let base = pattern(1 << 20, 1);
+    assert_eq!(
+        h.nbd_request(clients[0], CMD_WRITE, 1, 0, base.len() as u32, &base)
+            .0,
+        0
+    );
+    let slot = |k: u64, i: u64| (k * 16 + i) * 2 * BLOCK as u64;
+    let block = |k: u64, i: u64| pattern(BLOCK, (k * 16 + i) as u8 + 100);
+    for (k, &c) in clients.iter().enumerate() {
+        let k = k as u64;
+        let mut wire = Vec::new();
+        for i in 0..16 {
+            wire.extend(nbd_request_bytes(
+                CMD_WRITE,
+                100 + i,
+                slot(k, i),
+                BLOCK as u32,
+                &block(k, i),
+            ));
+        }
+        for i in 0..16 {
+            wire.extend(nbd_request_bytes(
+                CMD_READ,
+                200 + i,
+                slot(k, i) + BLOCK as u64,
+                BLOCK as u32,
+                &[],
+            ));
+        }
+        assert_eq!(h.socket(c).send_slice(&wire), Ok(wire.len()));
+    }
+    let read_len = |cookie: u64| if cookie >= 200 { BLOCK } else { 0 };
+    let mut bufs = vec![Vec::new(); clients.len()];
+    let mut replies: Vec<Vec<(u64, u32, Vec<u8>)>> = vec![Vec::new(); clients.len()];
+    h.until("every reply received", 100_000, |h| {
+        for (k, &c) in clients.iter().enumerate() {
+            h.recv_some(c, &mut bufs[k]);
+            replies[k].extend(take_replies(&mut bufs[k], read_len));
+        }
+        replies.iter().all(|r| r.len() == 32)
+    });
+    let mut out_of_order = 0;
+    for (k, got) in replies.iter().enumerate() {
+        let k = k as u64;
+        let cookies: Vec<u64> = got.iter().map(|r| r.0).collect();
+        let mut sorted = cookies.clone();
+        sorted.sort_unstable();
+        let want: Vec<u64> = (100..116).chain(200..216).collect();
+        assert_eq!(sorted, want, "client {k}: every request answered once");
+        if cookies != want {
+            out_of_order += 1;
+        }
+        for (cookie, error, data) in got {
+            assert_eq!(*error, 0, "client {k}, request {cookie}");
+            if *cookie >= 200 {
+                let at = (slot(k, cookie - 200) as usize) + BLOCK;
+                assert!(
+                    data[..] == base[at..at + BLOCK],
+                    "client {k}: read {cookie} returned other bytes"
+                );
+            }
+        }
+    }
+    assert!(out_of_order > 0, "every client's replies came in order");
+    let max = h.max_in_flight.get();
+    assert!(
+        max >= 16,
+        "at most {max} requests were on the device at once"
+    );
+    // The disk's counters: every request once, whichever path served it.
+    let reply = scrape(&mut h);
+    let text = core::str::from_utf8(&reply).expect("UTF-8 scrape");
+    let disk = |op: &str| {
+        scraped_value(
+            text,
+            &format!("qcow_metal_disk_requests_total{{disk=\"disk\",op=\"{op}\"}}"),
+        )
+    };
+    assert_eq!(disk("write"), Some((1 + 16 * CLIENTS) as f64), "{text}");
+    assert_eq!(disk("read"), Some((16 * CLIENTS) as f64), "{text}");
+    assert_eq!(
+        scraped_value(
+            text,
+            "qcow_metal_disk_bytes_total{disk=\"disk\",op=\"read\"}"
+        ),
+        Some((16 * CLIENTS * BLOCK as u64) as f64)
+    );
+    assert_eq!(h.power_off(), GuestExit::Clean);
+    let mut engine = h.reopen_clean();
+    let mut stored = vec![0; BLOCK];
+    for k in 0..CLIENTS {
+        for i in 0..16 {
+            crate::disk::VirtualDisk::read(&mut engine, slot(k, i), &mut stored).unwrap();
+            assert!(
+                stored == block(k, i),
+                "client {k}: write {i} is not on the disk"
+            );
+        }
+    }
+}
+
+/// A client keeps hundreds of reads pipelined; a scrape on a fresh connection is answered
+/// while most of them are still unanswered: batches end, and the loop serves the others in
+/// between.
+#[test]
+fn a_scrape_is_answered_while_a_client_keeps_hundreds_of_requests_pipelined() {
+    const READS: u64 = 1024;
+    let mut h = Harness::new();
+    let nbd = h.connect(NBD_PORT);
+    h.nbd_handshake(nbd);
+    let base = pattern(1 << 20, 9);
+    assert_eq!(
+        h.nbd_request(nbd, CMD_WRITE, 1, 0, base.len() as u32, &base)
+            .0,
+        0
+    );
+    let mut wire = Vec::new();
+    for i in 0..READS {
+        wire.extend(nbd_request_bytes(
+            CMD_READ,
+            10 + i,
+            (i % 256) * 4096,
+            4096,
+            &[],
+        ));
+    }
+    assert_eq!(h.socket(nbd).send_slice(&wire), Ok(wire.len()));
+    let http = h.connect(HTTP_PORT);
+    h.send(
+        http,
+        b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n",
+    );
+    let mut buf = Vec::new();
+    let mut answered = 0;
+    let mut scrape = Vec::new();
+    h.until("scrape answered", 100_000, |h| {
+        h.recv_some(nbd, &mut buf);
+        answered += take_replies(&mut buf, |_| 4096).len();
+        h.recv_some(http, &mut scrape)
+    });
+    let text = core::str::from_utf8(&scrape).expect("UTF-8 scrape");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:.200}");
+    assert!(
+        (answered as u64) < READS / 2,
+        "{answered} of {READS} reads were answered before the scrape"
+    );
+    h.until("every read answered", 1_000_000, |h| {
+        h.recv_some(nbd, &mut buf);
+        for (cookie, error, data) in take_replies(&mut buf, |_| 4096) {
+            assert_eq!(error, 0);
+            let at = ((cookie - 10) % 256) as usize * 4096;
+            assert!(data[..] == base[at..at + 4096], "read {cookie}");
+            answered += 1;
+        }
+        answered as u64 == READS
+    });
+    assert!(h.max_in_flight.get() >= 16, "{}", h.max_in_flight.get());
+}
+
+/// The power button is pressed while a client's pipelined writes are on their way: every
+/// one of them is served and answered, then the disk is closed clean with all of them.
+#[test]
+fn power_off_drains_pipelined_requests() {
+    let mut h = Harness::new();
+    let c = h.connect(NBD_PORT);
+    h.nbd_handshake(c);
+    let base = pattern(1 << 20, 2);
+    assert_eq!(
+        h.nbd_request(c, CMD_WRITE, 1, 0, base.len() as u32, &base)
+            .0,
+        0
+    );
+    let mut wire = Vec::new();
+    for i in 0..24u64 {
+        wire.extend(nbd_request_bytes(
+            CMD_WRITE,
+            100 + i,
+            i * 16384,
+            8192,
+            &pattern(8192, i as u8 + 50),
+        ));
+    }
+    assert_eq!(h.socket(c).send_slice(&wire), Ok(wire.len()));
+    h.button.set(true);
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    h.until("every write answered", 100_000, |h| {
+        h.recv_some(c, &mut buf);
+        got.extend(take_replies(&mut buf, |_| 0));
+        got.len() == 24
+    });
+    assert!(got.iter().all(|r| r.1 == 0), "{got:?}");
+    h.until("guest shut down", 100_000, |h| h.exit.is_some());
+    assert_eq!(h.exit, Some(GuestExit::Clean));
+    assert!(h.max_in_flight.get() >= 16, "{}", h.max_in_flight.get());
+    let mut engine = h.reopen_clean();
+    let mut stored = vec![0; 8192];
+    for i in 0..24u64 {
+        crate::disk::VirtualDisk::read(&mut engine, i * 16384, &mut stored).unwrap();
+        assert!(stored == pattern(8192, i as u8 + 50), "write {i} lost");
+    }
 }
