@@ -619,7 +619,9 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
                 Some(Session::Nbd(s)) => {
                     match self.disk.queued_disk() {
                         Some(disk) => {
-                            busy |= s.drive_queued(socket, disk, &mut self.nbd_stats, now_ms)
+                            busy |= s.drive_with(socket, &mut self.nbd_stats, now_ms, |c, st| {
+                                c.process_queued(disk, st)
+                            })
                         }
                         // No disk: a refusing session turns the client away.
                         None => busy |= s.drive(socket, &mut NoDisk, &mut self.nbd_stats, now_ms),

@@ -8,7 +8,6 @@
 //! mark is reached, so one client cannot starve the others.
 
 use super::socket::Socket;
-use crate::blkqueue::pipeline::QueuedDisk;
 use crate::disk::{DiskError, Extent, VirtualDisk};
 use crate::nbd::{Connection, NbdStats, ServerConfig};
 
@@ -102,23 +101,10 @@ impl NbdSession {
         })
     }
 
-    /// As [`NbdSession::drive`], with the reads and writes the client pipelined served
-    /// together on the disk's queue and answered as they complete
-    /// ([`Connection::process_queued`]).
-    pub fn drive_queued<S: Socket + ?Sized, D: QueuedDisk + ?Sized>(
-        &mut self,
-        socket: &mut S,
-        disk: &mut D,
-        stats: &mut NbdStats,
-        now_ms: u64,
-    ) -> bool {
-        self.drive_with(socket, stats, now_ms, |conn, stats| {
-            conn.process_queued(disk, stats)
-        })
-    }
-
-    /// The body of the `drive` calls: `process` serves what the connection holds.
-    fn drive_with<S: Socket + ?Sized>(
+    /// As [`NbdSession::drive`], with `process` serving what the connection holds: for
+    /// example [`Connection::process_queued`], which serves the reads and writes the client
+    /// pipelined together on the disk's queue and answers them as they complete.
+    pub fn drive_with<S: Socket + ?Sized>(
         &mut self,
         socket: &mut S,
         stats: &mut NbdStats,

@@ -482,15 +482,7 @@ impl Harness {
         len: u32,
         data: &[u8],
     ) {
-        let mut req = Vec::new();
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&cmd.to_be_bytes());
-        req.extend_from_slice(&cookie.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
-        req.extend_from_slice(data);
-        self.send(handle, &req);
+        self.send(handle, &nbd_request_bytes(cmd, cookie, offset, len, data));
     }
 
     fn nbd_reply(&mut self, handle: SocketHandle, cookie: u64, data_len: u32) -> (u32, Vec<u8>) {
@@ -504,6 +496,17 @@ impl Harness {
             Vec::new()
         };
         (error, data)
+    }
+
+    /// An NBD client past the handshake that has written `pattern(1 MiB, seed)` at 0 (the
+    /// engine's path, allocating): overwrites of the first MiB can then go to the queue.
+    fn nbd_client_over_first_mib(&mut self, seed: u8) -> (SocketHandle, Vec<u8>) {
+        let c = self.connect(NBD_PORT);
+        self.nbd_handshake(c);
+        let base = pattern(1 << 20, seed);
+        let (err, _) = self.nbd_request(c, CMD_WRITE, 1, 0, base.len() as u32, &base);
+        assert_eq!(err, 0);
+        (c, base)
     }
 
     /// Presses the power button and steps until the guest has shut down.
@@ -858,20 +861,13 @@ fn pipelined_requests_of_several_clients_are_in_flight_together() {
     const CLIENTS: u64 = 3;
     const BLOCK: usize = 4096;
     let mut h = Harness::new();
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let c = h.connect(NBD_PORT);
-            h.nbd_handshake(c);
-            c
-        })
-        .collect();
-    // Allocate the first MiB (the engine's path): overwrites there can go to the queue.
-    let base = pattern(1 << 20, 1);
-    assert_eq!(
-        h.nbd_request(clients[0], CMD_WRITE, 1, 0, base.len() as u32, &base)
-            .0,
-        0
-    );
+    let (first, base) = h.nbd_client_over_first_mib(1);
+    let mut clients = vec![first];
+    for _ in 1..CLIENTS {
+        let c = h.connect(NBD_PORT);
+        h.nbd_handshake(c);
+        clients.push(c);
+    }
     let slot = |k: u64, i: u64| (k * 16 + i) * 2 * BLOCK as u64;
     let block = |k: u64, i: u64| pattern(BLOCK, (k * 16 + i) as u8 + 100);
     for (k, &c) in clients.iter().enumerate() {
@@ -974,14 +970,7 @@ fn pipelined_requests_of_several_clients_are_in_flight_together() {
 fn a_scrape_is_answered_while_a_client_keeps_hundreds_of_requests_pipelined() {
     const READS: u64 = 1024;
     let mut h = Harness::new();
-    let nbd = h.connect(NBD_PORT);
-    h.nbd_handshake(nbd);
-    let base = pattern(1 << 20, 9);
-    assert_eq!(
-        h.nbd_request(nbd, CMD_WRITE, 1, 0, base.len() as u32, &base)
-            .0,
-        0
-    );
+    let (nbd, base) = h.nbd_client_over_first_mib(9);
     let mut wire = Vec::new();
     for i in 0..READS {
         wire.extend(nbd_request_bytes(
@@ -1030,14 +1019,7 @@ fn a_scrape_is_answered_while_a_client_keeps_hundreds_of_requests_pipelined() {
 #[test]
 fn power_off_drains_pipelined_requests() {
     let mut h = Harness::new();
-    let c = h.connect(NBD_PORT);
-    h.nbd_handshake(c);
-    let base = pattern(1 << 20, 2);
-    assert_eq!(
-        h.nbd_request(c, CMD_WRITE, 1, 0, base.len() as u32, &base)
-            .0,
-        0
-    );
+    let (c, _) = h.nbd_client_over_first_mib(2);
     let mut wire = Vec::new();
     for i in 0..24u64 {
         wire.extend(nbd_request_bytes(

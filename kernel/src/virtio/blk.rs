@@ -20,19 +20,28 @@
 //!   the metrics; the qcow2 engine decides what the client is told (`ENOSPC` for a write into
 //!   new space, `EIO` otherwise).
 //!
-//! Calls block (by polling the used ring) until every request they submitted has completed.
+//! [`SectorDevice`] calls block (by polling the used ring) until every request they
+//! submitted has completed. The same queue is also a [`BlockQueue`]: a queued request owns
+//! its buffer (kept in its slot until the device is done with it), `submit` never waits,
+//! `poll` collects completions, `wait` spins and halts like a call's wait. Up to
+//! [`QUEUE_DEPTH`] queued requests and a call's [`MAX_IN_FLIGHT`] have slots of their own,
+//! so the engine's synchronous metadata reads and writes run while queued requests are in
+//! flight; a call that meets a queued request's completion keeps it for `poll`.
 //!
 //! The capacity can grow while the guest runs (the runner resizes the host file with QMP
 //! `block_resize` when the guest asks, see [`crate::hostfile`]): QEMU then bumps the
 //! configuration generation and raises the configuration-change interrupt (ISR bit 1);
 //! [`VirtioBlk::refresh_capacity`] re-reads the capacity when either says so.
 
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use log::{info, warn};
 use qcow_metal::blkqueue::plan::{
     self, DeviceConfig, Limits, MAX_SEGMENTS, RequestType, Slots, VIRTIO_SECTOR,
 };
+use qcow_metal::blkqueue::queue::{BlockQueue, Completion, QueuedOp};
 use qcow_metal::block::telemetry::{BlockDeviceMetrics, IoOp};
 use qcow_metal::block::{BlockError, SectorDevice};
 use virtio_drivers::queue::VirtQueue;
@@ -46,6 +55,10 @@ use crate::hostfile::{ANSWER_MS, Answer, Grower};
 pub const QUEUE_SIZE: usize = 128;
 /// Requests queued at once by one call.
 pub const MAX_IN_FLIGHT: usize = 32;
+/// Requests the [`BlockQueue`] side holds at once.
+pub const QUEUE_DEPTH: usize = 32;
+/// Request slots: a call's and the queue's never take each other's.
+const SLOTS: usize = MAX_IN_FLIGHT + QUEUE_DEPTH;
 
 const QUEUE: u16 = 0;
 /// How long a wait for a completion spins before it halts the CPU. Under TCG a halted CPU
@@ -110,6 +123,15 @@ struct Chunk {
     len: usize,
 }
 
+/// Whose request a slot holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The running [`SectorDevice`] call (its buffer is borrowed for the call).
+    Call,
+    /// A [`BlockQueue`] request with this tag (its buffer is the slot's `buf`).
+    Queued(u64),
+}
+
 /// A request the device holds: the header and status buffers live here until it completes
 /// (which slots are free, prepared or on the queue is kept in [`Slots`]).
 struct Slot {
@@ -122,6 +144,9 @@ struct Slot {
     /// Bytes the request covers, for statistics.
     bytes: u64,
     start_ns: u64,
+    owner: Owner,
+    /// A queued request's buffer (`chunk` points into it); empty for a call's request.
+    buf: Vec<u8>,
 }
 
 impl Slot {
@@ -138,6 +163,8 @@ impl Slot {
             },
             bytes: 0,
             start_ns: 0,
+            owner: Owner::Call,
+            buf: Vec::new(),
         }
     }
 
@@ -174,9 +201,15 @@ pub struct VirtioBlk {
     /// What one request may carry (block size, segment and request sizes, range limits).
     limits: Limits,
     indirect: bool,
-    slots: alloc::boxed::Box<[Slot; MAX_IN_FLIGHT]>,
+    slots: alloc::boxed::Box<[Slot; SLOTS]>,
     /// Which of `slots` are free, prepared or on the queue (and under which token).
-    slot_states: Slots<MAX_IN_FLIGHT>,
+    slot_states: Slots<SLOTS>,
+    /// Queued requests on the device.
+    queued_busy: usize,
+    /// Queued requests completed and not yet collected by `poll`.
+    ready: VecDeque<Completion>,
+    /// Queued requests were added since the device was last notified.
+    notify_pending: bool,
     stats: Arc<BlockDeviceMetrics>,
     clock_ns: fn() -> u64,
     /// Halts the CPU until an interrupt or a deadline, if the device can wake it.
@@ -271,8 +304,11 @@ impl VirtioBlk {
             capacity,
             limits,
             indirect,
-            slots: alloc::boxed::Box::new([const { Slot::empty() }; MAX_IN_FLIGHT]),
+            slots: alloc::boxed::Box::new([const { Slot::empty() }; SLOTS]),
             slot_states: Slots::default(),
+            queued_busy: 0,
+            ready: VecDeque::new(),
+            notify_pending: false,
             stats,
             clock_ns,
             waiter: None,
@@ -372,7 +408,7 @@ impl VirtioBlk {
     }
 
     /// Puts the request in `slots[i]` on the queue. Returns `false` when the queue is full.
-    fn submit(&mut self, i: usize) -> Result<bool, BlockError> {
+    fn submit_slot(&mut self, i: usize) -> Result<bool, BlockError> {
         let segs_max = self.limits.segment_max;
         let slot = &mut self.slots[i];
         let kind = request_type(slot.op);
@@ -387,8 +423,9 @@ impl VirtioBlk {
         let slot = &mut self.slots[i];
         let mut data: heapless::Vec<&mut [u8], { MAX_SEGMENTS + 2 }> = heapless::Vec::new();
         // SAFETY: `chunk` describes part of the buffer that the running call owns for its
-        // whole duration (see `run`); the device is the only one to touch it until the
-        // request is popped, and no other slice of it is alive meanwhile.
+        // whole duration (see `run`), or a queued request's buffer, which stays in the slot
+        // untouched until the completion is popped; the device is the only one to touch it
+        // until the request is popped, and no other slice of it is alive meanwhile.
         unsafe { chunk_segments(chunk, segs_max, &mut data) };
         let token = match slot.op {
             IoOp::Read => {
@@ -605,9 +642,15 @@ impl VirtioBlk {
         self.capacity_bytes() <= len
     }
 
-    /// Takes the next completed request off the used ring; returns its slot and status.
-    fn complete_one(&mut self) -> Result<(usize, u8), BlockError> {
+    /// Waits for the next completed request and takes it off the used ring: returns the
+    /// slot and status of a call's request, `None` for a queued request (kept for `poll`).
+    fn complete_one(&mut self) -> Result<Option<(usize, u8)>, BlockError> {
         let token = self.wait_used();
+        self.complete_token(token)
+    }
+
+    /// Takes the completed request `token` off the used ring (see [`Self::complete_one`]).
+    fn complete_token(&mut self, token: u16) -> Result<Option<(usize, u8)>, BlockError> {
         let Some(i) = self.slot_states.find(token) else {
             warn!("the device completed an unknown request {token}");
             return Err(BlockError::Io);
@@ -673,7 +716,18 @@ impl VirtioBlk {
         if let Err(e) = popped {
             warn!("bad completion: {e}");
         }
-        Ok((i, status))
+        let Owner::Queued(tag) = slot.owner else {
+            return Ok(Some((i, status)));
+        };
+        slot.owner = Owner::Call;
+        let data = core::mem::take(&mut slot.buf);
+        self.queued_busy -= 1;
+        let result = plan::status_result(status);
+        if result.is_err() {
+            log_failure(op, status);
+        }
+        self.ready.push_back(Completion { tag, result, data });
+        Ok(None)
     }
 
     /// Runs requests produced by `next` (which fills a slot and returns `false` when there are
@@ -685,6 +739,8 @@ impl VirtioBlk {
         loop {
             // Queue as many as fit, then notify the device once.
             let mut queued = 0;
+            // A prepared request waits for queued requests to leave room on the ring.
+            let mut blocked = false;
             while in_flight < MAX_IN_FLIGHT {
                 let i = if let Some(i) = self.slot_states.next_prepared() {
                     i
@@ -700,12 +756,15 @@ impl VirtioBlk {
                 } else {
                     break;
                 };
-                match self.submit(i) {
+                match self.submit_slot(i) {
                     Ok(true) => {
                         in_flight += 1;
                         queued += 1;
                     }
-                    Ok(false) if in_flight > 0 => break,
+                    Ok(false) if in_flight > 0 || self.queued_busy > 0 => {
+                        blocked = true;
+                        break;
+                    }
                     Ok(false) | Err(_) => {
                         // Nothing is on the queue, yet this request does not fit: give up.
                         self.slot_states.release(i);
@@ -715,10 +774,11 @@ impl VirtioBlk {
                     }
                 }
             }
-            if queued > 0 && self.queue.should_notify() {
-                self.transport.notify(QUEUE);
+            if queued > 0 {
+                self.notify_pending = true;
             }
-            if in_flight == 0 {
+            self.kick();
+            if in_flight == 0 && !blocked {
                 if self.waiter.is_some() {
                     // Every completion raised the interrupt line; lower it, or it would end
                     // the main loop's halts at once.
@@ -726,20 +786,15 @@ impl VirtioBlk {
                 }
                 break;
             }
-            let (i, status) = self.complete_one()?;
+            let Some((i, status)) = self.complete_one()? else {
+                // A queued request's completion, kept for `poll`.
+                continue;
+            };
             in_flight -= 1;
             if let Err(e) = plan::status_result(status)
                 && result.is_ok()
             {
-                let op = self.slots[i].op;
-                if status == S_IOERR {
-                    warn!(
-                        "{} request failed: the host reported an I/O error (a full or failing host disk?)",
-                        op.name()
-                    );
-                } else if e == BlockError::Io {
-                    warn!("{} request failed (status {status})", op.name());
-                }
+                log_failure(self.slots[i].op, status);
                 result = Err(e);
                 // Queue nothing more; wait for what the device holds.
                 more = false;
@@ -787,6 +842,18 @@ impl VirtioBlk {
             slot.range = plan::range_segment(kind, first, n as u32);
             true
         })
+    }
+}
+
+/// Logs why a request failed (its status byte).
+fn log_failure(op: IoOp, status: u8) {
+    if status == S_IOERR {
+        warn!(
+            "{} request failed: the host reported an I/O error (a full or failing host disk?)",
+            op.name()
+        );
+    } else if plan::status_result(status) == Err(BlockError::Io) {
+        warn!("{} request failed (status {status})", op.name());
     }
 }
 
@@ -932,5 +999,157 @@ impl SectorDevice for VirtioBlk {
                 self.limits.max_write_zeroes_sectors,
             )
         }))
+    }
+}
+
+impl VirtioBlk {
+    /// Notifies the device of requests added since the last notification (if it wants to
+    /// be told).
+    fn kick(&mut self) {
+        if core::mem::take(&mut self.notify_pending) && self.queue.should_notify() {
+            self.transport.notify(QUEUE);
+        }
+    }
+
+    /// Puts a queued request in a free slot and on the ring; gives it back when the ring
+    /// has no room for it.
+    fn submit_queued(&mut self, tag: u64, op: QueuedOp) -> Result<(), QueuedOp> {
+        let bs = u64::from(self.limits.block_size);
+        let (kind, offset, len) = match &op {
+            QueuedOp::Read { offset, len } => (IoOp::Read, *offset, *len),
+            QueuedOp::Write { offset, data } => (IoOp::Write, *offset, data.len()),
+        };
+        let checked = if kind == IoOp::Write && SectorDevice::is_read_only(self) {
+            Err(BlockError::ReadOnly)
+        } else if len == 0 || !offset.is_multiple_of(bs) || !(len as u64).is_multiple_of(bs) {
+            Err(BlockError::Unsupported)
+        } else {
+            self.check_blocks(offset / bs, len as u64 / bs)
+        };
+        let sector = match checked {
+            Ok(sector) => sector,
+            Err(e) => {
+                let data = match op {
+                    QueuedOp::Write { data, .. } => data,
+                    QueuedOp::Read { .. } => Vec::new(),
+                };
+                self.ready.push_back(Completion {
+                    tag,
+                    result: Err(e),
+                    data,
+                });
+                return Ok(());
+            }
+        };
+        if len > self.limits.request_max {
+            // More than one device request (only on devices with small segment limits):
+            // served at once on the synchronous side.
+            let (result, data) = match op {
+                QueuedOp::Read { len, .. } => {
+                    let mut buf = alloc::vec![0; len];
+                    let r = self.read_sectors(offset / bs, &mut buf);
+                    (r, buf)
+                }
+                QueuedOp::Write { data, .. } => (self.write_sectors(offset / bs, &data), data),
+            };
+            self.ready.push_back(Completion { tag, result, data });
+            return Ok(());
+        }
+        let Some(i) = self.slot_states.prepare() else {
+            return Err(op);
+        };
+        let mut buf = match op {
+            QueuedOp::Read { len, .. } => alloc::vec![0; len],
+            QueuedOp::Write { data, .. } => data,
+        };
+        let slot = &mut self.slots[i];
+        slot.op = kind;
+        // The Vec's storage does not move when the Vec is moved into the slot.
+        slot.chunk = Chunk {
+            sector,
+            ptr: buf.as_mut_ptr(),
+            len,
+        };
+        slot.buf = buf;
+        slot.bytes = len as u64;
+        slot.owner = Owner::Queued(tag);
+        let submitted = self.submit_slot(i);
+        if let Ok(true) = submitted {
+            self.queued_busy += 1;
+            self.notify_pending = true;
+            return Ok(());
+        }
+        self.slot_states.release(i);
+        let slot = &mut self.slots[i];
+        slot.owner = Owner::Call;
+        let data = core::mem::take(&mut slot.buf);
+        match submitted {
+            Ok(_) => Err(match kind {
+                IoOp::Write => QueuedOp::Write { offset, data },
+                _ => QueuedOp::Read { offset, len },
+            }),
+            Err(e) => {
+                self.ready.push_back(Completion {
+                    tag,
+                    result: Err(e),
+                    data: if kind == IoOp::Write {
+                        data
+                    } else {
+                        Vec::new()
+                    },
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The asynchronous side, in bytes (the [`qcow_metal::block::Sectored`] wrapper passes it
+/// on): whole logical blocks, at most [`QUEUE_DEPTH`] requests at once.
+impl BlockQueue for VirtioBlk {
+    fn queue_alignment(&self) -> u64 {
+        u64::from(self.limits.block_size)
+    }
+
+    fn queue_depth(&self) -> usize {
+        QUEUE_DEPTH
+    }
+
+    fn submit(&mut self, tag: u64, op: QueuedOp) -> Result<(), QueuedOp> {
+        if self.in_flight() >= QUEUE_DEPTH {
+            return Err(op);
+        }
+        self.submit_queued(tag, op)
+    }
+
+    fn poll(&mut self) -> Option<Completion> {
+        self.kick();
+        let mut completed = false;
+        while self.queued_busy > 0
+            && let Some(token) = self.queue.peek_used()
+        {
+            match self.complete_token(token) {
+                Ok(None) => completed = true,
+                Ok(Some(_)) => warn!("a request of no running call completed"),
+                Err(_) => break,
+            }
+        }
+        if completed && self.queued_busy == 0 && self.waiter.is_some() {
+            // Every completion raised the interrupt line; lower it, or it would end the
+            // main loop's halts at once.
+            self.ack();
+        }
+        self.ready.pop_front()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.queued_busy + self.ready.len()
+    }
+
+    fn wait(&mut self) {
+        self.kick();
+        if self.ready.is_empty() && self.queued_busy > 0 {
+            self.wait_used();
+        }
     }
 }
