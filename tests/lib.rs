@@ -6,7 +6,9 @@
 //!
 //! - Guests: [`guest`] (the test defaults), [`boot`], [`run_to_exit`], [`shut_down_cleanly`].
 //! - Host tools: [`require_tool`], [`run_tool`], [`run_tool_output`], [`qemu_io`].
-//! - Images: [`qemu_img_check_json`], [`qemu_img_to_raw`].
+//! - Images: [`qemu_img_check_json`], [`qemu_img_to_raw`], [`qemu_img_snapshot_raw`].
+//! - Dirty bitmaps: [`nbd_dirty_runs`], [`qemu_nbd_dirty_runs`] (`nbdinfo --map`),
+//!   [`dirty_runs`], [`merge_runs`].
 //! - Prometheus: [`spawn_prometheus`].
 //! - NBD: [`nbd_client`] on a guest's export.
 //! - Network namespaces: [`in_namespace`] (a guest on a tap, on its own address), [`ip`].
@@ -209,6 +211,81 @@ pub fn qemu_img_convert_to_raw(format: &str, source: &str, raw: &Path) {
             raw.to_str().unwrap(),
         ],
     );
+}
+
+/// `qemu-img convert -l NAME -O raw IMAGE OUT`: the bytes of internal snapshot `name` of the
+/// qcow2 `image` as QEMU reads them (converted into `out`).
+pub fn qemu_img_snapshot_raw(image: &Path, name: &str, out: &Path) -> Vec<u8> {
+    run_tool(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "convert",
+            "-l",
+            name,
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(out).unwrap()
+}
+
+/// Byte runs (offset, length) in ascending order, adjacent ones merged into one.
+pub fn merge_runs(runs: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in runs {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+/// The dirty runs (offset, length), merged, of `nbdinfo --map=qemu:dirty-bitmap:...` output
+/// (lines `offset length type description`; type 1 is dirty).
+pub fn dirty_runs(map: &str) -> Vec<(u64, u64)> {
+    let dirty = map.lines().filter_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert!(f.len() >= 3, "unexpected nbdinfo --map line: {line}");
+        let run = || (f[0].parse().unwrap(), f[1].parse().unwrap());
+        (f[2] == "1").then(run)
+    });
+    merge_runs(dirty)
+}
+
+/// The dirty runs of bitmap `bitmap` of the NBD export at `uri`
+/// (`nbdinfo --map=qemu:dirty-bitmap:BITMAP URI`).
+pub fn nbd_dirty_runs(uri: &str, bitmap: &str) -> Vec<(u64, u64)> {
+    let ctx = format!("--map=qemu:dirty-bitmap:{bitmap}");
+    dirty_runs(&run_tool("nbdinfo", "libnbd-bin", &[&ctx, uri]))
+}
+
+/// The dirty runs of persistent bitmap `bitmap` of the qcow2 `image` as QEMU reports them:
+/// `nbdinfo --map` over `qemu-nbd -r -B BITMAP IMAGE`.
+pub fn qemu_nbd_dirty_runs(image: &Path, bitmap: &str) -> Vec<(u64, u64)> {
+    require_tool("qemu-nbd", "qemu-utils");
+    let ctx = format!("--map=qemu:dirty-bitmap:{bitmap}");
+    let map = run_tool(
+        "nbdinfo",
+        "libnbd-bin",
+        &[
+            &ctx,
+            "--",
+            "[",
+            "qemu-nbd",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            bitmap,
+            image.to_str().unwrap(),
+            "]",
+        ],
+    );
+    dirty_runs(&map)
 }
 
 /// Starts a Prometheus server (Debian package prometheus) with the configuration file

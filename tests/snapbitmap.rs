@@ -5,48 +5,12 @@
 //! `qemu-img check` exits 0 and `qemu-nbd -B b0` on the image reports the same dirty runs.
 
 use qcow_metal_e2e::{
-    ScratchDir, boot, guest, qemu_img_check_json, qemu_img_convert_to_raw, qemu_io, require_tool,
-    run_tool, shut_down_cleanly,
+    ScratchDir, boot, guest, nbd_dirty_runs, qemu_img_check_json, qemu_img_convert_to_raw,
+    qemu_img_snapshot_raw, qemu_io, qemu_nbd_dirty_runs, require_tool, run_tool, shut_down_cleanly,
 };
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
-
-/// The dirty runs (offset, length) of `nbdinfo --map=qemu:dirty-bitmap:...` output, merged.
-fn dirty_runs(text: &str) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert!(f.len() >= 3, "unexpected nbdinfo --map line: {line}");
-        if f[2] != "1" {
-            continue;
-        }
-        let (off, len): (u64, u64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
-        match runs.last_mut() {
-            Some(last) if last.0 + last.1 == off => last.1 += len,
-            _ => runs.push((off, len)),
-        }
-    }
-    runs
-}
-
-/// `qemu-img convert -l NAME -O raw IMAGE OUT`: a snapshot's bytes as QEMU reads them.
-fn snapshot_raw(image: &str, name: &str, out: &std::path::Path) -> Vec<u8> {
-    run_tool(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-l",
-            name,
-            "-O",
-            "raw",
-            image,
-            out.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(out).unwrap()
-}
 
 #[test]
 fn snapshot_export_and_dirty_bitmap_through_the_guest() {
@@ -85,7 +49,7 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
         "qemu-utils",
         &["bitmap", "--add", "-g", "64K", p, "b0"],
     );
-    let s1 = snapshot_raw(p, "s1", &dir.path().join("s1.raw"));
+    let s1 = qemu_img_snapshot_raw(&img, "s1", &dir.path().join("s1.raw"));
 
     let (mut g, _) = boot(guest().disk(&img));
     let uri = g.nbd_url();
@@ -111,12 +75,7 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
         "disk@s1 over the guest differs from qemu-img convert -l s1"
     );
     let want = vec![(MIB, 64 << 10), (6 * MIB, 128 << 10), (10 * MIB, 64 << 10)];
-    let map = run_tool(
-        "nbdinfo",
-        "libnbd-bin",
-        &["--map=qemu:dirty-bitmap:b0", &uri],
-    );
-    assert_eq!(dirty_runs(&map), want, "{map}");
+    assert_eq!(nbd_dirty_runs(&uri, "b0"), want, "over the guest's export");
 
     shut_down_cleanly(&mut g);
     drop(g);
@@ -126,30 +85,13 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
         "qemu-img check: {}{}",
         check.stdout, check.stderr
     );
-    let map = run_tool(
-        "nbdinfo",
-        "libnbd-bin",
-        &[
-            "--map=qemu:dirty-bitmap:b0",
-            "--",
-            "[",
-            "qemu-nbd",
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            "b0",
-            p,
-            "]",
-        ],
-    );
     assert_eq!(
-        dirty_runs(&map),
+        qemu_nbd_dirty_runs(&img, "b0"),
         want,
-        "qemu-nbd -B b0 after shutdown: {map}"
+        "qemu-nbd -B b0 after shutdown"
     );
     assert!(
-        snapshot_raw(p, "s1", &dir.path().join("s1-after.raw")) == s1,
+        qemu_img_snapshot_raw(&img, "s1", &dir.path().join("s1-after.raw")) == s1,
         "the snapshot changed"
     );
 }
