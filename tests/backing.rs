@@ -7,7 +7,8 @@
 //! clusters copied up from the base) and write-zeroes (the base must not show through);
 //! `/metrics` counts the data each layer served; after a clean shutdown `qemu-img check`
 //! exits 0, `qemu-img compare` (which follows the chain) equals the expected content, and
-//! the layers below are untouched. A missing layer is refused before boot, naming the file.
+//! the layers below are untouched. A missing layer, a `json:` backing name, a vmdk layer and
+//! an encrypted layer are refused before boot, naming the file.
 
 use qcow_metal_e2e::{
     ScratchDir, boot, guest, qemu_img_to_raw, qemu_io, run_tool, run_tool_output, shut_down_cleanly,
@@ -213,4 +214,48 @@ fn a_missing_layer_is_refused_naming_the_file() {
         msg.contains("gone.qcow2") && msg.contains("missing"),
         "{msg}"
     );
+}
+
+/// Layers the guest cannot serve stop the runner before boot, naming the file and why: a
+/// `json:` backing name, a backing format other than qcow2 and raw (vmdk), and a qcow2
+/// layer the engine refuses (LUKS-encrypted).
+#[test]
+fn layers_the_guest_cannot_serve_are_refused_naming_the_file() {
+    let dir = ScratchDir::new("backing-refused");
+    let d = dir.path();
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&d.join("base.vmdk")), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=secret",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        s(&d.join("locked.qcow2")),
+        "1M",
+    ]);
+    let cases = [
+        (
+            "json:{\"file\":{\"driver\":\"file\",\"filename\":\"x.raw\"}}",
+            "raw",
+            "json:",
+        ),
+        ("base.vmdk", "vmdk", "format `vmdk`"),
+        ("locked.qcow2", "qcow2", "encryption"),
+    ];
+    for (n, (backing, format, why)) in cases.into_iter().enumerate() {
+        let top = d.join(format!("top{n}.qcow2"));
+        let args = [
+            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", format,
+        ];
+        qemu_img(&[&args[..], &[s(&top), "1M"]].concat());
+        let Err(e) = guest().disk(&top).start() else {
+            panic!("a guest started over the backing file {backing}");
+        };
+        let msg = e.to_string();
+        let file = if n == 0 { "top0.qcow2" } else { backing };
+        assert!(msg.contains(why) && msg.contains(file), "{backing}: {msg}");
+    }
 }
