@@ -111,6 +111,10 @@ impl<D: BlockDevice> Qcow2<D> {
     /// crash never shows the backing layer there.
     fn set_grown_size(&mut self, old_size: u64, new_size: u64, zero_new: bool) -> Result<()> {
         if zero_new {
+            // The L1 table's new length on disk first: the L2 tables the zeroing adds are
+            // then never left outside it (leaked) by a crash.
+            self.write_header()?;
+            self.barrier()?;
             // The range check of write-zeroes takes the new size; the header keeps the old
             // one until the zeros are in place.
             self.hdr.size = new_size;

@@ -7,7 +7,7 @@
 use super::util::*;
 use crate::block::{BlockDevice, BlockError, MemDisk};
 use crate::disk::VirtualDisk;
-use crate::qcow2::{CreateOptions, OpenOptions, Qcow2};
+use crate::qcow2::{Backing, CreateOptions, OpenOptions, Qcow2};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -254,6 +254,18 @@ impl CrashDisk {
         }
     }
 
+    /// The medium after a power cut three ways: with every pending write, with none, and
+    /// with a pseudo-random half of them (chosen by `seed`).
+    fn cuts(&self, seed: u64) -> [MemDisk; 3] {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let coin: Vec<bool> = (0..self.pending.len()).map(|_| rng.bool()).collect();
+        [
+            self.after_cut(|_| true),
+            self.after_cut(|_| false),
+            self.after_cut(|i| coin[i]),
+        ]
+    }
+
     /// The medium after a power cut: the durable bytes plus the pending writes `keep`
     /// picks (by their index), in the order they were written.
     fn after_cut(&self, keep: impl Fn(usize) -> bool) -> MemDisk {
@@ -388,14 +400,7 @@ fn crash_on(base: MemDisk, size: u64, budget: u64, small: bool, ops: &[Op]) -> u
     // Power cut: the medium holds what was flushed plus some of the later writes: all of
     // them, none, or a pseudo-random half.
     let used = budget - q.device().writes_left;
-    let mut rng = fastrand::Rng::with_seed(budget);
-    let coin: Vec<bool> = (0..q.device().pending.len()).map(|_| rng.bool()).collect();
-    let cuts = [
-        q.device().after_cut(|_| true),
-        q.device().after_cut(|_| false),
-        q.device().after_cut(|i| coin[i]),
-    ];
-    for disk in cuts {
+    for disk in q.device().cuts(budget) {
         if disk.bytes()[79] & 1 != 0 {
             // Lazy refcounts: stale refcounts are expected; the next writable open
             // rebuilds them, after which the image must be clean, leaks included.
@@ -862,13 +867,7 @@ fn crash_during_l1_growth() {
                 }
             }
             let used = budget - q.device().writes_left;
-            let mut rng = fastrand::Rng::with_seed(budget);
-            let coin: Vec<bool> = (0..q.device().pending.len()).map(|_| rng.bool()).collect();
-            for disk in [
-                q.device().after_cut(|_| true),
-                q.device().after_cut(|_| false),
-                q.device().after_cut(|i| coin[i]),
-            ] {
+            for disk in q.device().cuts(budget) {
                 let dirty = disk.bytes()[79] & 1 != 0;
                 let opts = if dirty {
                     OpenOptions::default()
@@ -898,10 +897,79 @@ fn crash_during_l1_growth() {
             }
             used
         };
-        let total = run(u64::MAX / 2);
-        for k in 0..=total {
-            run(k);
-        }
+        sweep_budgets(run);
+    }
+}
+
+/// Runs `run` (which returns the writes it made) uncut, then cut after every number of
+/// writes up to that.
+fn sweep_budgets(run: impl Fn(u64) -> u64) {
+    let total = run(u64::MAX / 2);
+    for k in 0..=total {
+        run(k);
+    }
+}
+
+/// Power cuts while an overlay grows over a larger raw layer (512-byte clusters: the L1
+/// table moves; 64 KiB clusters: the old end lies inside a cluster, copied up): after every
+/// cut the image opens at the old or the new size without corruption (leaks allowed), the
+/// old area reads as before and the new area reads as zeros, never as the layer below.
+#[test]
+fn crash_while_an_overlay_grows_over_a_larger_layer() {
+    let (small, big) = (1000u64 << 10, 4u64 << 20);
+    let layer = pattern(big + 65536, 9);
+    let with_layer = |dev: CrashDisk, opts: OpenOptions| {
+        let below = CrashDisk::new(MemDisk::from_bytes(layer.clone(), true), u64::MAX / 2);
+        Qcow2::open_with_backing(dev, opts, Some(Backing::raw(below))).unwrap()
+    };
+    for cs in [512u64, 65536] {
+        let empty = Qcow2::create(
+            MemDisk::growable(),
+            &CreateOptions {
+                virtual_size: small,
+                cluster_size: cs,
+                ..CreateOptions::default()
+            },
+        )
+        .unwrap()
+        .close()
+        .unwrap();
+        // A write of the overlay's own near the old end, then the image as it is on disk.
+        let mut q = with_layer(CrashDisk::new(empty, u64::MAX / 2), small_cache());
+        q.write(small - 700, &[7u8; 300]).unwrap();
+        let base = q.close().unwrap().inner;
+        let mut old = layer[..small as usize].to_vec();
+        old[small as usize - 700..small as usize - 400].fill(7);
+        let run = |budget: u64| -> u64 {
+            let mut q = with_layer(CrashDisk::new(base.clone(), budget), small_cache());
+            let grown = q.resize(big).is_ok();
+            let used = budget - q.device().writes_left;
+            for disk in q.device().cuts(budget) {
+                let mut q = with_layer(CrashDisk::new(disk, u64::MAX / 2), read_only());
+                let size = q.info().virtual_size;
+                assert!(
+                    size == big || (size == small && !grown),
+                    "{cs}/{budget}: {size}"
+                );
+                let mut now = vec![0u8; size as usize];
+                q.read(0, &mut now).unwrap();
+                assert!(
+                    now[..small as usize] == old,
+                    "{cs}/{budget}: the old area changed"
+                );
+                assert!(
+                    now[small as usize..].iter().all(|&b| b == 0),
+                    "{cs}/{budget}: the layer shows through the new area"
+                );
+                let report = q.check().unwrap();
+                assert!(
+                    report.corruptions == 0 && report.check_errors == 0,
+                    "{cs}/{budget}: {report}"
+                );
+            }
+            used
+        };
+        sweep_budgets(run);
     }
 }
 
