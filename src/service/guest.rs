@@ -13,7 +13,8 @@
 //!    requests run on the disk (the reads and writes a client pipelined go to the device's
 //!    queue together and are answered as they complete, see
 //!    [`crate::nbd::Connection::process_queued`]), and a session whose connection ended is dropped; sockets
-//!    listen again, the pools grow when few listeners are left, and a full port closes its
+//!    listen again, the pools grow when few listeners are left (and give back, after a
+//!    while, the sockets a burst left unneeded), and a full port closes its
 //!    longest-idle connection ([`Guest::make_room`]);
 //! 4. if anything moved, the turn ends (the next one polls the interface at once: replies
 //!    wait in socket buffers until it is polled); every [`HOUSEKEEPING_MS`], busy or not, the
@@ -260,6 +261,7 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
         if self.net.relisten() {
             self.sessions.resize_with(self.net.listeners.len(), || None);
         }
+        self.release_unneeded(now);
         self.make_room(now);
         let t2 = self.platform.now_ns();
         self.profile.poll_ns += t1 - t0;
@@ -483,6 +485,15 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
             ),
         }
         true
+    }
+
+    /// Releases the pool sockets a burst left unneeded ([`Network::shrink`]) with their
+    /// (empty: they are listening) session slots.
+    fn release_unneeded(&mut self, now: Instant) {
+        for i in self.net.shrink(now) {
+            self.close_session(i);
+            self.sessions.remove(i);
+        }
     }
 
     /// Drops the session of pool socket `i` (its connection is being reset).

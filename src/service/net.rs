@@ -11,7 +11,11 @@
 //! one batch finds listeners. A socket whose connection has ended is put back to listening
 //! by [`Network::relisten`]; one in `TIME-WAIT` is recycled at once (the guest only ever
 //! accepts connections, so an old duplicate segment cannot be mistaken for a new connection
-//! of its own). [`PortStats`] counts what happened to each port's connections.
+//! of its own), after its ACK of the peer's FIN has left: a socket that has sent its own FIN
+//! acknowledges at once instead of after smoltcp's delay, and is recycled a turn later (an
+//! egress that stopped on a full device may not have reached it). Sockets grown for a burst are
+//! released when the port has not needed them for a while ([`Network::shrink`]), so their
+//! memory returns. [`PortStats`] counts what happened to each port's connections.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -73,6 +77,24 @@ pub const SPARE_LISTENERS: usize = 4;
 
 /// Default budget of socket buffer memory: at most this, and at most a quarter of the heap.
 pub const DEFAULT_BUFFER_BUDGET: u64 = 64 << 20;
+
+/// How long each port's pool is watched before the sockets it did not need are released: at
+/// the end of every window of this length, listening sockets above the window's peak of
+/// sockets in use plus [`SPARE_LISTENERS`] (and above the boot-time count) are removed and
+/// their buffers freed ([`Network::shrink`]). A pool grown for a burst is back at its size
+/// before the burst one to two windows after the burst ended.
+pub const SHRINK_WINDOW_MS: u64 = 30_000;
+
+/// smoltcp's delay before a lone ACK (its default), restored when a socket listens again.
+const ACK_DELAY: Duration = Duration::from_millis(10);
+
+/// The most sockets of one port in use (not listening) during the current window of
+/// [`SHRINK_WINDOW_MS`], and when that window began.
+#[derive(Debug, Clone, Copy)]
+struct PoolWatch {
+    since_ms: u64,
+    peak_in_use: usize,
+}
 
 /// A network device wrapped so that the interface's caller learns, frame by frame, whether
 /// the frame just taken in was a TCP SYN (a connection attempt) and to which port.
@@ -226,6 +248,8 @@ pub struct Network {
     has_listener: [bool; 2],
     /// Per port, by [`Service::index`].
     stats: [PortStats; 2],
+    /// Per port, by [`Service::index`]: how many sockets the current window needed.
+    watch: [PoolWatch; 2],
 }
 
 impl Network {
@@ -286,6 +310,10 @@ impl Network {
             buffer_bytes: 0,
             has_listener: [true; 2],
             stats: [PortStats::default(); 2],
+            watch: [PoolWatch {
+                since_ms: now.total_millis() as u64,
+                peak_in_use: 0,
+            }; 2],
         };
         for (service, port) in network.ports {
             let count = service.policy().initial;
@@ -456,6 +484,21 @@ impl Network {
                 // would forget the peer and leave it waiting).
                 tcp::State::Closed if socket.remote_endpoint().is_some() => continue,
                 tcp::State::Closed => {}
+                // Its own FIN is sent or about to be: the peer's FIN will be acknowledged in
+                // the same turn it arrives (the egress after it), not after a delay, for the
+                // socket is recycled in TIME-WAIT right after that egress. An ACK not sent
+                // would be lost with it: the peer would send its FIN again and get a RST.
+                tcp::State::FinWait1 | tcp::State::FinWait2 | tcp::State::Closing => {
+                    socket.set_ack_delay(None);
+                    continue;
+                }
+                // In TIME-WAIT since the last turn: its ACK is due now (no delay), and the
+                // egress of a busy turn may stop on a full device before it: the socket
+                // waits one more turn (marked by the delay it gets back).
+                tcp::State::TimeWait if socket.ack_delay().is_none() => {
+                    socket.set_ack_delay(Some(ACK_DELAY));
+                    continue;
+                }
                 tcp::State::TimeWait => socket.abort(),
                 _ => continue,
             }
@@ -479,8 +522,8 @@ impl Network {
         self.grow(service)
     }
 
-    fn grow(&mut self, service: Service) -> bool {
-        let policy = service.policy();
+    /// How many sockets `service`'s pool has, and how many of them are listening.
+    fn counts(&self, service: Service) -> (usize, usize) {
         let (mut total, mut listening) = (0, 0);
         for l in self.listeners.iter().filter(|l| l.service == service) {
             total += 1;
@@ -488,6 +531,14 @@ impl Network {
                 listening += 1;
             }
         }
+        (total, listening)
+    }
+
+    fn grow(&mut self, service: Service) -> bool {
+        let policy = service.policy();
+        let (total, listening) = self.counts(service);
+        let watch = &mut self.watch[service.index()];
+        watch.peak_in_use = watch.peak_in_use.max(total - listening);
         let port = self.ports[service.index()].1;
         let mut added = 0;
         while listening + added < SPARE_LISTENERS
@@ -505,6 +556,62 @@ impl Network {
         }
         self.has_listener[service.index()] = listening + added > 0;
         added > 0
+    }
+
+    /// Notes how many sockets of each port are in use and, at the end of each window of
+    /// [`SHRINK_WINDOW_MS`], removes the listening sockets above what the window needed:
+    /// the most sockets in use during it plus [`SPARE_LISTENERS`], and at least the
+    /// boot-time count. Their buffers are freed and leave the budget. Call once per turn,
+    /// after [`Network::relisten`]. Returns the pool indices removed, in the order they were
+    /// removed: the caller removes its per-socket state at the same indices in that order
+    /// (each index counts in the pool as it was after the previous removals).
+    pub fn shrink(&mut self, now: Instant) -> Vec<usize> {
+        let now_ms = now.total_millis() as u64;
+        let mut removed = Vec::new();
+        for service in Service::ALL {
+            let (total, listening) = self.counts(service);
+            let in_use = total - listening;
+            let watch = &mut self.watch[service.index()];
+            watch.peak_in_use = watch.peak_in_use.max(in_use);
+            if now_ms < watch.since_ms.saturating_add(SHRINK_WINDOW_MS) {
+                continue;
+            }
+            let policy = service.policy();
+            let keep = policy.initial.max(watch.peak_in_use + SPARE_LISTENERS);
+            *watch = PoolWatch {
+                since_ms: now_ms,
+                peak_in_use: in_use,
+            };
+            let mut excess = total.saturating_sub(keep);
+            if excess == 0 {
+                continue;
+            }
+            let before = removed.len();
+            // The newest sockets go first (the boot-time ones are at the front).
+            for i in (0..self.listeners.len()).rev() {
+                if excess == 0 {
+                    break;
+                }
+                let l = &self.listeners[i];
+                if l.service != service || !self.sockets.get::<tcp::Socket>(l.handle).is_listening()
+                {
+                    continue;
+                }
+                self.sockets.remove(l.handle);
+                self.listeners.remove(i);
+                self.buffer_bytes -= policy.socket_bytes();
+                removed.push(i);
+                excess -= 1;
+            }
+            info!(
+                "{} sockets on TCP port {} ({service:?}): released {} not needed for {} s",
+                total - (removed.len() - before),
+                self.ports[service.index()].1,
+                removed.len() - before,
+                SHRINK_WINDOW_MS / 1000
+            );
+        }
+        removed
     }
 
     /// Closes the connection of pool socket `index` at once (RST) to make room, and counts it
@@ -569,9 +676,11 @@ impl Network {
 }
 
 /// Socket options of every pool socket: no Nagle (replies are written whole and must leave
-/// at once), keep-alive so dead peers free their socket.
+/// at once), keep-alive so dead peers free their socket, smoltcp's ACK delay (turned off
+/// while a connection closes, see [`Network::relisten`]).
 fn tune(socket: &mut tcp::Socket<'_>) {
     socket.set_nagle_enabled(false);
+    socket.set_ack_delay(Some(ACK_DELAY));
     socket.set_keep_alive(Some(Duration::from_secs(30)));
     socket.set_timeout(Some(Duration::from_secs(120)));
 }

@@ -386,6 +386,16 @@ impl Harness {
         self.sockets.remove(handle);
     }
 
+    /// Lets `ms` milliseconds pass in steps of 50 ms (quicker than [`Harness::advance`];
+    /// for waits where nothing needs a finer clock).
+    fn idle(&mut self, ms: u64) {
+        let end = self.clock.get() + ms * 1_000_000;
+        while self.clock.get() < end {
+            self.clock.set(self.clock.get() + 49_000_000);
+            self.step();
+        }
+    }
+
     /// Steps until the virtual clock has moved `ms` milliseconds.
     fn advance(&mut self, ms: u64) {
         let end = self.clock.get() + ms * 1_000_000;
@@ -1049,4 +1059,76 @@ fn power_off_drains_pipelined_requests() {
         crate::disk::VirtualDisk::read(&mut engine, i * 16384, &mut stored).unwrap();
         assert!(stored == pattern(8192, i as u8 + 50), "write {i} lost");
     }
+}
+
+#[test]
+fn pools_grown_for_a_burst_shrink_back_when_no_longer_needed() {
+    use super::net::{HTTP_POLICY, NBD_POLICY, SHRINK_WINDOW_MS, SPARE_LISTENERS, Service};
+    let mut h = Harness::new();
+    let boot_bytes = h.guest.network().buffer_bytes().0;
+    // 20 NBD clients stay connected all along (well within the 600 s idle timeout).
+    let held: Vec<_> = (0..20)
+        .map(|_| {
+            let c = h.connect(NBD_PORT);
+            h.nbd_handshake(c);
+            c
+        })
+        .collect();
+    let nbd_grown = h.guest.network().pool_size(Service::Nbd);
+    assert!(nbd_grown >= 20 + SPARE_LISTENERS, "NBD pool of {nbd_grown}");
+    // A burst of 80 scrapers on the metrics port, served and gone.
+    let burst: Vec<_> = (0..80).map(|_| h.start_connect(HTTP_PORT)).collect();
+    h.until("the burst established", 100_000, |h| {
+        burst
+            .iter()
+            .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
+    });
+    for &c in &burst {
+        h.send(
+            c,
+            b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+        );
+    }
+    for &c in &burst {
+        assert!(h.recv_to_end(c).starts_with(b"HTTP/1.1 200 OK\r\n"));
+        h.hang_up(c);
+    }
+    let http_grown = h.guest.network().pool_size(Service::Http);
+    assert!(http_grown >= 80, "HTTP pool of {http_grown}");
+
+    // Two windows later the metrics port is back at its boot-time pool; the NBD port keeps
+    // a socket for each of its clients and its spare listeners.
+    h.idle(2 * SHRINK_WINDOW_MS + 5000);
+    let net = h.guest.network();
+    assert_eq!(net.pool_size(Service::Http), HTTP_POLICY.initial);
+    assert_eq!(net.pool_size(Service::Nbd), 20 + SPARE_LISTENERS);
+    let extra_nbd = (20 + SPARE_LISTENERS - NBD_POLICY.initial) as u64;
+    assert_eq!(
+        net.buffer_bytes().0,
+        boot_bytes + extra_nbd * NBD_POLICY.socket_bytes()
+    );
+
+    // The held clients are still served, and once they leave the NBD pool shrinks too.
+    let data = pattern(4096, 7);
+    assert_eq!(h.nbd_request(held[3], CMD_WRITE, 1, 0, 4096, &data).0, 0);
+    for &c in &held {
+        h.nbd_send(c, CMD_DISC, 0, 0, 0, &[]);
+        h.until("the guest closes", 100_000, |h| !h.socket(c).may_recv());
+        h.hang_up(c);
+    }
+    h.idle(2 * SHRINK_WINDOW_MS + 5000);
+    let net = h.guest.network();
+    assert_eq!(net.pool_size(Service::Nbd), NBD_POLICY.initial);
+    assert_eq!(net.buffer_bytes().0, boot_bytes);
+    let stats = h.guest.port_stats(Service::Http);
+    assert_eq!((stats.refused, stats.evicted), (0, 0), "{stats:?}");
+
+    // A new burst grows the pool again, and every connection is accepted.
+    let again: Vec<_> = (0..40).map(|_| h.start_connect(HTTP_PORT)).collect();
+    h.until("the second burst established", 100_000, |h| {
+        again
+            .iter()
+            .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
+    });
+    assert_eq!(h.guest.port_stats(Service::Http).refused, 0);
 }
