@@ -552,6 +552,35 @@ mod file {
         pub fn set_len(&self, len: u64) -> io::Result<()> {
             self.file.set_len(len)
         }
+
+        /// [`BlockDevice::read_at`] through a shared reference (positioned I/O: several
+        /// threads may read and write one `FileDisk` at once). Past the end of the file
+        /// reads as zeros, like a sparse file.
+        pub fn pread(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+            check_range(offset, buf.len() as u64, self.capacity())?;
+            let mut done = 0;
+            while done < buf.len() {
+                match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => {
+                        buf[done..].fill(0);
+                        break;
+                    }
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_error(e)),
+                }
+            }
+            Ok(())
+        }
+
+        /// [`BlockDevice::write_at`] through a shared reference (see [`FileDisk::pread`]).
+        pub fn pwrite(&self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
+            check_range(offset, buf.len() as u64, self.capacity())?;
+            if self.read_only {
+                return Err(BlockError::ReadOnly);
+            }
+            self.file.write_all_at(buf, offset).map_err(io_error)
+        }
     }
 
     fn io_error(e: io::Error) -> BlockError {
@@ -575,29 +604,11 @@ mod file {
         }
 
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-            check_range(offset, buf.len() as u64, self.capacity())?;
-            // Past the end of the file reads as zeros, like a sparse file.
-            let mut done = 0;
-            while done < buf.len() {
-                match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                    Ok(0) => {
-                        buf[done..].fill(0);
-                        break;
-                    }
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(io_error(e)),
-                }
-            }
-            Ok(())
+            self.pread(offset, buf)
         }
 
         fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BlockError> {
-            check_range(offset, buf.len() as u64, self.capacity())?;
-            if self.read_only {
-                return Err(BlockError::ReadOnly);
-            }
-            self.file.write_all_at(buf, offset).map_err(io_error)
+            self.pwrite(offset, buf)
         }
 
         fn flush(&mut self) -> Result<(), BlockError> {

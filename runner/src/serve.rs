@@ -7,16 +7,25 @@
 //! ([`GuestMetrics`], fed a [`Scrape`] of every layer's counters), here on std TCP sockets
 //! ([`StdSocket`]) and on the image file ([`FileDisk`]) instead of smoltcp and virtio-blk.
 //!
-//! Threads: one accepting thread per port and one thread per connection. The engine has a
-//! single owner: a mutex around it, held while a session serves the requests one read
-//! brought (a whole batch of pipelined requests per lock); replies are written after the
-//! lock is let go, so a client that does not read stalls only itself.
+//! Threads: one accepting thread per port, one thread per connection, and a pool of
+//! [`IO_THREADS`] for the data of NBD reads and writes. A connection's pipelined reads and
+//! writes are served in batches ([`Connection::process_queued`]): each is mapped under the
+//! engine's mutex (held for the mapping only), then its data moves by positioned I/O on the
+//! pool (and on the connection's own thread while it waits), in parallel with the other
+//! requests of the batch and with other connections. Requests that change mappings (writes
+//! that allocate, discard, write-zeroes) and flushes wait until no mapped data is moving
+//! ([`conn_disk`] says how). Replies are written after the turn, with no lock held, so a
+//! client that does not read stalls only itself.
+//!
+//! [`Connection::process_queued`]: qcow_metal::nbd::Connection::process_queued
 //!
 //! [`Server::stop`] (Ctrl-C or SIGTERM in the CLI) tells NBD clients the server is going
 //! (`NBD_ESHUTDOWN` / `NBD_REP_ERR_SHUTDOWN` from then on), waits up to [`DRAIN`] for them to
 //! leave, closes what is left, then closes the image clean: dirty metadata written, the
 //! dirty bit cleared, the file synced.
 
+mod conn_disk;
+mod io_pool;
 mod std_socket;
 
 use std::collections::HashMap;
@@ -25,7 +34,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -48,6 +57,9 @@ use qcow_metal::telemetry::{GuestConfig, GuestMetrics, Scrape, SystemFigures};
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::units::format_size;
+use conn_disk::{ConnDisk, Counted, Engine};
+pub use io_pool::IO_THREADS;
+use io_pool::{IoPool, PoolQueue};
 pub use std_socket::StdSocket;
 
 /// How long [`Server::stop`] waits for NBD clients to disconnect after being told the
@@ -100,10 +112,22 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The state the connection threads share.
 struct Shared {
     /// The disk; `None` once it is closed.
-    disk: Mutex<Option<Disk<Device>>>,
+    disk: Engine,
+    /// Closed while a request that changes mappings runs (see [`conn_disk`]).
+    gate: RwLock<()>,
+    /// The data I/O of batched requests; `None` once the server stops.
+    pool: Mutex<Option<IoPool>>,
+    /// The disk's size and whether it is read-only (fixed while it is served).
+    disk_size: u64,
+    disk_read_only: bool,
+    /// Where queued requests are counted as the disk's.
+    counted: Counted,
     space_cache: Mutex<Option<SpaceCache>>,
     nbd_config: ServerConfig,
+    /// NBD counters of the connections that ended.
     nbd_stats: Mutex<NbdStats>,
+    /// NBD counters of each open connection, by id (copied there after every turn).
+    nbd_live: Mutex<HashMap<u64, NbdStats>>,
     http_stats: HttpStats,
     metrics: GuestMetrics,
     facts: Vec<(&'static str, String)>,
@@ -159,7 +183,10 @@ impl Shared {
             .store(self.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
         net.tx_bytes
             .store(self.tx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-        let nbd = lock(&self.nbd_stats).clone();
+        let mut nbd = lock(&self.nbd_stats).clone();
+        for live in lock(&self.nbd_live).values() {
+            nbd.add(live);
+        }
         let scrape = Scrape {
             disk: DiskFigures {
                 engine: EngineFigures {
@@ -200,8 +227,13 @@ pub struct StopReport {
     pub nbd_closed: usize,
 }
 
-/// Opens the image with the engine, both layers counted in `metrics`.
-fn open_disk(path: &Path, read_only: bool, metrics: &GuestMetrics) -> Result<Disk<Device>> {
+/// Opens the image with the engine, both layers counted in `metrics`; also returns a second
+/// handle on the image file for the I/O pool.
+fn open_disk(
+    path: &Path,
+    read_only: bool,
+    metrics: &GuestMetrics,
+) -> Result<(Disk<Device>, FileDisk)> {
     let err = |action: &'static str, reason: String| Error::Disk {
         path: path.to_path_buf(),
         action,
@@ -222,17 +254,22 @@ fn open_disk(path: &Path, read_only: bool, metrics: &GuestMetrics) -> Result<Dis
                 .into(),
         ));
     }
+    let pool_file = file
+        .file()
+        .try_clone()
+        .map_err(|e| err("open", e.to_string()))?;
     let dev = InstrumentedDevice::new(file, metrics.blockdev.clone(), now_ns);
     let opts = OpenOptions {
         read_only,
         ..OpenOptions::default()
     };
     let engine = Qcow2::open(dev, opts).map_err(|e| err("open", e.to_string()))?;
-    Ok(Disk::Qcow2(Box::new(Instrumented::new(
+    let disk = Disk::Qcow2(Box::new(Instrumented::new(
         engine,
         metrics.disk.clone(),
         now_ns,
-    ))))
+    )));
+    Ok((disk, FileDisk::from_file(pool_file, read_only)))
 }
 
 fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener> {
@@ -282,7 +319,15 @@ impl Server {
             mirage: false,
             clock: now_ns,
         });
-        let disk = open_disk(path, opts.read_only, &metrics)?;
+        let (disk, pool_file) = open_disk(path, opts.read_only, &metrics)?;
+        let pool = IoPool::new(
+            pool_file,
+            IO_THREADS,
+            io_pool::Metrics {
+                device: metrics.blockdev.clone(),
+                clock: now_ns,
+            },
+        );
         metrics.disk.set_up(true);
         let read_only = opts.read_only || disk.is_read_only();
         let size = disk.size();
@@ -301,6 +346,14 @@ impl Server {
         ];
         let shared = Arc::new(Shared {
             disk: Mutex::new(Some(disk)),
+            gate: RwLock::new(()),
+            pool: Mutex::new(Some(pool)),
+            disk_size: size,
+            disk_read_only: read_only,
+            counted: Counted {
+                disk: metrics.disk.clone(),
+                clock: now_ns,
+            },
             space_cache: Mutex::new(None),
             nbd_config: ServerConfig {
                 export_name: opts.export.clone(),
@@ -309,6 +362,7 @@ impl Server {
                 ..ServerConfig::default()
             },
             nbd_stats: Mutex::new(NbdStats::default()),
+            nbd_live: Mutex::new(HashMap::new()),
             http_stats: HttpStats::new(),
             metrics,
             facts,
@@ -385,6 +439,8 @@ impl Server {
         for w in workers {
             let _ = w.join();
         }
+        // Every piece has completed (connections finish their batches): stop the workers.
+        drop(lock(&shared.pool).take());
         let disk = lock(&shared.disk).take();
         if let Some(disk) = disk {
             disk.close()
@@ -433,7 +489,7 @@ fn spawn_acceptor(listener: TcpListener, port: Port, shared: Arc<Shared>) -> Joi
             lock(&shared.open).insert(id, (port, clone));
             let worker_shared = shared.clone();
             let worker = thread::spawn(move || {
-                if let Err(e) = serve_connection(stream, port, &worker_shared) {
+                if let Err(e) = serve_connection(stream, port, id, &worker_shared) {
                     log::debug!("serve: {port:?} client ended with an error: {e}");
                 }
                 lock(&worker_shared.open).remove(&id);
@@ -449,7 +505,7 @@ fn spawn_acceptor(listener: TcpListener, port: Port, shared: Arc<Shared>) -> Joi
 /// take what the client sent and queue its replies, then the replies are written and, when
 /// the session had nothing to do, the next bytes are awaited (at most [`STOP_POLL`], so the
 /// stop flag and the session's timers are seen).
-fn serve_connection(stream: TcpStream, port: Port, shared: &Shared) -> io::Result<()> {
+fn serve_connection(stream: TcpStream, port: Port, id: u64, shared: &Shared) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(STOP_POLL))?;
     let mut socket = StdSocket::new(stream);
@@ -458,15 +514,33 @@ fn serve_connection(stream: TcpStream, port: Port, shared: &Shared) -> io::Resul
         Port::Metrics => Session::Http(Box::new(HttpSession::new(now_ms()))),
     };
     let mut told_to_go = false;
+    // This connection's NBD counters, and its side of the I/O pool.
+    let mut stats = NbdStats::default();
+    let mut queue: Option<PoolQueue> = match port {
+        Port::Nbd => lock(&shared.pool).as_ref().map(IoPool::queue),
+        Port::Metrics => None,
+    };
     let result = loop {
         let progressed = match &mut session {
             Session::Nbd(s) => {
-                let mut disk = lock(&shared.disk);
-                let mut stats = lock(&shared.nbd_stats);
-                match disk.as_mut().and_then(|d| d.virtual_disk()) {
-                    Some(d) => s.drive(&mut socket, d, &mut stats, now_ms()),
+                let moved = match &mut queue {
+                    Some(q) => {
+                        let mut disk = ConnDisk::new(
+                            &shared.disk,
+                            &shared.gate,
+                            q,
+                            &shared.counted,
+                            shared.disk_size,
+                            shared.disk_read_only,
+                        );
+                        s.drive_with(&mut socket, &mut stats, now_ms(), |conn, stats| {
+                            conn.process_queued(&mut disk, stats)
+                        })
+                    }
                     None => s.drive(&mut socket, &mut NoDisk, &mut stats, now_ms()),
-                }
+                };
+                lock(&shared.nbd_live).insert(id, stats.clone());
+                moved
             }
             Session::Http(s) => {
                 let mut render = |format: Format, out: &mut Vec<u8>| shared.render(format, out);
@@ -513,7 +587,9 @@ fn serve_connection(stream: TcpStream, port: Port, shared: &Shared) -> io::Resul
         }
     };
     if let Session::Nbd(s) = &mut session {
-        s.end(&mut lock(&shared.nbd_stats));
+        s.end(&mut stats);
+        lock(&shared.nbd_stats).add(&stats);
+        lock(&shared.nbd_live).remove(&id);
     }
     socket.finish();
     result

@@ -195,6 +195,25 @@ impl NbdStats {
         self.errors[err.index()]
     }
 
+    /// Adds `other`'s counters to these (the figures of several connections counted apart,
+    /// summed for the export).
+    pub fn add(&mut self, other: &NbdStats) {
+        self.connections_active += other.connections_active;
+        self.connections_total += other.connections_total;
+        self.sessions_total += other.sessions_total;
+        self.protocol_errors += other.protocol_errors;
+        for (a, b) in self.requests.iter_mut().zip(other.requests) {
+            *a += b;
+        }
+        for (a, b) in self.errors.iter_mut().zip(other.errors) {
+            *a += b;
+        }
+        self.bytes_read += other.bytes_read;
+        self.bytes_written += other.bytes_written;
+        self.bytes_trimmed += other.bytes_trimmed;
+        self.bytes_zeroed += other.bytes_zeroed;
+    }
+
     /// All error replies.
     pub fn errors_total(&self) -> u64 {
         self.errors.iter().sum()

@@ -4,7 +4,7 @@
 //! raw layers, any depth. Errors name the file and say what to do.
 
 use super::{LayerFormat, open_layer};
-use crate::block::FileDisk;
+use crate::block::{BlockDevice, FileDisk};
 use crate::qcow2::backing::Backing;
 use crate::qcow2::header::{Header, V2_HEADER_LEN};
 use crate::qcow2::layout::MAX_CLUSTER_BITS;
@@ -180,6 +180,16 @@ pub fn open_layers(
     chain: &[ChainFile],
     opts: &OpenOptions,
 ) -> Result<Option<Backing<FileDisk>>, String> {
+    open_layers_with(chain, opts, |file| file)
+}
+
+/// [`open_layers`] with each layer's file wrapped by `device` (for a top image whose device
+/// type is a wrapper of [`FileDisk`], such as a counting one).
+pub fn open_layers_with<D: BlockDevice>(
+    chain: &[ChainFile],
+    opts: &OpenOptions,
+    device: impl Fn(FileDisk) -> D,
+) -> Result<Option<Backing<D>>, String> {
     let layer_opts = OpenOptions {
         read_only: true,
         zero_tail: false,
@@ -191,7 +201,7 @@ pub fn open_layers(
         let dev = FileDisk::open(&layer.path, true)
             .map_err(|e| format!("cannot open {}: {e}", layer.path.display()))?;
         below = Some(
-            open_layer(i + 1, layer.format, dev, &layer_opts, below)
+            open_layer(i + 1, layer.format, device(dev), &layer_opts, below)
                 .map_err(|e| format!("{}: {}", layer.path.display(), e.error_text()))?,
         );
     }
