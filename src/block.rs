@@ -505,13 +505,19 @@ mod file {
     pub struct FileDisk {
         file: File,
         read_only: bool,
+        /// A fixed capacity ([`FileDisk::fixed_size`]); `None`: the file grows on write.
+        fixed: Option<u64>,
     }
 
     impl FileDisk {
         /// Opens an existing file, read-write unless `read_only`.
         pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
             let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-            Ok(FileDisk { file, read_only })
+            Ok(FileDisk {
+                file,
+                read_only,
+                fixed: None,
+            })
         }
 
         /// Creates (or truncates) a file for writing.
@@ -525,12 +531,24 @@ mod file {
             Ok(FileDisk {
                 file,
                 read_only: false,
+                fixed: None,
             })
         }
 
         /// Wraps an open file.
         pub fn from_file(file: File, read_only: bool) -> Self {
-            FileDisk { file, read_only }
+            FileDisk {
+                file,
+                read_only,
+                fixed: None,
+            }
+        }
+
+        /// The same file with its current length as a fixed capacity: requests past it are
+        /// refused (a raw disk, whose size is the file's).
+        pub fn fixed_size(mut self) -> io::Result<Self> {
+            self.fixed = Some(self.len()?);
+            Ok(self)
         }
 
         /// The underlying file.
@@ -591,7 +609,7 @@ mod file {
     impl BlockDevice for FileDisk {
         fn capacity(&self) -> u64 {
             // A host file grows on write; bound it to what offsets can express.
-            i64::MAX as u64
+            self.fixed.unwrap_or(i64::MAX as u64)
         }
 
         fn zeroes_from(&self) -> Option<u64> {

@@ -57,14 +57,15 @@ enum Command {
         #[arg(long, value_name = "TIME", default_value = "2", value_parser = scrape::parse_interval)]
         interval: Duration,
     },
-    /// Serve a qcow2 image over NBD with the project's engine on the host (no guest), with
-    /// the guest's Prometheus metrics; Ctrl-C closes the image clean
+    /// Serve a qcow2 image (with its backing chain) or a raw file over NBD with the
+    /// project's engine on the host (no guest), with the guest's Prometheus metrics; Ctrl-C
+    /// closes the image clean
     Serve(ServeArgs),
 }
 
 #[derive(Args, Clone)]
 struct ServeArgs {
-    /// The qcow2 image to export
+    /// The image to export (qcow2, or a raw file)
     image: PathBuf,
     /// NBD port (0: any free port, printed at start)
     #[arg(long, value_name = "PORT", default_value_t = GUEST_NBD_PORT)]
@@ -78,6 +79,10 @@ struct ServeArgs {
     /// Open the image read-only and export it read-only
     #[arg(long)]
     read_only: bool,
+    /// How to take the file's bytes: auto (qcow2 when it has the qcow2 magic, else raw;
+    /// a qcow2 image with a damaged magic is refused), qcow2 or raw
+    #[arg(long, value_name = "auto|qcow2|raw", default_value = "auto")]
+    format: GuestFormat,
     /// Address both ports listen on (e.g. 0.0.0.0 for every interface)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     bind: std::net::IpAddr,
@@ -485,6 +490,7 @@ fn serve_command(args: &ServeArgs) -> Result<ExitCode, Error> {
         metrics: (args.bind, args.metrics_port).into(),
         export: args.export.clone(),
         read_only: args.read_only,
+        format: args.format,
     })?;
     eprintln!(
         "qcow-metal: serving {}{}",

@@ -41,11 +41,13 @@ use std::time::{Duration, Instant};
 use qcow_metal::block::telemetry::{BlockDeviceMetrics, InstrumentedDevice};
 use qcow_metal::block::{BlockDevice, FileDisk};
 use qcow_metal::compaction::CompactionState;
+use qcow_metal::disk::RawDisk;
 use qcow_metal::disk::telemetry::{DiskFigures, Instrumented};
 use qcow_metal::http::{Health, HttpStats};
 use qcow_metal::metrics::Format;
 use qcow_metal::nbd::{NbdStats, ServerConfig};
 use qcow_metal::net::NetStats;
+use qcow_metal::qcow2::chain::files as chain_files;
 use qcow_metal::qcow2::telemetry::EngineFigures;
 use qcow_metal::qcow2::{OpenOptions, Qcow2, SpaceInfo};
 use qcow_metal::service::disk::{Disk, SpaceCache};
@@ -54,6 +56,7 @@ use qcow_metal::service::nbd::{NbdSession, NoDisk};
 use qcow_metal::service::session::Session;
 use qcow_metal::telemetry::{GuestConfig, GuestMetrics, Scrape, SystemFigures};
 
+use crate::disk::GuestFormat;
 use crate::error::{Error, Result};
 use crate::guard;
 use crate::units::format_size;
@@ -87,6 +90,8 @@ pub struct ServeOptions {
     pub export: String,
     /// Open the image read-only and export it read-only.
     pub read_only: bool,
+    /// How to take the file's bytes: qcow2 (over its backing chain) or raw.
+    pub format: GuestFormat,
 }
 
 /// The block device under the engine: the image file, counted as the guest counts
@@ -215,8 +220,10 @@ pub struct Server {
     nbd_addr: SocketAddr,
     metrics_addr: SocketAddr,
     acceptors: Vec<JoinHandle<()>>,
-    /// The disk lock (released when the server is dropped).
+    /// The disk lock, and the backing layers' shared locks (released when the server is
+    /// dropped).
     _lock: File,
+    _layer_locks: Vec<File>,
     image: PathBuf,
 }
 
@@ -227,18 +234,34 @@ pub struct StopReport {
     pub nbd_closed: usize,
 }
 
-/// Opens the image with the engine, both layers counted in `metrics`; also returns a second
-/// handle on the image file for the I/O pool.
+/// The disk `serve` opened: the engine (or the raw file), a second handle on the image file
+/// for the I/O pool, and the shared locks on the backing layers (held while it is served).
+struct Opened {
+    disk: Disk<Device>,
+    pool_file: FileDisk,
+    layer_locks: Vec<File>,
+}
+
+/// Opens the disk: a qcow2 image with the engine, over its backing chain (resolved as QEMU
+/// does, every layer locked shared and opened read-only), or a raw file whose bytes are the
+/// disk (its size is the file's length). `format` picks which; `auto` takes a file with the
+/// qcow2 magic for qcow2 and refuses one whose magic looks damaged. The image and its
+/// requests are counted in `metrics` (the layers' own reads are not, as in the guest).
 fn open_disk(
     path: &Path,
+    format: GuestFormat,
     read_only: bool,
     metrics: &GuestMetrics,
-) -> Result<(Disk<Device>, FileDisk)> {
+) -> Result<Opened> {
     let err = |action: &'static str, reason: String| Error::Disk {
         path: path.to_path_buf(),
         action,
         reason,
     };
+    guard::ensure_regular(path)?;
+    if format == GuestFormat::Auto {
+        guard::check_auto_format(path)?;
+    }
     let mut file = FileDisk::open(path, read_only).map_err(|e| err("open", e.to_string()))?;
     if file.len().map_err(|e| err("open", e.to_string()))? == 0 {
         return Err(guard::empty(path));
@@ -246,30 +269,65 @@ fn open_disk(
     let mut magic = [0u8; 4];
     file.read_at(0, &mut magic)
         .map_err(|e| err("read", e.to_string()))?;
-    if magic != *b"QFI\xfb" {
-        return Err(err(
-            "serve",
-            "it is not a qcow2 image (no qcow2 magic); `qcow-metal serve` exports qcow2 \
-             images (for a raw file use `qemu-nbd -f raw`, or `qcow-metal run --format raw`)"
-                .into(),
-        ));
+    let is_qcow2 = magic == *b"QFI\xfb";
+    let qcow2 = match format {
+        GuestFormat::Auto => is_qcow2,
+        GuestFormat::Qcow2 if !is_qcow2 => {
+            return Err(err(
+                "serve",
+                "--format qcow2, but it does not start with the qcow2 magic".into(),
+            ));
+        }
+        GuestFormat::Qcow2 => true,
+        GuestFormat::Raw => false,
+    };
+    let clone = |file: &FileDisk| {
+        file.file()
+            .try_clone()
+            .map(|f| FileDisk::from_file(f, read_only))
+            .map_err(|e| err("open", e.to_string()))
+    };
+    let count = |file: FileDisk| InstrumentedDevice::new(file, metrics.blockdev.clone(), now_ns);
+    if !qcow2 {
+        let file = file.fixed_size().map_err(|e| err("open", e.to_string()))?;
+        let pool_file = clone(&file)?
+            .fixed_size()
+            .map_err(|e| err("open", e.to_string()))?;
+        let disk = Disk::Raw(Box::new(Instrumented::new(
+            RawDisk::new(count(file)),
+            metrics.disk.clone(),
+            now_ns,
+        )));
+        return Ok(Opened {
+            disk,
+            pool_file,
+            layer_locks: Vec::new(),
+        });
     }
-    let pool_file = file
-        .file()
-        .try_clone()
-        .map_err(|e| err("open", e.to_string()))?;
-    let dev = InstrumentedDevice::new(file, metrics.blockdev.clone(), now_ns);
+    let pool_file = clone(&file)?;
     let opts = OpenOptions {
         read_only,
         ..OpenOptions::default()
     };
-    let engine = Qcow2::open(dev, opts).map_err(|e| err("open", e.to_string()))?;
+    let (chain, layer_locks) = crate::disk::backing_chain(path)?;
+    // The layers' reads are not counted: the device metrics are the image file's.
+    let uncounted = Arc::new(BlockDeviceMetrics::new("backing"));
+    let below = chain_files::open_layers_with(&chain, &opts, |f| {
+        InstrumentedDevice::new(f, uncounted.clone(), now_ns)
+    })
+    .map_err(|e| err("open the backing chain of", e))?;
+    let engine = Qcow2::open_with_backing(count(file), opts, below)
+        .map_err(|e| err("open", e.to_string()))?;
     let disk = Disk::Qcow2(Box::new(Instrumented::new(
         engine,
         metrics.disk.clone(),
         now_ns,
     )));
-    Ok((disk, FileDisk::from_file(pool_file, read_only)))
+    Ok(Opened {
+        disk,
+        pool_file,
+        layer_locks,
+    })
 }
 
 fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener> {
@@ -319,7 +377,11 @@ impl Server {
             mirage: false,
             clock: now_ns,
         });
-        let (disk, pool_file) = open_disk(path, opts.read_only, &metrics)?;
+        let Opened {
+            disk,
+            pool_file,
+            layer_locks,
+        } = open_disk(path, opts.format, opts.read_only, &metrics)?;
         let pool = IoPool::new(
             pool_file,
             IO_THREADS,
@@ -330,12 +392,13 @@ impl Server {
         );
         metrics.disk.set_up(true);
         let read_only = opts.read_only || disk.is_read_only();
+        let format_name = disk.format_name();
         let size = disk.size();
         let facts = vec![
             ("version", String::from(env!("CARGO_PKG_VERSION"))),
             ("image", path.display().to_string()),
             ("export", opts.export.clone()),
-            ("format", String::from(disk.format_name())),
+            ("format", String::from(format_name)),
             (
                 "virtual size",
                 format!("{} ({size} bytes)", format_size(size)),
@@ -357,7 +420,7 @@ impl Server {
             space_cache: Mutex::new(None),
             nbd_config: ServerConfig {
                 export_name: opts.export.clone(),
-                description: String::from("qcow-metal serve: qcow2 disk"),
+                description: format!("qcow-metal serve: {format_name} disk"),
                 read_only,
                 ..ServerConfig::default()
             },
@@ -383,6 +446,7 @@ impl Server {
             metrics_addr,
             acceptors,
             _lock: lock_file,
+            _layer_locks: layer_locks,
             image: path.clone(),
         })
     }

@@ -472,23 +472,179 @@ fn read_only_and_bad_images_are_handled() {
     stop(r, "INT");
     assert_clean(&image);
 
-    // A file that is not qcow2 is refused with what to do instead.
+    // `--format qcow2` on a file without the magic, and a qcow2 image whose magic is
+    // damaged under `--format auto`, are refused with what to do instead.
     let raw = dir.path().join("plain.raw");
     std::fs::write(&raw, vec![1u8; 1 << 20]).unwrap();
-    let o = Command::new(RUNNER)
-        .args([
-            "serve",
+    let refused = |path: &Path, extra: &[&str]| {
+        let o = Command::new(RUNNER)
+            .args(["serve", path.to_str().unwrap()])
+            .args(["--nbd-port", "0", "--metrics-port", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = refused(&raw, &["--format", "qcow2"]);
+    assert!(err.contains("qcow2 magic"), "{err}");
+    let mut damaged = std::fs::read(&image).unwrap();
+    damaged[0] = b'X';
+    let damaged_path = dir.path().join("damaged.qcow2");
+    std::fs::write(&damaged_path, damaged).unwrap();
+    let err = refused(&damaged_path, &[]);
+    assert!(err.contains("damaged magic"), "{err}");
+}
+
+#[test]
+fn a_raw_file_is_served_at_its_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.img");
+    let data = pseudo_random(3 << 20, 11);
+    std::fs::write(&raw, &data).unwrap();
+    let (r, uri, _) = serve(&raw, &[]);
+    let info = ok("nbdinfo", &[&uri]);
+    assert!(info.contains("export-size: 3145728"), "{info}");
+    let cmp = ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
             raw.to_str().unwrap(),
-            "--nbd-port",
-            "0",
-            "--metrics-port",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
+            &uri,
+        ],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    let io = ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 1M 68k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    assert!(io.contains("wrote 69632/69632"), "{io}");
+    // Past the end: refused, and the file does not grow.
+    let o = run("qemu-io", &["-f", "raw", "-c", "write 3M 4k", &uri]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(!out.contains("wrote 4096"), "a write past the end: {out}");
+    let mut r = r;
+    let pid = r.child.id().to_string();
+    ok("kill", &["-INT", &pid]);
+    assert!(r.wait_exit(WAIT).success(), "{}", r.stderr());
+    let after = std::fs::read(&raw).unwrap();
+    assert_eq!(after.len(), data.len());
+    let mut want = data;
+    want[1 << 20..(1 << 20) + (68 << 10)].fill(0x77);
+    assert!(after == want, "the raw file does not hold what was written");
+}
+
+#[test]
+fn an_overlay_is_served_over_its_backing_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    // raw base <- qcow2 middle (4 MiB of its own) <- qcow2 top (1 MiB of its own).
+    let base = p("base.raw");
+    std::fs::write(&base, pseudo_random(16 << 20, 21)).unwrap();
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            &s(&p("mid.qcow2")),
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-c", "write -P 0x22 4M 4M", &s(&p("mid.qcow2"))],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            &s(&p("top.qcow2")),
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-c", "write -P 0x33 6M 1M", &s(&p("top.qcow2"))],
+    );
+    let expected = p("expected.raw");
+    qcow2_to_raw(&p("top.qcow2"), &expected);
+    let base_before = std::fs::read(&base).unwrap();
+    let mid_before = std::fs::read(p("mid.qcow2")).unwrap();
+
+    let (r, uri, metrics) = serve(&p("top.qcow2"), &[]);
+    let cmp = ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &s(&expected), &uri],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    let body = http_get(&metrics, "/metrics");
+    // The base (depth 2) was read through the chain.
+    let base_read: f64 = body
+        .lines()
+        .find(|l| l.starts_with("qcow_metal_disk_layer_read_bytes") && l.contains("depth=\"2\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no depth 2 in:\n{body}"));
+    assert!(base_read > 0.0, "{body}");
+    // Writes: a partial cluster over the base (copied up), over the middle, and over the
+    // top's own data.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x44 100k 8k",
+            "-c",
+            "write -P 0x55 5M 4k",
+            "-c",
+            "write -P 0x66 7M 64k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    stop(r, "INT");
+    assert_clean(&p("top.qcow2"));
+    let mut want = std::fs::read(&expected).unwrap();
+    want[100 << 10..108 << 10].fill(0x44);
+    want[5 << 20..(5 << 20) + 4096].fill(0x55);
+    want[7 << 20..(7 << 20) + (64 << 10)].fill(0x66);
+    let after = p("after.raw");
+    qcow2_to_raw(&p("top.qcow2"), &after);
     assert!(
-        !o.status.success() && err.contains("not a qcow2 image"),
-        "{err}"
+        std::fs::read(&after).unwrap() == want,
+        "the overlay reads other data"
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base changed"
+    );
+    assert!(
+        std::fs::read(p("mid.qcow2")).unwrap() == mid_before,
+        "the middle layer changed"
     );
 }
