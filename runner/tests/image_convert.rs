@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{RUNNER, ok, run};
+use common::{RUNNER, ok, qcow2_overlay, run};
 
 fn ours(args: &[&str]) -> Output {
     Command::new(RUNNER)
@@ -231,20 +231,7 @@ fn convert_reads_through_a_backing_chain() {
         &["convert", "-c", "-O", "qcow2", p(&src), p(&base)],
     );
     let top = dir.path().join("top.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            p(&top),
-        ],
-    );
+    qcow2_overlay(&top, "base.qcow2", "qcow2");
     ok(
         "qemu-io",
         &[

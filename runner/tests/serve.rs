@@ -13,7 +13,7 @@ use qcow_metal::nbd::client::Client;
 use qcow_metal::nbd::proto::{CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
 
 mod common;
-use common::{RUNNER, Runner, ok, qcow2_to_raw, run};
+use common::{RUNNER, Runner, ok, qcow2_overlay, qcow2_to_raw, run};
 
 /// How long the server may take to come up or to stop (guards against hangs only).
 const WAIT: Duration = Duration::from_secs(60);
@@ -554,38 +554,12 @@ fn an_overlay_is_served_over_its_backing_chain() {
     let base = p("base.raw");
     std::fs::write(&base, pseudo_random(16 << 20, 21)).unwrap();
     let s = |p: &PathBuf| p.to_str().unwrap().to_string();
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            &s(&p("mid.qcow2")),
-        ],
-    );
+    qcow2_overlay(&p("mid.qcow2"), "base.raw", "raw");
     ok(
         "qemu-io",
         &["-c", "write -P 0x22 4M 4M", &s(&p("mid.qcow2"))],
     );
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            &s(&p("top.qcow2")),
-        ],
-    );
+    qcow2_overlay(&p("top.qcow2"), "mid.qcow2", "qcow2");
     ok(
         "qemu-io",
         &["-c", "write -P 0x33 6M 1M", &s(&p("top.qcow2"))],

@@ -133,6 +133,21 @@ impl RequestMetrics {
         }
     }
 
+    /// Records a read or (`write`) a write of `bytes` that went through a device queue
+    /// ([`crate::blkqueue::pipeline::QueuedDisk::queued_done`]), started at `started` on
+    /// `clock` and finished now.
+    pub fn record_queued(
+        &self,
+        clock: fn() -> u64,
+        write: bool,
+        bytes: u64,
+        started: u64,
+        ok: bool,
+    ) {
+        let op = if write { IoOp::Write } else { IoOp::Read };
+        self.record(op, bytes, clock().saturating_sub(started), ok);
+    }
+
     /// Records one completed request: with `ok` it counts as a request of `bytes` bytes
     /// that took `latency_ns`; without, as an error only.
     pub fn record(&self, op: IoOp, bytes: u64, latency_ns: u64, ok: bool) {

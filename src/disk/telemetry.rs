@@ -337,11 +337,9 @@ impl<V: QueuedDisk, H: HasRequests> QueuedDisk for Instrumented<V, H> {
     }
 
     fn queued_done(&mut self, write: bool, bytes: u64, started: u64, ok: bool) {
-        let op = if write { IoOp::Write } else { IoOp::Read };
-        let took = (self.recorder.clock)().saturating_sub(started);
-        self.recorder
-            .metrics
+        let r = &self.recorder;
+        r.metrics
             .request_metrics()
-            .record(op, bytes, took, ok);
+            .record_queued(r.clock, write, bytes, started, ok);
     }
 }

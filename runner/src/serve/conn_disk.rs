@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use qcow_metal::blkqueue::pipeline::{HostRun, QueuedDisk};
 use qcow_metal::blkqueue::queue::BlockQueue;
-use qcow_metal::block::telemetry::{HasRequests, IoOp};
+use qcow_metal::block::telemetry::HasRequests;
 use qcow_metal::disk::telemetry::DiskMetrics;
 use qcow_metal::disk::{DiskError, Extent, VirtualDisk, check_request};
 use qcow_metal::service::disk::Disk;
@@ -242,12 +242,10 @@ impl QueuedDisk for ConnDisk<'_> {
     }
 
     fn queued_done(&mut self, write: bool, bytes: u64, started: u64, ok: bool) {
-        let op = if write { IoOp::Write } else { IoOp::Read };
-        let took = (self.metrics.clock)().saturating_sub(started);
-        self.metrics
-            .disk
+        let m = self.metrics;
+        m.disk
             .request_metrics()
-            .record(op, bytes, took, ok);
+            .record_queued(m.clock, write, bytes, started, ok);
     }
 }
 

@@ -132,3 +132,22 @@ pub fn qcow2_to_raw(image: &std::path::Path, raw: &std::path::Path) {
         ],
     );
 }
+
+/// `qemu-img create -f qcow2 -b BACKING -F FORMAT TOP`: an overlay at `top` over the file
+/// `backing` names (relative to `top`'s directory) of `format` (raw or qcow2).
+pub fn qcow2_overlay(top: &std::path::Path, backing: &str, format: &str) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            format,
+            top.to_str().unwrap(),
+        ],
+    );
+}
