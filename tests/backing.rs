@@ -11,7 +11,8 @@
 //! an encrypted layer are refused before boot, naming the file.
 
 use qcow_metal_e2e::{
-    ScratchDir, boot, guest, qemu_img_to_raw, qemu_io, run_tool, run_tool_output, shut_down_cleanly,
+    ScratchDir, boot_serving, guest, qemu_img_to_raw, qemu_io, run_tool, run_tool_output,
+    shut_down_cleanly,
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -124,7 +125,7 @@ fn guest_serves_an_overlay_on_a_compressed_base() {
     qemu_img_to_raw(&top, &expected_path);
     let mut expected = std::fs::read(&expected_path).unwrap();
 
-    let (mut g, _) = boot(guest().disk(&top));
+    let (mut g, _) = boot_serving(guest().disk(&top));
     // Both layers attached and opened (the guest found them by their serials).
     g.wait_for_line(
         "disk: a backing chain of 2 layers",

@@ -30,8 +30,9 @@ use qcow_metal::disk::VirtualDisk;
 use qcow_metal::qcow2::OpenOptions;
 use qcow_metal::qcow2::chain::files;
 use qcow_metal_e2e::{
-    ScratchDir, boot, guest, merge_runs, nbd_dirty_runs, qemu_img_snapshot_raw, qemu_img_to_raw,
-    qemu_io, qemu_nbd_dirty_runs, require_tool, run_tool, run_tool_output, shut_down_cleanly,
+    ScratchDir, boot_serving, guest, merge_runs, nbd_dirty_runs, qemu_img_snapshot_raw,
+    qemu_img_to_raw, qemu_io, qemu_nbd_dirty_runs, require_tool, run_tool, run_tool_output,
+    shut_down_cleanly,
 };
 use std::path::{Path, PathBuf};
 
@@ -717,7 +718,7 @@ fn guest_serves_every_kind() {
         let made = make(kind, dir.path());
         let image = &made.image;
         let mut model = qemu_raw(image, dir.path());
-        let (mut g, _) = boot(guest().disk(image));
+        let (mut g, _) = boot_serving(guest().disk(image));
         let uri = g.nbd_url();
         let served = dir.path().join("served.raw");
         run_tool("nbdcopy", "libnbd-bin", &[&uri, s(&served)]);

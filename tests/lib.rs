@@ -4,7 +4,8 @@
 //! Tests never skip: a missing host tool fails the test with a message that names the Debian
 //! package to install (`bash .ci/setup` installs them all).
 //!
-//! - Guests: [`guest`] (the test defaults), [`boot`], [`run_to_exit`], [`shut_down_cleanly`].
+//! - Guests: [`guest`] (the test defaults), [`boot`], [`boot_serving`], [`run_to_exit`],
+//!   [`shut_down_cleanly`].
 //! - Host tools: [`require_tool`], [`run_tool`], [`run_tool_output`], [`qemu_io`].
 //! - Images: [`qemu_img_check_json`], [`qemu_img_to_raw`], [`qemu_img_snapshot_raw`].
 //! - Dirty bitmaps: [`nbd_dirty_runs`], [`qemu_nbd_dirty_runs`] (`nbdinfo --map`),
@@ -57,6 +58,18 @@ pub fn boot(builder: GuestBuilder) -> (Guest, Banner) {
     let banner = guest
         .wait_for_banner(BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("the guest did not reach its main loop: {e}"));
+    (guest, banner)
+}
+
+/// [`boot`], then waits until the guest's `/metrics` answers (polled with short timeouts):
+/// its network comes up just after the banner, and a first connection made before that
+/// waits for user-mode networking to resend its SYN (about 6 s). For tests that connect at
+/// once and do not count the guest's HTTP requests.
+pub fn boot_serving(builder: GuestBuilder) -> (Guest, Banner) {
+    let (mut guest, banner) = boot(builder);
+    guest
+        .wait_for_metrics(BOOT_TIMEOUT, || false)
+        .unwrap_or_else(|e| panic!("the guest's /metrics did not answer: {e}"));
     (guest, banner)
 }
 

@@ -5,7 +5,7 @@
 //! `qemu-img check` exits 0 and `qemu-nbd -B b0` on the image reports the same dirty runs.
 
 use qcow_metal_e2e::{
-    ScratchDir, boot, guest, nbd_dirty_runs, qemu_img_check_json, qemu_img_convert_to_raw,
+    ScratchDir, boot_serving, guest, nbd_dirty_runs, qemu_img_check_json, qemu_img_convert_to_raw,
     qemu_img_snapshot_raw, qemu_io, qemu_nbd_dirty_runs, require_tool, run_tool, shut_down_cleanly,
 };
 
@@ -51,7 +51,7 @@ fn snapshot_export_and_dirty_bitmap_through_the_guest() {
     );
     let s1 = qemu_img_snapshot_raw(&img, "s1", &dir.path().join("s1.raw"));
 
-    let (mut g, _) = boot(guest().disk(&img));
+    let (mut g, _) = boot_serving(guest().disk(&img));
     let uri = g.nbd_url();
     let snap_uri = format!("{uri}@s1");
     let list = run_tool("nbdinfo", "libnbd-bin", &["--list", &uri]);
