@@ -1,7 +1,8 @@
 //! Every kind of image QEMU 7.2 makes, served and written: compat 0.10 and 1.1, clusters
 //! 512 B to 2 MiB, refcount widths 1 to 64, lazy refcounts, `preallocation=metadata`,
 //! extended L2 entries, zlib- and zstd-compressed clusters, zero clusters, backing chains
-//! (qcow2 and raw layers, depth 3 and 4), internal snapshots and persistent dirty bitmaps.
+//! (qcow2 and raw layers, depth 3 and 4), internal snapshots (compat 1.1 and 0.10) and
+//! persistent dirty bitmaps.
 //!
 //! Each kind is a row of [`KINDS`]: the `qemu-img create` options and how the image is
 //! filled (qemu-io writes, zeroes and discards; a `qemu-img convert -c` for compressed
@@ -166,6 +167,17 @@ const KINDS: &[Kind] = &[
         extra: &["write -P 0x63 6291968 512", "write -z 6292992 1024"],
     },
     Kind {
+        // The largest clusters with subclusters (64 KiB each).
+        name: "extended-l2-2m",
+        options: "cluster_size=2097152,extended_l2=on",
+        fill: Fill::Io,
+        extra: &[
+            "write -P 0x65 6356992 65536",
+            "write -z 6488064 131072",
+            "write -P 0x66 6684672 1000",
+        ],
+    },
+    Kind {
         name: "zlib-compressed",
         options: "cluster_size=65536",
         fill: Fill::Compressed,
@@ -232,20 +244,14 @@ const KINDS: &[Kind] = &[
         // refcounts (shared clusters have refcount 2 or 3).
         name: "internal-snapshots",
         options: "cluster_size=16384,refcount_bits=4",
-        fill: Fill::Snapshots(&[
-            (
-                "s1",
-                &[
-                    "write -P 0x21 0 65536",
-                    "write -z 3145728 65536",
-                    "discard 204800 16384",
-                ],
-            ),
-            (
-                "s2",
-                &["write -P 0x22 131072 4096", "write -P 0x23 7340032 20000"],
-            ),
-        ]),
+        fill: Fill::Snapshots(SNAPSHOT_STEPS),
+        extra: &[],
+    },
+    Kind {
+        // The same in a compat 0.10 image (16-bit refcounts only, no zero flag).
+        name: "internal-snapshots-compat-0.10",
+        options: "compat=0.10,cluster_size=65536",
+        fill: Fill::Snapshots(SNAPSHOT_STEPS),
         extra: &[],
     },
     Kind {
@@ -266,6 +272,23 @@ const KINDS: &[Kind] = &[
             "write -z -u 5308416 65536",
         ],
     },
+];
+
+/// The snapshot rows' steps: each snapshot, then the writes after it (over clusters the
+/// snapshots share with the active disk).
+const SNAPSHOT_STEPS: &[(&str, &[&str])] = &[
+    (
+        "s1",
+        &[
+            "write -P 0x21 0 65536",
+            "write -z 3145728 65536",
+            "discard 204800 16384",
+        ],
+    ),
+    (
+        "s2",
+        &["write -P 0x22 131072 4096", "write -P 0x23 7340032 20000"],
+    ),
 ];
 
 /// What every image holds before the test touches it (qemu-io commands; offsets in bytes).
