@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench;
 
-use qcow_metal::config::IpConfig;
+use qcow_metal::config::{Config, IpConfig};
 use qcow_metal_runner::convert::{self, ConvertOptions, Format};
 use qcow_metal_runner::disk::{self, GuestFormat};
 use qcow_metal_runner::image::{self, CreateOptions};
@@ -86,6 +86,10 @@ struct ServeArgs {
     /// Address both ports listen on (e.g. 0.0.0.0 for every interface)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
     bind: std::net::IpAddr,
+    /// Disconnect an NBD client that finished the handshake and sent nothing for this many
+    /// seconds (0: never), like the guest's nbd_idle=
+    #[arg(long, value_name = "SECS", default_value_t = Config::DEFAULT_NBD_IDLE_MS / 1000)]
+    nbd_idle: u64,
 }
 
 #[derive(Args, Clone)]
@@ -491,6 +495,7 @@ fn serve_command(args: &ServeArgs) -> Result<ExitCode, Error> {
         export: args.export.clone(),
         read_only: args.read_only,
         format: args.format,
+        nbd_idle: (args.nbd_idle > 0).then(|| Duration::from_secs(args.nbd_idle)),
     })?;
     eprintln!(
         "qcow-metal: serving {}{}",
@@ -765,6 +770,23 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_disconnects_idle_nbd_clients_after_the_guests_default() {
+        let idle = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(["qcow-metal", "serve", "d.qcow2"].iter().chain(args)).unwrap();
+            match cli.command {
+                Some(Command::Serve(a)) => a.nbd_idle,
+                _ => panic!("not serve"),
+            }
+        };
+        assert_eq!(idle(&[]), 600);
+        assert_eq!(idle(&[]) * 1000, Config::DEFAULT_NBD_IDLE_MS);
+        assert_eq!(idle(&["--nbd-idle", "0"]), 0);
+        assert_eq!(idle(&["--nbd-idle", "90"]), 90);
+        assert!(Cli::try_parse_from(["qcow-metal", "serve", "d", "--nbd-idle", "-1"]).is_err());
     }
 
     #[test]

@@ -92,6 +92,10 @@ pub struct ServeOptions {
     pub read_only: bool,
     /// How to take the file's bytes: qcow2 (over its backing chain) or raw.
     pub format: GuestFormat,
+    /// An NBD client that finished the handshake and sent nothing for this long, with no
+    /// request of its own in progress, is disconnected (`None`: never), as the guest's
+    /// `nbd_idle=` does.
+    pub nbd_idle: Option<Duration>,
 }
 
 /// The block device under the engine: the image file, counted as the guest counts
@@ -144,6 +148,8 @@ struct Shared {
     open: Mutex<HashMap<u64, (Port, TcpStream)>>,
     next_id: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// [`ServeOptions::nbd_idle`] in milliseconds (0: never).
+    nbd_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,6 +441,9 @@ impl Server {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
+            nbd_idle_ms: opts
+                .nbd_idle
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         });
         let acceptors = vec![
             spawn_acceptor(nbd_listener, Port::Nbd, shared.clone()),
@@ -568,7 +577,7 @@ fn spawn_acceptor(listener: TcpListener, port: Port, shared: Arc<Shared>) -> Joi
 /// Serves one connection with the guest's session for its port: each turn lets the session
 /// take what the client sent and queue its replies, then the replies are written and, when
 /// the session had nothing to do, the next bytes are awaited (at most [`STOP_POLL`], so the
-/// stop flag and the session's timers are seen).
+/// stop flag, the session's timers and the NBD idle timeout are seen).
 fn serve_connection(stream: TcpStream, port: Port, id: u64, shared: &Shared) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(STOP_POLL))?;
@@ -629,6 +638,19 @@ fn serve_connection(stream: TcpStream, port: Port, id: u64, shared: &Shared) -> 
             break Ok(());
         }
         if progressed {
+            continue;
+        }
+        if let Session::Nbd(s) = &mut session
+            && shared.nbd_idle_ms > 0
+            && let Some(since) = s.idle_in_transmission_since()
+            && now_ms().saturating_sub(since) >= shared.nbd_idle_ms
+        {
+            log::info!(
+                "serve: disconnecting an NBD client idle for {} ms",
+                now_ms() - since
+            );
+            s.disconnect(&mut socket, &mut stats);
+            lock(&shared.nbd_live).insert(id, stats.clone());
             continue;
         }
         if let Session::Nbd(s) = &mut session

@@ -423,12 +423,7 @@ fn sigterm_with_a_client_connected_drains_and_closes_clean() {
     let dir = tempfile::tempdir().unwrap();
     let image = qcow2(dir.path(), "disk.qcow2", "32M");
     let (r, uri, _) = serve(&image, &[]);
-    let addr = uri
-        .trim_start_matches("nbd://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = nbd_addr(&uri);
     // A client writes without flushing and stays connected, silent.
     let mut client = Client::connect(&addr, "disk").unwrap();
     let data = pseudo_random(1 << 20, 3);
@@ -621,4 +616,38 @@ fn an_overlay_is_served_over_its_backing_chain() {
         std::fs::read(p("mid.qcow2")).unwrap() == mid_before,
         "the middle layer changed"
     );
+}
+
+#[test]
+fn nbd_clients_silent_for_nbd_idle_are_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = qcow2(dir.path(), "disk.qcow2", "16M");
+    let (r, uri, metrics) = serve(&image, &["--nbd-idle", "3"]);
+    let addr = nbd_addr(&uri);
+    let data = pseudo_random(64 << 10, 9);
+    let mut silent = Client::connect(&addr, "disk").unwrap();
+    assert_eq!(silent.write(0, &data, false).unwrap(), 0);
+    // A client with a request every 250 ms is served all along; the other one, silent for
+    // twice the idle time, is disconnected.
+    let mut busy = Client::connect(&addr, "disk").unwrap();
+    for i in 0..24u64 {
+        let mut back = vec![0; 4096];
+        assert_eq!(
+            busy.read((i % 16) * 4096, &mut back).unwrap(),
+            0,
+            "read {i}"
+        );
+        assert!(back[..] == data[(i % 16) as usize * 4096..][..4096]);
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        silent.flush().is_err(),
+        "the silent client is still served after 6 s with --nbd-idle 3"
+    );
+    let body = http_get(&metrics, "/metrics");
+    assert_eq!(metric(&body, "qcow_metal_nbd_connections_active"), 1.0);
+    assert_eq!(busy.flush().unwrap(), 0);
+    busy.disconnect().unwrap();
+    stop(r, "INT");
+    assert_clean(&image);
 }
