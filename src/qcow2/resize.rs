@@ -40,10 +40,10 @@ impl<D: BlockDevice> Qcow2<D> {
         let zero_new =
             new_size > old_size && self.backing.as_ref().is_some_and(|b| b.size() > old_size);
         if zero_new && self.hdr.version < 3 {
-            return Err(Qcow2Error::Unsupported(
-                "growing a version 2 (compat=0.10) overlay whose backing file is larger than it: \
-                 the new area would need zero clusters (QEMU refuses it too); \
-                 upgrade it first with `qemu-img amend -o compat=1.1`",
+            return Err(Qcow2Error::Invalid(
+                "a compat=0.10 overlay cannot grow while its backing file is larger than it \
+                 (the new area needs zero clusters, which version 2 lacks; QEMU refuses it \
+                 too): upgrade it first with `qemu-img amend -o compat=1.1`",
             ));
         }
         self.begin_write()?;
