@@ -9,22 +9,23 @@
 //! (fsync) before convert returns. A qcow2 source is read with its backing chain (the
 //! output has none: it holds the whole disk).
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
-use std::sync::mpsc::{Receiver, channel, sync_channel};
-use std::sync::{Arc, Mutex};
 
 use qcow_metal::block::FileDisk;
 use qcow_metal::disk::{Allocation, VirtualDisk};
+use qcow_metal::qcow2::backing::Backing;
+use qcow_metal::qcow2::chain::LayerFormat;
+use qcow_metal::qcow2::chain::files::{self as chain_files, ChainFile};
+use qcow_metal::qcow2::entry::Mapping;
 use qcow_metal::qcow2::probe::{self, Probe};
-use qcow_metal::qcow2::{
-    ClusterCompressor, CompressionType, CreateOptions, OpenOptions, Qcow2, Qcow2Error,
-};
+use qcow_metal::qcow2::{CompressionType, CreateOptions, OpenOptions, Qcow2, Qcow2Error};
 
 use crate::error::{Error, Result};
 use crate::units::parse_size;
+
+mod compress;
 
 /// An image format the tools read and write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +66,23 @@ pub struct ConvertOptions {
     pub compression_type: CompressionType,
     /// Set the lazy-refcounts bit in the output (`-o lazy_refcounts=on`).
     pub lazy_refcounts: bool,
-    /// Compression threads (0: one per core).
+    /// Extended L2 entries in the output (`-o extended_l2=on`; clusters of 16 KiB or more).
+    pub extended_l2: bool,
+    /// Read this internal snapshot of a qcow2 source (`-l`, by ID or name) instead of its
+    /// current disk.
+    pub snapshot: Option<String>,
+    /// Zero runs this long (bytes, a multiple of 512 up to 16 MiB) are not written
+    /// (`-S`; 4 KiB when `None`, as qemu-img). 0: nothing is skipped, the output is fully
+    /// allocated.
+    pub sparse_size: Option<u64>,
+    /// Compression threads (`-m`; 0: one per core, at least 4 as QEMU's qcow2 driver runs).
     pub threads: usize,
+    /// The output is an overlay on this backing file (`-B`, stored as given: a relative
+    /// name is relative to the output's directory). Only what the source's top layer holds
+    /// is written; where that layer is unallocated the new backing file shows through.
+    pub backing: Option<String>,
+    /// Format of the backing file (`-F`; probed when `None`).
+    pub backing_format: Option<Format>,
 }
 
 impl Default for ConvertOptions {
@@ -79,7 +95,12 @@ impl Default for ConvertOptions {
             refcount_bits: crate::disk::DEFAULT_REFCOUNT_BITS,
             compression_type: CompressionType::Zlib,
             lazy_refcounts: false,
+            extended_l2: false,
+            snapshot: None,
+            sparse_size: None,
             threads: 0,
+            backing: None,
+            backing_format: None,
         }
     }
 }
@@ -125,6 +146,9 @@ impl ConvertOptions {
                     self.lazy_refcounts =
                         parse_on_off(value).ok_or_else(|| bad("use on or off"))?;
                 }
+                "extended_l2" => {
+                    self.extended_l2 = parse_on_off(value).ok_or_else(|| bad("use on or off"))?;
+                }
                 "compat" => {
                     if !matches!(value, "1.1" | "v3") {
                         return Err(bad("this tool writes version 3 images only (compat=1.1)"));
@@ -138,7 +162,7 @@ impl ConvertOptions {
                 other => {
                     return Err(Error::Usage(format!(
                         "-o {other}: unknown option (known: cluster_size, refcount_bits, \
-                         compression_type, lazy_refcounts, compat, preallocation)"
+                         compression_type, lazy_refcounts, extended_l2, compat, preallocation)"
                     )));
                 }
             }
@@ -153,9 +177,82 @@ impl ConvertOptions {
                 "-c (compress) needs qcow2 output (-O qcow2)".into(),
             ));
         }
+        if self.backing.is_some() {
+            let refuse = |what: &str| Err(Error::Usage(format!("-B {what}")));
+            if self.out_format != Format::Qcow2 {
+                return refuse("(backing file) needs qcow2 output (-O qcow2)");
+            }
+            if self.compress {
+                return refuse("and -c together are not supported (convert, then compress)");
+            }
+            if self.snapshot.is_some() {
+                return refuse("and -l together are not supported");
+            }
+        } else if self.backing_format.is_some() {
+            return Err(Error::Usage(
+                "-F (backing format) needs -B (backing file)".into(),
+            ));
+        }
+        if self.extended_l2 && self.cluster_size < 16 << 10 {
+            return Err(Error::Usage(
+                "-o extended_l2=on needs clusters of 16K or more (-o cluster_size=...)".into(),
+            ));
+        }
+        if let Some(s) = self.sparse_size
+            && (!s.is_multiple_of(512) || s > MAX_SPARSE_SIZE)
+        {
+            return Err(Error::Usage(format!(
+                "-S {s}: the sparse size must be a multiple of 512 up to 16M (0: no sparse \
+                 output)"
+            )));
+        }
         Ok(())
     }
+
+    /// Sets the snapshot to read from a `-l` parameter, as qemu-img takes it: `NAME_OR_ID`,
+    /// `snapshot.name=NAME` or `snapshot.id=ID`.
+    pub fn set_snapshot(&mut self, param: &str) -> Result<()> {
+        let mut found = None;
+        for item in param.split(',') {
+            let value = match item.split_once('=') {
+                Some(("snapshot.name" | "snapshot.id", v)) => v,
+                Some((key, _)) => {
+                    return Err(Error::Usage(format!(
+                        "-l {param}: unknown key `{key}` (use snapshot.name=NAME, \
+                         snapshot.id=ID or just the name or ID)"
+                    )));
+                }
+                None => item,
+            };
+            if value.is_empty() || found.replace(value).is_some() {
+                return Err(Error::Usage(format!(
+                    "-l {param}: give one snapshot name or ID"
+                )));
+            }
+        }
+        self.snapshot = found.map(str::to_string);
+        Ok(())
+    }
+
+    /// Zero detection granularity of the output: `None` writes everything (`-S 0`).
+    fn zero_block(&self, cluster_size: u64) -> Option<u64> {
+        let s = self.sparse_size.unwrap_or(DEFAULT_SPARSE_SIZE);
+        if s == 0 {
+            return None;
+        }
+        Some(match self.out_format {
+            Format::Raw => s,
+            // A qcow2 cluster is allocated whole: whole clusters of zeros are skipped.
+            Format::Qcow2 => s.next_multiple_of(cluster_size),
+        })
+    }
 }
+
+/// qemu-img's default `-S`: 4 KiB.
+const DEFAULT_SPARSE_SIZE: u64 = 4096;
+
+/// qemu-img's largest `-S`: 16 MiB.
+const MAX_SPARSE_SIZE: u64 = 16 << 20;
 
 fn parse_on_off(v: &str) -> Option<bool> {
     match v {
@@ -185,7 +282,7 @@ pub struct ConvertSummary {
 /// The source disk: a raw file (holes found with `SEEK_DATA`) or an image on the engine.
 enum Source {
     Raw { file: File, size: u64 },
-    Image(Box<dyn VirtualDisk>),
+    Image(Box<Qcow2<FileDisk>>),
 }
 
 impl Source {
@@ -224,6 +321,28 @@ impl Source {
                 Ok((matches!(e.kind, Allocation::Data), n))
             }
         }
+    }
+
+    /// Whether the whole run at `off` (`len` bytes) is unallocated in a qcow2 source's top
+    /// layer and so reads from its backing chain (false without a backing chain: there such
+    /// clusters read as zeros).
+    fn reads_from_backing(&mut self, off: u64, len: u64) -> std::io::Result<bool> {
+        let Source::Image(q) = self else {
+            return Ok(false);
+        };
+        if q.backing().is_none() || len == 0 {
+            return Ok(false);
+        }
+        let cs = q.cluster_size();
+        for vc in off / cs..=(off + len - 1) / cs {
+            let m = q
+                .mapping(vc)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            if m != Mapping::Unallocated {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn read(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -284,7 +403,7 @@ fn probe_format(path: &Path) -> Result<Format> {
     }
 }
 
-fn open_source(path: &Path, format: Option<Format>) -> Result<Source> {
+fn open_source(path: &Path, format: Option<Format>, snapshot: Option<&str>) -> Result<Source> {
     crate::guard::ensure_regular(path)?;
     let format = match format {
         Some(f) => f,
@@ -292,6 +411,12 @@ fn open_source(path: &Path, format: Option<Format>) -> Result<Source> {
     };
     match format {
         Format::Raw => {
+            if snapshot.is_some() {
+                return Err(Error::Usage(format!(
+                    "-l: {} is a raw file, which has no snapshots",
+                    path.display()
+                )));
+            }
             let file = File::open(path).map_err(disk_err(path, "open"))?;
             let size = file.metadata().map_err(disk_err(path, "open"))?.len();
             Ok(Source::Raw { file, size })
@@ -303,8 +428,28 @@ fn open_source(path: &Path, format: Option<Format>) -> Result<Source> {
                 ..OpenOptions::default()
             };
             // With its backing chain: unallocated clusters read through to the layers below.
-            let image = qcow_metal::qcow2::chain::files::open(path, opts)
+            let mut image = qcow_metal::qcow2::chain::files::open(path, opts)
                 .map_err(|e| Error::disk(path, "open", e))?;
+            if let Some(name) = snapshot {
+                if image
+                    .find_snapshot(name)
+                    .map_err(engine_err(path, "read the snapshots of"))?
+                    .is_none()
+                {
+                    return Err(Error::disk(
+                        path,
+                        "read snapshot",
+                        format!(
+                            "it has no snapshot with ID or name `{name}` (see `qcow-metal \
+                             image snapshot -l`)"
+                        ),
+                    ));
+                }
+                // From here on reads, sizes and block status are the snapshot's.
+                image
+                    .select_view(Some(name))
+                    .map_err(|e| Error::disk(path, "read snapshot", e))?;
+            }
             Ok(Source::Image(Box::new(image)))
         }
     }
@@ -325,7 +470,7 @@ pub fn convert(
 ) -> Result<ConvertSummary> {
     opts.validate()?;
     let _src_lock = crate::guard::lock_disk(src, true)?;
-    let mut source = open_source(src, opts.src_format)?;
+    let mut source = open_source(src, opts.src_format, opts.snapshot.as_deref())?;
     if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst))
         && a.dev() == b.dev()
         && a.ino() == b.ino()
@@ -345,33 +490,73 @@ pub fn convert(
         Format::Raw => {
             let file = File::create(dst).map_err(disk_err(dst, "create"))?;
             file.set_len(size).map_err(disk_err(dst, "write"))?;
-            to_raw(&mut source, &file, dst, &mut summary, &mut progress)?;
+            let block = opts.zero_block(1);
+            let chunk_len = chunk_len(block, 512);
+            copy_nonzero(
+                &mut source,
+                chunk_len,
+                block,
+                &mut summary,
+                &mut progress,
+                |at, bytes| file.write_all_at(bytes, at).map_err(CopyError::WriteFile),
+            )
+            .map_err(|e| e.named(src, dst))?;
             file.sync_all().map_err(disk_err(dst, "flush"))?;
         }
         Format::Qcow2 => {
             let cs = opts.cluster_size;
-            let create = CreateOptions {
+            let mut create = CreateOptions {
                 virtual_size: size,
                 cluster_size: cs,
                 refcount_bits: opts.refcount_bits,
                 lazy_refcounts: opts.lazy_refcounts,
                 compression_type: opts.compression_type,
-                extended_l2: false,
+                extended_l2: opts.extended_l2,
                 open: OpenOptions {
                     // Tables for the whole disk stay cached: no write-back before close.
                     l2_cache_bytes: (size / cs * 8).clamp(1 << 20, 64 << 20),
                     refcount_cache_bytes: 4 << 20,
                     ..OpenOptions::default()
                 },
+                ..CreateOptions::default()
+            };
+            let below = match &opts.backing {
+                Some(name) => {
+                    let (format, below) = open_new_backing(dst, name, opts.backing_format)?;
+                    create.backing_file = Some(name.clone());
+                    create.backing_format = Some(format);
+                    below
+                }
+                None => None,
             };
             let dev = FileDisk::create(dst).map_err(disk_err(dst, "create"))?;
-            let mut image = Qcow2::create(dev, &create).map_err(engine_err(dst, "create"))?;
-            if opts.compress {
-                to_compressed(&mut source, &mut image, opts, &mut summary, &mut progress)
+            let mut image = Qcow2::create_with_backing(dev, &create, below)
+                .map_err(engine_err(dst, "create"))?;
+            if opts.backing.is_some() {
+                to_overlay(&mut source, &mut image, opts, &mut summary, &mut progress)
                     .map_err(|e| e.named(src, dst))?;
+            } else if opts.compress {
+                let chunk_len = chunk_len(Some(cs), cs);
+                compress::to_compressed(
+                    &mut source,
+                    &mut image,
+                    opts,
+                    chunk_len,
+                    &mut summary,
+                    &mut progress,
+                )
+                .map_err(|e| e.named(src, dst))?;
             } else {
-                to_qcow2(&mut source, &mut image, &mut summary, &mut progress)
-                    .map_err(|e| e.named(src, dst))?;
+                let block = opts.zero_block(cs);
+                copy_nonzero(
+                    &mut source,
+                    chunk_len(block, cs),
+                    block,
+                    &mut summary,
+                    &mut progress,
+                    |at, bytes| image.write_at(at, bytes).map_err(CopyError::Write),
+                )
+                .map_err(|e| e.named(src, dst))?;
             }
             // close() writes the metadata back and flushes the file.
             image.close().map_err(engine_err(dst, "write"))?;
@@ -385,6 +570,10 @@ pub fn convert(
 enum CopyError {
     Read(std::io::Error),
     Write(Qcow2Error),
+    /// A write to a raw output file failed.
+    WriteFile(std::io::Error),
+    /// A compressor could not be set up.
+    Compress(std::io::Error),
 }
 
 impl CopyError {
@@ -392,37 +581,87 @@ impl CopyError {
         match self {
             CopyError::Read(e) => Error::disk(src, "read", e),
             CopyError::Write(e) => Error::disk(dst, "write", e),
+            CopyError::WriteFile(e) => Error::disk(dst, "write", e),
+            CopyError::Compress(e) => Error::disk(dst, "compress clusters for", e),
         }
     }
 }
 
-/// Zero detection granularity of raw output (as `qemu-img convert -S 4k`).
-const RAW_ZERO_BLOCK: usize = 4096;
+/// Bytes per step for zero blocks of `block` bytes (`None`: no zero detection).
+fn chunk_len(block: Option<u64>, cluster_size: u64) -> usize {
+    let unit = block.unwrap_or(1).max(cluster_size);
+    CHUNK.max(unit).next_multiple_of(unit) as usize
+}
 
-fn to_raw(
+/// Writes the nonzero `block`-sized pieces of `chunk` (all of it when `block` is `None`)
+/// with `write(offset in chunk, bytes)`; returns the bytes written.
+fn write_nonzero<E>(
+    chunk: &[u8],
+    block: Option<u64>,
+    mut write: impl FnMut(usize, &[u8]) -> std::result::Result<(), E>,
+) -> std::result::Result<u64, E> {
+    let Some(block) = block else {
+        write(0, chunk)?;
+        return Ok(chunk.len() as u64);
+    };
+    let mut written = 0;
+    for (start, end) in nonzero_runs(chunk, block as usize) {
+        write(start, &chunk[start..end])?;
+        written += (end - start) as u64;
+    }
+    Ok(written)
+}
+
+/// Copies the source's nonzero `block`-sized pieces (all of it when `block` is `None`)
+/// with `write(disk offset, bytes)`.
+fn copy_nonzero(
     source: &mut Source,
-    out: &File,
-    dst: &Path,
+    chunk_len: usize,
+    block: Option<u64>,
     summary: &mut ConvertSummary,
     progress: &mut impl FnMut(u64, u64),
-) -> Result<()> {
+    mut write: impl FnMut(u64, &[u8]) -> std::result::Result<(), CopyError>,
+) -> std::result::Result<(), CopyError> {
+    each_chunk(
+        source,
+        chunk_len,
+        summary,
+        progress,
+        |_, off, chunk, any, summary| {
+            if any || block.is_none() {
+                summary.bytes_written +=
+                    write_nonzero(chunk, block, |at, bytes| write(off + at as u64, bytes))?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Reads the source `chunk_len` bytes at a time (holes as zeros, [`Source::read_sparse`])
+/// and hands each chunk to `f(offset, bytes, whether any of it is data, summary)`;
+/// reports progress after each.
+fn each_chunk(
+    source: &mut Source,
+    chunk_len: usize,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(u64, u64),
+    mut f: impl FnMut(
+        &mut Source,
+        u64,
+        &[u8],
+        bool,
+        &mut ConvertSummary,
+    ) -> std::result::Result<(), CopyError>,
+) -> std::result::Result<(), CopyError> {
     let size = source.size();
-    let mut buf = vec![0u8; CHUNK as usize];
+    let mut buf = vec![0u8; chunk_len];
     let mut off = 0;
     while off < size {
-        let n = CHUNK.min(size - off) as usize;
+        let n = (chunk_len as u64).min(size - off) as usize;
         let chunk = &mut buf[..n];
-        let (read, any) = source
-            .read_sparse(off, chunk)
-            .map_err(|e| Error::disk(dst, "read the source for", e))?;
+        let (read, any) = source.read_sparse(off, chunk).map_err(CopyError::Read)?;
         summary.bytes_read += read;
-        if any {
-            for (start, end) in nonzero_runs(chunk, RAW_ZERO_BLOCK) {
-                out.write_all_at(&chunk[start..end], off + start as u64)
-                    .map_err(disk_err(dst, "write"))?;
-                summary.bytes_written += (end - start) as u64;
-            }
-        }
+        f(source, off, chunk, any, summary)?;
         off += n as u64;
         progress(off, size);
     }
@@ -456,221 +695,109 @@ pub fn is_zero(buf: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
-fn to_qcow2(
-    source: &mut Source,
-    image: &mut Qcow2<FileDisk>,
-    summary: &mut ConvertSummary,
-    progress: &mut impl FnMut(u64, u64),
-) -> std::result::Result<(), CopyError> {
-    let size = source.size();
-    let cs = image.cluster_size() as usize;
-    let chunk_len = (CHUNK as usize).max(cs);
-    let mut buf = vec![0u8; chunk_len];
-    let mut off = 0;
-    while off < size {
-        let n = (chunk_len as u64).min(size - off) as usize;
-        let chunk = &mut buf[..n];
-        let (read, any) = source.read_sparse(off, chunk).map_err(CopyError::Read)?;
-        summary.bytes_read += read;
-        if any {
-            for (start, end) in nonzero_runs(chunk, cs) {
-                image
-                    .write_at(off + start as u64, &chunk[start..end])
-                    .map_err(CopyError::Write)?;
-                summary.bytes_written += (end - start) as u64;
-            }
-        }
-        off += n as u64;
-        progress(off, size);
+/// Opens the backing file `name` of a new overlay at `dst` (resolved as QEMU resolves it:
+/// relative to `dst`'s directory) with its own chain; returns its format (`format`, else
+/// probed) and the layer.
+fn open_new_backing(
+    dst: &Path,
+    name: &str,
+    format: Option<Format>,
+) -> Result<(LayerFormat, Option<Backing<FileDisk>>)> {
+    let path = match dst.parent() {
+        Some(dir) if !Path::new(name).is_absolute() => dir.join(name),
+        _ => Path::new(name).to_path_buf(),
+    };
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(&path)?,
+    };
+    let format = match format {
+        Format::Raw => LayerFormat::Raw,
+        Format::Qcow2 => LayerFormat::Qcow2,
+    };
+    let mut chain = vec![ChainFile {
+        path: path.clone(),
+        name: name.to_string(),
+        format,
+        virtual_size: 0,
+    }];
+    if format == LayerFormat::Qcow2 {
+        chain.extend(chain_files::resolve(&path).map_err(|e| Error::disk(&path, "open", e))?);
     }
-    Ok(())
+    let below = chain_files::open_layers(&chain, &OpenOptions::default())
+        .map_err(|e| Error::disk(&path, "open the backing file", e))?;
+    Ok((format, below))
 }
 
-/// A chunk of clusters for the compression threads.
-struct Job {
-    seq: u64,
-    offset: u64,
-    data: Vec<u8>,
-}
-
-/// What one cluster of a [`Job`] became.
-enum Packed {
-    /// All zeros: nothing to write.
+/// What a cluster of an overlay output becomes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OverlayRun {
+    /// The new backing file shows through (the source's top layer has nothing there).
+    Through,
+    /// A zero cluster (hides the backing file).
     Zero,
-    /// Did not shrink: written as it is.
-    Plain,
-    /// Compressed bytes.
-    Compressed(Vec<u8>),
+    /// Data.
+    Data,
 }
 
-/// A compressed [`Job`].
-struct Done {
-    seq: u64,
-    offset: u64,
-    data: Vec<u8>,
-    clusters: Vec<Packed>,
-}
-
-fn compress_worker(
-    jobs: &Mutex<Receiver<Job>>,
-    done: std::sync::mpsc::Sender<Done>,
-    kind: CompressionType,
-    cs: usize,
-) {
-    let mut compressor = ClusterCompressor::new(kind);
-    let mut padded = Vec::new();
-    loop {
-        let job = match jobs.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok(job) = job else { return };
-        let clusters = job
-            .data
-            .chunks(cs)
-            .map(|c| {
-                if is_zero(c) {
-                    return Packed::Zero;
-                }
-                let whole = if c.len() < cs {
-                    padded.clear();
-                    padded.extend_from_slice(c);
-                    padded.resize(cs, 0);
-                    &padded[..]
-                } else {
-                    c
-                };
-                let mut out = Vec::new();
-                if compressor.compress(whole, &mut out) {
-                    Packed::Compressed(out)
-                } else {
-                    Packed::Plain
-                }
-            })
-            .collect();
-        let result = Done {
-            seq: job.seq,
-            offset: job.offset,
-            data: job.data,
-            clusters,
-        };
-        if done.send(result).is_err() {
-            return;
-        }
-    }
-}
-
-fn to_compressed(
+/// `-B`: copies what the source's top layer holds into the overlay `image`: data as data,
+/// zeros (holes of a source without a backing chain too) as zero clusters so that the
+/// backing file does not show through; clusters the source's top layer leaves to its own
+/// backing chain are left unallocated, as qemu-img leaves them.
+fn to_overlay(
     source: &mut Source,
     image: &mut Qcow2<FileDisk>,
     opts: &ConvertOptions,
     summary: &mut ConvertSummary,
     progress: &mut impl FnMut(u64, u64),
 ) -> std::result::Result<(), CopyError> {
-    let size = source.size();
-    let cs = image.cluster_size() as usize;
-    let chunk_len = (CHUNK as usize).max(cs);
-    let threads = if opts.threads > 0 {
-        opts.threads
-    } else {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    };
-    let in_flight_max = threads * 2;
-    let kind = opts.compression_type;
-    let (job_tx, job_rx) = sync_channel::<Job>(in_flight_max);
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let (done_tx, done_rx) = channel::<Done>();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let rx = Arc::clone(&job_rx);
-            let tx = done_tx.clone();
-            s.spawn(move || compress_worker(&rx, tx, kind, cs));
-        }
-        drop(done_tx);
-        let mut spare: Vec<Vec<u8>> = Vec::new();
-        let mut ready: BTreeMap<u64, Done> = BTreeMap::new();
-        let mut next_write = 0u64;
-        let mut sent = 0u64;
-        let mut off = 0u64;
-        let mut result = Ok(());
-        // Writes every finished job that is next in order.
-        let mut write_ready = |ready: &mut BTreeMap<u64, Done>,
-                               next_write: &mut u64,
-                               spare: &mut Vec<Vec<u8>>,
-                               summary: &mut ConvertSummary|
-         -> std::result::Result<(), CopyError> {
-            while let Some(done) = ready.remove(next_write) {
-                for (i, packed) in done.clusters.iter().enumerate() {
-                    let at = done.offset + (i * cs) as u64;
-                    let len = cs.min(done.data.len() - i * cs);
-                    match packed {
-                        Packed::Zero => continue,
-                        Packed::Plain => {
-                            image
-                                .write_at(at, &done.data[i * cs..i * cs + len])
-                                .map_err(CopyError::Write)?;
-                            summary.uncompressed_clusters += 1;
-                        }
-                        Packed::Compressed(bytes) => {
-                            image
-                                .write_compressed(at, bytes)
-                                .map_err(CopyError::Write)?;
-                            summary.compressed_clusters += 1;
-                        }
-                    }
-                    summary.bytes_written += len as u64;
+    let cs = image.cluster_size();
+    let detect_zeros = opts.zero_block(cs).is_some();
+    let chunk_len = chunk_len(Some(cs), cs);
+    each_chunk(
+        source,
+        chunk_len,
+        summary,
+        progress,
+        |source, off, chunk, _, summary| {
+            // Runs of clusters of one kind, written as one request each.
+            let mut runs: Vec<(OverlayRun, usize, usize)> = Vec::new();
+            for start in (0..chunk.len()).step_by(cs as usize) {
+                let end = (start + cs as usize).min(chunk.len());
+                let piece = &chunk[start..end];
+                let kind = if source
+                    .reads_from_backing(off + start as u64, piece.len() as u64)
+                    .map_err(CopyError::Read)?
+                {
+                    OverlayRun::Through
+                } else if detect_zeros && is_zero(piece) {
+                    OverlayRun::Zero
+                } else {
+                    OverlayRun::Data
+                };
+                match runs.last_mut() {
+                    Some(last) if last.0 == kind => last.2 = end,
+                    _ => runs.push((kind, start, end)),
                 }
-                spare.push(done.data);
-                *next_write += 1;
+            }
+            for (kind, start, end) in runs {
+                let at = off + start as u64;
+                match kind {
+                    OverlayRun::Through => {}
+                    OverlayRun::Zero => image
+                        .zero_range(at, (end - start) as u64, true)
+                        .map_err(CopyError::Write)?,
+                    OverlayRun::Data => {
+                        image
+                            .write_at(at, &chunk[start..end])
+                            .map_err(CopyError::Write)?;
+                        summary.bytes_written += (end - start) as u64;
+                    }
+                }
             }
             Ok(())
-        };
-        while off < size && result.is_ok() {
-            let n = (chunk_len as u64).min(size - off) as usize;
-            let mut data = spare.pop().unwrap_or_default();
-            data.resize(n, 0);
-            match source.read_sparse(off, &mut data) {
-                Ok((read, any)) => {
-                    summary.bytes_read += read;
-                    if any {
-                        let job = Job {
-                            seq: sent,
-                            offset: off,
-                            data,
-                        };
-                        sent += 1;
-                        if job_tx.send(job).is_err() {
-                            break;
-                        }
-                    } else {
-                        spare.push(data);
-                    }
-                }
-                Err(e) => result = Err(CopyError::Read(e)),
-            }
-            // Keep the threads busy, write what is ready in order.
-            while sent - next_write >= in_flight_max as u64 && result.is_ok() {
-                let Ok(d) = done_rx.recv() else { break };
-                ready.insert(d.seq, d);
-                result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
-            }
-            while let Ok(d) = done_rx.try_recv() {
-                ready.insert(d.seq, d);
-            }
-            if result.is_ok() {
-                result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
-            }
-            off += n as u64;
-            progress(off.min(size), size);
-        }
-        drop(job_tx);
-        while result.is_ok() && next_write < sent {
-            let Ok(d) = done_rx.recv() else { break };
-            ready.insert(d.seq, d);
-            result = write_ready(&mut ready, &mut next_write, &mut spare, summary);
-        }
-        result
-    })
+        },
+    )
 }
 
 /// A new size as `image resize` takes it: `SIZE`, `+SIZE` or `-SIZE` (relative to `old`).

@@ -228,9 +228,33 @@ enum ImageCommand {
         #[arg(short = 'O', value_name = "FMT", value_parser = Format::parse, default_value = "raw")]
         out_format: Format,
         /// qcow2 output options, comma-separated: cluster_size=SIZE, refcount_bits=N,
-        /// compression_type=zlib|zstd, lazy_refcounts=on|off
+        /// compression_type=zlib|zstd, lazy_refcounts=on|off, extended_l2=on|off
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
+        /// Convert an internal snapshot of a qcow2 source: NAME_OR_ID, snapshot.name=NAME
+        /// or snapshot.id=ID
+        #[arg(short = 'l', value_name = "SNAPSHOT")]
+        snapshot: Option<String>,
+        /// Zero runs of at least this many bytes (a multiple of 512, up to 16M) are left
+        /// unwritten (default 4K); 0 writes everything (a fully allocated output)
+        #[arg(short = 'S', value_name = "SIZE", value_parser = parse_size)]
+        sparse_size: Option<u64>,
+        /// Compression threads (1-16; default one per core, at least 4 as QEMU's qcow2
+        /// driver)
+        #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
+        threads: Option<u16>,
+        /// Allow out-of-order writes (accepted for qemu-img compatibility: the output is
+        /// written in order either way)
+        #[arg(short = 'W')]
+        out_of_order: bool,
+        /// Make the output an overlay on this backing file (qcow2 output; a relative name is
+        /// relative to the output's directory): only what the source's top layer holds is
+        /// written
+        #[arg(short = 'B', value_name = "BACKING")]
+        backing: Option<String>,
+        /// Format of the backing file, raw or qcow2 (probed when not given)
+        #[arg(short = 'F', value_name = "FMT", value_parser = Format::parse)]
+        backing_format: Option<Format>,
         /// No progress bar
         #[arg(short = 'q')]
         quiet: bool,
@@ -381,6 +405,12 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
             src_format,
             out_format,
             options,
+            snapshot,
+            sparse_size,
+            threads,
+            out_of_order: _,
+            backing,
+            backing_format,
             quiet,
             src,
             dst,
@@ -389,10 +419,17 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
                 src_format,
                 out_format,
                 compress,
+                sparse_size,
+                threads: threads.map_or(0, usize::from),
+                backing,
+                backing_format,
                 ..ConvertOptions::default()
             };
             for list in &options {
                 opts.apply_o(list)?;
+            }
+            if let Some(param) = &snapshot {
+                opts.set_snapshot(param)?;
             }
             opts.validate()?;
             // A bar on stderr when it is a terminal (hidden otherwise, and with -q).

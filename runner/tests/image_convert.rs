@@ -90,10 +90,16 @@ fn qemu_source(dir: &Path) -> PathBuf {
     img
 }
 
-#[test]
-fn convert_between_raw_and_qcow2_both_ways() {
+/// A scratch directory holding [`qemu_source`].
+fn scratch_with_source() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let src = qemu_source(dir.path());
+    (dir, src)
+}
+
+#[test]
+fn convert_between_raw_and_qcow2_both_ways() {
+    let (dir, src) = scratch_with_source();
     // qcow2 -> raw: sparse, equal.
     let raw = dir.path().join("a.raw");
     ours_ok(&["image", "convert", "-q", "-O", "raw", p(&src), p(&raw)]);
@@ -140,8 +146,7 @@ fn convert_between_raw_and_qcow2_both_ways() {
 }
 
 fn compressed(kind: &str, cluster: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let src = qemu_source(dir.path());
+    let (dir, src) = scratch_with_source();
     let out = dir.path().join("c.qcow2");
     let o = format!("compression_type={kind},cluster_size={cluster}");
     let text = ours_ok(&[
@@ -199,8 +204,7 @@ fn convert_compressed_zstd_small_clusters() {
 
 #[test]
 fn convert_reads_qemu_zstd_images() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = qemu_source(dir.path());
+    let (dir, src) = scratch_with_source();
     let z = dir.path().join("z.qcow2");
     ok(
         "qemu-img",
@@ -220,30 +224,29 @@ fn convert_reads_qemu_zstd_images() {
     qemu_compare(&src, "qcow2", &raw, "raw");
 }
 
+/// `top.qcow2` in `dir`, a QEMU overlay on `base.qcow2` (qcow2) with the qemu-io `writes`.
+fn qemu_overlay(dir: &Path, writes: &[&str]) -> PathBuf {
+    let top = dir.join("top.qcow2");
+    qcow2_overlay(&top, "base.qcow2", "qcow2");
+    let mut args = vec!["-f", "qcow2"];
+    for w in writes {
+        args.extend(["-c", w]);
+    }
+    args.push(p(&top));
+    ok("qemu-io", &args);
+    top
+}
+
 #[test]
 fn convert_reads_through_a_backing_chain() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = qemu_source(dir.path());
+    let (dir, src) = scratch_with_source();
     // A compressed base, an overlay with writes of its own.
     let base = dir.path().join("base.qcow2");
     ok(
         "qemu-img",
         &["convert", "-c", "-O", "qcow2", p(&src), p(&base)],
     );
-    let top = dir.path().join("top.qcow2");
-    qcow2_overlay(&top, "base.qcow2", "qcow2");
-    ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0xee 8M 64K",
-            "-c",
-            "write -z 0 64K",
-            p(&top),
-        ],
-    );
+    let top = qemu_overlay(dir.path(), &["write -P 0xee 8M 64K", "write -z 0 64K"]);
     let out = dir.path().join("flat.qcow2");
     ours_ok(&["image", "convert", "-q", "-O", "qcow2", p(&top), p(&out)]);
     qemu_check_clean(&out);
@@ -254,8 +257,7 @@ fn convert_reads_through_a_backing_chain() {
 
 #[test]
 fn convert_errors_name_the_option() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = qemu_source(dir.path());
+    let (dir, src) = scratch_with_source();
     let dst = dir.path().join("x.qcow2");
     let cases: [(&[&str], &str); 6] = [
         (&["-O", "qcow2", "-o", "cluster_size=3000"], "cluster_size"),
@@ -339,4 +341,248 @@ fn resize_grows_and_shrinks_as_qemu_img_sees_it() {
     // A bad size names itself.
     let err = ours_err(&["image", "resize", p(&img), "+12Q"]);
     assert!(err.contains("12Q"), "{err}");
+}
+
+/// Bytes allocated on the host for `path`.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn convert_from_an_internal_snapshot() {
+    let (dir, src) = scratch_with_source();
+    ok("qemu-img", &["snapshot", "-c", "s1", p(&src)]);
+    let before = dir.path().join("before.raw");
+    ok("qemu-img", &["convert", "-O", "raw", p(&src), p(&before)]);
+    // The disk moves on after the snapshot.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x77 0 2M",
+            "-c",
+            "write -z 8M 1M",
+            p(&src),
+        ],
+    );
+    // By name, by ID and with qemu-img's key=value form, to raw and to qcow2.
+    for (param, out_fmt) in [
+        ("s1", "raw"),
+        ("1", "qcow2"),
+        ("snapshot.name=s1", "qcow2"),
+        ("snapshot.id=1", "raw"),
+    ] {
+        let out = dir.path().join(format!("snap.{out_fmt}"));
+        ours_ok(&[
+            "image",
+            "convert",
+            "-q",
+            "-l",
+            param,
+            "-O",
+            out_fmt,
+            p(&src),
+            p(&out),
+        ]);
+        qemu_compare(&out, out_fmt, &before, "raw");
+        if out_fmt == "qcow2" {
+            qemu_check_clean(&out);
+        }
+        // qemu-img's own reading of the snapshot agrees.
+        let theirs = dir.path().join("theirs.raw");
+        ok(
+            "qemu-img",
+            &["convert", "-l", param, "-O", "raw", p(&src), p(&theirs)],
+        );
+        qemu_compare(&out, out_fmt, &theirs, "raw");
+    }
+    // The current disk is not the snapshot.
+    let now = dir.path().join("now.raw");
+    ours_ok(&["image", "convert", "-q", p(&src), p(&now)]);
+    let o = run("qemu-img", &["compare", p(&now), p(&before)]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the current disk equals the snapshot"
+    );
+    // A missing snapshot, a raw source and a bad key are errors that say so.
+    let x = dir.path().join("x.raw");
+    let err = ours_err(&["image", "convert", "-l", "nope", p(&src), p(&x)]);
+    assert!(err.contains("nope"), "{err}");
+    let err = ours_err(&["image", "convert", "-l", "s1", p(&before), p(&x)]);
+    assert!(err.contains("raw"), "{err}");
+    let err = ours_err(&["image", "convert", "-l", "snapshot.foo=1", p(&src), p(&x)]);
+    assert!(err.contains("snapshot.foo"), "{err}");
+    qemu_check_clean(&src);
+}
+
+/// The words of `words` followed by `paths`, as command arguments.
+fn with_paths<'a>(words: &'a str, paths: &[&'a Path]) -> Vec<&'a str> {
+    let mut args: Vec<&str> = words.split_whitespace().collect();
+    args.extend(paths.iter().map(|x| p(x)));
+    args
+}
+
+/// A new 48 MiB qcow2 image at `path`, every byte `byte`.
+fn qemu_filled(path: &Path, byte: u8) {
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p(path), "48M"]);
+    let pattern = format!("write -P {byte:#x} 0 48M");
+    ok("qemu-io", &["-f", "qcow2", "-c", &pattern, p(path)]);
+}
+
+/// An overlay (`-B`) on a base that differs from the source everywhere: `qemu-img compare`
+/// sees the source through it, and only the source's own clusters are in it.
+#[test]
+fn convert_to_an_overlay_with_a_backing_file() {
+    let (dir, src) = scratch_with_source();
+    // The new backing file: 0x5a everywhere.
+    let base = dir.path().join("base.qcow2");
+    qemu_filled(&base, 0x5a);
+    // A raw source has no backing chain: all of it goes into the overlay (zeros as zero
+    // clusters, so the base does not show through).
+    let raw = dir.path().join("src.raw");
+    ok("qemu-img", &["convert", "-O", "raw", p(&src), p(&raw)]);
+    let out = dir.path().join("over.qcow2");
+    ours_ok(&with_paths(
+        "image convert -q -O qcow2 -B base.qcow2 -F qcow2",
+        &[&raw, &out],
+    ));
+    qemu_check_clean(&out);
+    qemu_compare(&out, "qcow2", &raw, "raw");
+    let info = ok("qemu-img", &["info", p(&out)]);
+    assert!(info.contains("backing file: base.qcow2"), "{info}");
+    assert!(info.contains("backing file format: qcow2"), "{info}");
+    // An overlay of QEMU's on that base: only its own writes are copied; the rest is left
+    // to the base, as qemu-img convert -B leaves it.
+    let top = qemu_overlay(
+        dir.path(),
+        &[
+            "write -P 0xee 8M 192K",
+            "write -z 16M 128K",
+            "write -P 0x11 40M 4K",
+        ],
+    );
+    // A copy of the base elsewhere, named by an absolute path, format probed.
+    let base2 = dir.path().join("base2.qcow2");
+    std::fs::copy(&base, &base2).unwrap();
+    let ours_out = dir.path().join("ours.qcow2");
+    ours_ok(&with_paths(
+        "image convert -q -O qcow2 -B",
+        &[&base2, &top, &ours_out],
+    ));
+    qemu_check_clean(&ours_out);
+    qemu_compare(&ours_out, "qcow2", &top, "qcow2");
+    let theirs = dir.path().join("theirs.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            p(&base2),
+            "-F",
+            "qcow2",
+            p(&top),
+            p(&theirs),
+        ],
+    );
+    // The same clusters are the overlay's own (depth 0) in both outputs.
+    let own = |img: &Path| -> Vec<String> {
+        let map = ok("qemu-img", &["map", "--output=json", p(img)]);
+        map.lines()
+            .filter(|l| l.contains("\"depth\": 0"))
+            .map(|l| {
+                // start, length, data and zero of each extent of the overlay's own.
+                l.split(',')
+                    .filter(|f| {
+                        ["\"start\"", "\"length\"", "\"zero\"", "\"data\""]
+                            .iter()
+                            .any(|k| f.contains(k))
+                    })
+                    .map(|f| f.trim().trim_start_matches("[{").trim_start_matches('{'))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect()
+    };
+    assert_eq!(own(&ours_out), own(&theirs));
+    assert!(allocated(&ours_out) < 2 << 20, "{}", allocated(&ours_out));
+    // Errors: raw output, -c, -F without -B, a missing backing file.
+    let x = dir.path().join("x.qcow2");
+    for (args, text) in [
+        (&["-O", "raw", "-B", "base.qcow2"][..], "qcow2"),
+        (&["-c", "-O", "qcow2", "-B", "base.qcow2"][..], "-c"),
+        (&["-O", "qcow2", "-F", "qcow2"][..], "-B"),
+        (&["-O", "qcow2", "-B", "missing.qcow2"][..], "missing.qcow2"),
+    ] {
+        let mut all = vec!["image", "convert"];
+        all.extend_from_slice(args);
+        all.extend([p(&top), p(&x)]);
+        let err = ours_err(&all);
+        assert!(err.contains(text), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn convert_sparse_size_and_extended_l2() {
+    let (dir, src) = scratch_with_source();
+    // -S 0: nothing skipped, the raw output is fully allocated.
+    let full = dir.path().join("full.raw");
+    ours_ok(&["image", "convert", "-q", "-S", "0", p(&src), p(&full)]);
+    qemu_compare(&src, "qcow2", &full, "raw");
+    assert!(allocated(&full) >= 48 << 20, "{}", allocated(&full));
+    // The default (4K) leaves the zeros out.
+    let sparse = dir.path().join("sparse.raw");
+    ours_ok(&["image", "convert", "-q", p(&src), p(&sparse)]);
+    assert!(allocated(&sparse) < 16 << 20, "{}", allocated(&sparse));
+    // -S 0 to qcow2: every cluster allocated.
+    let fq = dir.path().join("full.qcow2");
+    ours_ok(&[
+        "image",
+        "convert",
+        "-q",
+        "-S",
+        "0",
+        "-O",
+        "qcow2",
+        p(&src),
+        p(&fq),
+    ]);
+    qemu_check_clean(&fq);
+    qemu_compare(&fq, "qcow2", &src, "qcow2");
+    let map = ok("qemu-img", &["map", "--output=json", p(&fq)]);
+    assert!(
+        map.lines().all(|l| !l.contains("\"data\": false")),
+        "holes in a -S 0 output: {map}"
+    );
+    // A bad -S names itself.
+    let err = ours_err(&["image", "convert", "-S", "1000", p(&src), p(&sparse)]);
+    assert!(err.contains("-S"), "{err}");
+    // Extended L2 entries in the output, readable by QEMU; compressed too, with -m and -W.
+    for extra in [&[][..], &["-c", "-m", "1", "-W"][..]] {
+        let x = dir.path().join("x.qcow2");
+        let mut args = vec!["image", "convert", "-q", "-O", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend(["-o", "extended_l2=on,cluster_size=32K", p(&src), p(&x)]);
+        ours_ok(&args);
+        qemu_check_clean(&x);
+        qemu_compare(&x, "qcow2", &src, "qcow2");
+        let info = ok("qemu-img", &["info", p(&x)]);
+        assert!(info.contains("extended l2: true"), "{info}");
+    }
+    let err = ours_err(&[
+        "image",
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=4K",
+        p(&src),
+        p(&sparse),
+    ]);
+    assert!(err.contains("extended_l2"), "{err}");
 }

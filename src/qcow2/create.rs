@@ -1,12 +1,18 @@
 //! Creating a fresh version 3 image.
 
+use super::backing::Backing;
 use super::cache::{set_refcount, set_u64};
 use super::error::{Qcow2Error, Result};
-use super::header::{COMPAT_LAZY_REFCOUNTS, Header, INCOMPAT_EXTENDED_L2};
+use super::header::{
+    COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, Extension, Header, INCOMPAT_EXTENDED_L2,
+};
 use super::layout::{Geometry, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, max_image_len};
 use super::{CreateOptions, Qcow2};
 use crate::block::BlockDevice;
 use alloc::vec;
+
+/// Longest backing file name (as QEMU: 1023 bytes).
+const MAX_BACKING_NAME: usize = 1023;
 
 /// Largest refcount table written at creation (it grows later if needed).
 const MAX_INITIAL_RT_BYTES: u64 = 1024 * 1024;
@@ -17,7 +23,18 @@ impl<D: BlockDevice> Qcow2<D> {
     ///
     /// Layout: header cluster, refcount table (sized for [`max_image_len`] up to 1 MiB),
     /// refcount blocks counting the initial clusters, the zeroed L1 table.
-    pub fn create(mut dev: D, opts: &CreateOptions) -> Result<Self> {
+    pub fn create(dev: D, opts: &CreateOptions) -> Result<Self> {
+        Self::create_with_backing(dev, opts, None)
+    }
+
+    /// [`Qcow2::create`] for an overlay: writes `opts.backing_file` (and
+    /// `opts.backing_format`) into the header and opens the new image over `backing`, the
+    /// layer that name resolves to (read where the overlay has no clusters of its own).
+    pub fn create_with_backing(
+        mut dev: D,
+        opts: &CreateOptions,
+        backing: Option<Backing<D>>,
+    ) -> Result<Self> {
         let cs = opts.cluster_size;
         if !cs.is_power_of_two()
             || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cs.trailing_zeros())
@@ -91,7 +108,28 @@ impl<D: BlockDevice> Qcow2<D> {
         if opts.extended_l2 {
             hdr.incompatible_features |= INCOMPAT_EXTENDED_L2;
         }
+        if let Some(format) = opts.backing_format {
+            hdr.extensions.push(Extension {
+                kind: EXT_BACKING_FORMAT,
+                data: format.name().as_bytes().to_vec(),
+            });
+        }
         hdr.add_feature_table();
+        let backing_name = opts.backing_file.as_deref().unwrap_or("").as_bytes();
+        if backing_name.len() > MAX_BACKING_NAME {
+            return Err(Qcow2Error::Invalid(
+                "the backing file name is longer than 1023 bytes",
+            ));
+        }
+        if opts.backing_file.is_some() {
+            if backing_name.is_empty() {
+                return Err(Qcow2Error::Invalid("the backing file name is empty"));
+            }
+            // The name follows the header extensions.
+            hdr.backing_file_offset =
+                (hdr.encode_fixed().len() + hdr.encode_extensions().len()) as u64;
+            hdr.backing_file_size = backing_name.len() as u32;
+        }
 
         let mut buf = vec![0u8; cs as usize];
         // Refcount table.
@@ -122,15 +160,17 @@ impl<D: BlockDevice> Qcow2<D> {
         buf.fill(0);
         let fixed = hdr.encode_fixed();
         let ext = hdr.encode_extensions();
-        if fixed.len() + ext.len() > buf.len() {
+        let head_len = fixed.len() + ext.len();
+        if head_len + backing_name.len() > buf.len() {
             return Err(Qcow2Error::Invalid(
-                "header extensions do not fit in one cluster",
+                "header extensions and backing file name do not fit in one cluster",
             ));
         }
         buf[..fixed.len()].copy_from_slice(&fixed);
-        buf[fixed.len()..fixed.len() + ext.len()].copy_from_slice(&ext);
+        buf[fixed.len()..head_len].copy_from_slice(&ext);
+        buf[head_len..head_len + backing_name.len()].copy_from_slice(backing_name);
         dev.write_at(0, &buf)?;
         dev.flush()?;
-        Qcow2::open(dev, opts.open.clone())
+        Qcow2::open_with_backing(dev, opts.open.clone(), backing)
     }
 }

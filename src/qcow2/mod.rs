@@ -156,6 +156,12 @@ pub struct CreateOptions {
     /// Extended L2 entries (incompatible bit 4): 32 subclusters per cluster, each allocated
     /// and zeroed on its own. Needs clusters of 16 KiB or more (as QEMU).
     pub extended_l2: bool,
+    /// Backing file name for an overlay, stored as given (a relative name is relative to
+    /// the image's directory when the chain is resolved). The image must then be created
+    /// with [`Qcow2::create_with_backing`] and its backing layer.
+    pub backing_file: Option<alloc::string::String>,
+    /// Format of the backing file, stored in the backing-format header extension.
+    pub backing_format: Option<chain::LayerFormat>,
     /// Options for the engine the created image is opened with.
     pub open: OpenOptions,
 }
@@ -169,6 +175,8 @@ impl Default for CreateOptions {
             lazy_refcounts: false,
             compression_type: CompressionType::Zlib,
             extended_l2: false,
+            backing_file: None,
+            backing_format: None,
             open: OpenOptions::default(),
         }
     }
