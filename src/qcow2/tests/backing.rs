@@ -625,3 +625,51 @@ fn growing_an_overlay_matches_qemu_img_resize() {
         }
     }
 }
+
+/// `Qcow2::create_with_backing` (what `image convert -B` uses): the header names the
+/// backing file and its format, reads fall through to it, zeroed clusters hide it, and the
+/// image reopens over the same layer.
+#[test]
+fn created_overlay_names_its_backing_and_reads_through() {
+    use crate::qcow2::CreateOptions;
+    let base = || {
+        let mut d = MemDisk::fixed(4 * MIB);
+        d.write_at(0, &vec![0xab; 4 * MIB as usize]).unwrap();
+        Backing::raw(d)
+    };
+    let opts = CreateOptions {
+        virtual_size: 4 * MIB,
+        backing_file: Some("base.raw".into()),
+        backing_format: Some(LayerFormat::Raw),
+        ..CreateOptions::default()
+    };
+    let mut q = Qcow2::create_with_backing(MemDisk::growable(), &opts, Some(base())).unwrap();
+    assert_eq!(q.header().backing_file.as_deref(), Some("base.raw"));
+    assert_eq!(q.header().backing_format().as_deref(), Some("raw"));
+    let mut buf = vec![0u8; 4096];
+    q.read_at(MIB, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xab));
+    q.write_at(0, &[0x11; 65536]).unwrap();
+    q.zero_range(65536, 65536, true).unwrap();
+    let dev = q.close().unwrap();
+    // Without its layer it is refused, as any overlay; with it, it reads as written.
+    assert!(matches!(
+        Qcow2::open(dev.clone(), OpenOptions::default()),
+        Err(Qcow2Error::BackingRequired)
+    ));
+    let mut q = Qcow2::open_with_backing(dev, OpenOptions::default(), Some(base())).unwrap();
+    let mut all = vec![0u8; 3 * 65536];
+    q.read_at(0, &mut all).unwrap();
+    assert!(all[..65536].iter().all(|&b| b == 0x11));
+    assert!(all[65536..2 * 65536].iter().all(|&b| b == 0));
+    assert!(all[2 * 65536..].iter().all(|&b| b == 0xab));
+    // Names QEMU cannot store are refused before anything is written.
+    for bad in [String::new(), "x".repeat(1024)] {
+        let opts = CreateOptions {
+            backing_file: Some(bad),
+            ..opts.clone()
+        };
+        let dev = MemDisk::growable();
+        assert!(Qcow2::create_with_backing(dev, &opts, Some(base())).is_err());
+    }
+}
