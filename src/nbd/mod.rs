@@ -44,6 +44,7 @@ pub mod host;
 mod tests;
 
 pub use server::{
-    Connection, MAX_BATCH, MAX_EXTENTS, MAX_OPTION_LEN, ServerConfig, allocation_state,
+    Connection, MAX_BATCH, MAX_EXTENTS, MAX_OPTION_LEN, QueuedRequest, ServerConfig,
+    allocation_state,
 };
 pub use stats::{Command, NbdError, NbdStats};

@@ -19,7 +19,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 mod queued;
-pub use queued::MAX_BATCH;
+pub use queued::{MAX_BATCH, QueuedRequest};
 
 /// The largest option payload accepted during the handshake; larger ones are skipped and
 /// answered with `NBD_REP_ERR_TOO_BIG`.
@@ -83,6 +83,17 @@ impl ServerConfig {
     fn chunk(&self) -> u64 {
         u64::from(self.io_chunk.clamp(4096, 64 * 1024 * 1024))
     }
+}
+
+/// What the `batch` step of [`Connection::advance`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Batch {
+    /// Served requests: look again.
+    Served,
+    /// The request at the head belongs to a pipeline outside: the call ends.
+    Stop,
+    /// Nothing: the ordinary step runs.
+    No,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +161,10 @@ pub struct Connection {
     counted: bool,
     released: bool,
     shutting_down: bool,
+    /// Requests handed to a pipeline outside ([`Connection::take_queued`]) not yet answered.
+    queued_out: usize,
+    /// Bytes the reads among them will add to the output.
+    queued_read_bytes: usize,
 }
 
 impl Connection {
@@ -174,6 +189,8 @@ impl Connection {
             counted: false,
             released: false,
             shutting_down: false,
+            queued_out: 0,
+            queued_read_bytes: 0,
         }
     }
 
@@ -238,10 +255,10 @@ impl Connection {
         self.shutting_down = true;
     }
 
-    /// Whether no request is half-served (no write payload or read data pending), so the
-    /// session can be ended without cutting a reply short.
+    /// Whether no request is half-served (no write payload or read data pending, none in a
+    /// pipeline outside), so the session can be ended without cutting a reply short.
     pub fn is_between_requests(&self) -> bool {
-        !matches!(self.phase, Phase::WritePayload(_) | Phase::ReadReply(_))
+        !matches!(self.phase, Phase::WritePayload(_) | Phase::ReadReply(_)) && self.queued_out == 0
     }
 
     /// Ends the session now (the peer went away, or the driver drops the connection);
@@ -258,16 +275,16 @@ impl Connection {
     /// consumed or output produced); when it returns `false`, more input or an emptier
     /// output is needed.
     pub fn process<D: VirtualDisk + ?Sized>(&mut self, disk: &mut D, stats: &mut NbdStats) -> bool {
-        self.advance(disk, stats, |_, _, _| false)
+        self.advance(disk, stats, |_, _, _| Batch::No)
     }
 
     /// The body of [`Connection::process`]: before each step, `batch` may serve several
-    /// requests at once (it returns whether it did).
+    /// requests at once, or stop the call (see [`Batch`]).
     fn advance<D: VirtualDisk + ?Sized>(
         &mut self,
         disk: &mut D,
         stats: &mut NbdStats,
-        batch: impl FnMut(&mut Self, &mut D, &mut NbdStats) -> bool,
+        batch: impl FnMut(&mut Self, &mut D, &mut NbdStats) -> Batch,
     ) -> bool {
         self.count_open(stats);
         // A client of a view (`EXPORT@SNAPSHOT`) is served from it for this call.
@@ -287,15 +304,19 @@ impl Connection {
         &mut self,
         disk: &mut D,
         stats: &mut NbdStats,
-        mut batch: impl FnMut(&mut Self, &mut D, &mut NbdStats) -> bool,
+        mut batch: impl FnMut(&mut Self, &mut D, &mut NbdStats) -> Batch,
     ) -> bool {
         let mut progressed = false;
         while self.phase != Phase::Closed
             && self.output.len() < self.config.output_high_water as usize
         {
-            if batch(self, disk, stats) {
-                progressed = true;
-                continue;
+            match batch(self, disk, stats) {
+                Batch::Served => {
+                    progressed = true;
+                    continue;
+                }
+                Batch::Stop => break,
+                Batch::No => {}
             }
             if !self.step(disk, stats) {
                 break;

@@ -8,29 +8,40 @@
 //!
 //! 1. read the clock;
 //! 2. poll the interface: frames in and out of the device, TCP timers, DHCP;
-//! 3. for every socket of the pool, advance its session: a new connection gets a fresh
-//!    HTTP or NBD state machine, bytes move between the socket and the state machine, NBD
-//!    requests run on the disk (the reads and writes a client pipelined go to the device's
-//!    queue together and are answered as they complete, see
-//!    [`crate::nbd::Connection::process_queued`]), and a session whose connection ended is dropped; sockets
-//!    listen again, the pools grow when few listeners are left (and give back, after a
-//!    while, the sockets a burst left unneeded), and a full port closes its
-//!    longest-idle connection ([`Guest::make_room`]);
+//! 3. move the loop's NBD pipeline along (never waiting for the device) and hand finished
+//!    requests to their sessions; for every socket of the pool, advance its session: a new
+//!    connection gets a fresh HTTP or NBD state machine, bytes move between the socket and
+//!    the state machine, and a session whose connection ended is dropped; sockets listen
+//!    again, the pools grow when few listeners are left (and give back, after a while, the
+//!    sockets a burst left unneeded), and a full port closes its longest-idle connection
+//!    ([`Guest::make_room`]); the pipeline again;
 //! 4. if anything moved, the turn ends (the next one polls the interface at once: replies
 //!    wait in socket buffers until it is polled); every [`HOUSEKEEPING_MS`], busy or not, the
 //!    power button is looked at (NBD clients told to go, replies drained for at most
-//!    [`DRAIN_MS`], disk closed clean: see [`Guest::turn`]);
-//! 5. when nothing moved: every [`BACKGROUND_INTERVAL_MS`] the engine writes dirty metadata
-//!    back; online compaction takes a step when its [`Scheduler`] allows one (a pass is on,
-//!    no NBD request for `compact_idle`, the rate limit has room); then the platform halts
-//!    until the earliest deadline (smoltcp's `poll_delay`, the HTTP idle timeouts, the engine
-//!    timer, the next compaction step) or until a frame arrives ([`Platform::idle_until`]).
+//!    [`DRAIN_MS`], requests in flight finished, disk closed clean: see [`Guest::turn`]);
+//! 5. when nothing moved but requests are in flight, the device's queue waits for a
+//!    completion; when nothing moved and nothing is in flight: every
+//!    [`BACKGROUND_INTERVAL_MS`] the engine writes dirty metadata back; online compaction
+//!    takes a step when its [`Scheduler`] allows one (a pass is on, no NBD request for
+//!    `compact_idle`, the rate limit has room); then the platform halts until the earliest
+//!    deadline (smoltcp's `poll_delay`, the HTTP idle timeouts, the engine timer, the next
+//!    compaction step) or until a frame arrives ([`Platform::idle_until`]).
+//!
+//! NBD requests: the reads and writes every client pipelined (at most 1 MiB each, 32 per
+//! client, [`PIPELINE_DEPTH`] in all) join one [`Pipeline`] that stays in flight across
+//! turns ([`crate::nbd::Connection::take_queued`]); each is answered as it finishes. Anything
+//! else (handshakes, flush, trim, write-zeroes, block status, bigger requests, a snapshot
+//! view's reads) takes the ordinary path ([`crate::nbd::Connection::process_ordinary`]),
+//! which may change mappings, so it runs only when nothing of any client is in flight: a
+//! client waiting for it stops new requests from joining the pipeline until it has drained.
+//! Engine background work and compaction steps also wait for an idle pipeline.
 //!
 //! Metrics: the block-device counters are updated by the block device itself, the request
 //! counters of the virtual disk by the `Instrumented` wrapper, and everything else (engine,
 //! NBD, HTTP, network, heap) is copied into the registry when a scrape asks.
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -46,6 +57,7 @@ use super::nbd::{NbdSession, NoDisk};
 use super::net::{DEFAULT_BUFFER_BUDGET, Network, PortStats, Service, Tap};
 use super::session::{Evictable, Session};
 use super::telemetry::ConnectionFigures;
+use crate::blkqueue::pipeline::Pipeline;
 use crate::blkqueue::queue::BlockQueue;
 use crate::block::BlockDevice;
 use crate::compaction::Scheduler;
@@ -53,7 +65,7 @@ use crate::config::{Config, GuestExit};
 use crate::disk::telemetry::DiskFigures;
 use crate::http::{Health, HttpStats};
 use crate::metrics::Format;
-use crate::nbd::{NbdStats, ServerConfig};
+use crate::nbd::{MAX_BATCH, NbdStats, QueuedRequest, ServerConfig};
 use crate::net::NetStats;
 use crate::telemetry::{GuestMetrics, Scrape, SystemFigures};
 
@@ -65,6 +77,9 @@ pub const HOUSEKEEPING_MS: u64 = 10;
 
 /// Longest wait for NBD clients to receive their last replies at power-off.
 pub const DRAIN_MS: u64 = 2000;
+
+/// Most NBD requests of all clients waiting or in flight in the loop's pipeline.
+pub const PIPELINE_DEPTH: usize = 64;
 
 /// What the loop needs of the machine it runs on.
 pub trait Platform {
@@ -168,6 +183,15 @@ pub struct Guest<P: Platform, B: BlockDevice> {
     next_background: u64,
     next_housekeeping: u64,
     profile: LoopProfile,
+    /// The NBD reads and writes of every client, in flight together across turns.
+    pipeline: Pipeline,
+    /// Pipeline tag -> the pool socket, session id and request it answers.
+    routes: BTreeMap<u64, (usize, u64, QueuedRequest)>,
+    next_tag: u64,
+    next_session_id: u64,
+    /// A client waits for the ordinary path (which runs only when nothing is in flight):
+    /// no new request joins the pipeline until it has drained.
+    barrier: bool,
 }
 
 impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
@@ -233,6 +257,11 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
             next_background: now_ms + BACKGROUND_INTERVAL_MS,
             next_housekeeping: 0,
             profile: LoopProfile::default(),
+            pipeline: Pipeline::new(),
+            routes: BTreeMap::new(),
+            next_tag: 0,
+            next_session_id: 0,
+            barrier: false,
         }
     }
 
@@ -268,6 +297,8 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
         self.profile.serve_ns += t2 - t1;
         self.profile.turns += 1;
         let now_ms = t2 / 1_000_000;
+        // Engine background work never meets a request in flight.
+        let in_flight = !self.pipeline.is_idle();
         // Every few milliseconds, even while busy: power button, engine work, profile.
         if now_ms >= self.next_housekeeping || !busy {
             self.next_housekeeping = now_ms + HOUSEKEEPING_MS;
@@ -276,15 +307,25 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
                 return None;
             }
             self.disk.keep_headroom();
-            if now_ms >= self.next_background && !busy {
+            if now_ms >= self.next_background && !busy && !in_flight {
                 self.disk.background();
                 self.next_background = now_ms + BACKGROUND_INTERVAL_MS;
             }
-            busy |= self.compact(now_ms);
+            if !in_flight {
+                busy |= self.compact(now_ms);
+            }
             self.profile.report(now_ms);
         }
         if busy {
             // Replies wait in the socket buffers: poll the interface again at once.
+            return None;
+        }
+        if in_flight {
+            // Only the disk can move things on: wait for a completion (the device's wait
+            // spins briefly, then halts until its interrupt).
+            if let Some(disk) = self.disk.queued_disk() {
+                disk.queue().wait();
+            }
             return None;
         }
         let deadline = self.next_deadline_ms(now).min(self.next_background).min(
@@ -387,18 +428,19 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
             let now = Instant::from_millis(now_ms as i64);
             self.net.poll(&mut self.dev, now);
             self.drive_sessions(now);
-            let drained = self
-                .net
-                .listeners
-                .iter()
-                .zip(&self.sessions)
-                .all(|(l, s)| match s {
-                    Some(Session::Nbd(s)) => {
-                        s.is_quiescent()
-                            && self.net.sockets.get::<tcp::Socket>(l.handle).send_queue() == 0
-                    }
-                    _ => true,
-                });
+            let drained = self.pipeline.is_idle()
+                && self
+                    .net
+                    .listeners
+                    .iter()
+                    .zip(&self.sessions)
+                    .all(|(l, s)| match s {
+                        Some(Session::Nbd(s)) => {
+                            s.is_quiescent()
+                                && self.net.sockets.get::<tcp::Socket>(l.handle).send_queue() == 0
+                        }
+                        _ => true,
+                    });
             if !drained {
                 let wait = self.next_deadline_ms(now).min(deadline_ms);
                 let now_ms = self.now_ms();
@@ -407,8 +449,53 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
                 return None;
             }
         }
+        self.finish_pipeline();
         let disk = core::mem::replace(&mut self.disk, Disk::Unavailable(String::new()));
         Some(shut_down(disk))
+    }
+
+    /// Moves the loop's pipeline along without waiting for the device, and hands what
+    /// finished to its session (a request of a session that is gone is dropped). Returns
+    /// whether anything moved.
+    fn pump_pipeline(&mut self) -> bool {
+        let Some(disk) = self.disk.queued_disk() else {
+            return false;
+        };
+        let mut moved = self.pipeline.run(disk);
+        while let Some(done) = self.pipeline.next_finished() {
+            moved = true;
+            let Some((i, id, q)) = self.routes.remove(&done.tag) else {
+                continue;
+            };
+            if let Some(Some(Session::Nbd(s))) = self.sessions.get_mut(i)
+                && s.id() == id
+            {
+                s.finish_queued(q, done, &mut self.nbd_stats);
+            }
+        }
+        moved
+    }
+
+    /// Waits until nothing is in flight in the loop's pipeline (before the disk is closed).
+    fn finish_pipeline(&mut self) {
+        while !self.pipeline.is_idle() {
+            let moved = self.pump_pipeline();
+            let Some(disk) = self.disk.queued_disk() else {
+                return;
+            };
+            if self.pipeline.is_idle() {
+                return;
+            }
+            if disk.queue().in_flight() > 0 {
+                disk.queue().wait();
+            } else if !moved {
+                error!(
+                    "{} NBD requests are stuck in the pipeline",
+                    self.pipeline.waiting()
+                );
+                return;
+            }
+        }
     }
 
     /// Moves frames between the device and the sockets. After every connection attempt
@@ -541,11 +628,13 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
         }
     }
 
-    /// Advances every session; returns whether anything moved.
+    /// Advances every session, and the loop's pipeline before and after; returns whether
+    /// anything moved.
     fn drive_sessions(&mut self, now: Instant) -> bool {
         let now_ms = now.total_millis() as u64;
         let stopping = self.draining_until.is_some();
-        let mut busy = false;
+        let mut busy = self.pump_pipeline();
+        let mut want_barrier = false;
         let mut accepted = [0u64; 2];
         let mut timed_out = [0u64; 2];
         // The pools as they were when the turn began, with the connections accepted since
@@ -582,7 +671,10 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
                             warn!("NBD: turning a client away: {why}");
                             NbdSession::refusing(&self.nbd_config, now_ms)
                         }
-                        _ => NbdSession::new(&self.nbd_config, now_ms),
+                        _ => {
+                            self.next_session_id += 1;
+                            NbdSession::new(&self.nbd_config, now_ms).with_id(self.next_session_id)
+                        }
                     })),
                 });
                 busy = true;
@@ -630,8 +722,35 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
                 Some(Session::Nbd(s)) => {
                     match self.disk.queued_disk() {
                         Some(disk) => {
+                            let size = disk.size();
+                            let id = s.id();
+                            let barrier = self.barrier;
+                            let pipeline = &mut self.pipeline;
+                            let routes = &mut self.routes;
+                            let next_tag = &mut self.next_tag;
+                            let want_barrier = &mut want_barrier;
                             busy |= s.drive_with(socket, &mut self.nbd_stats, now_ms, |c, st| {
-                                c.process_queued(disk, st)
+                                let mut moved = false;
+                                if !barrier {
+                                    let room = PIPELINE_DEPTH
+                                        .saturating_sub(pipeline.in_flight() + pipeline.waiting());
+                                    let max =
+                                        MAX_BATCH.saturating_sub(c.queued_in_flight()).min(room);
+                                    for (q, op) in c.take_queued(size, max, st) {
+                                        routes.insert(*next_tag, (i, id, q));
+                                        pipeline.submit(*next_tag, op);
+                                        *next_tag += 1;
+                                        moved = true;
+                                    }
+                                }
+                                // The ordinary path may change mappings: only when nothing
+                                // of any client is in flight.
+                                if pipeline.is_idle() {
+                                    moved |= c.process_ordinary(disk, st);
+                                } else if c.wants_ordinary(size) {
+                                    *want_barrier = true;
+                                }
+                                moved
                             })
                         }
                         // No disk: a refusing session turns the client away.
@@ -655,6 +774,8 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
             stats.accepted += accepted[service.index()];
             stats.timed_out += timed_out[service.index()];
         }
+        self.barrier = want_barrier;
+        busy |= self.pump_pipeline();
         busy
     }
 

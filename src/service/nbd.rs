@@ -8,8 +8,9 @@
 //! mark is reached, so one client cannot starve the others.
 
 use super::socket::Socket;
+use crate::blkqueue::pipeline::Finished;
 use crate::disk::{DiskError, Extent, VirtualDisk};
-use crate::nbd::{Connection, NbdStats, ServerConfig};
+use crate::nbd::{Connection, NbdStats, QueuedRequest, ServerConfig};
 
 /// Turns of receive/process/send per call, so that one busy client yields to the others and
 /// to the network stack (which must run to free transmit space and take in more data).
@@ -22,6 +23,8 @@ pub struct NbdSession {
     closing: bool,
     /// When bytes last moved.
     last_activity_ms: u64,
+    /// Names the session to a loop that routes finished requests back to it.
+    id: u64,
 }
 
 impl NbdSession {
@@ -31,7 +34,25 @@ impl NbdSession {
             conn: Connection::new(config),
             closing: false,
             last_activity_ms: now_ms,
+            id: 0,
         }
+    }
+
+    /// The same session, named `id` (see [`NbdSession::id`]).
+    pub fn with_id(mut self, id: u64) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// What the loop named the session (0 unless [`NbdSession::with_id`] said otherwise).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Answers a request the connection handed to the loop's pipeline
+    /// ([`Connection::take_queued`]); the reply goes out on the next drive.
+    pub fn finish_queued(&mut self, q: QueuedRequest, done: Finished, stats: &mut NbdStats) {
+        self.conn.finish_queued(q, done, stats);
     }
 
     /// A session that turns the client away: every option is answered with

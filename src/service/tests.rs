@@ -159,10 +159,20 @@ impl BlockDevice for SharedDisk {
 }
 
 /// The guest's block device: a [`MemQueue`] over the shared memory disk (completing in a
-/// shuffled order), which also tells the test how many requests it held at once.
+/// shuffled order), which tells the test how many requests it holds and held at once, and
+/// completes nothing while the test holds it.
 struct TestQueue {
     queue: MemQueue<SharedDisk>,
+    probe: QueueProbe,
+}
+
+/// The test's side of a [`TestQueue`].
+#[derive(Clone, Default)]
+struct QueueProbe {
     max_in_flight: Rc<Cell<usize>>,
+    in_flight: Rc<Cell<usize>>,
+    /// While set, queued requests do not complete.
+    hold: Rc<Cell<bool>>,
 }
 
 impl BlockDevice for TestQueue {
@@ -195,12 +205,20 @@ impl BlockQueue for TestQueue {
     }
     fn submit(&mut self, tag: u64, op: QueuedOp) -> Result<(), QueuedOp> {
         let r = self.queue.submit(tag, op);
-        self.max_in_flight
-            .set(self.max_in_flight.get().max(self.queue.in_flight()));
+        let n = self.queue.in_flight();
+        self.probe.in_flight.set(n);
+        self.probe
+            .max_in_flight
+            .set(self.probe.max_in_flight.get().max(n));
         r
     }
     fn poll(&mut self) -> Option<Completion> {
-        self.queue.poll()
+        if self.probe.hold.get() {
+            return None;
+        }
+        let c = self.queue.poll();
+        self.probe.in_flight.set(self.queue.in_flight());
+        c
     }
     fn in_flight(&self) -> usize {
         self.queue.in_flight()
@@ -219,8 +237,8 @@ struct Harness {
     clock: Clock,
     button: Rc<Cell<bool>>,
     disk: SharedDisk,
-    /// Most requests the guest's block device held at once.
-    max_in_flight: Rc<Cell<usize>>,
+    /// What the guest's block device holds.
+    probe: QueueProbe,
     iface: Interface,
     dev: LinkEnd,
     sockets: SocketSet<'static>,
@@ -272,10 +290,10 @@ impl Harness {
             mirage: false,
             clock: || 0,
         });
-        let max_in_flight = Rc::new(Cell::new(0));
+        let probe = QueueProbe::default();
         let device = TestQueue {
             queue: MemQueue::new(disk.clone(), 32, CompletionOrder::Shuffled(7)),
-            max_in_flight: max_in_flight.clone(),
+            probe: probe.clone(),
         };
         let guest_disk = open_disk(Some(device), Vec::new(), &config, &metrics, || 0);
         let (guest_end, client_end) = link();
@@ -310,7 +328,7 @@ impl Harness {
             clock,
             button,
             disk,
-            max_in_flight,
+            probe,
             iface,
             dev,
             sockets: SocketSet::new(Vec::new()),
@@ -936,7 +954,7 @@ fn pipelined_requests_of_several_clients_are_in_flight_together() {
         }
     }
     assert!(out_of_order > 0, "every client's replies came in order");
-    let max = h.max_in_flight.get();
+    let max = h.probe.max_in_flight.get();
     assert!(
         max >= 16,
         "at most {max} requests were on the device at once"
@@ -1021,7 +1039,11 @@ fn a_scrape_is_answered_while_a_client_keeps_hundreds_of_requests_pipelined() {
         }
         answered as u64 == READS
     });
-    assert!(h.max_in_flight.get() >= 16, "{}", h.max_in_flight.get());
+    assert!(
+        h.probe.max_in_flight.get() >= 16,
+        "{}",
+        h.probe.max_in_flight.get()
+    );
 }
 
 /// The power button is pressed while a client's pipelined writes are on their way: every
@@ -1041,7 +1063,20 @@ fn power_off_drains_pipelined_requests() {
         ));
     }
     assert_eq!(h.socket(c).send_slice(&wire), Ok(wire.len()));
+    // The button is pressed while 16 or more of them are on the device.
+    h.probe.hold.set(true);
+    h.until("writes on the device", 10_000, |h| {
+        h.probe.in_flight.get() >= 16
+    });
     h.button.set(true);
+    for _ in 0..20 {
+        h.step();
+    }
+    assert!(
+        h.exit.is_none(),
+        "the guest shut down with requests in flight"
+    );
+    h.probe.hold.set(false);
     let mut buf = Vec::new();
     let mut got = Vec::new();
     h.until("every write answered", 100_000, |h| {
@@ -1052,7 +1087,11 @@ fn power_off_drains_pipelined_requests() {
     assert!(got.iter().all(|r| r.1 == 0), "{got:?}");
     h.until("guest shut down", 100_000, |h| h.exit.is_some());
     assert_eq!(h.exit, Some(GuestExit::Clean));
-    assert!(h.max_in_flight.get() >= 16, "{}", h.max_in_flight.get());
+    assert!(
+        h.probe.max_in_flight.get() >= 16,
+        "{}",
+        h.probe.max_in_flight.get()
+    );
     let mut engine = h.reopen_clean();
     let mut stored = vec![0; 8192];
     for i in 0..24u64 {
@@ -1131,4 +1170,67 @@ fn pools_grown_for_a_burst_shrink_back_when_no_longer_needed() {
             .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
     });
     assert_eq!(h.guest.port_stats(Service::Http).refused, 0);
+}
+
+/// Two clients' reads stay on the device across turns (the test holds their completions):
+/// a scrape is answered meanwhile, a flush behind them waits, and once the device completes
+/// them every reply comes, the flush last.
+#[test]
+fn requests_of_two_clients_stay_in_flight_while_the_loop_serves_others() {
+    let mut h = Harness::new();
+    let (a, base) = h.nbd_client_over_first_mib(6);
+    let b = h.connect(NBD_PORT);
+    h.nbd_handshake(b);
+    h.probe.hold.set(true);
+    for (k, &c) in [a, b].iter().enumerate() {
+        let mut wire = Vec::new();
+        for i in 0..8u64 {
+            let at = (k as u64 * 8 + i) * 4096;
+            wire.extend(nbd_request_bytes(CMD_READ, 10 + i, at, 4096, &[]));
+        }
+        if c == b {
+            wire.extend(nbd_request_bytes(CMD_FLUSH, 99, 0, 0, &[]));
+        }
+        assert_eq!(h.socket(c).send_slice(&wire), Ok(wire.len()));
+    }
+    h.until("both clients' reads on the device", 10_000, |h| {
+        h.probe.in_flight.get() == 16
+    });
+    // A scrape while they are in flight.
+    let reply = scrape(&mut h);
+    assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert_eq!(h.probe.in_flight.get(), 16, "the reads completed meanwhile");
+    for &c in &[a, b] {
+        assert_eq!(
+            h.socket(c).recv_queue(),
+            0,
+            "a reply before the device completed"
+        );
+    }
+    h.probe.hold.set(false);
+    let mut bufs = [Vec::new(), Vec::new()];
+    let mut got: [Vec<(u64, u32, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
+    let read_len = |cookie: u64| if cookie == 99 { 0 } else { 4096 };
+    h.until("every reply", 100_000, |h| {
+        for (k, &c) in [a, b].iter().enumerate() {
+            h.recv_some(c, &mut bufs[k]);
+            got[k].extend(take_replies(&mut bufs[k], read_len));
+        }
+        got[0].len() == 8 && got[1].len() == 9
+    });
+    for (k, replies) in got.iter().enumerate() {
+        for (cookie, error, data) in replies {
+            assert_eq!(*error, 0, "client {k}, request {cookie}");
+            if *cookie != 99 {
+                let at = (k * 8 + (*cookie as usize - 10)) * 4096;
+                assert!(data[..] == base[at..at + 4096], "client {k}: read {cookie}");
+            }
+        }
+    }
+    assert_eq!(
+        got[1][8].0, 99,
+        "the flush is answered after the reads before it"
+    );
+    assert_eq!(h.power_off(), GuestExit::Clean);
+    h.reopen_clean();
 }

@@ -9,12 +9,25 @@
 //! disconnect, larger reads and writes) runs on the ordinary path after the requests before
 //! it: a flush covers every write replied to before it. The ordering rules inside a batch are
 //! the pipeline's (doc/io-path.md).
+//!
+//! A loop serving several clients can instead keep one [`Pipeline`] in flight across its
+//! turns: [`Connection::take_queued`] hands out the same requests, the loop answers each with
+//! [`Connection::finish_queued`] when the pipeline finishes it, and
+//! [`Connection::process_ordinary`] serves everything else, once nothing of this connection
+//! is in flight (and, the loop's rule, nothing of any client: an ordinary request may change
+//! mappings).
 
 use super::*;
 use crate::blkqueue::pipeline::{DiskOp, Finished, Pipeline, QueuedDisk};
+use crate::disk::VirtualDisk;
 
 /// Most requests one batch puts in flight.
 pub const MAX_BATCH: usize = 32;
+
+/// A request [`Connection::take_queued`] handed out, to give back with its result to
+/// [`Connection::finish_queued`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedRequest(Request);
 
 impl Connection {
     /// As [`Connection::process`], with reads and writes batched onto the disk's queue (see
@@ -25,7 +38,118 @@ impl Connection {
         disk: &mut D,
         stats: &mut NbdStats,
     ) -> bool {
-        self.advance(disk, stats, Self::run_batch)
+        self.advance(disk, stats, |conn, disk, stats| {
+            if conn.run_batch(disk, stats) {
+                Batch::Served
+            } else {
+                Batch::No
+            }
+        })
+    }
+
+    /// For a pipeline outside: takes the reads and writes at the head of the input that can
+    /// join one (as [`Connection::process_queued`]'s batches; none for a snapshot view's
+    /// client or while shutting down), at most `max`, with the disk requests to submit.
+    pub fn take_queued(
+        &mut self,
+        size: u64,
+        max: usize,
+        stats: &mut NbdStats,
+    ) -> Vec<(QueuedRequest, DiskOp)> {
+        if self.view.is_some() {
+            return Vec::new();
+        }
+        let budget = (self.config.output_high_water as usize)
+            .saturating_sub(self.output.len() + self.queued_read_bytes);
+        let taken = self.take_batch(size, max, budget, self.queued_out == 0, stats);
+        for (req, _) in &taken {
+            self.queued_out += 1;
+            if Command::from_wire(req.kind) == Command::Read {
+                self.queued_read_bytes += req.len as usize;
+            }
+        }
+        taken
+            .into_iter()
+            .map(|(req, op)| (QueuedRequest(req), op))
+            .collect()
+    }
+
+    /// Answers a request [`Connection::take_queued`] handed out, with what the pipeline
+    /// made of it (nothing is sent once the connection is closed).
+    pub fn finish_queued(&mut self, q: QueuedRequest, done: Finished, stats: &mut NbdStats) {
+        self.queued_out = self.queued_out.saturating_sub(1);
+        if Command::from_wire(q.0.kind) == Command::Read {
+            self.queued_read_bytes = self.queued_read_bytes.saturating_sub(q.0.len as usize);
+        }
+        if self.phase != Phase::Closed {
+            self.queued_reply(q.0, done, stats);
+        }
+    }
+
+    /// Requests handed to a pipeline outside and not answered yet.
+    pub fn queued_in_flight(&self) -> usize {
+        self.queued_out
+    }
+
+    /// As [`Connection::process`], for a connection whose reads and writes go to a pipeline
+    /// outside: does nothing while any of them is in flight, and stops at a request
+    /// [`Connection::take_queued`] would take. Returns whether anything happened.
+    pub fn process_ordinary<D: VirtualDisk + ?Sized>(
+        &mut self,
+        disk: &mut D,
+        stats: &mut NbdStats,
+    ) -> bool {
+        if self.queued_out > 0 {
+            return false;
+        }
+        let size = disk.size();
+        self.advance(disk, stats, |conn, _, _| {
+            if conn.view.is_none() && conn.head_is_batchable(size) {
+                Batch::Stop
+            } else {
+                Batch::No
+            }
+        })
+    }
+
+    /// Whether [`Connection::process_ordinary`] has something to do: a handshake or a
+    /// request of the ordinary path with its bytes at hand, or a big read's data to send
+    /// on. A read or write the pipeline takes, and a small write whose payload is still on
+    /// its way, are not.
+    pub fn wants_ordinary(&self, size: u64) -> bool {
+        if self.queued_out > 0 || self.phase == Phase::Closed {
+            return false;
+        }
+        let pending = self.input.pending();
+        match self.phase {
+            Phase::ReadReply(_) => self.output.len() < self.config.output_high_water as usize,
+            Phase::Request => {
+                let Some(head) = pending.get(..REQUEST_LEN) else {
+                    return false;
+                };
+                if self.view.is_none() && self.head_is_batchable(size) {
+                    return false;
+                }
+                // A write the pipeline would take once its payload is in.
+                let waiting_payload = <&[u8; REQUEST_LEN]>::try_from(head)
+                    .ok()
+                    .and_then(Request::decode)
+                    .is_some_and(|req| {
+                        Command::from_wire(req.kind) == Command::Write
+                            && !self.shutting_down
+                            && self.view.is_none()
+                            && u64::from(req.len) <= self.config.chunk()
+                            && pending.len() < REQUEST_LEN + req.len as usize
+                    });
+                !waiting_payload
+            }
+            _ => !pending.is_empty(),
+        }
+    }
+
+    /// Whether the request at the head of the input can join a batch now.
+    fn head_is_batchable(&self, size: u64) -> bool {
+        self.phase == Phase::Request && !self.shutting_down && self.batchable(size).is_some()
     }
 
     /// The request at the head of the input, if it can join a batch: a valid read or write
@@ -50,26 +174,30 @@ impl Connection {
         }
     }
 
-    /// Takes the batchable requests at the head of the input, runs them together and writes
-    /// their replies. Returns whether there was any.
-    fn run_batch<D: QueuedDisk + ?Sized>(&mut self, disk: &mut D, stats: &mut NbdStats) -> bool {
+    /// Takes the batchable requests at the head of the input (at most `max`; reads while
+    /// their data fits in `budget` bytes, at least one when `first_free`), with the disk
+    /// requests to serve them.
+    fn take_batch(
+        &mut self,
+        size: u64,
+        max: usize,
+        budget: usize,
+        first_free: bool,
+        stats: &mut NbdStats,
+    ) -> Vec<(Request, DiskOp)> {
+        let mut taken: Vec<(Request, DiskOp)> = Vec::new();
         if self.phase != Phase::Request || self.shutting_down {
-            return false;
+            return taken;
         }
-        let size = disk.size();
-        // Reads reply with their data: keep a batch's replies near the high-water mark.
-        let budget = (self.config.output_high_water as usize).saturating_sub(self.output.len());
-        let mut pipeline = Pipeline::new();
-        let mut reqs: Vec<Request> = Vec::new();
         let mut read_bytes = 0usize;
-        while reqs.len() < MAX_BATCH {
+        while taken.len() < max {
             let Some(req) = self.batchable(size) else {
                 break;
             };
             let len = req.len as usize;
             let cmd = Command::from_wire(req.kind);
             let op = if cmd == Command::Read {
-                if !reqs.is_empty() && read_bytes + len > budget {
+                if !(taken.is_empty() && first_free) && read_bytes + len > budget {
                     break;
                 }
                 read_bytes += len;
@@ -88,6 +216,20 @@ impl Connection {
                 }
             };
             stats.requests[cmd.index()] += 1;
+            taken.push((req, op));
+        }
+        taken
+    }
+
+    /// Takes the batchable requests at the head of the input, runs them together and writes
+    /// their replies. Returns whether there was any.
+    fn run_batch<D: QueuedDisk + ?Sized>(&mut self, disk: &mut D, stats: &mut NbdStats) -> bool {
+        let size = disk.size();
+        // Reads reply with their data: keep a batch's replies near the high-water mark.
+        let budget = (self.config.output_high_water as usize).saturating_sub(self.output.len());
+        let mut pipeline = Pipeline::new();
+        let mut reqs: Vec<Request> = Vec::new();
+        for (req, op) in self.take_batch(size, MAX_BATCH, budget, true, stats) {
             pipeline.submit(reqs.len() as u64, op);
             reqs.push(req);
         }
@@ -328,5 +470,71 @@ mod tests {
         assert_eq!(conn.receive(&[9; 3096]), 3096);
         while conn.process_queued(&mut disk, &mut stats) {}
         assert_eq!(replies(conn.output(), &lens), [(4, 0, Vec::new())]);
+    }
+
+    #[test]
+    fn a_pipeline_outside_takes_reads_and_writes_and_the_ordinary_path_the_rest() {
+        let mut disk = engine();
+        let mut conn = connected(false, &mut disk);
+        let mut stats = NbdStats::default();
+        let size = disk.size();
+        let mut input = Vec::new();
+        input.extend(request(CMD_READ, 1, 0, 4096));
+        input.extend(request(CMD_WRITE, 2, 8192, 4096));
+        input.extend(vec![3; 4096]);
+        input.extend(request(CMD_FLUSH, 3, 0, 0));
+        input.extend(request(CMD_READ, 4, 4096, 4096));
+        assert_eq!(conn.receive(&input), input.len());
+        assert!(!conn.wants_ordinary(size), "the head is for the pipeline");
+        let taken = conn.take_queued(size, 32, &mut stats);
+        assert_eq!(taken.len(), 2, "the read and the write, not the flush");
+        assert_eq!(conn.queued_in_flight(), 2);
+        assert!(!conn.is_between_requests());
+        // The flush waits for them: the ordinary path does nothing meanwhile.
+        assert!(!conn.wants_ordinary(size));
+        assert!(!conn.process_ordinary(&mut disk, &mut stats));
+        assert!(conn.output().is_empty());
+        let mut pipeline = Pipeline::new();
+        let mut reqs = Vec::new();
+        for (tag, (q, op)) in taken.into_iter().enumerate() {
+            pipeline.submit(tag as u64, op);
+            reqs.push(q);
+        }
+        while !pipeline.is_idle() {
+            pipeline.run(&mut disk);
+            while let Some(done) = pipeline.next_finished() {
+                conn.finish_queued(reqs[done.tag as usize], done, &mut stats);
+            }
+        }
+        assert_eq!(conn.queued_in_flight(), 0);
+        assert!(conn.wants_ordinary(size), "the flush is at the head");
+        // The flush runs on the ordinary path, which stops at the read behind it.
+        assert!(conn.process_ordinary(&mut disk, &mut stats));
+        let lens = BTreeMap::from([(1u64, 4096usize)]);
+        let got = replies(conn.output(), &lens);
+        let mut handles: Vec<u64> = got.iter().map(|r| r.0).collect();
+        assert_eq!(handles.pop(), Some(3), "the flush is answered last");
+        handles.sort_unstable();
+        assert_eq!(handles, [1, 2]);
+        assert_eq!(got.iter().find(|r| r.0 == 1).unwrap().2, vec![0x5a; 4096]);
+        assert!(!conn.wants_ordinary(size));
+        let mut last = conn.take_queued(size, 32, &mut stats);
+        assert_eq!(last.len(), 1);
+        let (q, op) = last.remove(0);
+        pipeline.submit(9, op);
+        while !pipeline.is_idle() {
+            pipeline.run(&mut disk);
+            while let Some(done) = pipeline.next_finished() {
+                conn.finish_queued(q, done, &mut stats);
+            }
+        }
+        assert_eq!(conn.queued_in_flight(), 0);
+        // A small write whose payload is still arriving is not the ordinary path's.
+        let n = conn.output().len();
+        conn.consume_output(n);
+        let mut more = request(CMD_WRITE, 5, 0, 4096);
+        more.extend(vec![1; 100]);
+        assert_eq!(conn.receive(&more), more.len());
+        assert!(!conn.wants_ordinary(size));
     }
 }
