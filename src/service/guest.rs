@@ -185,7 +185,8 @@ pub struct Guest<P: Platform, B: BlockDevice> {
     profile: LoopProfile,
     /// The NBD reads and writes of every client, in flight together across turns.
     pipeline: Pipeline,
-    /// Pipeline tag -> the pool socket, session id and request it answers.
+    /// Pipeline tag -> the pool socket (where the session was when the request started),
+    /// session id and request it answers.
     routes: BTreeMap<u64, (usize, u64, QueuedRequest)>,
     next_tag: u64,
     next_session_id: u64,
@@ -467,9 +468,14 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
             let Some((i, id, q)) = self.routes.remove(&done.tag) else {
                 continue;
             };
-            if let Some(Some(Session::Nbd(s))) = self.sessions.get_mut(i)
-                && s.id() == id
-            {
+            // The session is at pool socket `i`, unless the pool shrank meanwhile (sockets
+            // after a released one move down).
+            let is_it = |s: &Option<Session>| matches!(s, Some(Session::Nbd(n)) if n.id() == id);
+            let at = match self.sessions.get(i) {
+                Some(s) if is_it(s) => Some(i),
+                _ => self.sessions.iter().position(is_it),
+            };
+            if let Some(Some(Session::Nbd(s))) = at.and_then(|i| self.sessions.get_mut(i)) {
                 s.finish_queued(q, done, &mut self.nbd_stats);
             }
         }

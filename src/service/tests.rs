@@ -1234,3 +1234,65 @@ fn requests_of_two_clients_stay_in_flight_while_the_loop_serves_others() {
     assert_eq!(h.power_off(), GuestExit::Clean);
     h.reopen_clean();
 }
+
+/// A client's requests are in flight while the metrics port's pool shrinks and the client's
+/// socket moves down the pool: the replies still reach it.
+#[test]
+fn replies_find_their_client_after_the_pool_shrank() {
+    use super::net::{SHRINK_WINDOW_MS, Service};
+    let mut h = Harness::new();
+    let (_first, base) = h.nbd_client_over_first_mib(8);
+    // A burst grows the metrics port's pool, then NBD clients grow the NBD pool after it.
+    let burst: Vec<_> = (0..40).map(|_| h.start_connect(HTTP_PORT)).collect();
+    h.until("the burst established", 100_000, |h| {
+        burst
+            .iter()
+            .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
+    });
+    for &c in &burst {
+        h.send(
+            c,
+            b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+        );
+    }
+    for &c in &burst {
+        assert!(h.recv_to_end(c).starts_with(b"HTTP/1.1 200 OK\r\n"));
+        h.hang_up(c);
+    }
+    let clients: Vec<_> = (0..12)
+        .map(|_| {
+            let c = h.connect(NBD_PORT);
+            h.nbd_handshake(c);
+            c
+        })
+        .collect();
+    let last = *clients.last().unwrap();
+    let http_grown = h.guest.network().pool_size(Service::Http);
+    h.probe.hold.set(true);
+    let mut wire = Vec::new();
+    for i in 0..8u64 {
+        wire.extend(nbd_request_bytes(CMD_READ, 10 + i, i * 4096, 4096, &[]));
+    }
+    assert_eq!(h.socket(last).send_slice(&wire), Ok(wire.len()));
+    h.until("the reads on the device", 10_000, |h| {
+        h.probe.in_flight.get() == 8
+    });
+    h.idle(2 * SHRINK_WINDOW_MS + 5000);
+    assert!(
+        h.guest.network().pool_size(Service::Http) < http_grown,
+        "the metrics port's pool did not shrink"
+    );
+    h.probe.hold.set(false);
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    h.until("every reply", 100_000, |h| {
+        h.recv_some(last, &mut buf);
+        got.extend(take_replies(&mut buf, |_| 4096));
+        got.len() == 8
+    });
+    for (cookie, error, data) in &got {
+        assert_eq!(*error, 0);
+        let at = (*cookie as usize - 10) * 4096;
+        assert!(data[..] == base[at..at + 4096], "read {cookie}");
+    }
+}
