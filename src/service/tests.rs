@@ -537,6 +537,27 @@ impl Harness {
         (c, base)
     }
 
+    /// `n` scrapers connect to the metrics port at once (all in one batch of frames), each
+    /// asks for `/healthz`, gets its answer and hangs up.
+    fn http_burst(&mut self, n: usize) {
+        let burst: Vec<_> = (0..n).map(|_| self.start_connect(HTTP_PORT)).collect();
+        self.until("the burst established", 100_000, |h| {
+            burst
+                .iter()
+                .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
+        });
+        for &c in &burst {
+            self.send(
+                c,
+                b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
+            );
+        }
+        for &c in &burst {
+            assert!(self.recv_to_end(c).starts_with(b"HTTP/1.1 200 OK\r\n"));
+            self.hang_up(c);
+        }
+    }
+
     /// Presses the power button and steps until the guest has shut down.
     fn power_off(&mut self) -> GuestExit {
         self.button.set(true);
@@ -1116,22 +1137,7 @@ fn pools_grown_for_a_burst_shrink_back_when_no_longer_needed() {
     let nbd_grown = h.guest.network().pool_size(Service::Nbd);
     assert!(nbd_grown >= 20 + SPARE_LISTENERS, "NBD pool of {nbd_grown}");
     // A burst of 80 scrapers on the metrics port, served and gone.
-    let burst: Vec<_> = (0..80).map(|_| h.start_connect(HTTP_PORT)).collect();
-    h.until("the burst established", 100_000, |h| {
-        burst
-            .iter()
-            .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
-    });
-    for &c in &burst {
-        h.send(
-            c,
-            b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
-        );
-    }
-    for &c in &burst {
-        assert!(h.recv_to_end(c).starts_with(b"HTTP/1.1 200 OK\r\n"));
-        h.hang_up(c);
-    }
+    h.http_burst(80);
     let http_grown = h.guest.network().pool_size(Service::Http);
     assert!(http_grown >= 80, "HTTP pool of {http_grown}");
 
@@ -1243,22 +1249,7 @@ fn replies_find_their_client_after_the_pool_shrank() {
     let mut h = Harness::new();
     let (_first, base) = h.nbd_client_over_first_mib(8);
     // A burst grows the metrics port's pool, then NBD clients grow the NBD pool after it.
-    let burst: Vec<_> = (0..40).map(|_| h.start_connect(HTTP_PORT)).collect();
-    h.until("the burst established", 100_000, |h| {
-        burst
-            .iter()
-            .all(|&c| h.sockets.get::<tcp::Socket>(c).state() == tcp::State::Established)
-    });
-    for &c in &burst {
-        h.send(
-            c,
-            b"GET /healthz HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n",
-        );
-    }
-    for &c in &burst {
-        assert!(h.recv_to_end(c).starts_with(b"HTTP/1.1 200 OK\r\n"));
-        h.hang_up(c);
-    }
+    h.http_burst(40);
     let clients: Vec<_> = (0..12)
         .map(|_| {
             let c = h.connect(NBD_PORT);
