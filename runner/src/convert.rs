@@ -3,11 +3,13 @@
 //!
 //! Convert reads the source in chunks, skipping what its allocation says is holes or zeros
 //! (qcow2 block status, `SEEK_DATA` on raw files), and writes only clusters that hold
-//! nonzero bytes: the output is sparse (a raw output is a sparse file of the virtual
-//! size). With `-c` the clusters are compressed on every core (std threads) and written
-//! in order by the calling thread, packed as QEMU packs them. The output is made durable
-//! (fsync) before convert returns. A qcow2 source is read with its backing chain (the
-//! output has none: it holds the whole disk).
+//! nonzero bytes (`-S` sets the zero run that is skipped): the output is sparse (a raw
+//! output is a sparse file of the virtual size). With `-c` the clusters are compressed on
+//! several threads (`convert/compress.rs`) and written in order by the calling thread, packed as
+//! QEMU packs them. The output's write-back starts while the copy goes on and the output is
+//! made durable (fsync) before convert returns. A qcow2 source is read with its backing
+//! chain, or one of its internal snapshots (`-l`); the output holds the whole disk, or with
+//! `-B` is an overlay holding what the source's top layer holds.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
