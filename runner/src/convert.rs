@@ -473,15 +473,17 @@ pub fn convert(
     opts.validate()?;
     let _src_lock = crate::guard::lock_disk(src, true)?;
     let mut source = open_source(src, opts.src_format, opts.snapshot.as_deref())?;
-    if let (Ok(a), Ok(b)) = (std::fs::metadata(src), std::fs::metadata(dst))
-        && a.dev() == b.dev()
-        && a.ino() == b.ino()
-    {
+    if same_file(src, dst) {
         return Err(Error::disk(
             dst,
             "write",
             "it is the source image; convert into another file",
         ));
+    }
+    // Nor a layer under the source: replacing it would destroy what is being read.
+    if std::fs::metadata(dst).is_ok() {
+        let layers = chain_files::resolve_if_qcow2(src).unwrap_or_default();
+        refuse_layer_as_output(dst, &layers, "the source's backing chain")?;
     }
     let size = source.size();
     let mut summary = ConvertSummary {
@@ -731,6 +733,29 @@ pub fn is_zero(buf: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// Whether `a` and `b` are the same existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Refuses an output file that is one of the `layers` (`what` names the chain).
+fn refuse_layer_as_output(dst: &Path, layers: &[ChainFile], what: &str) -> Result<()> {
+    match layers.iter().find(|l| same_file(&l.path, dst)) {
+        Some(l) => Err(Error::disk(
+            dst,
+            "write",
+            format!(
+                "it is {} in {what}; convert into another file",
+                l.path.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Opens the backing file `name` of a new overlay at `dst` (resolved as QEMU resolves it:
 /// relative to `dst`'s directory) with its own chain; returns its format (`format`, else
 /// probed) and the layer.
@@ -760,6 +785,7 @@ fn open_new_backing(
     if format == LayerFormat::Qcow2 {
         chain.extend(chain_files::resolve(&path).map_err(|e| Error::disk(&path, "open", e))?);
     }
+    refuse_layer_as_output(dst, &chain, "the new backing chain (-B)")?;
     let below = chain_files::open_layers(&chain, &OpenOptions::default())
         .map_err(|e| Error::disk(&path, "open the backing file", e))?;
     Ok((format, below))

@@ -253,6 +253,14 @@ fn convert_reads_through_a_backing_chain() {
     qemu_compare(&out, "qcow2", &top, "qcow2");
     let info = ok("qemu-img", &["info", p(&out)]);
     assert!(!info.contains("backing file"), "{info}");
+    // Converting onto a layer of the source's chain is refused; the base is untouched.
+    let before = std::fs::read(&base).unwrap();
+    let err = ours_err(&["image", "convert", "-O", "qcow2", p(&top), p(&base)]);
+    assert!(err.contains("backing chain"), "{err}");
+    assert!(
+        std::fs::read(&base).unwrap() == before,
+        "the base was changed"
+    );
 }
 
 #[test]
@@ -513,11 +521,15 @@ fn convert_to_an_overlay_with_a_backing_file() {
     assert!(allocated(&ours_out) < 2 << 20, "{}", allocated(&ours_out));
     // Errors: raw output, -c, -F without -B, a missing backing file.
     let x = dir.path().join("x.qcow2");
+    std::fs::copy(&ours_out, &x).unwrap();
+    let x_before = std::fs::read(&x).unwrap();
     for (args, text) in [
         (&["-O", "raw", "-B", "base.qcow2"][..], "qcow2"),
         (&["-c", "-O", "qcow2", "-B", "base.qcow2"][..], "-c"),
         (&["-O", "qcow2", "-F", "qcow2"][..], "-B"),
         (&["-O", "qcow2", "-B", "missing.qcow2"][..], "missing.qcow2"),
+        // The output as its own backing file (it exists: a previous output).
+        (&["-O", "qcow2", "-B", "x.qcow2"][..], "-B"),
     ] {
         let mut all = vec!["image", "convert"];
         all.extend_from_slice(args);
@@ -525,6 +537,10 @@ fn convert_to_an_overlay_with_a_backing_file() {
         let err = ours_err(&all);
         assert!(err.contains(text), "{args:?}: {err}");
     }
+    assert!(
+        std::fs::read(&x).unwrap() == x_before,
+        "a refused convert changed its output"
+    );
 }
 
 #[test]
