@@ -184,9 +184,6 @@ impl ConvertOptions {
             if self.out_format != Format::Qcow2 {
                 return refuse("(backing file) needs qcow2 output (-O qcow2)");
             }
-            if self.compress {
-                return refuse("and -c together are not supported (convert, then compress)");
-            }
             if self.snapshot.is_some() {
                 return refuse("and -l together are not supported");
             }
@@ -541,10 +538,7 @@ pub fn convert(
             let dev = FileDisk::create(dst).map_err(disk_err(dst, "create"))?;
             let mut image = Qcow2::create_with_backing(dev, &create, below)
                 .map_err(engine_err(dst, "create"))?;
-            if opts.backing.is_some() {
-                to_overlay(&mut source, &mut image, opts, &mut summary, &mut progress)
-                    .map_err(|e| e.named(src, dst))?;
-            } else if opts.compress {
+            if opts.compress {
                 let chunk_len = chunk_len(Some(cs), cs);
                 compress::to_compressed(
                     &mut source,
@@ -555,6 +549,9 @@ pub fn convert(
                     &mut progress,
                 )
                 .map_err(|e| e.named(src, dst))?;
+            } else if opts.backing.is_some() {
+                to_overlay(&mut source, &mut image, opts, &mut summary, &mut progress)
+                    .map_err(|e| e.named(src, dst))?;
             } else {
                 let block = opts.zero_block(cs);
                 let mut behind = WriteBehind::default();

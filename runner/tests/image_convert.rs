@@ -518,6 +518,15 @@ fn convert_to_an_overlay_with_a_backing_file() {
             .collect()
     };
     assert_eq!(own(&ours_out), own(&theirs));
+    // Compressed (-c) the same: the overlay's own clusters, compressed where they shrink.
+    let packed = dir.path().join("packed.qcow2");
+    ours_ok(&with_paths(
+        "image convert -q -c -O qcow2 -B base2.qcow2",
+        &[&top, &packed],
+    ));
+    qemu_check_clean(&packed);
+    qemu_compare(&packed, "qcow2", &top, "qcow2");
+    assert_eq!(own(&packed).len(), own(&theirs).len(), "{:?}", own(&packed));
     assert!(allocated(&ours_out) < 2 << 20, "{}", allocated(&ours_out));
     // Errors: raw output, -c, -F without -B, a missing backing file.
     let x = dir.path().join("x.qcow2");
@@ -525,7 +534,6 @@ fn convert_to_an_overlay_with_a_backing_file() {
     let x_before = std::fs::read(&x).unwrap();
     for (args, text) in [
         (&["-O", "raw", "-B", "base.qcow2"][..], "qcow2"),
-        (&["-c", "-O", "qcow2", "-B", "base.qcow2"][..], "-c"),
         (&["-O", "qcow2", "-F", "qcow2"][..], "-B"),
         (&["-O", "qcow2", "-B", "missing.qcow2"][..], "missing.qcow2"),
         // The output as its own backing file (it exists: a previous output).

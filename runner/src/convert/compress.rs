@@ -66,11 +66,16 @@ struct Job {
     seq: u64,
     offset: u64,
     data: Vec<u8>,
+    /// Per cluster, for an overlay output (`-B`): whether the new backing file shows
+    /// through there (empty otherwise).
+    through: Vec<bool>,
 }
 
 /// What one cluster of a [`Job`] became.
 enum Packed {
-    /// All zeros: nothing to write.
+    /// Left to the new backing file (`-B`): nothing to write.
+    Through,
+    /// All zeros: nothing to write (a zero cluster in an overlay).
     Zero,
     /// Did not shrink: written as it is.
     Plain,
@@ -102,7 +107,11 @@ fn worker(
         let clusters = job
             .data
             .chunks(cs)
-            .map(|c| {
+            .enumerate()
+            .map(|(i, c)| {
+                if job.through.get(i) == Some(&true) {
+                    return Packed::Through;
+                }
                 if is_zero(c) {
                     return Packed::Zero;
                 }
@@ -138,6 +147,7 @@ fn worker(
 fn write_ready(
     image: &mut Qcow2<FileDisk>,
     cs: usize,
+    backed: bool,
     ready: &mut BTreeMap<u64, Done>,
     next_write: &mut u64,
     spare: &mut Vec<Vec<u8>>,
@@ -148,6 +158,14 @@ fn write_ready(
             let at = done.offset + (i * cs) as u64;
             let len = cs.min(done.data.len() - i * cs);
             match packed {
+                Packed::Through => continue,
+                // An overlay's zeros hide the backing file: a zero cluster.
+                Packed::Zero if backed => {
+                    image
+                        .zero_range(at, len as u64, true)
+                        .map_err(CopyError::Write)?;
+                    continue;
+                }
                 Packed::Zero => continue,
                 Packed::Plain => {
                     image
@@ -176,7 +194,9 @@ fn write_ready(
 const QEMU_THREADS: usize = 4;
 
 /// Copies `source` into `image` with every nonzero cluster compressed (`chunk_len` bytes
-/// per job, a multiple of the cluster size).
+/// per job, a multiple of the cluster size). For an overlay (`-B`), as [`super::to_overlay`]:
+/// zeros become zero clusters and what the source's top layer leaves to its backing chain
+/// is not written.
 pub(super) fn to_compressed(
     source: &mut Source,
     image: &mut Qcow2<FileDisk>,
@@ -194,6 +214,7 @@ pub(super) fn to_compressed(
         cores.max(QEMU_THREADS)
     };
     let in_flight_max = threads * 2;
+    let backed = opts.backing.is_some();
     let kind = opts.compression_type;
     let compressors = (0..threads)
         .map(|_| HostCompressor::new(kind))
@@ -222,11 +243,24 @@ pub(super) fn to_compressed(
             match source.read_sparse(off, &mut data) {
                 Ok((read, any)) => {
                     summary.bytes_read += read;
-                    if any {
+                    let mut through = Vec::new();
+                    if backed {
+                        for start in (0..n).step_by(cs) {
+                            let len = cs.min(n - start) as u64;
+                            match source.reads_from_backing(off + start as u64, len) {
+                                Ok(t) => through.push(t),
+                                Err(e) => result = Err(CopyError::Read(e)),
+                            }
+                        }
+                    }
+                    // An overlay writes zeros too, unless the backing shows through.
+                    let wanted = any || (backed && through.iter().any(|&t| !t));
+                    if wanted && result.is_ok() {
                         let job = Job {
                             seq: sent,
                             offset: off,
                             data,
+                            through,
                         };
                         sent += 1;
                         if job_tx.send(job).is_err() {
@@ -242,13 +276,29 @@ pub(super) fn to_compressed(
             while sent - next_write >= in_flight_max as u64 && result.is_ok() {
                 let Ok(d) = done_rx.recv() else { break };
                 ready.insert(d.seq, d);
-                result = write_ready(image, cs, &mut ready, &mut next_write, &mut spare, summary);
+                result = write_ready(
+                    image,
+                    cs,
+                    backed,
+                    &mut ready,
+                    &mut next_write,
+                    &mut spare,
+                    summary,
+                );
             }
             while let Ok(d) = done_rx.try_recv() {
                 ready.insert(d.seq, d);
             }
             if result.is_ok() {
-                result = write_ready(image, cs, &mut ready, &mut next_write, &mut spare, summary);
+                result = write_ready(
+                    image,
+                    cs,
+                    backed,
+                    &mut ready,
+                    &mut next_write,
+                    &mut spare,
+                    summary,
+                );
             }
             off += n as u64;
             progress(off.min(size), size);
@@ -257,7 +307,15 @@ pub(super) fn to_compressed(
         while result.is_ok() && next_write < sent {
             let Ok(d) = done_rx.recv() else { break };
             ready.insert(d.seq, d);
-            result = write_ready(image, cs, &mut ready, &mut next_write, &mut spare, summary);
+            result = write_ready(
+                image,
+                cs,
+                backed,
+                &mut ready,
+                &mut next_write,
+                &mut spare,
+                summary,
+            );
         }
         result
     })
