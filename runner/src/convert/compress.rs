@@ -143,49 +143,68 @@ fn worker(
     }
 }
 
-/// Writes every finished job that is next in order.
-fn write_ready(
-    image: &mut Qcow2<FileDisk>,
+/// Finished jobs, written to the image in the order they were sent.
+struct InOrder<'a> {
+    image: &'a mut Qcow2<FileDisk>,
     cs: usize,
+    /// The output is an overlay (`-B`).
     backed: bool,
-    ready: &mut BTreeMap<u64, Done>,
-    next_write: &mut u64,
-    spare: &mut Vec<Vec<u8>>,
-    summary: &mut ConvertSummary,
-) -> std::result::Result<(), CopyError> {
-    while let Some(done) = ready.remove(next_write) {
-        for (i, packed) in done.clusters.iter().enumerate() {
-            let at = done.offset + (i * cs) as u64;
-            let len = cs.min(done.data.len() - i * cs);
-            match packed {
-                Packed::Through => continue,
-                // An overlay's zeros hide the backing file: a zero cluster.
-                Packed::Zero if backed => {
-                    image
-                        .zero_range(at, len as u64, true)
-                        .map_err(CopyError::Write)?;
-                    continue;
-                }
-                Packed::Zero => continue,
-                Packed::Plain => {
-                    image
-                        .write_at(at, &done.data[i * cs..i * cs + len])
-                        .map_err(CopyError::Write)?;
-                    summary.uncompressed_clusters += 1;
-                }
-                Packed::Compressed(bytes) => {
-                    image
-                        .write_compressed(at, bytes)
-                        .map_err(CopyError::Write)?;
-                    summary.compressed_clusters += 1;
-                }
-            }
-            summary.bytes_written += len as u64;
-        }
-        spare.push(done.data);
-        *next_write += 1;
+    /// Finished jobs not written yet, by sequence number.
+    ready: BTreeMap<u64, Done>,
+    /// Sequence number of the next job to write.
+    next_write: u64,
+    /// Buffers of written jobs, for the next reads.
+    spare: Vec<Vec<u8>>,
+}
+
+impl InOrder<'_> {
+    /// Takes finished job `done` and writes every job that is next in order.
+    fn take(
+        &mut self,
+        done: Done,
+        summary: &mut ConvertSummary,
+    ) -> std::result::Result<(), CopyError> {
+        self.ready.insert(done.seq, done);
+        self.write_ready(summary)
     }
-    Ok(())
+
+    /// Writes every finished job that is next in order.
+    fn write_ready(&mut self, summary: &mut ConvertSummary) -> std::result::Result<(), CopyError> {
+        let (image, cs, backed) = (&mut *self.image, self.cs, self.backed);
+        while let Some(done) = self.ready.remove(&self.next_write) {
+            for (i, packed) in done.clusters.iter().enumerate() {
+                let at = done.offset + (i * cs) as u64;
+                let len = cs.min(done.data.len() - i * cs);
+                match packed {
+                    Packed::Through => continue,
+                    // An overlay's zeros hide the backing file: a zero cluster.
+                    Packed::Zero if backed => {
+                        image
+                            .zero_range(at, len as u64, true)
+                            .map_err(CopyError::Write)?;
+                        continue;
+                    }
+                    Packed::Zero => continue,
+                    Packed::Plain => {
+                        image
+                            .write_at(at, &done.data[i * cs..i * cs + len])
+                            .map_err(CopyError::Write)?;
+                        summary.uncompressed_clusters += 1;
+                    }
+                    Packed::Compressed(bytes) => {
+                        image
+                            .write_compressed(at, bytes)
+                            .map_err(CopyError::Write)?;
+                        summary.compressed_clusters += 1;
+                    }
+                }
+                summary.bytes_written += len as u64;
+            }
+            self.spare.push(done.data);
+            self.next_write += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Compression threads QEMU's qcow2 driver runs at most (`QCOW2_MAX_THREADS`): with fewer
@@ -230,15 +249,20 @@ pub(super) fn to_compressed(
             s.spawn(move || worker(&rx, tx, compressor, cs));
         }
         drop(done_tx);
-        let mut spare: Vec<Vec<u8>> = Vec::new();
-        let mut ready: BTreeMap<u64, Done> = BTreeMap::new();
-        let mut next_write = 0u64;
+        let mut out = InOrder {
+            image,
+            cs,
+            backed,
+            ready: BTreeMap::new(),
+            next_write: 0,
+            spare: Vec::new(),
+        };
         let mut sent = 0u64;
         let mut off = 0u64;
         let mut result = Ok(());
         while off < size && result.is_ok() {
             let n = (chunk_len as u64).min(size - off) as usize;
-            let mut data = spare.pop().unwrap_or_default();
+            let mut data = out.spare.pop().unwrap_or_default();
             data.resize(n, 0);
             match source.read_sparse(off, &mut data) {
                 Ok((read, any)) => {
@@ -267,55 +291,29 @@ pub(super) fn to_compressed(
                             break;
                         }
                     } else {
-                        spare.push(data);
+                        out.spare.push(data);
                     }
                 }
                 Err(e) => result = Err(CopyError::Read(e)),
             }
             // Keep the threads busy, write what is ready in order.
-            while sent - next_write >= in_flight_max as u64 && result.is_ok() {
+            while sent - out.next_write >= in_flight_max as u64 && result.is_ok() {
                 let Ok(d) = done_rx.recv() else { break };
-                ready.insert(d.seq, d);
-                result = write_ready(
-                    image,
-                    cs,
-                    backed,
-                    &mut ready,
-                    &mut next_write,
-                    &mut spare,
-                    summary,
-                );
+                result = out.take(d, summary);
             }
             while let Ok(d) = done_rx.try_recv() {
-                ready.insert(d.seq, d);
+                out.ready.insert(d.seq, d);
             }
             if result.is_ok() {
-                result = write_ready(
-                    image,
-                    cs,
-                    backed,
-                    &mut ready,
-                    &mut next_write,
-                    &mut spare,
-                    summary,
-                );
+                result = out.write_ready(summary);
             }
             off += n as u64;
             progress(off.min(size), size);
         }
         drop(job_tx);
-        while result.is_ok() && next_write < sent {
+        while result.is_ok() && out.next_write < sent {
             let Ok(d) = done_rx.recv() else { break };
-            ready.insert(d.seq, d);
-            result = write_ready(
-                image,
-                cs,
-                backed,
-                &mut ready,
-                &mut next_write,
-                &mut spare,
-                summary,
-            );
+            result = out.take(d, summary);
         }
         result
     })
