@@ -280,15 +280,25 @@ pub struct ConvertSummary {
 
 /// The source disk: a raw file (holes found with `SEEK_DATA`) or an image on the engine.
 enum Source {
-    Raw { file: File, size: u64 },
-    Image(Box<Qcow2<FileDisk>>),
+    Raw {
+        file: File,
+        size: u64,
+    },
+    Image {
+        image: Box<Qcow2<FileDisk>>,
+        /// `-B` with output clusters of this size: whole output clusters that the top
+        /// layer leaves to the backing chain are holes, not read (the new backing file
+        /// shows through there). An output cluster only partly left to the chain is read
+        /// whole, through the chain.
+        top_only: Option<u64>,
+    },
 }
 
 impl Source {
     fn size(&self) -> u64 {
         match self {
             Source::Raw { size, .. } => *size,
-            Source::Image(d) => d.size(),
+            Source::Image { image, .. } => image.size(),
         }
     }
 
@@ -312,8 +322,25 @@ impl Source {
                     Err(_) => Ok((true, end - off)),
                 }
             }
-            Source::Image(d) => {
-                let e = d
+            Source::Image { image, top_only } => {
+                let mut len = len;
+                if let Some(out_cs) = *top_only
+                    && image.backing().is_some()
+                {
+                    // The run of granules (the larger of the two cluster sizes) that the top
+                    // layer holds something of, or leaves wholly to the chain.
+                    let g = out_cs.max(image.cluster_size());
+                    let first = top_unallocated(image, off / g * g, g)?;
+                    let mut pos = (off / g + 1) * g;
+                    while pos < off + len && top_unallocated(image, pos, g)? == first {
+                        pos += g;
+                    }
+                    len = pos.min(off + len) - off;
+                    if first {
+                        return Ok((false, len));
+                    }
+                }
+                let e = image
                     .block_status(off, len)
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
                 let n = e.len.clamp(1, len);
@@ -326,28 +353,18 @@ impl Source {
     /// layer and so reads from its backing chain (false without a backing chain: there such
     /// clusters read as zeros).
     fn reads_from_backing(&mut self, off: u64, len: u64) -> std::io::Result<bool> {
-        let Source::Image(q) = self else {
-            return Ok(false);
-        };
-        if q.backing().is_none() || len == 0 {
-            return Ok(false);
-        }
-        let cs = q.cluster_size();
-        for vc in off / cs..=(off + len - 1) / cs {
-            let m = q
-                .mapping(vc)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            if m != Mapping::Unallocated {
-                return Ok(false);
+        match self {
+            Source::Image { image, .. } if image.backing().is_some() => {
+                top_unallocated(image, off, len)
             }
+            _ => Ok(false),
         }
-        Ok(true)
     }
 
     fn read(&mut self, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
         match self {
             Source::Raw { file, .. } => file.read_exact_at(buf, off),
-            Source::Image(d) => d
+            Source::Image { image, .. } => image
                 .read(off, buf)
                 .map_err(|e| std::io::Error::other(e.to_string())),
         }
@@ -402,7 +419,34 @@ fn probe_format(path: &Path) -> Result<Format> {
     }
 }
 
-fn open_source(path: &Path, format: Option<Format>, snapshot: Option<&str>) -> Result<Source> {
+/// Whether every cluster of `q`'s own (top) layer that the run at `off` (`len` bytes, cut
+/// at the disk's end) touches is unallocated.
+fn top_unallocated(q: &mut Qcow2<FileDisk>, off: u64, len: u64) -> std::io::Result<bool> {
+    let end = (off + len).min(q.size());
+    if end <= off {
+        return Ok(false);
+    }
+    let cs = q.cluster_size();
+    for vc in off / cs..=(end - 1) / cs {
+        let m = q
+            .mapping(vc)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if m != Mapping::Unallocated {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Opens the source: a raw file, or a qcow2 image with its backing chain (one of its
+/// snapshots with `snapshot`; with `top_only`, what its top layer leaves to the chain reads
+/// as holes, see [`Source::Image`]).
+fn open_source(
+    path: &Path,
+    format: Option<Format>,
+    snapshot: Option<&str>,
+    top_only: Option<u64>,
+) -> Result<Source> {
     crate::guard::ensure_regular(path)?;
     let format = match format {
         Some(f) => f,
@@ -449,7 +493,10 @@ fn open_source(path: &Path, format: Option<Format>, snapshot: Option<&str>) -> R
                     .select_view(Some(name))
                     .map_err(|e| Error::disk(path, "read snapshot", e))?;
             }
-            Ok(Source::Image(Box::new(image)))
+            Ok(Source::Image {
+                image: Box::new(image),
+                top_only,
+            })
         }
     }
 }
@@ -469,7 +516,12 @@ pub fn convert(
 ) -> Result<ConvertSummary> {
     opts.validate()?;
     let _src_lock = crate::guard::lock_disk(src, true)?;
-    let mut source = open_source(src, opts.src_format, opts.snapshot.as_deref())?;
+    let mut source = open_source(
+        src,
+        opts.src_format,
+        opts.snapshot.as_deref(),
+        opts.backing.is_some().then_some(opts.cluster_size),
+    )?;
     if same_file(src, dst) {
         return Err(Error::disk(
             dst,

@@ -477,10 +477,36 @@ fn convert_to_an_overlay_with_a_backing_file() {
     let base2 = dir.path().join("base2.qcow2");
     std::fs::copy(&base, &base2).unwrap();
     let ours_out = dir.path().join("ours.qcow2");
-    ours_ok(&with_paths(
-        "image convert -q -O qcow2 -B",
+    let text = ours_ok(&with_paths(
+        "image convert -O qcow2 -B",
         &[&base2, &top, &ours_out],
     ));
+    // Only the top layer's own data clusters were read (4 of 64 KiB), not the base.
+    assert!(text.contains("read 256 KiB"), "{text}");
+    // A top layer with 4 KiB clusters under 64 KiB output clusters: an output cluster only
+    // partly the top's own is read whole through the chain (the rest is the base's bytes).
+    let small = dir.path().join("small.qcow2");
+    let create = "create -q -f qcow2 -o cluster_size=4K -b base.qcow2 -F qcow2";
+    ok("qemu-img", &with_paths(create, &[&small]));
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 8196K 4K",
+            "-c",
+            "write -z 20M 4K",
+            p(&small),
+        ],
+    );
+    let small_out = dir.path().join("small_out.qcow2");
+    for extra in ["", "-c"] {
+        let words = format!("image convert -q {extra} -O qcow2 -B");
+        ours_ok(&with_paths(&words, &[&base2, &small, &small_out]));
+        qemu_check_clean(&small_out);
+        qemu_compare(&small_out, "qcow2", &small, "qcow2");
+    }
     qemu_check_clean(&ours_out);
     qemu_compare(&ours_out, "qcow2", &top, "qcow2");
     let theirs = dir.path().join("theirs.qcow2");
