@@ -27,8 +27,8 @@
 //!    deadline (smoltcp's `poll_delay`, the HTTP idle timeouts, the engine timer, the next
 //!    compaction step) or until a frame arrives ([`Platform::idle_until`]).
 //!
-//! NBD requests: the reads and writes every client pipelined (at most 1 MiB each, 32 per
-//! client, [`PIPELINE_DEPTH`] in all) join one [`Pipeline`] that stays in flight across
+//! NBD requests: the reads (at most 256 KiB) and writes (at most 1 MiB) every client
+//! pipelined (32 per client, [`PIPELINE_DEPTH`] in all) join one [`Pipeline`] that stays in flight across
 //! turns ([`crate::nbd::Connection::take_queued`]); each is answered as it finishes. Anything
 //! else (handshakes, flush, trim, write-zeroes, block status, bigger requests, a snapshot
 //! view's reads) takes the ordinary path ([`crate::nbd::Connection::process_ordinary`]),
