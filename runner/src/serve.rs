@@ -77,6 +77,10 @@ const STOP_POLL: Duration = Duration::from_millis(100);
 /// (and logged), so a flood of clients cannot exhaust the host's threads.
 pub const MAX_CONNECTIONS_PER_PORT: usize = 512;
 
+/// Reply bytes a connection may have waiting before it takes no more reads (see
+/// [`ServerConfig::output_high_water`]).
+const SERVE_OUTPUT_HIGH_WATER: u32 = 4 << 20;
+
 /// What `qcow-metal serve` serves and where.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -428,6 +432,10 @@ impl Server {
                 export_name: opts.export.clone(),
                 description: format!("qcow-metal serve: {format_name} disk"),
                 read_only,
+                // A batch takes reads while their replies fit under this: 4 MiB lets four
+                // 1 MiB reads move on the pool at once (the guest's 256 KiB, sized for its
+                // heap, allows one), and matches StdSocket's send buffer.
+                output_high_water: SERVE_OUTPUT_HIGH_WATER,
                 ..ServerConfig::default()
             },
             nbd_stats: Mutex::new(NbdStats::default()),
