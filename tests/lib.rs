@@ -62,9 +62,10 @@ pub fn boot(builder: GuestBuilder) -> (Guest, Banner) {
 }
 
 /// [`boot`], then waits until the guest's `/metrics` answers (polled with short timeouts):
-/// its network comes up just after the banner, and a first connection made before that
-/// waits for user-mode networking to resend its SYN (about 6 s). For tests that connect at
-/// once and do not count the guest's HTTP requests.
+/// the guest opens its listeners just after the banner. Not needed to avoid a lost first
+/// connection on the user-mode network (the runner gives the guest its address statically,
+/// so a connection made right after [`boot`] is answered), but it makes that HTTP request:
+/// for tests that do not count the guest's HTTP requests.
 pub fn boot_serving(builder: GuestBuilder) -> (Guest, Banner) {
     let (mut guest, banner) = boot(builder);
     guest

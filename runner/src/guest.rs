@@ -282,8 +282,10 @@ impl GuestBuilder {
         self
     }
 
-    /// The guest's address on a tap (`ip=` on the kernel command line; an `ip=` of
-    /// [`append`](Self::append) still wins). Default: see [`TapPlan::new`].
+    /// The guest's address (`ip=` on the kernel command line; an `ip=` of
+    /// [`append`](Self::append) still wins). Default: see [`TapPlan::new`] on a tap, and
+    /// [`net::user_net_args`] on the user-mode network (10.0.2.15/24, static; `dhcp` asks
+    /// QEMU's DHCP).
     pub fn guest_ip(mut self, ip: IpConfig) -> Self {
         self.guest_ip = Some(ip);
         self
@@ -324,7 +326,10 @@ impl GuestBuilder {
         spawn::find_setpriv()?;
         // The tap first: without the rights to create it, fail before the disk is touched.
         let tap = match self.net {
-            NetMode::User => None,
+            NetMode::User => {
+                self.net_args = net::user_net_args(self.guest_ip, &self.kernel_cmdline());
+                None
+            }
             NetMode::Tap => {
                 let name = self.tap.clone().unwrap_or_else(|| net::DEFAULT_TAP.into());
                 let user_args = self.kernel_cmdline();

@@ -125,7 +125,8 @@ struct RunArgs {
     tap: Option<String>,
     /// The guest's address on the tap: A.B.C.D/len, or dhcp [default: 10.213.0.2/24 with the
     /// host at 10.213.0.1 on a tap the runner creates; the address after the host's on a
-    /// ready-made tap]
+    /// ready-made tap]. On the user-mode network only dhcp (ask QEMU's DHCP) [default:
+    /// 10.0.2.15/24, given statically]
     #[arg(long, value_name = "A.B.C.D/len|dhcp", value_parser = net::parse_guest_ip)]
     ip: Option<IpConfig>,
     /// Also write the serial console to this file [default: target/qcow-metal/serial.log]
@@ -562,10 +563,11 @@ fn serve_command(args: &ServeArgs) -> Result<ExitCode, Error> {
 
 fn run(args: RunArgs) -> Result<ExitCode, Error> {
     let tap = args.net == NetMode::Tap || args.tap.is_some();
-    if !tap && args.ip.is_some() {
+    if !tap && matches!(args.ip, Some(IpConfig::Static { .. })) {
         return Err(Error::Usage(
-            "--ip is the guest's address on a tap: use it with --net tap or --tap NAME \
-             (on the user-mode network the guest gets 10.0.2.15 from QEMU's DHCP)"
+            "--ip A.B.C.D/len is the guest's address on a tap: use it with --net tap or --tap \
+             NAME (on the user-mode network the guest is 10.0.2.15, where QEMU forwards the \
+             ports; --ip dhcp asks QEMU's DHCP for it)"
                 .into(),
         ));
     }
@@ -656,9 +658,9 @@ fn run(args: RunArgs) -> Result<ExitCode, Error> {
     }
     if tap {
         builder = builder.tap(args.tap.as_deref().unwrap_or(net::DEFAULT_TAP));
-        if let Some(ip) = args.ip {
-            builder = builder.guest_ip(ip);
-        }
+    }
+    if let Some(ip) = args.ip {
+        builder = builder.guest_ip(ip);
     }
     // A Ctrl-C from here on powers the guest down cleanly (below).
     let mut guest = builder.start()?;
@@ -886,9 +888,10 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["qcow-metal", "--net", "bridge"]).is_err());
         assert!(Cli::try_parse_from(["qcow-metal", "--ip", "10.9.0.2"]).is_err());
-        // --ip without a tap, and forwarded ports with one, are refused before anything runs.
+        // A static --ip without a tap, and forwarded ports with one, are refused before
+        // anything runs.
         let cli = Cli::try_parse_from(["qcow-metal", "--ip", "10.9.0.2/24"]).unwrap();
-        let e = run(cli.run).expect_err("--ip without a tap is refused");
+        let e = run(cli.run).expect_err("a static --ip without a tap is refused");
         assert!(e.to_string().contains("--net tap"), "{e}");
         let cli = Cli::try_parse_from(["qcow-metal", "--tap", "t0", "--metrics-port", "1"]);
         let e = run(cli.unwrap().run).expect_err("ports on a tap are refused");

@@ -2,6 +2,12 @@
 //! or a tap device on which the guest has its own IPv4 address, and the host side of that
 //! tap (created, addressed and removed with iproute2's `ip`).
 //!
+//! On the user-mode network the runner gives the guest [`USER_GUEST_CIDR`] and the gateway
+//! [`USER_GATEWAY`] on its command line: the address QEMU's DHCP would hand out, there before
+//! the guest's listeners open, so the first connection after boot is answered at once (a SYN
+//! that reached a guest still waiting for its lease was dropped, and QEMU resent it only
+//! after about 6 s). `--ip dhcp` (or `ip=dhcp`) asks QEMU's DHCP instead.
+//!
 //! On a tap, the guest takes a static address from its `ip=`/`gw=` kernel arguments (or DHCP
 //! when `ip=dhcp` and the host offers it). Without one, the runner picks
 //! [`DEFAULT_GUEST_CIDR`] (host side [`DEFAULT_HOST_ADDR`]) for a tap it creates, and the
@@ -28,6 +34,44 @@ pub const DEFAULT_GUEST_CIDR: Cidr = Cidr {
 
 /// The host's address on a tap the runner creates with [`DEFAULT_GUEST_CIDR`]: 10.213.0.1.
 pub const DEFAULT_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
+
+/// The guest's address on QEMU's user-mode network, where QEMU forwards the ports to (and
+/// what its DHCP hands out): 10.0.2.15/24.
+pub const USER_GUEST_CIDR: Cidr = Cidr {
+    addr: Ipv4Addr::new(10, 0, 2, 15),
+    prefix_len: 24,
+};
+
+/// QEMU's user-mode gateway (forwarded connections come from it): 10.0.2.2.
+pub const USER_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+
+/// Kernel arguments the runner adds on the user-mode network, before the user's own:
+/// `ip=10.0.2.15/24 gw=10.0.2.2` ([`USER_GUEST_CIDR`], [`USER_GATEWAY`]); `ip=dhcp` when `ip`
+/// asks for DHCP, `ip=` of another static address when `ip` names one (QEMU forwards only to
+/// 10.0.2.15). A key that `user_args` (the rest of the command line) sets is left to it.
+pub fn user_net_args(ip: Option<IpConfig>, user_args: &str) -> Vec<String> {
+    let has_key = |key: &str| {
+        user_args
+            .split_ascii_whitespace()
+            .any(|w| w.split_once('=').is_some_and(|(k, _)| k == key))
+    };
+    let ip = ip.unwrap_or(IpConfig::Static {
+        addr: USER_GUEST_CIDR.addr,
+        prefix_len: USER_GUEST_CIDR.prefix_len,
+    });
+    let mut args = Vec::new();
+    if has_key("ip") {
+        return args;
+    }
+    args.push(format!("ip={}", ip_arg(ip)));
+    if let IpConfig::Static { addr, prefix_len } = ip
+        && !has_key("gw")
+        && (Cidr { addr, prefix_len }).contains(USER_GATEWAY)
+    {
+        args.push(format!("gw={USER_GATEWAY}"));
+    }
+    args
+}
 
 /// Linux limits interface names to 15 bytes.
 const IFNAME_MAX: usize = 15;
@@ -566,6 +610,19 @@ mod tests {
         }
         assert_eq!(parse_guest_ip("dhcp"), Ok(IpConfig::Dhcp));
         assert!(parse_guest_ip("10.0.0.1").unwrap_err().contains("dhcp"));
+    }
+
+    #[test]
+    fn the_user_mode_network_gets_qemus_address_statically() {
+        assert_eq!(user_net_args(None, ""), ["ip=10.0.2.15/24", "gw=10.0.2.2"]);
+        assert_eq!(
+            user_net_args(Some(IpConfig::Dhcp), "log=debug"),
+            ["ip=dhcp"]
+        );
+        // The user's own ip= (any value) wins: nothing is added, not even the gateway.
+        assert!(user_net_args(None, "ip=dhcp").is_empty());
+        assert!(user_net_args(Some(IpConfig::Dhcp), "log=info ip=10.0.2.15/24").is_empty());
+        assert_eq!(user_net_args(None, "gw=10.0.2.3"), ["ip=10.0.2.15/24"]);
     }
 
     #[test]

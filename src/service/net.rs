@@ -1,5 +1,6 @@
 //! The guest's TCP/IP stack: a smoltcp [`Interface`] on the network device, its address
-//! (DHCP or static, from the [`Config`]), and a pool of listening TCP sockets per port.
+//! (DHCP or static, from the [`Config`]; a static one is announced with a gratuitous ARP as
+//! the interface comes up), and a pool of listening TCP sockets per port.
 //!
 //! Each service port gets several sockets listening on it at once (smoltcp hands an incoming
 //! SYN to the first idle listener of the port, and answers a SYN that finds none with RST),
@@ -24,10 +25,13 @@ use log::{info, warn};
 use smoltcp::iface::{
     Config as IfaceConfig, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
 };
-use smoltcp::phy::{self, DeviceCapabilities};
+use smoltcp::phy::{self, DeviceCapabilities, TxToken as _};
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr,
+};
 
 pub use super::telemetry::PortStats;
 use super::telemetry::{ConnectionFigures, PortFigures};
@@ -291,6 +295,7 @@ impl Network {
                         .unwrap_or_default()
                 );
                 address = Some(cidr);
+                announce(dev, mac, addr, now);
                 None
             }
         };
@@ -673,6 +678,42 @@ impl Network {
             }
         }
     }
+}
+
+/// Announces the guest's static address `addr` on the link: a gratuitous ARP request (sender
+/// and target both `addr`, RFC 5227's announcement), broadcast once when the interface is set
+/// up. A peer that asked for the address before the guest could answer learns it now: QEMU's
+/// user-mode network sends its ARP request for the guest when the first connection comes
+/// in, which is lost when that is before the guest's network is up (just after the banner),
+/// and holds the connection's SYN for only a second before it drops it and resends it 6 s
+/// later. On a DHCP lease the DHCP request has told the link already.
+fn announce<D: phy::Device + ?Sized>(
+    dev: &mut D,
+    mac: EthernetAddress,
+    addr: Ipv4Address,
+    now: Instant,
+) {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: mac,
+        source_protocol_addr: addr,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: addr,
+    };
+    let eth = EthernetRepr {
+        src_addr: mac,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let Some(tx) = dev.transmit(now) else {
+        warn!("cannot announce {addr}: the device has no room to transmit");
+        return;
+    };
+    tx.consume(eth.buffer_len() + arp.buffer_len(), |buf| {
+        let mut frame = EthernetFrame::new_unchecked(buf);
+        eth.emit(&mut frame);
+        arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+    });
 }
 
 /// Socket options of every pool socket: no Nagle (replies are written whole and must leave

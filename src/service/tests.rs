@@ -612,6 +612,42 @@ fn scrape_answers_with_the_registry() {
 }
 
 #[test]
+fn a_static_address_is_announced_when_the_network_comes_up() {
+    use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol};
+    let h = Harness::new();
+    // Before anyone asked: a broadcast ARP request for the guest's own address, from it, so
+    // a peer whose ARP request was lost before the network was up learns the address.
+    let guest_mac = EthernetAddress([2, 0, 0, 0, 0, 1]);
+    let announcements: Vec<ArpRepr> = h
+        .dev
+        .rx
+        .borrow()
+        .iter()
+        .filter_map(|f| {
+            let frame = EthernetFrame::new_checked(&f[..]).ok()?;
+            if frame.ethertype() != EthernetProtocol::Arp
+                || frame.dst_addr() != EthernetAddress::BROADCAST
+                || frame.src_addr() != guest_mac
+            {
+                return None;
+            }
+            ArpRepr::parse(&ArpPacket::new_checked(frame.payload()).ok()?).ok()
+        })
+        .collect();
+    let guest_ip = Ipv4Address::from(GUEST_IP);
+    assert_eq!(
+        announcements,
+        [ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: guest_mac,
+            source_protocol_addr: guest_ip,
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: guest_ip,
+        }]
+    );
+}
+
+#[test]
 fn nbd_write_read_then_power_off_leaves_a_clean_image() {
     let mut h = Harness::new();
     let c = h.connect(NBD_PORT);
