@@ -288,7 +288,7 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
         let mut busy = self.poll_network(now);
         let t1 = self.platform.now_ns();
         busy |= self.drive_sessions(now);
-        if self.net.relisten() {
+        if self.net.relisten(now) {
             self.sessions.resize_with(self.net.listeners.len(), || None);
         }
         self.release_unneeded(now);
@@ -537,6 +537,11 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
     /// [`Evictable`]), if any, and puts its socket back to listening at once (its RST is
     /// sent first). Returns whether one was closed.
     fn evict(&mut self, service: Service, now: Instant) -> bool {
+        // A socket kept in TIME-WAIT goes first: nobody is evicted for it.
+        if let Some(i) = self.net.reuse_time_wait(service, now) {
+            self.close_session(i);
+            return true;
+        }
         let now_ms = now.total_millis() as u64;
         let victim = self
             .net
@@ -560,7 +565,7 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
         self.close_session(i);
         self.net.evict(i);
         self.net.egress(&mut self.dev, now);
-        if self.net.relisten() {
+        if self.net.relisten(now) {
             self.sessions.resize_with(self.net.listeners.len(), || None);
         }
         match why {
@@ -628,7 +633,7 @@ impl<P: Platform, B: BlockDevice + BlockQueue> Guest<P, B> {
             }
             info!("HTTP: closed {excess} slow clients above their share of the pool");
             self.net.egress(&mut self.dev, now);
-            if self.net.relisten() {
+            if self.net.relisten(now) {
                 self.sessions.resize_with(self.net.listeners.len(), || None);
             }
         }

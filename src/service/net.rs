@@ -10,11 +10,14 @@
 //! ([`Network::ingress_one`]) and the device is wrapped in a [`Tap`] that notices SYNs, so
 //! the caller tops the pool up between two frames ([`Network::top_up`]): a burst of SYNs in
 //! one batch finds listeners. A socket whose connection has ended is put back to listening
-//! by [`Network::relisten`]; one in `TIME-WAIT` is recycled at once (the guest only ever
-//! accepts connections, so an old duplicate segment cannot be mistaken for a new connection
-//! of its own), after its ACK of the peer's FIN has left: a socket that has sent its own FIN
-//! acknowledges at once instead of after smoltcp's delay, and is recycled a turn later (an
-//! egress that stopped on a full device may not have reached it). Sockets grown for a burst are
+//! by [`Network::relisten`]. A socket that has sent its own FIN acknowledges the peer's FIN at
+//! once instead of after smoltcp's delay, and then stays in `TIME-WAIT` for [`TIME_WAIT_MS`]
+//! (not smoltcp's 10 s: the guest only ever accepts connections, so an old duplicate segment
+//! cannot be mistaken for a new connection of its own): if that ACK was lost (an egress that
+//! stopped on a full device), the peer's FIN sent again is acknowledged, not answered with
+//! RST by a listening socket. A port left without a listener that cannot grow reuses its
+//! sockets in `TIME-WAIT`, oldest first, before it evicts anyone
+//! ([`Network::reuse_time_wait`]). Sockets grown for a burst are
 //! released when the port has not needed them for a while ([`Network::shrink`]), so their
 //! memory returns. [`PortStats`] counts what happened to each port's connections.
 
@@ -88,6 +91,13 @@ pub const DEFAULT_BUFFER_BUDGET: u64 = 64 << 20;
 /// their buffers freed ([`Network::shrink`]). A pool grown for a burst is back at its size
 /// before the burst one to two windows after the burst ended.
 pub const SHRINK_WINDOW_MS: u64 = 30_000;
+
+/// How long a socket whose connection closed cleanly stays in `TIME-WAIT` before it listens
+/// again (smoltcp's own limit is 10 s): long enough for a peer whose ACK of its FIN was lost
+/// (a full transmit queue) to send its FIN again and be answered with that ACK rather than a
+/// RST. A port that runs out of listeners reuses these sockets, oldest first, before it
+/// evicts a connection ([`Network::reuse_time_wait`]).
+pub const TIME_WAIT_MS: u64 = 2_000;
 
 /// smoltcp's delay before a lone ACK (its default), restored when a socket listens again.
 const ACK_DELAY: Duration = Duration::from_millis(10);
@@ -228,6 +238,8 @@ pub struct Listener {
     pub service: Service,
     /// The port it listens on.
     pub port: u16,
+    /// Since when (ms) its socket has been in `TIME-WAIT`, as [`Network::relisten`] saw it.
+    time_wait_since: Option<u64>,
 }
 
 /// The interface, its sockets and how it gets its address.
@@ -354,6 +366,7 @@ impl Network {
             handle,
             service,
             port,
+            time_wait_since: None,
         });
     }
 
@@ -481,9 +494,13 @@ impl Network {
     /// Puts every pool socket whose connection is over back to listening, and grows each
     /// port's pool towards [`SPARE_LISTENERS`] listeners (see [`Network::top_up`]).
     /// Returns whether sockets were added (the caller's per-socket state must follow).
-    pub fn relisten(&mut self) -> bool {
-        for l in &self.listeners {
+    pub fn relisten(&mut self, now: Instant) -> bool {
+        let now_ms = now.total_millis() as u64;
+        for l in &mut self.listeners {
             let socket = self.sockets.get_mut::<tcp::Socket>(l.handle);
+            if socket.state() != tcp::State::TimeWait {
+                l.time_wait_since = None;
+            }
             match socket.state() {
                 // Aborted, and its RST not sent yet (the next egress sends it; listening now
                 // would forget the peer and leave it waiting).
@@ -497,14 +514,20 @@ impl Network {
                     socket.set_ack_delay(None);
                     continue;
                 }
-                // In TIME-WAIT since the last turn: its ACK is due now (no delay), and the
-                // egress of a busy turn may stop on a full device before it: the socket
-                // waits one more turn (marked by the delay it gets back).
-                tcp::State::TimeWait if socket.ack_delay().is_none() => {
-                    socket.set_ack_delay(Some(ACK_DELAY));
-                    continue;
+                // In TIME-WAIT: its ACK of the peer's FIN is due now (no delay), but the
+                // egress of a busy turn may stop on a full device before it. The socket
+                // stays for TIME_WAIT_MS, so a FIN the peer sends again is acknowledged
+                // (a listening socket would answer it with RST), unless the port needs it
+                // first (`reuse_time_wait`).
+                tcp::State::TimeWait => {
+                    socket.set_ack_delay(None);
+                    let since = *l.time_wait_since.get_or_insert(now_ms);
+                    if now_ms < since.saturating_add(TIME_WAIT_MS) {
+                        continue;
+                    }
+                    l.time_wait_since = None;
+                    socket.abort();
                 }
-                tcp::State::TimeWait => socket.abort(),
                 _ => continue,
             }
             tune(socket);
@@ -517,6 +540,32 @@ impl Network {
             added |= self.grow(service);
         }
         added
+    }
+
+    /// Puts the socket of `service`'s port that has been in `TIME-WAIT` longest back to
+    /// listening, for a port that has no listener left and cannot grow: before a connection
+    /// is evicted. Returns its pool index (the caller drops the session of that slot), or
+    /// `None` when the port has no socket in `TIME-WAIT`.
+    pub fn reuse_time_wait(&mut self, service: Service, now: Instant) -> Option<usize> {
+        let now_ms = now.total_millis() as u64;
+        let (i, l) = self
+            .listeners
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, l)| {
+                l.service == service
+                    && self.sockets.get::<tcp::Socket>(l.handle).state() == tcp::State::TimeWait
+            })
+            .min_by_key(|(_, l)| l.time_wait_since.unwrap_or(now_ms))?;
+        l.time_wait_since = None;
+        let socket = self.sockets.get_mut::<tcp::Socket>(l.handle);
+        socket.abort();
+        tune(socket);
+        if let Err(e) = socket.listen(l.port) {
+            warn!("cannot listen again on port {}: {e:?}", l.port);
+        }
+        self.has_listener[service.index()] = true;
+        Some(i)
     }
 
     /// After a connection attempt on `service`'s port: grows its pool towards

@@ -648,6 +648,70 @@ fn a_static_address_is_announced_when_the_network_comes_up() {
 }
 
 #[test]
+fn a_peer_whose_fin_ack_was_lost_gets_it_again_not_a_reset() {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+    // The guest's flags on a TCP frame it sent from the metrics port: (RST, a lone ACK).
+    fn guest_tcp(frame: &[u8]) -> Option<(bool, bool)> {
+        let eth = EthernetFrame::new_checked(frame).ok()?;
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return None;
+        }
+        let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+        if ip.next_header() != IpProtocol::Tcp {
+            return None;
+        }
+        let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+        if tcp.src_port() != HTTP_PORT {
+            return None;
+        }
+        let lone_ack = tcp.ack() && !tcp.syn() && !tcp.fin() && !tcp.rst();
+        Some((tcp.rst(), lone_ack && tcp.payload().is_empty()))
+    }
+
+    let mut h = Harness::new();
+    let c = h.connect(HTTP_PORT);
+    h.send(
+        c,
+        b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n",
+    );
+    let reply = h.recv_to_end(c);
+    assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    // The guest closed first; the client's FIN follows, and the guest's ACK of it is lost
+    // (as when the transmit queue is full): the client sends its FIN again.
+    h.socket(c).close();
+    let (mut dropped, mut resets) = (0, 0);
+    for _ in 0..10_000 {
+        if dropped > 0 && h.socket(c).state() == tcp::State::Closed {
+            break;
+        }
+        h.iface.poll(now(&h.clock), &mut h.dev, &mut h.sockets);
+        assert!(h.guest.turn().is_none());
+        let mut frames = h.dev.rx.borrow_mut();
+        frames.retain(|f| match guest_tcp(f) {
+            Some((true, _)) => {
+                resets += 1;
+                true
+            }
+            Some((false, true)) if dropped == 0 => {
+                dropped += 1;
+                false
+            }
+            _ => true,
+        });
+        drop(frames);
+        h.iface.poll(now(&h.clock), &mut h.dev, &mut h.sockets);
+        h.clock.set(h.clock.get() + 1_000_000);
+    }
+    assert_eq!(dropped, 1, "the guest never acknowledged the client's FIN");
+    assert_eq!(h.socket(c).state(), tcp::State::Closed);
+    assert_eq!(resets, 0, "the client's second FIN was answered with RST");
+    // The socket listens again afterwards: a new scrape is answered.
+    h.idle(3_000);
+    let text = scrape(&mut h);
+    assert!(text.starts_with(b"HTTP/1.1 200 OK\r\n"));
+}
+
+#[test]
 fn nbd_write_read_then_power_off_leaves_a_clean_image() {
     let mut h = Harness::new();
     let c = h.connect(NBD_PORT);
