@@ -909,6 +909,36 @@ fn a_full_port_evicts_the_connection_idle_longest() {
 }
 
 #[test]
+fn a_full_port_reuses_sockets_in_time_wait_before_it_evicts_anyone() {
+    use super::net::Service;
+    // 16 HTTP sockets and no room to grow: 14 silent clients, then two scrapes whose
+    // sockets stay in TIME-WAIT after their clean close.
+    let mut h = Harness::with_args("net_buffers=1M");
+    let silent: Vec<_> = (0..14).map(|_| h.connect(HTTP_PORT)).collect();
+    h.advance(MIN_IDLE_MS);
+    for _ in 0..2 {
+        let reply = scrape(&mut h);
+        assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    }
+    // The second scrape took the last listener: a socket in TIME-WAIT listens again instead
+    // of a silent client being evicted; a 15th silent client takes it and the other one.
+    let late = h.connect(HTTP_PORT);
+    h.step();
+    let stats = h.guest.port_stats(Service::Http);
+    assert_eq!((stats.evicted, stats.refused), (0, 0), "{stats:?}");
+    for &c in silent.iter().chain([&late]) {
+        assert_eq!(h.socket(c).state(), tcp::State::Established);
+    }
+    // Nothing left in TIME-WAIT: the next client evicts the one idle longest.
+    let _next = h.connect(HTTP_PORT);
+    h.step();
+    let stats = h.guest.port_stats(Service::Http);
+    assert_eq!((stats.evicted, stats.refused), (1, 0), "{stats:?}");
+    assert_eq!(h.socket(silent[0]).state(), tcp::State::Closed);
+    assert_eq!(h.guest.network().pool_size(Service::Http), 16);
+}
+
+#[test]
 fn idle_nbd_clients_time_out_and_are_counted() {
     use super::net::Service;
     let mut h = Harness::with_args("nbd_idle=2s");
