@@ -862,20 +862,27 @@ fn a_burst_of_connections_in_one_batch_is_accepted_without_reset() {
     assert_eq!(h.guest.port_stats(Service::Http).accepted, burst as u64);
 }
 
-#[test]
-fn a_full_port_evicts_the_connection_idle_longest() {
-    use super::net::Service;
-    // A budget below the boot-time pools: no port grows (16 HTTP, 8 NBD sockets).
+/// A guest whose pools cannot grow (a budget below the boot-time pools: 16 HTTP, 8 NBD
+/// sockets), `silent` HTTP clients connected and idle long enough to be evicted, then
+/// `scrapes` scrapes answered on fresh connections. Returns the guest and the silent clients.
+fn full_http_port(silent: usize, scrapes: usize) -> (Harness, Vec<SocketHandle>) {
     let mut h = Harness::with_args("net_buffers=1M");
-    let silent: Vec<_> = (0..16).map(|_| h.connect(HTTP_PORT)).collect();
+    let clients: Vec<_> = (0..silent).map(|_| h.connect(HTTP_PORT)).collect();
     h.advance(MIN_IDLE_MS);
-    // Every HTTP socket holds a silent client; 20 scrapes on fresh connections each evict
-    // the one idle longest (the silent ones first, then earlier scrapers' closed sockets
-    // are listening again anyway).
-    for _ in 0..20 {
+    for _ in 0..scrapes {
         let reply = scrape(&mut h);
         assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
     }
+    (h, clients)
+}
+
+#[test]
+fn a_full_port_evicts_the_connection_idle_longest() {
+    use super::net::Service;
+    // Every HTTP socket holds a silent client; 20 scrapes on fresh connections each evict
+    // the one idle longest (the silent ones first, then earlier scrapers' closed sockets
+    // are listening again anyway).
+    let (mut h, silent) = full_http_port(16, 20);
     let stats = h.guest.port_stats(Service::Http);
     assert_eq!(stats.refused, 0, "{stats:?}");
     assert!(stats.evicted >= 1, "{stats:?}");
@@ -913,13 +920,7 @@ fn a_full_port_reuses_sockets_in_time_wait_before_it_evicts_anyone() {
     use super::net::Service;
     // 16 HTTP sockets and no room to grow: 14 silent clients, then two scrapes whose
     // sockets stay in TIME-WAIT after their clean close.
-    let mut h = Harness::with_args("net_buffers=1M");
-    let silent: Vec<_> = (0..14).map(|_| h.connect(HTTP_PORT)).collect();
-    h.advance(MIN_IDLE_MS);
-    for _ in 0..2 {
-        let reply = scrape(&mut h);
-        assert!(reply.starts_with(b"HTTP/1.1 200 OK\r\n"));
-    }
+    let (mut h, silent) = full_http_port(14, 2);
     // The second scrape took the last listener: a socket in TIME-WAIT listens again instead
     // of a silent client being evicted; a 15th silent client takes it and the other one.
     let late = h.connect(HTTP_PORT);
