@@ -394,6 +394,18 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(())
     }
 
+    /// An L2 table about to change must lie wholly on the device (grown if it can grow):
+    /// one that runs past the end of a fixed device (a damaged or cut image) reads as
+    /// zeros there but could never be written back, so the write is refused with
+    /// [`Qcow2Error::NoSpace`] before anything changes, not failed later at flush.
+    fn l2_fits_for_write(&mut self, off: u64) -> Result<()> {
+        if self.grow_to(off / self.geo.cluster_size() + 1) {
+            Ok(())
+        } else {
+            Err(Qcow2Error::NoSpace)
+        }
+    }
+
     /// Whether `[off, off+len)` overlaps the header cluster, the L1 table or the refcount table.
     pub(crate) fn overlaps_fixed(&self, off: u64, len: u64) -> bool {
         let cs = self.geo.cluster_size();
@@ -438,6 +450,7 @@ impl<D: BlockDevice> Qcow2<D> {
             && mi == l1i
             && self.l2c.is_live(s, off)
         {
+            self.l2_fits_for_write(off)?;
             self.stats.l2_cache_hits += 1;
             return Ok(s);
         }
@@ -451,12 +464,14 @@ impl<D: BlockDevice> Qcow2<D> {
         match decode_l1(e, &self.geo)? {
             Some((off, true)) => {
                 self.check_l2_offset(off)?;
+                self.l2_fits_for_write(off)?;
                 let s = self.load(Pool::L2, off, TableKind::L2, true)?;
                 self.l2_memo = Some((l1i, off, s, true));
                 Ok(s)
             }
             Some((off, false)) => {
                 self.check_l2_offset(off)?;
+                self.l2_fits_for_write(off)?;
                 let rc = self.refcount(off / cs)?;
                 if rc == 0 {
                     return Err(Qcow2Error::Corrupt("an L2 table in use has refcount 0"));

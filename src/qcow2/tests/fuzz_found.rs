@@ -80,3 +80,35 @@ fn clusters_shared_by_active_tables_after_repair_and_write() {
     save(&q.close().unwrap(), &ours);
     assert_qemu_clean(&ours);
 }
+
+/// Fuzz target `image` (`fuzz/regressions/image-flush-after-repair.qcow2`, 4 KiB clusters on
+/// a fixed device that ends 2 bytes into the cluster holding the only L2 table): the table
+/// reads as zeros past the end, so check and repair find nothing to fix there, and a write
+/// that changed it was accepted and then failed at flush (EIO). A write that would change a
+/// table the device cannot hold is refused at once (ENOSPC) and changes nothing.
+#[test]
+fn a_write_into_an_l2_table_past_a_fixed_device_end_is_refused() {
+    let data = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/regressions/image-flush-after-repair.qcow2"
+    ))
+    .unwrap();
+    let mut bytes = data.clone();
+    bytes.resize(data.len() + (256 << 10), 0);
+    let repair = OpenOptions {
+        repair: true,
+        ..OpenOptions::default()
+    };
+    let mut q = Qcow2::open(MemDisk::from_bytes(bytes, true), repair).unwrap();
+    assert!(q.repair().unwrap().is_clean());
+    let off = q.size() / 2;
+    let mut before = vec![0u8; 3000];
+    q.read(off, &mut before).unwrap();
+    let e = q.write(off, &[0x5a; 3000]).unwrap_err();
+    assert!(e.to_string().contains("space"), "{e}");
+    q.flush().unwrap();
+    let mut after = vec![0u8; 3000];
+    q.read(off, &mut after).unwrap();
+    assert_eq!(before, after);
+    assert!(q.check().unwrap().is_clean());
+}
