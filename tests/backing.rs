@@ -11,11 +11,9 @@
 //! an encrypted layer are refused before boot, naming the file.
 
 use qcow_metal_e2e::{
-    ScratchDir, boot_serving, guest, qemu_img_to_raw, qemu_io, run_tool, run_tool_output,
-    shut_down_cleanly,
+    ScratchDir, boot_serving, guest, metrics_text, qemu_img_to_raw, qemu_io, run_tool,
+    run_tool_output, sample, shut_down_cleanly,
 };
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
@@ -28,29 +26,6 @@ fn s(p: &Path) -> &str {
 
 fn qemu_img(args: &[&str]) -> String {
     run_tool("qemu-img", "qemu-utils", args)
-}
-
-/// `/metrics` of the guest (text format).
-fn scrape(port: u16) -> String {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connecting to /metrics");
-    c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut raw = String::new();
-    c.read_to_string(&mut raw).expect("/metrics");
-    raw.split_once("\r\n\r\n")
-        .expect("an HTTP answer")
-        .1
-        .to_string()
-}
-
-/// The value of the series whose line starts with `prefix` (0 when absent).
-fn series(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[test]
@@ -155,12 +130,13 @@ fn guest_serves_an_overlay_on_a_compressed_base() {
     std::fs::write(&expected_path, &expected).unwrap();
     qemu_img(&["compare", "-f", "raw", "-F", "raw", &uri, s(&expected_path)]);
     // Every layer served data, counted per depth.
-    let metrics = scrape(g.metrics_port());
+    let metrics = metrics_text(g.metrics_port());
     for depth in 0..3 {
-        let v = series(
+        let v = sample(
             &metrics,
             &format!("qcow_metal_disk_layer_read_bytes_total{{disk=\"disk\",depth=\"{depth}\"}}"),
-        );
+        )
+        .unwrap_or(0.0);
         assert!(v > 0.0, "depth {depth} served nothing:\n{metrics}");
     }
     shut_down_cleanly(&mut g);

@@ -10,15 +10,15 @@
 //! - Images: [`qemu_img_check_json`], [`qemu_img_to_raw`], [`qemu_img_snapshot_raw`].
 //! - Dirty bitmaps: [`nbd_dirty_runs`], [`qemu_nbd_dirty_runs`] (`nbdinfo --map`),
 //!   [`dirty_runs`], [`merge_runs`].
-//! - Prometheus: [`spawn_prometheus`].
+//! - Prometheus: [`spawn_prometheus`]; the guest's exposition: [`metrics_text`], [`sample`].
 //! - NBD: [`nbd_client`] on a guest's export.
 //! - Network namespaces: [`in_namespace`] (a guest on a tap, on its own address), [`ip`].
 //! - Scratch space: [`ScratchDir`].
 
 use qcow_metal::nbd::client::{Client, ClientOptions};
 use qcow_metal_runner::kernel;
-use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -320,6 +320,31 @@ pub fn spawn_prometheus(config: &Path, dir: &Path, port: u16) -> Child {
         .stderr(log)
         .spawn()
         .expect("starting prometheus (Debian package prometheus)")
+}
+
+/// `GET /metrics` on the guest at `127.0.0.1:port` (text format): the whole answer, checked
+/// to be a 200.
+pub fn metrics_text(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connecting to /metrics on port {port}: {e}"));
+    s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("/metrics did not answer: {e}"));
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the first sample of `family` (a family name, or a series with its labels)
+/// in a text exposition; `None` when there is none.
+pub fn sample(text: &str, family: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// This crate's NBD client on the guest's export at loopback `port`, with

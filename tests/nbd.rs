@@ -8,8 +8,8 @@ use qcow_metal::nbd::proto::{
     OPT_GO, REP_ACK, REP_ERR_UNKNOWN, REP_ERR_UNSUP, REQUEST_LEN, TFLAG_READ_ONLY,
 };
 use qcow_metal_e2e::{
-    NBD_EXPORT, ScratchDir, TOOL_TIMEOUT, boot, guest, nbd_client, qemu_img_convert_to_raw,
-    qemu_io, require_tool, run_tool, shut_down_cleanly,
+    NBD_EXPORT, ScratchDir, TOOL_TIMEOUT, boot, guest, metrics_text, nbd_client,
+    qemu_img_convert_to_raw, qemu_io, require_tool, run_tool, sample, shut_down_cleanly,
 };
 use qcow_metal_runner::disk::GuestFormat;
 use std::io::{Read, Write};
@@ -334,29 +334,6 @@ fn raw_mode_serves_the_device_bytes() {
     assert_eq!(&magic, b"QFI\xfb");
     c.disconnect().unwrap();
     shut_down_cleanly(&mut g);
-}
-
-/// `GET /metrics` on the guest (plain text); the body.
-fn metrics_text(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .unwrap_or_else(|e| panic!("connecting to /metrics on port {port}: {e}"));
-    s.set_read_timeout(Some(TOOL_TIMEOUT)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .unwrap_or_else(|e| panic!("/metrics did not answer: {e}"));
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
-
-/// The value of the first sample of `family` in a text exposition.
-fn sample(text: &str, family: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[test]
