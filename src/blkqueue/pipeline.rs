@@ -5,13 +5,17 @@
 //!
 //! Which requests overlap, and the ordering rules that keep the image safe:
 //!
-//! - **Queued** (in flight together): a read of any mapped range, and a write whose every
-//!   cluster is allocated with refcount one ([`QueuedDisk::map_overwrite`]): neither changes
+//! - **Queued** (in flight together): a read of any mapped range, a write whose every
+//!   cluster is allocated with refcount one ([`QueuedDisk::map_overwrite`]), and a write
+//!   that fills whole new clusters ([`QueuedDisk::map_write`]). The first two change no
 //!   metadata, so crash safety is the device's own (a write in flight may or may not be on
-//!   the disk after a power cut, as on any disk, and nothing points anywhere new).
+//!   the disk after a power cut, as on any disk, and nothing points anywhere new). The third
+//!   has its clusters allocated (refcount one) before its data goes out, and the references
+//!   to them ([`NewRefs`]) are made only when the data has landed
+//!   ([`QueuedDisk::finish_write`]): a power cut in between leaks at most the new clusters.
 //! - **Synchronous** (a barrier): flush, discard, write-zeroes, writes with FUA, writes that
-//!   allocate (new, zero, shared or compressed clusters), unaligned requests, reads of
-//!   compressed clusters. One runs only when nothing is in flight, through the engine's
+//!   allocate only part of a cluster or replace shared or compressed clusters, unaligned
+//!   requests, reads of compressed clusters. One runs only when nothing is in flight, through the engine's
 //!   ordinary path with its metadata ordering; requests behind it wait. So a flush covers
 //!   every write that finished before it, and no mapping changes under a request in flight.
 //! - **Conflicts**: a request that overlaps one in flight (a read over a write, a write over
@@ -73,6 +77,38 @@ pub fn push_run(runs: &mut Vec<HostRun>, run: HostRun) {
     }
 }
 
+/// Guest ranges a queued write gave new homes: clusters allocated for it before its data
+/// went out, referenced only once the data has landed ([`QueuedDisk::finish_write`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewRefs(pub Vec<NewRef>);
+
+impl NewRefs {
+    /// Whether the write allocated nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One guest range of [`NewRefs`] and the host range that will hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewRef {
+    /// First guest byte.
+    pub guest: u64,
+    /// First host byte.
+    pub host: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Where a queued write's data goes ([`QueuedDisk::map_write`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MappedWrite {
+    /// The host runs, in guest order (only [`HostRun::Data`]).
+    pub runs: Vec<HostRun>,
+    /// What to reference once the data has landed (empty for a pure overwrite).
+    pub refs: NewRefs,
+}
+
 /// A virtual disk whose data can be moved through a [`BlockQueue`]: it says where a guest
 /// range lives on the device, and gives the device's queue.
 pub trait QueuedDisk: VirtualDisk {
@@ -83,6 +119,32 @@ pub trait QueuedDisk: VirtualDisk {
     /// Where a write of `len` bytes at `offset` goes when it changes no metadata (only
     /// [`HostRun::Data`] runs); `None` when only [`VirtualDisk::write`] can do it.
     fn map_overwrite(&mut self, offset: u64, len: u64) -> Result<Option<Vec<HostRun>>, DiskError>;
+
+    /// Where a write of `len` bytes at `offset` goes when its data can move through the
+    /// queue, new clusters allocated for it if it needs them: a disk that allocates here
+    /// returns the references to make in [`MappedWrite::refs`], and makes them in
+    /// [`QueuedDisk::finish_write`] once the data has landed. `None` when only
+    /// [`VirtualDisk::write`] can do it. The default allocates nothing:
+    /// [`QueuedDisk::map_overwrite`].
+    fn map_write(&mut self, offset: u64, len: u64) -> Result<Option<MappedWrite>, DiskError> {
+        Ok(self.map_overwrite(offset, len)?.map(|runs| MappedWrite {
+            runs,
+            refs: NewRefs::default(),
+        }))
+    }
+
+    /// The data of a write [`QueuedDisk::map_write`] allocated for finished on the device
+    /// with `result`: on success the disk references its new clusters now; on failure it
+    /// gives them back. Returns the write's result (an error when the references could not
+    /// be made). Called only with non-empty `refs`; the default returns `result`.
+    fn finish_write(
+        &mut self,
+        refs: NewRefs,
+        result: Result<(), DiskError>,
+    ) -> Result<(), DiskError> {
+        let _ = refs;
+        result
+    }
 
     /// The device's queue.
     fn queue(&mut self) -> &mut dyn BlockQueue;
@@ -198,6 +260,8 @@ struct Job {
     data: Vec<u8>,
     /// [`QueuedDisk::queued_start`]'s stamp.
     started: u64,
+    /// New clusters to reference when the data has landed (a write that allocated).
+    refs: NewRefs,
 }
 
 /// Counters of a [`Pipeline`], for metrics and tests.
@@ -274,7 +338,11 @@ impl Pipeline {
         loop {
             let mut moved = self.send_parts(disk);
             while let Some(c) = disk.queue().poll() {
-                if let Some(job) = self.complete(c) {
+                if let Some(mut job) = self.complete(c) {
+                    if !job.refs.is_empty() {
+                        let refs = core::mem::take(&mut job.refs);
+                        job.result = disk.finish_write(refs, job.result);
+                    }
                     disk.queued_done(job.write, job.len, job.started, job.result.is_ok());
                     self.finish_job(job);
                 }
@@ -428,12 +496,17 @@ impl Pipeline {
         };
         let started = disk.queued_start();
         let mapped = if write {
-            disk.map_overwrite(offset, len)
+            disk.map_write(offset, len)
         } else {
-            disk.map_read(offset, len)
+            disk.map_read(offset, len).map(|m| {
+                m.map(|runs| MappedWrite {
+                    runs,
+                    refs: NewRefs::default(),
+                })
+            })
         };
-        let runs = match mapped {
-            Ok(Some(runs)) => runs,
+        let MappedWrite { runs, refs } = match mapped {
+            Ok(Some(m)) => m,
             Ok(None) => return Err((tag, op)),
             Err(e) => {
                 self.stats.synchronous += 1;
@@ -456,6 +529,10 @@ impl Pipeline {
         if runs.iter().any(
             |r| matches!(r, HostRun::Data { host, len } if !host.is_multiple_of(align) || !len.is_multiple_of(align)),
         ) {
+            if !refs.is_empty() {
+                // Give the clusters back: the synchronous path allocates its own.
+                let _ = disk.finish_write(refs, Err(DiskError::Invalid));
+            }
             return Err((tag, op));
         }
         let job_id = self.next_job;
@@ -509,6 +586,7 @@ impl Pipeline {
             result: Ok(()),
             data,
             started,
+            refs,
         };
         if parts == 0 {
             // All zeros (or an empty write): done already.

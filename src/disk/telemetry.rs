@@ -3,7 +3,7 @@
 //! ([`crate::qcow2::telemetry`]) and, on request, ocaml-qcow's `Mirage_qcow_*` families.
 
 use super::{DiskError, Extent, VirtualDisk};
-use crate::blkqueue::pipeline::{HostRun, QueuedDisk};
+use crate::blkqueue::pipeline::{HostRun, MappedWrite, NewRefs, QueuedDisk};
 use crate::blkqueue::queue::BlockQueue;
 use crate::block::telemetry::{HasRequests, IoOp, Recorder, RequestFamilyNames, RequestMetrics};
 use crate::compaction::CompactionState;
@@ -326,6 +326,18 @@ impl<V: QueuedDisk, H: HasRequests> QueuedDisk for Instrumented<V, H> {
 
     fn map_overwrite(&mut self, offset: u64, len: u64) -> Result<Option<Vec<HostRun>>, DiskError> {
         self.inner.map_overwrite(offset, len)
+    }
+
+    fn map_write(&mut self, offset: u64, len: u64) -> Result<Option<MappedWrite>, DiskError> {
+        self.inner.map_write(offset, len)
+    }
+
+    fn finish_write(
+        &mut self,
+        refs: NewRefs,
+        result: Result<(), DiskError>,
+    ) -> Result<(), DiskError> {
+        self.inner.finish_write(refs, result)
     }
 
     fn queue(&mut self) -> &mut dyn BlockQueue {
