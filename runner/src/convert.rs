@@ -70,6 +70,9 @@ pub struct ConvertOptions {
     pub lazy_refcounts: bool,
     /// Extended L2 entries in the output (`-o extended_l2=on`; clusters of 16 KiB or more).
     pub extended_l2: bool,
+    /// The output's header version (`-o compat=`): 3 (`1.1`, `v3`; the default) or 2
+    /// (`0.10`, `v2`: 16-bit refcounts, zlib, no lazy refcounts or extended L2 entries).
+    pub version: u32,
     /// Read this internal snapshot of a qcow2 source (`-l`, by ID or name) instead of its
     /// current disk.
     pub snapshot: Option<String>,
@@ -98,6 +101,7 @@ impl Default for ConvertOptions {
             compression_type: CompressionType::Zlib,
             lazy_refcounts: false,
             extended_l2: false,
+            version: 3,
             snapshot: None,
             sparse_size: None,
             threads: 0,
@@ -152,9 +156,11 @@ impl ConvertOptions {
                     self.extended_l2 = parse_on_off(value).ok_or_else(|| bad("use on or off"))?;
                 }
                 "compat" => {
-                    if !matches!(value, "1.1" | "v3") {
-                        return Err(bad("this tool writes version 3 images only (compat=1.1)"));
-                    }
+                    self.version = match value {
+                        "1.1" | "v3" => 3,
+                        "0.10" | "v2" => 2,
+                        _ => return Err(bad("use 0.10 (or v2) or 1.1 (or v3)")),
+                    };
                 }
                 "preallocation" => {
                     if value != "off" {
@@ -184,13 +190,26 @@ impl ConvertOptions {
             if self.out_format != Format::Qcow2 {
                 return refuse("(backing file) needs qcow2 output (-O qcow2)");
             }
-            if self.snapshot.is_some() {
-                return refuse("and -l together are not supported");
-            }
         } else if self.backing_format.is_some() {
             return Err(Error::Usage(
                 "-F (backing format) needs -B (backing file)".into(),
             ));
+        }
+        let v2 = CreateOptions {
+            refcount_bits: self.refcount_bits,
+            lazy_refcounts: self.lazy_refcounts,
+            compression_type: self.compression_type,
+            extended_l2: self.extended_l2,
+            ..CreateOptions::default()
+        };
+        if self.version == 2
+            && let Some(key) = v2.beyond_version_2()
+        {
+            // Refused with QEMU's reason, before any file is made.
+            return Err(Error::Usage(format!(
+                "-o {key}: only supported with compatibility level 1.1 and above (use \
+                 compat=1.1, or leave compat=0.10 out)"
+            )));
         }
         if self.extended_l2 && self.cluster_size < 16 << 10 {
             return Err(Error::Usage(
@@ -419,8 +438,8 @@ fn probe_format(path: &Path) -> Result<Format> {
     }
 }
 
-/// Whether every cluster of `q`'s own (top) layer that the run at `off` (`len` bytes, cut
-/// at the disk's end) touches is unallocated.
+/// Whether every cluster of `q`'s own (top) layer (of the snapshot read with `-l`) that the
+/// run at `off` (`len` bytes, cut at the disk's end) touches is unallocated.
 fn top_unallocated(q: &mut Qcow2<FileDisk>, off: u64, len: u64) -> std::io::Result<bool> {
     let end = (off + len).min(q.size());
     if end <= off {
@@ -428,8 +447,9 @@ fn top_unallocated(q: &mut Qcow2<FileDisk>, off: u64, len: u64) -> std::io::Resu
     }
     let cs = q.cluster_size();
     for vc in off / cs..=(end - 1) / cs {
+        // The snapshot's own clusters with -l.
         let m = q
-            .mapping(vc)
+            .view_mapping(vc)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         if m != Mapping::Unallocated {
             return Ok(false);
@@ -564,6 +584,7 @@ pub fn convert(
         Format::Qcow2 => {
             let cs = opts.cluster_size;
             let mut create = CreateOptions {
+                version: opts.version,
                 virtual_size: size,
                 cluster_size: cs,
                 refcount_bits: opts.refcount_bits,
@@ -1043,7 +1064,7 @@ mod tests {
             ("cluster_size=3000", "cluster_size"),
             ("compression_type=lz4", "compression_type"),
             ("refcount_bits=3", "refcount_bits"),
-            ("compat=0.10", "compat"),
+            ("compat=0.9", "compat"),
             ("frobnicate=1", "frobnicate"),
             ("cluster_size", "cluster_size"),
         ] {

@@ -229,7 +229,8 @@ enum ImageCommand {
         #[arg(short = 'O', value_name = "FMT", value_parser = Format::parse, default_value = "raw")]
         out_format: Format,
         /// qcow2 output options, comma-separated: cluster_size=SIZE, refcount_bits=N,
-        /// compression_type=zlib|zstd, lazy_refcounts=on|off, extended_l2=on|off
+        /// compression_type=zlib|zstd, lazy_refcounts=on|off, extended_l2=on|off,
+        /// compat=1.1|0.10 (0.10: a version 2 image)
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Convert an internal snapshot of a qcow2 source: NAME_OR_ID, snapshot.name=NAME
@@ -244,8 +245,9 @@ enum ImageCommand {
         /// driver)
         #[arg(short = 'm', value_name = "N", value_parser = clap::value_parser!(u16).range(1..=16))]
         threads: Option<u16>,
-        /// Allow out-of-order writes (accepted for qemu-img compatibility: the output is
-        /// written in order either way)
+        /// Allow out-of-order writes (accepted for qemu-img compatibility and ignored: one
+        /// thread writes the output in order; with -c the compressors run up to two
+        /// chunks per thread ahead of it, so they do not wait on the order)
         #[arg(short = 'W')]
         out_of_order: bool,
         /// Make the output an overlay on this backing file (qcow2 output; a relative name is

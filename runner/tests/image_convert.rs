@@ -228,13 +228,18 @@ fn convert_reads_qemu_zstd_images() {
 fn qemu_overlay(dir: &Path, writes: &[&str]) -> PathBuf {
     let top = dir.join("top.qcow2");
     qcow2_overlay(&top, "base.qcow2", "qcow2");
+    qemu_io(&top, writes);
+    top
+}
+
+/// Runs the qemu-io `writes` on the qcow2 image `img`.
+fn qemu_io(img: &Path, writes: &[&str]) {
     let mut args = vec!["-f", "qcow2"];
     for w in writes {
         args.extend(["-c", w]);
     }
-    args.push(p(&top));
+    args.push(p(img));
     ok("qemu-io", &args);
-    top
 }
 
 #[test]
@@ -635,4 +640,124 @@ fn convert_sparse_size_and_extended_l2() {
         p(&sparse),
     ]);
     assert!(err.contains("extended_l2"), "{err}");
+}
+
+/// `-o compat=0.10`: a version 2 image QEMU reads as such (plain, compressed, and an overlay,
+/// where zeros are written as data: version 2 has no zero flag); what version 2 cannot hold is
+/// refused as qemu-img refuses it, before any file is made.
+#[test]
+fn convert_to_compat_0_10() {
+    let (dir, src) = scratch_with_source();
+    let base = dir.path().join("base.qcow2");
+    qemu_filled(&base, 0x5a);
+    for (i, extra) in ["", "-c", "-B base.qcow2 -F qcow2", "-o compat=v2"]
+        .into_iter()
+        .enumerate()
+    {
+        let out = dir.path().join(format!("v2-{i}.qcow2"));
+        let words = format!("image convert -q -O qcow2 -o compat=0.10 {extra}");
+        ours_ok(&with_paths(&words, &[&src, &out]));
+        qemu_check_clean(&out);
+        qemu_compare(&out, "qcow2", &src, "qcow2");
+        let info = ok("qemu-img", &["info", "--output=json", p(&out)]);
+        assert!(info.contains("\"compat\": \"0.10\""), "{extra}: {info}");
+        // Byte 4: version 2; after the 72-byte header no feature table, only the backing
+        // format of an overlay (as qemu-img writes a version 2 overlay).
+        let head = std::fs::read(&out).unwrap();
+        assert_eq!(head[4..8], [0, 0, 0, 2], "{extra}");
+        let first_ext = if extra.contains("-B") {
+            [0xe2, 0x79, 0x2a, 0xca]
+        } else {
+            [0; 4]
+        };
+        assert_eq!(head[72..76], first_ext, "{extra}: header extensions");
+    }
+    // What qemu-img says version 2 cannot hold (the same option named, the same way out).
+    for (opts, name) in [
+        ("compat=0.10,lazy_refcounts=on", "lazy_refcounts"),
+        ("extended_l2=on,compat=0.10", "extended_l2"),
+        ("compat=0.10,compression_type=zstd", "compression_type"),
+        ("compat=0.10,refcount_bits=8", "refcount_bits"),
+    ] {
+        let out = dir.path().join("refused.qcow2");
+        let err = ours_err(&with_paths(
+            &format!("image convert -O qcow2 -o {opts}"),
+            &[&src, &out],
+        ));
+        assert!(
+            err.contains(name) && err.contains("compatibility level 1.1"),
+            "{opts}: {err}"
+        );
+        assert!(!out.exists(), "{opts}: a refused convert made its output");
+        let words = format!("create -f qcow2 -o {opts}");
+        let mut create = with_paths(&words, &[&out]);
+        create.push("1M");
+        let o = run("qemu-img", &create);
+        let theirs = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && theirs.contains("compatibility level 1.1"),
+            "{opts}: qemu-img: {theirs}"
+        );
+    }
+    let err = ours_err(&with_paths(
+        "image convert -O qcow2 -o compat=1.0",
+        &[&src, &dir.path().join("x.qcow2")],
+    ));
+    assert!(err.contains("compat"), "{err}");
+}
+
+/// `-B` with `-l`: a snapshot of an overlay becomes an overlay on a new backing file holding
+/// the snapshot's own clusters, as qemu-img makes it (same own extents in `qemu-img map`).
+#[test]
+fn convert_a_snapshot_to_an_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_filled(&base, 0x5a);
+    let top = qemu_overlay(
+        dir.path(),
+        &[
+            "write -P 0xee 8M 192K",
+            "write -z 16M 128K",
+            "write -P 0x11 40M 4K",
+        ],
+    );
+    ok("qemu-img", &["snapshot", "-c", "s1", p(&top)]);
+    let snap = dir.path().join("snap.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-l", "s1", "-O", "raw", p(&top), p(&snap)],
+    );
+    // The overlay moves on after the snapshot: over clusters the snapshot left to the base
+    // and over one it holds.
+    qemu_io(&top, &["write -P 0x77 0 2M", "write -z 8M 64K"]);
+    let ours_out = dir.path().join("ours.qcow2");
+    ours_ok(&with_paths(
+        "image convert -q -l s1 -O qcow2 -B base.qcow2 -F qcow2",
+        &[&top, &ours_out],
+    ));
+    qemu_check_clean(&ours_out);
+    qemu_compare(&ours_out, "qcow2", &snap, "raw");
+    let theirs = dir.path().join("theirs.qcow2");
+    ok(
+        "qemu-img",
+        &with_paths(
+            "convert -l s1 -O qcow2 -B base.qcow2 -F qcow2",
+            &[&top, &theirs],
+        ),
+    );
+    let own = |img: &Path| -> Vec<String> {
+        let map = ok("qemu-img", &["map", "--output=json", p(img)]);
+        map.lines()
+            .filter(|l| l.contains("\"depth\": 0"))
+            .map(|l| {
+                l.split(", \"offset\"")
+                    .next()
+                    .unwrap()
+                    .trim_start_matches('[')
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(own(&ours_out), own(&theirs));
+    assert!(!own(&ours_out).is_empty());
 }

@@ -1,10 +1,12 @@
-//! Creating a fresh version 3 image.
+//! Creating a fresh image (version 3, or version 2 for `compat=0.10`).
 
 use super::backing::Backing;
 use super::cache::{set_refcount, set_u64};
+use super::compress::CompressionType;
 use super::error::{Qcow2Error, Result};
 use super::header::{
     COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, Extension, Header, INCOMPAT_EXTENDED_L2,
+    V2_HEADER_LEN,
 };
 use super::layout::{Geometry, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS, max_image_len};
 use super::{CreateOptions, Qcow2};
@@ -18,7 +20,7 @@ const MAX_BACKING_NAME: usize = 1023;
 const MAX_INITIAL_RT_BYTES: u64 = 1024 * 1024;
 
 impl<D: BlockDevice> Qcow2<D> {
-    /// Writes a new empty version 3 image to `dev` and opens it. The virtual size is rounded
+    /// Writes a new empty image (version [`CreateOptions::version`]) to `dev` and opens it. The virtual size is rounded
     /// up to a multiple of 512 bytes, as `qemu-img create` does.
     ///
     /// Layout: header cluster, refcount table (sized for [`max_image_len`] up to 1 MiB),
@@ -57,6 +59,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 "extended L2 entries need a cluster size of at least 16 KiB",
             ));
         }
+        check_version(opts)?;
         let geo = Geometry::new(cs.trailing_zeros(), rb.trailing_zeros())
             .with_extended_l2(opts.extended_l2);
         if opts.virtual_size > i64::MAX as u64 - 511 {
@@ -114,7 +117,14 @@ impl<D: BlockDevice> Qcow2<D> {
                 data: format.name().as_bytes().to_vec(),
             });
         }
-        hdr.add_feature_table();
+        if opts.version == 2 {
+            // The 72-byte header, no feature table (as `qemu-img create -o compat=0.10`).
+            hdr.version = 2;
+            hdr.header_length = V2_HEADER_LEN as u32;
+            hdr.tail.clear();
+        } else {
+            hdr.add_feature_table();
+        }
         let backing_name = opts.backing_file.as_deref().unwrap_or("").as_bytes();
         if backing_name.len() > MAX_BACKING_NAME {
             return Err(Qcow2Error::Invalid(
@@ -172,5 +182,38 @@ impl<D: BlockDevice> Qcow2<D> {
         dev.write_at(0, &buf)?;
         dev.flush()?;
         Qcow2::open_with_backing(dev, opts.open.clone(), backing)
+    }
+}
+
+/// Refuses a version the engine does not write, and version 2 with a feature it cannot hold
+/// (as QEMU refuses `compat=0.10` with them).
+fn check_version(opts: &CreateOptions) -> Result<()> {
+    match opts.version {
+        3 => Ok(()),
+        2 if opts.beyond_version_2().is_some() => Err(Qcow2Error::Invalid(
+            "a version 2 image has 16-bit refcounts, zlib compression, no lazy refcounts \
+             and no extended L2 entries",
+        )),
+        2 => Ok(()),
+        _ => Err(Qcow2Error::Invalid("the image version must be 2 or 3")),
+    }
+}
+
+impl CreateOptions {
+    /// The first option set here that a version 2 header cannot hold, named as qemu-img's
+    /// `-o` key (`lazy_refcounts`, `extended_l2`, `compression_type`, `refcount_bits`), or
+    /// `None`.
+    pub fn beyond_version_2(&self) -> Option<&'static str> {
+        if self.lazy_refcounts {
+            Some("lazy_refcounts")
+        } else if self.extended_l2 {
+            Some("extended_l2")
+        } else if self.compression_type != CompressionType::Zlib {
+            Some("compression_type")
+        } else if self.refcount_bits != 16 {
+            Some("refcount_bits")
+        } else {
+            None
+        }
     }
 }

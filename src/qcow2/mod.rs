@@ -140,9 +140,12 @@ impl Default for OpenOptions {
     }
 }
 
-/// How to create an image (always version 3).
+/// How to create an image.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
+    /// Header version: 3 (`compat=1.1`, the default) or 2 (`compat=0.10`: 16-bit refcounts,
+    /// zlib, no lazy refcounts, no extended L2 entries, no zero flag).
+    pub version: u32,
     /// Virtual disk size in bytes.
     pub virtual_size: u64,
     /// Cluster size in bytes: a power of two from 512 B to 2 MiB.
@@ -169,6 +172,7 @@ pub struct CreateOptions {
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
+            version: 3,
             virtual_size: 0,
             cluster_size: 65536,
             refcount_bits: 16,

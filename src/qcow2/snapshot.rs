@@ -352,6 +352,19 @@ impl<D: BlockDevice> Qcow2<D> {
         self.l2_mapping_at(s, i)
     }
 
+    /// The mapping of guest cluster `vc` in what reads are directed to: the snapshot chosen
+    /// with [`crate::disk::VirtualDisk::select_view`], else the disk itself
+    /// ([`Qcow2::mapping`]).
+    pub fn view_mapping(&mut self, vc: u64) -> Result<Mapping> {
+        let Some(v) = self.view else {
+            return self.mapping(vc);
+        };
+        let view = core::mem::take(&mut self.views[v]);
+        let r = self.snapshot_mapping(&view, vc);
+        self.views[v] = view;
+        r
+    }
+
     /// Reads `buf.len()` bytes at guest offset `offset` of a snapshot.
     pub fn read_snapshot(
         &mut self,

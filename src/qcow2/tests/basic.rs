@@ -302,3 +302,48 @@ fn compute_end_finds_the_last_refcount() {
         }
     }
 }
+
+#[test]
+fn version_2_images_are_created_and_refuse_what_v2_cannot_hold() {
+    let v2 = CreateOptions {
+        version: 2,
+        virtual_size: 1 << 20,
+        cluster_size: 4096,
+        ..CreateOptions::default()
+    };
+    let mut q = Qcow2::create(MemDisk::growable(), &v2).unwrap();
+    assert_eq!(q.header().version, 2);
+    assert_eq!(q.header().header_length, 72);
+    q.write(5000, &[9u8; 9000]).unwrap();
+    let dev = q.close().unwrap();
+    let mut q = Qcow2::open(dev, OpenOptions::default()).unwrap();
+    let mut back = vec![0u8; 9000];
+    q.read(5000, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 9));
+    assert!(q.check().unwrap().is_clean());
+    for bad in [
+        CreateOptions {
+            lazy_refcounts: true,
+            ..v2.clone()
+        },
+        CreateOptions {
+            extended_l2: true,
+            cluster_size: 65536,
+            ..v2.clone()
+        },
+        CreateOptions {
+            refcount_bits: 8,
+            ..v2.clone()
+        },
+        CreateOptions {
+            compression_type: crate::qcow2::CompressionType::Zstd,
+            ..v2.clone()
+        },
+        CreateOptions {
+            version: 4,
+            ..v2.clone()
+        },
+    ] {
+        assert!(Qcow2::create(MemDisk::growable(), &bad).is_err(), "{bad:?}");
+    }
+}
