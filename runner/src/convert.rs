@@ -88,6 +88,11 @@ pub struct ConvertOptions {
     pub backing: Option<String>,
     /// Format of the backing file (`-F`; probed when `None`).
     pub backing_format: Option<Format>,
+    /// Convert into the existing output (`-n`, opened as `out_format`; at least the
+    /// source's virtual size): nothing is created, the output-creation options do not apply,
+    /// and where the source reads zeros the output is zeroed (zero clusters, or holes punched
+    /// in a raw file), as qemu-img does. Past the source's size the output is left as it is.
+    pub existing: bool,
 }
 
 impl Default for ConvertOptions {
@@ -107,6 +112,7 @@ impl Default for ConvertOptions {
             threads: 0,
             backing: None,
             backing_format: None,
+            existing: false,
         }
     }
 }
@@ -183,6 +189,20 @@ impl ConvertOptions {
         if self.compress && self.out_format != Format::Qcow2 {
             return Err(Error::Usage(
                 "-c (compress) needs qcow2 output (-O qcow2)".into(),
+            ));
+        }
+        if self.existing && self.backing.is_some() {
+            return Err(Error::Usage(
+                "-n and -B together are not supported: -n keeps the output's own header, \
+                 backing file included"
+                    .into(),
+            ));
+        }
+        if self.existing && self.compress {
+            return Err(Error::Usage(
+                "-n and -c together are not supported (compressed clusters can only be \
+                 written into unallocated ones)"
+                    .into(),
             ));
         }
         if self.backing.is_some() {
@@ -559,6 +579,11 @@ pub fn convert(
         virtual_size: size,
         ..Default::default()
     };
+    if opts.existing {
+        into_existing(&mut source, src, dst, opts, &mut summary, &mut progress)?;
+        summary.out_file_len = std::fs::metadata(dst).map_err(disk_err(dst, "open"))?.len();
+        return Ok(summary);
+    }
     match opts.out_format {
         Format::Raw => {
             let file = File::create(dst).map_err(disk_err(dst, "create"))?;
@@ -650,6 +675,156 @@ pub fn convert(
     Ok(summary)
 }
 
+/// `-n`: copies the source into the existing `dst` (format `opts.out_format`, at least the
+/// source's size, locked while it is written): data where the source has data, zeros (zero
+/// clusters, or holes punched in a raw file) where it reads zeros.
+fn into_existing(
+    source: &mut Source,
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<()> {
+    if std::fs::metadata(dst).is_err() {
+        return Err(Error::disk(
+            dst,
+            "open",
+            "it does not exist (with -n the output must exist; leave -n out to create it)",
+        ));
+    }
+    let _lock = crate::guard::lock_disk(dst, false)?;
+    let size = source.size();
+    let too_small = |have: u64| {
+        Error::disk(
+            dst,
+            "write",
+            format!(
+                "output file is smaller than input file ({have} bytes, the source is {size}; \
+                 grow it with `qcow-metal image resize`)"
+            ),
+        )
+    };
+    // The output: a raw file, or an image with its own backing chain (a zero range then
+    // hides what lies below).
+    let (mut raw, mut image, granule) = match opts.out_format {
+        Format::Raw => {
+            let (file, len) = open_raw_rw(dst)?;
+            if len < size {
+                return Err(too_small(len));
+            }
+            (Some(file), None, 1)
+        }
+        Format::Qcow2 => {
+            let open = OpenOptions {
+                l2_cache_bytes: 32 << 20,
+                refcount_cache_bytes: 4 << 20,
+                ..OpenOptions::default()
+            };
+            let image = chain_files::open(dst, open).map_err(|e| Error::disk(dst, "open", e))?;
+            if image.size() < size {
+                return Err(too_small(image.size()));
+            }
+            let cs = image.cluster_size();
+            (None, Some(image), cs)
+        }
+    };
+    let block = opts.zero_block(granule);
+    let mut behind = WriteBehind::default();
+    copy_with_zeros(
+        source,
+        chunk_len(block, granule.max(512)),
+        block,
+        summary,
+        progress,
+        |at, bytes, data| match (&mut raw, &mut image) {
+            (Some(file), _) if data => {
+                file.write_all_at(bytes, at).map_err(CopyError::WriteFile)?;
+                behind.wrote(file, bytes.len());
+                Ok(())
+            }
+            (Some(file), _) => punch_zeros(file, at, bytes).map_err(CopyError::WriteFile),
+            (_, Some(image)) if data => {
+                image.write_at(at, bytes).map_err(CopyError::Write)?;
+                behind.wrote(image.device().file(), bytes.len());
+                Ok(())
+            }
+            (_, Some(image)) => image
+                .zero_range(at, bytes.len() as u64, true)
+                .map_err(CopyError::Write),
+            (None, None) => unreachable!("an output was opened above"),
+        },
+    )
+    .map_err(|e| e.named(src, dst))?;
+    if let Some(file) = raw {
+        file.sync_all().map_err(disk_err(dst, "flush"))?;
+    }
+    if let Some(image) = image {
+        image.close().map_err(engine_err(dst, "write"))?;
+    }
+    Ok(())
+}
+
+/// Opens the existing raw file `path` for writing; returns it and its length.
+fn open_raw_rw(path: &Path) -> Result<(File, u64)> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(disk_err(path, "open"))?;
+    let len = file.metadata().map_err(disk_err(path, "open"))?.len();
+    Ok((file, len))
+}
+
+/// Makes `zeros.len()` bytes at `at` of a raw file read as zeros: a hole punched where the
+/// filesystem can, the zeros written where it cannot.
+fn punch_zeros(file: &File, at: u64, zeros: &[u8]) -> std::io::Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    match fallocate(file, flags, at, zeros.len() as u64) {
+        Ok(()) => Ok(()),
+        Err(_) => file.write_all_at(zeros, at),
+    }
+}
+
+/// Copies the whole source with `write(disk offset, bytes, whether they are data)`: its
+/// nonzero `block`-sized pieces as data (all of it when `block` is `None`), the rest as
+/// zeros.
+fn copy_with_zeros(
+    source: &mut Source,
+    chunk_len: usize,
+    block: Option<u64>,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(u64, u64),
+    mut write: impl FnMut(u64, &[u8], bool) -> std::result::Result<(), CopyError>,
+) -> std::result::Result<(), CopyError> {
+    each_chunk(
+        source,
+        chunk_len,
+        summary,
+        progress,
+        |_, off, chunk, any, summary| {
+            let runs = match block {
+                None => vec![(0, chunk.len())],
+                Some(_) if !any => Vec::new(),
+                Some(b) => nonzero_runs(chunk, b as usize),
+            };
+            let mut pos = 0;
+            for (start, end) in runs {
+                if start > pos {
+                    write(off + pos as u64, &chunk[pos..start], false)?;
+                }
+                write(off + start as u64, &chunk[start..end], true)?;
+                summary.bytes_written += (end - start) as u64;
+                pos = end;
+            }
+            if pos < chunk.len() {
+                write(off + pos as u64, &chunk[pos..], false)?;
+            }
+            Ok(())
+        },
+    )
+}
+
 /// An error while copying: on which side.
 enum CopyError {
     Read(std::io::Error),
@@ -677,25 +852,6 @@ fn chunk_len(block: Option<u64>, cluster_size: u64) -> usize {
     CHUNK.max(unit).next_multiple_of(unit) as usize
 }
 
-/// Writes the nonzero `block`-sized pieces of `chunk` (all of it when `block` is `None`)
-/// with `write(offset in chunk, bytes)`; returns the bytes written.
-fn write_nonzero<E>(
-    chunk: &[u8],
-    block: Option<u64>,
-    mut write: impl FnMut(usize, &[u8]) -> std::result::Result<(), E>,
-) -> std::result::Result<u64, E> {
-    let Some(block) = block else {
-        write(0, chunk)?;
-        return Ok(chunk.len() as u64);
-    };
-    let mut written = 0;
-    for (start, end) in nonzero_runs(chunk, block as usize) {
-        write(start, &chunk[start..end])?;
-        written += (end - start) as u64;
-    }
-    Ok(written)
-}
-
 /// Starts the write-back of the output while the copy goes on, so that the final flush
 /// finds little left to write: after every [`WriteBehind::STEP`] bytes written, the
 /// kernel is asked to write the file's dirty pages out (`posix_fadvise(DONTNEED)`, which
@@ -721,7 +877,7 @@ impl WriteBehind {
 }
 
 /// Copies the source's nonzero `block`-sized pieces (all of it when `block` is `None`)
-/// with `write(disk offset, bytes)`.
+/// with `write(disk offset, bytes)`; the zeros are left out.
 fn copy_nonzero(
     source: &mut Source,
     chunk_len: usize,
@@ -730,18 +886,13 @@ fn copy_nonzero(
     progress: &mut impl FnMut(u64, u64),
     mut write: impl FnMut(u64, &[u8]) -> std::result::Result<(), CopyError>,
 ) -> std::result::Result<(), CopyError> {
-    each_chunk(
+    copy_with_zeros(
         source,
         chunk_len,
+        block,
         summary,
         progress,
-        |_, off, chunk, any, summary| {
-            if any || block.is_none() {
-                summary.bytes_written +=
-                    write_nonzero(chunk, block, |at, bytes| write(off + at as u64, bytes))?;
-            }
-            Ok(())
-        },
+        |at, bytes, data| if data { write(at, bytes) } else { Ok(()) },
     )
 }
 
@@ -977,11 +1128,7 @@ pub fn resize(
     let usage = |m: String| Error::Usage(m);
     match format {
         Format::Raw => {
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(disk_err(path, "open"))?;
-            let old = file.metadata().map_err(disk_err(path, "open"))?.len();
+            let (file, old) = open_raw_rw(path)?;
             let new = parse_new_size(size, old).map_err(usage)?;
             refuse_unasked_shrink(new, old, shrink)?;
             file.set_len(new).map_err(disk_err(path, "resize"))?;

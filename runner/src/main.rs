@@ -258,6 +258,11 @@ enum ImageCommand {
         /// Format of the backing file, raw or qcow2 (probed when not given)
         #[arg(short = 'F', value_name = "FMT", value_parser = Format::parse)]
         backing_format: Option<Format>,
+        /// Convert into an existing output of at least the source's size (opened as -O
+        /// says, raw by default): nothing is created; where the source reads zeros the output
+        /// is zeroed; -o, -B and -c do not go with it
+        #[arg(short = 'n')]
+        existing: bool,
         /// No progress bar
         #[arg(short = 'q')]
         quiet: bool,
@@ -414,10 +419,16 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
             out_of_order: _,
             backing,
             backing_format,
+            existing,
             quiet,
             src,
             dst,
         } => {
+            if existing && !options.is_empty() {
+                return Err(Error::Usage(
+                    "-o has no effect when skipping image creation (-n)".into(),
+                ));
+            }
             let mut opts = ConvertOptions {
                 src_format,
                 out_format,
@@ -426,6 +437,7 @@ fn image_command(cmd: ImageCommand) -> Result<ExitCode, Error> {
                 threads: threads.map_or(0, usize::from),
                 backing,
                 backing_format,
+                existing,
                 ..ConvertOptions::default()
             };
             for list in &options {

@@ -761,3 +761,93 @@ fn convert_a_snapshot_to_an_overlay() {
     assert_eq!(own(&ours_out), own(&theirs));
     assert!(!own(&ours_out).is_empty());
 }
+
+/// The `start`, `length`, `zero` and `data` of every extent `qemu-img map` shows for the
+/// image's own layer (depth 0), as text.
+fn own_extents(img: &Path, fmt: &str) -> Vec<String> {
+    let map = ok("qemu-img", &["map", "-f", fmt, "--output=json", p(img)]);
+    map.lines()
+        .filter(|l| l.contains("\"depth\": 0"))
+        .map(|l| {
+            let l = l.split(", \"offset\"").next().unwrap();
+            l.trim_start_matches('[')
+                .trim_end_matches([',', '}', ']'])
+                .to_string()
+        })
+        .collect()
+}
+
+/// `-n`: into an existing qcow2 image (version 3 and 2) and raw file full of other data, as
+/// qemu-img converts into the same: equal to the source, zeros where the source reads zeros
+/// (zero clusters, holes punched), the rest past the source's end left as it was; what does
+/// not go with `-n` is refused and leaves the output as it was.
+#[test]
+fn convert_into_an_existing_image() {
+    let (dir, src) = scratch_with_source();
+    for compat in ["1.1", "0.10"] {
+        let target = dir.path().join("target.qcow2");
+        let words = format!("create -q -f qcow2 -o compat={compat}");
+        let mut create = with_paths(&words, &[&target]);
+        create.push("48M");
+        ok("qemu-img", &create);
+        qemu_io(&target, &["write -P 0x5a 0 48M"]);
+        let theirs = dir.path().join("theirs.qcow2");
+        std::fs::copy(&target, &theirs).unwrap();
+        ours_ok(&with_paths(
+            "image convert -q -n -O qcow2",
+            &[&src, &target],
+        ));
+        qemu_check_clean(&target);
+        qemu_compare(&target, "qcow2", &src, "qcow2");
+        ok(
+            "qemu-img",
+            &with_paths("convert -n -O qcow2", &[&src, &theirs]),
+        );
+        assert_eq!(
+            own_extents(&target, "qcow2"),
+            own_extents(&theirs, "qcow2"),
+            "compat={compat}"
+        );
+    }
+    // A raw file longer than the source: its tail stays.
+    let target = dir.path().join("target.raw");
+    std::fs::write(&target, vec![0x77u8; 56 << 20]).unwrap();
+    let theirs = dir.path().join("theirs.raw");
+    std::fs::copy(&target, &theirs).unwrap();
+    ours_ok(&with_paths("image convert -q -n", &[&src, &target]));
+    ok(
+        "qemu-img",
+        &with_paths("convert -n -O raw", &[&src, &theirs]),
+    );
+    qemu_compare(&target, "raw", &theirs, "raw");
+    let bytes = std::fs::read(&target).unwrap();
+    assert!(bytes[48 << 20..].iter().all(|&b| b == 0x77));
+    let (a, b) = (allocated(&target), allocated(&theirs));
+    assert!(
+        a <= b + (1 << 20),
+        "holes not punched: {a} bytes allocated, qemu-img {b}"
+    );
+    // Refusals.
+    let small = dir.path().join("small.qcow2");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p(&small), "32M"],
+    );
+    let missing = dir.path().join("missing.qcow2");
+    let before = std::fs::read(&small).unwrap();
+    for (words, out, text) in [
+        ("-n -O qcow2", &missing, "exist"),
+        ("-n -O qcow2", &small, "smaller"),
+        ("-n -o cluster_size=4K -O qcow2", &small, "-o"),
+        ("-n -O qcow2 -B base.qcow2", &small, "-B"),
+        ("-n -c -O qcow2", &small, "-c"),
+    ] {
+        let err = ours_err(&with_paths(&format!("image convert {words}"), &[&src, out]));
+        assert!(err.contains(text), "{words}: {err}");
+    }
+    assert!(!missing.exists());
+    assert!(
+        std::fs::read(&small).unwrap() == before,
+        "a refused -n wrote"
+    );
+}
