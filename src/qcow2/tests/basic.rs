@@ -347,3 +347,32 @@ fn version_2_images_are_created_and_refuse_what_v2_cannot_hold() {
         assert!(Qcow2::create(MemDisk::growable(), &bad).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn preallocate_gives_every_cluster_a_host_cluster_and_keeps_the_data() {
+    let mut q = mem_image(1 << 20, 4096, 16);
+    q.write(10_000, &[5u8; 3000]).unwrap();
+    q.zero_range(64 << 10, 8192, true).unwrap();
+    q.preallocate(0, 1 << 20).unwrap();
+    for vc in 0..256 {
+        let m = q.mapping(vc).unwrap();
+        assert!(
+            matches!(m, crate::qcow2::entry::Mapping::Data { copied: true, .. }),
+            "cluster {vc}: {m:?}"
+        );
+    }
+    let mut back = vec![1u8; 1 << 20];
+    q.read(0, &mut back).unwrap();
+    assert!(back[10_000..13_000].iter().all(|&b| b == 5));
+    assert!(
+        back[..10_000]
+            .iter()
+            .chain(&back[13_000..])
+            .all(|&b| b == 0)
+    );
+    // Writes land in the preallocated clusters: nothing more is allocated.
+    let before = q.stats().clusters_allocated;
+    q.write(500 << 10, &[7u8; 4096]).unwrap();
+    assert_eq!(q.stats().clusters_allocated, before);
+    assert!(q.check().unwrap().is_clean());
+}
