@@ -780,15 +780,13 @@ fn into_existing(
             ),
         )
     };
-    // The output: a raw file, or an image with its own backing chain (a zero range then
-    // hides what lies below).
-    let (mut raw, mut image, granule) = match opts.out_format {
+    let mut out = match opts.out_format {
         Format::Raw => {
             let (file, len) = open_raw_rw(dst)?;
             if len < size {
                 return Err(too_small(len));
             }
-            (Some(file), None, 1)
+            Existing::Raw(file)
         }
         Format::Qcow2 => {
             let open = OpenOptions {
@@ -800,9 +798,12 @@ fn into_existing(
             if image.size() < size {
                 return Err(too_small(image.size()));
             }
-            let cs = image.cluster_size();
-            (None, Some(image), cs)
+            Existing::Image(Box::new(image))
         }
+    };
+    let granule = match &out {
+        Existing::Raw(_) => 1,
+        Existing::Image(image) => image.cluster_size(),
     };
     let block = opts.zero_block(granule);
     let mut behind = WriteBehind::default();
@@ -812,32 +813,40 @@ fn into_existing(
         block,
         summary,
         progress,
-        |at, bytes, data| match (&mut raw, &mut image) {
-            (Some(file), _) if data => {
+        |at, bytes, data| match &mut out {
+            Existing::Raw(file) if data => {
                 file.write_all_at(bytes, at).map_err(CopyError::WriteFile)?;
                 behind.wrote(file, bytes.len());
                 Ok(())
             }
-            (Some(file), _) => punch_zeros(file, at, bytes).map_err(CopyError::WriteFile),
-            (_, Some(image)) if data => {
+            Existing::Raw(file) => punch_zeros(file, at, bytes).map_err(CopyError::WriteFile),
+            Existing::Image(image) if data => {
                 image.write_at(at, bytes).map_err(CopyError::Write)?;
                 behind.wrote(image.device().file(), bytes.len());
                 Ok(())
             }
-            (_, Some(image)) => image
+            // With its own backing chain: a zero range hides what lies below.
+            Existing::Image(image) => image
                 .zero_range(at, bytes.len() as u64, true)
                 .map_err(CopyError::Write),
-            (None, None) => unreachable!("an output was opened above"),
         },
     )
     .map_err(|e| e.named(src, dst))?;
-    if let Some(file) = raw {
-        file.sync_all().map_err(disk_err(dst, "flush"))?;
-    }
-    if let Some(image) = image {
-        image.close().map_err(engine_err(dst, "write"))?;
+    match out {
+        Existing::Raw(file) => file.sync_all().map_err(disk_err(dst, "flush"))?,
+        Existing::Image(image) => {
+            image.close().map_err(engine_err(dst, "write"))?;
+        }
     }
     Ok(())
+}
+
+/// The existing output of `-n`.
+enum Existing {
+    /// A raw file.
+    Raw(File),
+    /// A qcow2 image, with its backing chain.
+    Image(Box<Qcow2<FileDisk>>),
 }
 
 /// Takes the space of the whole file as `-o preallocation=` asks: `falloc` allocates it
