@@ -228,7 +228,7 @@ enum ImageCommand {
         /// Output format, raw or qcow2 (raw by default, as with qemu-img)
         #[arg(short = 'O', value_name = "FMT", value_parser = Format::parse, default_value = "raw")]
         out_format: Format,
-        /// qcow2 output options, comma-separated: cluster_size=SIZE, refcount_bits=N,
+        /// Output options, comma-separated (qcow2): cluster_size=SIZE, refcount_bits=N,
         /// compression_type=zlib|zstd, lazy_refcounts=on|off, extended_l2=on|off,
         /// compat=1.1|0.10 (0.10: a version 2 image), preallocation=off|metadata|falloc|full
         /// (raw output takes only preallocation, without metadata)
@@ -269,7 +269,7 @@ enum ImageCommand {
         quiet: bool,
         /// The source image
         src: PathBuf,
-        /// The new file (replaced if it exists)
+        /// The output file (replaced if it exists; with -n, written into)
         dst: PathBuf,
     },
     /// Change an image's virtual size, like `qemu-img resize` (the image must not be in use)
