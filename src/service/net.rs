@@ -21,9 +21,10 @@
 //! released when the port has not needed them for a while ([`Network::shrink`]), so their
 //! memory returns. [`PortStats`] counts what happened to each port's connections.
 
+use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::Cell;
+use core::cell::{Cell, RefCell};
 use log::{info, warn};
 use smoltcp::iface::{
     Config as IfaceConfig, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
@@ -110,12 +111,24 @@ struct PoolWatch {
     peak_in_use: usize,
 }
 
+/// SYNs kept at most while the guest waits for its DHCP lease ([`Tap`]).
+pub const HELD_SYNS: usize = 8;
+
 /// A network device wrapped so that the interface's caller learns, frame by frame, whether
 /// the frame just taken in was a TCP SYN (a connection attempt) and to which port.
+///
+/// While the guest has no address yet (it waits for its DHCP lease) the tap also keeps the
+/// SYNs it sees (at most [`HELD_SYNS`], one per connection), which the interface drops, and
+/// [`Network::ingress_one`] takes them in again once the lease is there. QEMU's user-mode
+/// network sends a connection's SYN to the guest as soon as it knows the guest's MAC address,
+/// which it learns from the guest's DHCP DISCOVER, that is before the guest has its address:
+/// dropped, the SYN would be sent again only after about 6 s.
 pub struct Tap<D> {
     /// The device.
     pub inner: D,
     syn: Cell<Option<u16>>,
+    hold: Cell<bool>,
+    held: RefCell<VecDeque<Vec<u8>>>,
 }
 
 impl<D> Tap<D> {
@@ -124,13 +137,28 @@ impl<D> Tap<D> {
         Tap {
             inner,
             syn: Cell::new(None),
+            hold: Cell::new(false),
+            held: RefCell::new(VecDeque::new()),
         }
+    }
+
+    /// How many SYNs are kept for when the guest has its address.
+    pub fn held(&self) -> usize {
+        self.held.borrow().len()
     }
 }
 
 /// The destination port of `frame` if it is an Ethernet/IPv4/TCP segment with SYN set and
 /// ACK clear (the first segment of a connection).
 pub fn syn_port(frame: &[u8]) -> Option<u16> {
+    let tcp = tcp_segment(frame)?;
+    let flags = *tcp.get(13)?;
+    let (syn, ack) = (0x02, 0x10);
+    (flags & syn != 0 && flags & ack == 0).then(|| u16::from_be_bytes([tcp[2], tcp[3]]))
+}
+
+/// The TCP segment of `frame` if it is an unfragmented Ethernet/IPv4/TCP frame.
+fn tcp_segment(frame: &[u8]) -> Option<&[u8]> {
     if frame.get(12..14)? != [0x08, 0x00] {
         return None;
     }
@@ -141,22 +169,47 @@ pub fn syn_port(frame: &[u8]) -> Option<u16> {
         return None;
     }
     let tcp = ip.get(ihl..)?;
-    let flags = *tcp.get(13)?;
-    let (syn, ack) = (0x02, 0x10);
-    (flags & syn != 0 && flags & ack == 0).then(|| u16::from_be_bytes([tcp[2], tcp[3]]))
+    tcp.get(..14)?;
+    Some(tcp)
+}
+
+/// What names a held SYN's connection: source address and port, destination address and
+/// port (a SYN sent again replaces the one held).
+fn connection_key(frame: &[u8]) -> Option<([u8; 8], [u8; 4])> {
+    let addrs: [u8; 8] = frame.get(26..34)?.try_into().ok()?;
+    let ports: [u8; 4] = tcp_segment(frame)?.get(..4)?.try_into().ok()?;
+    Some((addrs, ports))
+}
+
+/// Keeps `frame`, a SYN that arrived before the guest had an address.
+fn hold(held: &RefCell<VecDeque<Vec<u8>>>, frame: &[u8]) {
+    let Some(key) = connection_key(frame) else {
+        return;
+    };
+    let mut held = held.borrow_mut();
+    held.retain(|f| connection_key(f) != Some(key));
+    if held.len() == HELD_SYNS {
+        held.pop_front();
+    }
+    held.push_back(frame.to_vec());
 }
 
 /// The receive token of a [`Tap`].
 pub struct TapRx<'a, R> {
     inner: R,
     syn: &'a Cell<Option<u16>>,
+    hold: bool,
+    held: &'a RefCell<VecDeque<Vec<u8>>>,
 }
 
 impl<R: phy::RxToken> phy::RxToken for TapRx<'_, R> {
     fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
-        let syn = self.syn;
+        let (syn, held, keep) = (self.syn, self.held, self.hold);
         self.inner.consume(|frame| {
             syn.set(syn_port(frame));
+            if keep && syn.get().is_some() {
+                hold(held, frame);
+            }
             f(frame)
         })
     }
@@ -178,6 +231,8 @@ impl<D: phy::Device> phy::Device for Tap<D> {
             TapRx {
                 inner: rx,
                 syn: &self.syn,
+                hold: self.hold.get(),
+                held: &self.held,
             },
             tx,
         ))
@@ -189,6 +244,46 @@ impl<D: phy::Device> phy::Device for Tap<D> {
 
     fn capabilities(&self) -> DeviceCapabilities {
         self.inner.capabilities()
+    }
+}
+
+/// A held SYN taken in again: the device's receive side gives `frame` once, its transmit
+/// side is the real device's (an answer sent while the frame is taken in goes out).
+struct Replay<'d, D> {
+    frame: Option<Vec<u8>>,
+    dev: &'d mut D,
+}
+
+/// The receive token of a [`Replay`].
+struct HeldFrame(Vec<u8>);
+
+impl phy::RxToken for HeldFrame {
+    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
+        f(&self.0)
+    }
+}
+
+impl<D: phy::Device> phy::Device for Replay<'_, D> {
+    type RxToken<'a>
+        = HeldFrame
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = D::TxToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let tx = self.dev.transmit(timestamp)?;
+        Some((HeldFrame(self.frame.take()?), tx))
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        self.dev.transmit(timestamp)
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.dev.capabilities()
     }
 }
 
@@ -435,14 +530,43 @@ impl Network {
     /// else whether a socket may have changed state and, if the frame was a connection
     /// attempt on a service port, that service: the caller should then [`Network::top_up`]
     /// its pool before the next frame. A connection attempt that found no listener (and so
-    /// was answered with RST) is counted as refused.
+    /// was answered with RST) is counted as refused. Under DHCP, a lease is applied as soon
+    /// as the frame that brings it is taken in, and the SYNs the [`Tap`] held until then are
+    /// taken in next, before the device's frames.
     pub fn ingress_one<D: phy::Device>(
         &mut self,
         dev: &mut Tap<D>,
         now: Instant,
     ) -> Option<(bool, Option<Service>)> {
         dev.syn.set(None);
-        let changed = match self.iface.poll_ingress_single(now, dev, &mut self.sockets) {
+        let waiting = self.dhcp.is_some() && self.address.is_none();
+        dev.hold.set(waiting);
+        let held = if waiting {
+            None
+        } else {
+            dev.held.get_mut().pop_front()
+        };
+        let result = match held {
+            Some(frame) => {
+                dev.syn.set(syn_port(&frame));
+                let mut replay = Replay {
+                    frame: Some(frame),
+                    dev: &mut dev.inner,
+                };
+                let result = self
+                    .iface
+                    .poll_ingress_single(now, &mut replay, &mut self.sockets);
+                if let Some(frame) = replay.frame {
+                    // The device has no room for an answer: taken in at the next poll.
+                    dev.held.get_mut().push_front(frame);
+                }
+                result
+            }
+            None => self.iface.poll_ingress_single(now, dev, &mut self.sockets),
+        };
+        // A lease is applied before the next frame (a held SYN) is taken in.
+        self.apply_dhcp();
+        let changed = match result {
             PollIngressSingleResult::None => return None,
             PollIngressSingleResult::PacketProcessed => false,
             PollIngressSingleResult::SocketStateChanged => true,
