@@ -1,7 +1,8 @@
 //! The guest on its own IP address: each test creates a network namespace, runs itself
 //! again inside it (`ip netns exec`), and there boots a guest on a tap device with a static
 //! address, reaches `/metrics` and the NBD export on that address, summarises the metrics
-//! like `qcow-metal scrape`, and has a real Prometheus scrape the guest's address.
+//! like `qcow-metal scrape`, and has a real Prometheus scrape the guest's address. A guest
+//! with `--ip dhcp` takes its address from dnsmasq (Debian's dnsmasq-base) on the tap.
 //!
 //! Creating a namespace needs root (CI runs as root): without it the tests fail, saying so.
 //! The namespace, and every process left in it, is removed when a test ends, failed or not.
@@ -16,8 +17,8 @@ use qcow_metal::config::IpConfig;
 use qcow_metal::metrics::Format;
 use qcow_metal::metrics::parse::parse;
 use qcow_metal_e2e::{
-    BOOT_TIMEOUT, Guest, ScratchDir, guest, in_namespace, ip, qemu_io, run_tool_output,
-    shut_down_cleanly, spawn_prometheus,
+    BOOT_TIMEOUT, Guest, ScratchDir, guest, in_namespace, ip, nbd_client_at, qemu_io, require_tool,
+    run_tool_output, shut_down_cleanly, spawn_prometheus,
 };
 use qcow_metal_runner::net::NetMode;
 use qcow_metal_runner::scrape::{self, Health, Url};
@@ -276,4 +277,113 @@ fn the_runner_creates_its_tap_and_removes_it() {
             "the runner removes the tap it created"
         );
     });
+}
+
+/// dnsmasq serving DHCP only (no DNS) on `tap`, in the foreground; killed on drop.
+struct Dnsmasq {
+    child: Child,
+    leases: std::path::PathBuf,
+    _dir: ScratchDir,
+}
+
+impl Dnsmasq {
+    /// Hands out 10.213.0.50-60/24 with 10.213.0.1 as the gateway.
+    fn start(tap: &str) -> Dnsmasq {
+        let program = require_tool("dnsmasq", "dnsmasq-base");
+        let dir = ScratchDir::new("dnsmasq");
+        let leases = dir.path().join("leases");
+        let child = std::process::Command::new(program)
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--port=0",
+                "--bind-interfaces",
+                // No ping of an address before it is offered (3 s of waiting otherwise).
+                "--no-ping",
+                "--log-facility=-",
+                "--dhcp-range=10.213.0.50,10.213.0.60,255.255.255.0,1h",
+                "--dhcp-option=option:router,10.213.0.1",
+                &format!("--interface={tap}"),
+                &format!("--dhcp-leasefile={}", leases.display()),
+                &format!("--pid-file={}", dir.path().join("pid").display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting dnsmasq: {e}"));
+        Dnsmasq {
+            child,
+            leases,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_dhcp_guest_on_a_tap_takes_its_address_from_dnsmasq() {
+    in_namespace(
+        "a_dhcp_guest_on_a_tap_takes_its_address_from_dnsmasq",
+        || {
+            ip(&["tuntap", "add", "dev", READY_TAP, "mode", "tap"]);
+            ip(&["addr", "add", HOST, "dev", READY_TAP]);
+            ip(&["link", "set", READY_TAP, "up"]);
+            let dnsmasq = Dnsmasq::start(READY_TAP);
+            let mut guest = guest()
+                .tap(READY_TAP)
+                .guest_ip(IpConfig::Dhcp)
+                .start()
+                .unwrap_or_else(|e| panic!("starting the guest on {READY_TAP}: {e}"));
+            assert!(
+                guest.kernel_cmdline().contains("ip=dhcp"),
+                "{}",
+                guest.kernel_cmdline()
+            );
+            let banner = guest
+                .wait_for_banner(BOOT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("boot: {e}"));
+            // The runner learns the address from the console's `DHCP lease` line.
+            let asked = Instant::now();
+            guest
+                .wait_for_metrics(BOOT_TIMEOUT, || false)
+                .unwrap_or_else(|e| panic!("/metrics on the guest's leased address: {e}"));
+            eprintln!(
+                "dhcp on a tap: /metrics answered {:?} after the banner (banner at {:?} wall)",
+                asked.elapsed(),
+                banner.wall
+            );
+            let addr = guest
+                .guest_ip()
+                .expect("the runner knows the leased address");
+            assert!(
+                (50..=60).contains(&addr.octets()[3]) && addr.octets()[..3] == [10, 213, 0],
+                "{addr} is not from dnsmasq's range"
+            );
+            let log = guest.serial_log();
+            assert!(
+                log.contains(&format!("DHCP lease {addr}/24, gateway 10.213.0.1")),
+                "{log}"
+            );
+            assert_eq!(guest.metrics_url(), format!("http://{addr}:9090/metrics"));
+            // dnsmasq's own record of the lease: the guest's MAC address and that address.
+            let leases = std::fs::read_to_string(&dnsmasq.leases).unwrap_or_default();
+            assert!(
+                leases
+                    .lines()
+                    .any(|l| l.contains(&addr.to_string()) && l.contains("52:54:00:12:34:56")),
+                "dnsmasq's leases: {leases}"
+            );
+            // The NBD export on the leased address.
+            let client = nbd_client_at(std::net::SocketAddrV4::new(addr, guest.nbd_port()));
+            assert_eq!(client.size(), 64 << 20);
+            drop(client);
+            shut_down_cleanly(&mut guest);
+            drop(dnsmasq);
+        },
+    );
 }
