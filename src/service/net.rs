@@ -194,24 +194,34 @@ fn hold(held: &RefCell<VecDeque<Vec<u8>>>, frame: &[u8]) {
     held.push_back(frame.to_vec());
 }
 
-/// The receive token of a [`Tap`].
+/// The receive token of a [`Tap`]: a frame from the device, or a held SYN taken in again.
 pub struct TapRx<'a, R> {
-    inner: R,
+    source: Source<R>,
     syn: &'a Cell<Option<u16>>,
     hold: bool,
     held: &'a RefCell<VecDeque<Vec<u8>>>,
 }
 
+/// Where a [`TapRx`]'s frame comes from.
+enum Source<R> {
+    Device(R),
+    Held(Vec<u8>),
+}
+
 impl<R: phy::RxToken> phy::RxToken for TapRx<'_, R> {
     fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
         let (syn, held, keep) = (self.syn, self.held, self.hold);
-        self.inner.consume(|frame| {
+        let look = |frame: &[u8]| {
             syn.set(syn_port(frame));
             if keep && syn.get().is_some() {
                 hold(held, frame);
             }
             f(frame)
-        })
+        };
+        match self.source {
+            Source::Device(rx) => rx.consume(look),
+            Source::Held(frame) => look(&frame),
+        }
     }
 }
 
@@ -225,11 +235,31 @@ impl<D: phy::Device> phy::Device for Tap<D> {
     where
         Self: 'a;
 
+    /// The held SYNs first once the guest has its address (an answer to one goes out on the
+    /// device), then the device's frames.
     fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let (rx, tx) = self.inner.receive(timestamp)?;
+        let held = if self.hold.get() {
+            None
+        } else {
+            self.held.get_mut().pop_front()
+        };
+        let (source, tx) = match held {
+            Some(frame) => match self.inner.transmit(timestamp) {
+                Some(tx) => (Source::Held(frame), tx),
+                None => {
+                    // No room for an answer: taken in at the next poll.
+                    self.held.get_mut().push_front(frame);
+                    return None;
+                }
+            },
+            None => {
+                let (rx, tx) = self.inner.receive(timestamp)?;
+                (Source::Device(rx), tx)
+            }
+        };
         Some((
             TapRx {
-                inner: rx,
+                source,
                 syn: &self.syn,
                 hold: self.hold.get(),
                 held: &self.held,
@@ -244,46 +274,6 @@ impl<D: phy::Device> phy::Device for Tap<D> {
 
     fn capabilities(&self) -> DeviceCapabilities {
         self.inner.capabilities()
-    }
-}
-
-/// A held SYN taken in again: the device's receive side gives `frame` once, its transmit
-/// side is the real device's (an answer sent while the frame is taken in goes out).
-struct Replay<'d, D> {
-    frame: Option<Vec<u8>>,
-    dev: &'d mut D,
-}
-
-/// The receive token of a [`Replay`].
-struct HeldFrame(Vec<u8>);
-
-impl phy::RxToken for HeldFrame {
-    fn consume<T, F: FnOnce(&[u8]) -> T>(self, f: F) -> T {
-        f(&self.0)
-    }
-}
-
-impl<D: phy::Device> phy::Device for Replay<'_, D> {
-    type RxToken<'a>
-        = HeldFrame
-    where
-        Self: 'a;
-    type TxToken<'a>
-        = D::TxToken<'a>
-    where
-        Self: 'a;
-
-    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
-        let tx = self.dev.transmit(timestamp)?;
-        Some((HeldFrame(self.frame.take()?), tx))
-    }
-
-    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        self.dev.transmit(timestamp)
-    }
-
-    fn capabilities(&self) -> DeviceCapabilities {
-        self.dev.capabilities()
     }
 }
 
@@ -539,31 +529,8 @@ impl Network {
         now: Instant,
     ) -> Option<(bool, Option<Service>)> {
         dev.syn.set(None);
-        let waiting = self.dhcp.is_some() && self.address.is_none();
-        dev.hold.set(waiting);
-        let held = if waiting {
-            None
-        } else {
-            dev.held.get_mut().pop_front()
-        };
-        let result = match held {
-            Some(frame) => {
-                dev.syn.set(syn_port(&frame));
-                let mut replay = Replay {
-                    frame: Some(frame),
-                    dev: &mut dev.inner,
-                };
-                let result = self
-                    .iface
-                    .poll_ingress_single(now, &mut replay, &mut self.sockets);
-                if let Some(frame) = replay.frame {
-                    // The device has no room for an answer: taken in at the next poll.
-                    dev.held.get_mut().push_front(frame);
-                }
-                result
-            }
-            None => self.iface.poll_ingress_single(now, dev, &mut self.sockets),
-        };
+        dev.hold.set(self.dhcp.is_some() && self.address.is_none());
+        let result = self.iface.poll_ingress_single(now, dev, &mut self.sockets);
         // A lease is applied before the next frame (a held SYN) is taken in.
         self.apply_dhcp();
         let changed = match result {
