@@ -6,7 +6,9 @@
 //! [`USER_GATEWAY`] on its command line: the address QEMU's DHCP would hand out, there before
 //! the guest's listeners open, so the first connection after boot is answered at once (a SYN
 //! that reached a guest still waiting for its lease was dropped, and QEMU resent it only
-//! after about 6 s). `--ip dhcp` (or `ip=dhcp`) asks QEMU's DHCP instead.
+//! after about 6 s). `--ip dhcp` (or `ip=dhcp`) asks QEMU's DHCP instead (the guest keeps
+//! such a SYN until its lease is applied, so there too the first connection is answered at
+//! once: `src/service/net.rs`).
 //!
 //! On a tap, the guest takes a static address from its `ip=`/`gw=` kernel arguments (or DHCP
 //! when `ip=dhcp` and the host offers it). Without one, the runner picks
