@@ -865,3 +865,6 @@ fn tune(socket: &mut tcp::Socket<'_>) {
     socket.set_keep_alive(Some(Duration::from_secs(30)));
     socket.set_timeout(Some(Duration::from_secs(120)));
 }
+
+#[cfg(test)]
+mod tests;
