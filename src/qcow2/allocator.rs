@@ -145,6 +145,7 @@ impl<D: BlockDevice> Qcow2<D> {
                 }
                 n += 1;
             }
+            self.refblocks_fit_for_write(start, n)?;
             if self.ensure_blocks(start, n)? {
                 continue; // a new refcount block may have taken part of the run
             }

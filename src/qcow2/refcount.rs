@@ -95,6 +95,25 @@ impl<D: BlockDevice> Qcow2<D> {
         Ok(())
     }
 
+    /// The existing refcount blocks counting clusters `[start, start+n)` must lie wholly on
+    /// the device (grown if it can grow) before any of those refcounts is raised: a block
+    /// that runs past the end of a fixed device (a damaged or cut image) reads as zeros there
+    /// but could never be written back, so the allocation is refused with
+    /// [`Qcow2Error::NoSpace`] before anything changes, not failed later at flush.
+    pub(crate) fn refblocks_fit_for_write(&mut self, start: u64, n: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let first = start >> self.geo.rb_bits;
+        let last = (start + n - 1) >> self.geo.rb_bits;
+        for ti in first..=last {
+            if let Some(block) = self.rt_entry(ti)?
+                && !self.grow_to(block / cs + 1)
+            {
+                return Err(Qcow2Error::NoSpace);
+            }
+        }
+        Ok(())
+    }
+
     /// Makes sure refcount blocks exist for clusters `[start, start+n)`. Returns whether any
     /// had to be allocated (the caller then re-checks what it found free).
     pub(crate) fn ensure_blocks(&mut self, start: u64, n: u64) -> Result<bool> {
@@ -139,6 +158,7 @@ impl<D: BlockDevice> Qcow2<D> {
                     1,
                 );
             } else if self.rt_entry(cti)?.is_some() {
+                self.refblocks_fit_for_write(c, 1)?;
                 self.set_refcount(c, 1)?;
                 self.load(Pool::Rc, key, TableKind::RefBlock, false)?;
             } else {

@@ -179,3 +179,45 @@ fn l1_update_in_a_cut_cluster() {
     assert_qemu_clean(&img);
     assert!(qemu_raw(dir.path(), &img).iter().all(|&x| x == 0));
 }
+
+/// A fresh qemu-img image (64 KiB clusters) whose only refcount block was moved (by byte
+/// edits) to a cluster that the fixed device ends 100 bytes into; cluster 2, where the block
+/// was, is free. A write needs a new cluster, whose refcount lies in the cut block: it could
+/// never be written back, so the write is refused at once with `NoSpace` (it used to be
+/// accepted and then fail at flush with EIO). Nothing changes: the image reads as before, a
+/// flush succeeds, our check and `qemu-img check` find it clean.
+#[test]
+fn a_refcount_block_cut_by_a_fixed_device_end_refuses_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("cut-refblock.qcow2");
+    qemu_create(&img, "cluster_size=65536", SIZE);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let rt = be(&bytes, 48) as usize;
+    let old = be(&bytes, rt) as usize;
+    assert_eq!((rt, old), (0x10000, 0x20000), "qemu-img's layout changed");
+    let block: Vec<u8> = bytes[old..old + 100].to_vec();
+    bytes.resize(0x40000, 0);
+    bytes.extend_from_slice(&block);
+    // 16-bit refcounts: cluster 2 (the old block) is free, cluster 4 (the new one) used.
+    bytes[0x40000 + 4..0x40000 + 6].copy_from_slice(&[0, 0]);
+    bytes[0x40000 + 8..0x40000 + 10].copy_from_slice(&[0, 1]);
+    bytes[rt..rt + 8].copy_from_slice(&0x40000u64.to_be_bytes());
+    bytes[old..old + 0x10000].fill(0);
+    std::fs::write(&img, &bytes).unwrap();
+    assert_qemu_clean(&img);
+
+    let mut q = open_fixed(bytes.clone(), false).unwrap();
+    let before = read_all(&mut q);
+    assert_eq!(q.write(4096, &[0x5a; 8192]), Err(DiskError::NoSpace));
+    q.flush().unwrap();
+    assert_eq!(read_all(&mut q), before);
+    assert!(q.check().unwrap().is_clean());
+    let disk = q.close().unwrap();
+    assert!(
+        disk.bytes() == &bytes[..],
+        "a refused write changed the device"
+    );
+    save(&disk, &img);
+    assert_qemu_clean(&img);
+}
